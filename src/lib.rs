@@ -5,6 +5,7 @@
 //! answer ([`services`]) | flow (later: `stack`, `egress`) | drop (counted in [`telemetry`]),
 //! and back: answer -> frame -> queue.
 
+pub mod datapath;
 pub mod device;
 pub mod firewall;
 pub mod frame;

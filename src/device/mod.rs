@@ -1,1 +1,184 @@
-//! device
+//! The vhost-user-net device: a thin `VhostUserBackendMut` over the data path.
+//!
+//! The transport (vhost-user messages, memory table, vring setup, epoll worker) is
+//! rust-vmm's vhost-user-backend; this module only says what the device offers and moves
+//! frames between the queues and [`Datapath`].
+
+pub mod config;
+pub mod queues;
+pub mod server;
+
+use std::io;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::datapath::Datapath;
+use crate::policy::Policy;
+use crate::telemetry::{Counters, DropReason, Traffic};
+use config::{RX_QUEUE, TX_QUEUE};
+use queues::{read_tx_chain, ChainError, RxQueue};
+
+/// The device state of one frontend connection. A new one is made for every connection,
+/// so a reconnecting VMM always starts from a reset device.
+pub struct NetDevice {
+    config_space: [u8; 12],
+    datapath: Datapath,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    acked_features: u64,
+    event_idx: bool,
+    rx: RxQueue,
+    /// Reused TX copy buffer: no allocation per frame.
+    tx_buf: Vec<u8>,
+}
+
+impl NetDevice {
+    pub fn new(policy: &Policy, counters: Arc<Counters>) -> NetDevice {
+        NetDevice {
+            config_space: config::config_space(&policy.vm),
+            datapath: Datapath::new(policy, counters),
+            mem: None,
+            acked_features: 0,
+            event_idx: false,
+            rx: RxQueue::default(),
+            tx_buf: Vec::with_capacity(2048),
+        }
+    }
+
+    fn mrg_rxbuf(&self) -> bool {
+        config::has_feature(self.acked_features, VIRTIO_NET_F_MRG_RXBUF)
+    }
+
+    /// Drain the TX queue: one copy per chain, one verdict per frame, one used-ring
+    /// notification per batch.
+    fn process_tx(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        let mem = mem.memory();
+        let max = self.datapath.max_tx_len();
+        let mut used = 0u32;
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            match read_tx_chain(chain, &mem, &mut self.tx_buf, max) {
+                Ok(_) => {
+                    if let Some(answer) = self.datapath.guest_frame(&self.tx_buf) {
+                        self.rx.push(answer, self.datapath.counters());
+                    }
+                }
+                Err(ChainError::Bad) => self.datapath.reject(DropReason::BadDescriptor, self.tx_buf.len()),
+                Err(ChainError::TooLong) => self.datapath.reject(DropReason::Oversized, self.tx_buf.len()),
+            }
+            if vring.add_used(head, 0).is_err() {
+                self.datapath.reject(DropReason::BadDescriptor, 0);
+            }
+            used += 1;
+        }
+        if used > 0 && vring.needs_notification().unwrap_or(true) {
+            vring.signal_used_queue()?;
+            self.datapath.counters().add(Traffic::Notifications, 1);
+        }
+        Ok(())
+    }
+
+    /// Run `work` until the queue has nothing new, re-enabling notifications with EVENT_IDX
+    /// the way the virtio spec asks (disable, drain, enable, re-check).
+    fn drain<F>(&mut self, vring: &VringRwLock, mut work: F) -> io::Result<()>
+    where
+        F: FnMut(&mut Self) -> io::Result<()>,
+    {
+        if !self.event_idx {
+            return work(self);
+        }
+        loop {
+            vring.disable_notification().map_err(io::Error::other)?;
+            work(self)?;
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl VhostUserBackendMut for NetDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        config::NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        config::MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        config::virtio_features()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        config::protocol_features()
+    }
+
+    fn reset_device(&mut self) {
+        self.rx.clear();
+        self.acked_features = 0;
+        self.event_idx = false;
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        config::read_config(&self.config_space, offset, size)
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(mem) = self.mem.clone() else {
+            return Ok(());
+        };
+        let [rx_vring, tx_vring] = vrings else {
+            return Err(io::Error::other("expected exactly one rx and one tx queue"));
+        };
+        let counters = Arc::clone(self.datapath.counters());
+        match device_event {
+            RX_QUEUE => counters.add(Traffic::RxKicks, 1),
+            TX_QUEUE => {
+                counters.add(Traffic::TxKicks, 1);
+                let m = mem.clone();
+                self.drain(tx_vring, |dev| dev.process_tx(tx_vring, &m))?;
+            }
+            other => return Err(io::Error::other(format!("unknown device event {other}"))),
+        }
+        let mrg = self.mrg_rxbuf();
+        self.rx.flush(rx_vring, &mem, mrg, &counters)
+    }
+}

@@ -1,1 +1,115 @@
-//! firewall
+//! The verdict for each guest frame: drop it (with a reason), answer it from one of the
+//! gateway's own services, or (with the egress work) carry it as a flow.
+//!
+//! The rules are the isolation invariants of DESIGN.md: the guest speaks only as itself
+//! (its MAC, its address), reaches nothing but the gateway, and the gateway answers only
+//! ARP for itself, DHCP and ICMP echo. Nothing is bridged.
+
+use std::net::Ipv4Addr;
+
+use crate::frame::{ArpOp, Frame, Network, Transport, ICMP_ECHO_REQUEST};
+use crate::policy::{MacAddr, Vm, GATEWAY_MAC};
+use crate::telemetry::{DropReason, Service};
+
+/// What happens to one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Drop(DropReason),
+    Answer(Service),
+}
+
+const DHCP_SERVER_PORT: u16 = 67;
+const DHCP_CLIENT_PORT: u16 = 68;
+const BROADCAST_MAC: MacAddr = MacAddr([0xff; 6]);
+
+/// The addresses the firewall decides by (taken from the policy's `[vm]`).
+#[derive(Clone, Debug)]
+pub struct Firewall {
+    guest_mac: MacAddr,
+    guest_ip: Ipv4Addr,
+    gateway_ip: Ipv4Addr,
+    directed_broadcast: Ipv4Addr,
+}
+
+impl Firewall {
+    pub fn new(vm: &Vm) -> Firewall {
+        Firewall {
+            guest_mac: vm.mac,
+            guest_ip: vm.address,
+            gateway_ip: vm.gateway,
+            directed_broadcast: vm.broadcast(),
+        }
+    }
+
+    /// Decide what to do with a parsed guest frame.
+    pub fn verdict(&self, frame: &Frame<'_>) -> Verdict {
+        match self.check(frame) {
+            Ok(service) => Verdict::Answer(service),
+            Err(reason) => Verdict::Drop(reason),
+        }
+    }
+
+    fn check(&self, frame: &Frame<'_>) -> Result<Service, DropReason> {
+        if frame.eth.src != self.guest_mac {
+            return Err(DropReason::SpoofedSrcMac);
+        }
+        let dst = frame.eth.dst;
+        let broadcast = dst == BROADCAST_MAC;
+        if !broadcast && dst.0[0] & 1 == 1 {
+            return Err(DropReason::Multicast);
+        }
+        if !broadcast && dst != GATEWAY_MAC {
+            return Err(DropReason::DstMacNotGateway);
+        }
+        match &frame.net {
+            Network::Arp(arp) => {
+                let sender_is_guest = arp.sender_ip == self.guest_ip
+                    || arp.sender_ip == Ipv4Addr::UNSPECIFIED;
+                if arp.sender_mac != self.guest_mac || !sender_is_guest {
+                    return Err(DropReason::ArpSpoofed);
+                }
+                match arp.op {
+                    ArpOp::Request if arp.sender_ip == arp.target_ip => {
+                        Err(DropReason::ArpUnsolicited)
+                    }
+                    ArpOp::Request if arp.target_ip == self.gateway_ip => Ok(Service::Arp),
+                    ArpOp::Request => Err(DropReason::ArpNotForGateway),
+                    ArpOp::Reply | ArpOp::Other(_) => Err(DropReason::ArpUnsolicited),
+                }
+            }
+            Network::Ipv4(ip) => {
+                if let Transport::Udp(udp) = &ip.transport {
+                    let dhcp = udp.src_port == DHCP_CLIENT_PORT && udp.dst_port == DHCP_SERVER_PORT;
+                    let from_guest = ip.src == self.guest_ip || ip.src == Ipv4Addr::UNSPECIFIED;
+                    let to_server = ip.dst == Ipv4Addr::BROADCAST || ip.dst == self.gateway_ip;
+                    if dhcp && from_guest && to_server {
+                        return Ok(Service::Dhcp);
+                    }
+                }
+                if ip.src != self.guest_ip {
+                    return Err(DropReason::SpoofedSrcIp);
+                }
+                if broadcast || ip.dst == Ipv4Addr::BROADCAST || ip.dst == self.directed_broadcast
+                {
+                    return Err(DropReason::Broadcast);
+                }
+                if ip.dst.is_multicast() {
+                    return Err(DropReason::Multicast);
+                }
+                if ip.dst != self.gateway_ip {
+                    return Err(DropReason::NotAllowed);
+                }
+                match &ip.transport {
+                    Transport::Icmp(icmp) if icmp.icmp_type == ICMP_ECHO_REQUEST => {
+                        Ok(Service::IcmpEcho)
+                    }
+                    Transport::Icmp(_) => Err(DropReason::IcmpNotEcho),
+                    Transport::Udp(_) | Transport::Tcp(_) => Err(DropReason::GatewayPortClosed),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

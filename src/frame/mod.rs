@@ -1,1 +1,293 @@
-//! frame
+//! Parse a guest frame once into a typed view.
+//!
+//! Everything the firewall and the services look at comes from [`parse`]; nothing below the
+//! view touches raw bytes again. Parsing is strict: whatever is not a well-formed Ethernet II
+//! frame carrying ARP or an unfragmented, option-less IPv4 packet with TCP, UDP or ICMP is
+//! rejected here with the [`DropReason`] that says why. The wire formats come from etherparse;
+//! only the checks moat needs on top of it (checksums, lengths, fragments) are written here.
+
+pub mod craft;
+pub mod virtio_hdr;
+
+use std::net::Ipv4Addr;
+
+use etherparse::{
+    ArpHardwareId, ArpOperation, EtherType, Ethernet2HeaderSlice, Icmpv4Slice, IpNumber,
+    Ipv4HeaderSlice, TcpSlice, UdpSlice,
+};
+
+use crate::policy::MacAddr;
+use crate::telemetry::DropReason;
+
+pub use virtio_hdr::VirtioNetHdr;
+
+/// Ethernet II header length.
+pub const ETH_HDR_LEN: usize = 14;
+
+/// The Ethernet header of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ethernet {
+    pub dst: MacAddr,
+    pub src: MacAddr,
+    pub ethertype: u16,
+}
+
+/// A parsed frame: the Ethernet header and what it carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub eth: Ethernet,
+    pub net: Network<'a>,
+}
+
+/// The network layer of a frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Network<'a> {
+    Arp(Arp),
+    Ipv4(Ipv4<'a>),
+}
+
+/// An Ethernet/IPv4 ARP packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arp {
+    pub op: ArpOp,
+    pub sender_mac: MacAddr,
+    pub sender_ip: Ipv4Addr,
+    pub target_mac: MacAddr,
+    pub target_ip: Ipv4Addr,
+}
+
+/// ARP operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArpOp {
+    Request,
+    Reply,
+    Other(u16),
+}
+
+/// An IPv4 packet (header validated, no options, not a fragment).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ipv4<'a> {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub identification: u16,
+    pub transport: Transport<'a>,
+}
+
+/// The transport layer of an IPv4 packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport<'a> {
+    Udp(Udp<'a>),
+    Tcp(Tcp<'a>),
+    Icmp(Icmp<'a>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Udp<'a> {
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// The whole UDP datagram (header included), for checksum checks.
+    pub datagram: &'a [u8],
+    pub payload: &'a [u8],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tcp<'a> {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: TcpFlags,
+    pub payload: &'a [u8],
+}
+
+/// The TCP flags moat cares about.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpFlags {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Icmp<'a> {
+    pub icmp_type: u8,
+    pub code: u8,
+    /// The whole ICMP message (header included), for checksum checks and echo replies.
+    pub message: &'a [u8],
+}
+
+/// ICMP echo request type.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMP echo reply type.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+
+const ETHERTYPE_VLAN_TAGS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
+
+/// Parse one Ethernet frame (without the virtio-net header).
+pub fn parse(bytes: &[u8]) -> Result<Frame<'_>, DropReason> {
+    let eth = Ethernet2HeaderSlice::from_slice(bytes).map_err(|_| DropReason::Truncated)?;
+    let eth_view = Ethernet {
+        dst: MacAddr(eth.destination()),
+        src: MacAddr(eth.source()),
+        ethertype: eth.ether_type().0,
+    };
+    let payload = &bytes[ETH_HDR_LEN..];
+    let net = match eth.ether_type() {
+        EtherType::ARP => Network::Arp(parse_arp(payload)?),
+        EtherType::IPV4 => Network::Ipv4(parse_ipv4(payload)?),
+        EtherType::IPV6 => return Err(DropReason::Ipv6),
+        t if ETHERTYPE_VLAN_TAGS.contains(&t.0) => return Err(DropReason::Vlan),
+        _ => return Err(DropReason::UnsupportedEthertype),
+    };
+    Ok(Frame { eth: eth_view, net })
+}
+
+fn parse_arp(payload: &[u8]) -> Result<Arp, DropReason> {
+    let arp =
+        etherparse::ArpPacketSlice::from_slice(payload).map_err(|_| DropReason::ArpMalformed)?;
+    if arp.hw_addr_type() != ArpHardwareId::ETHERNET
+        || arp.proto_addr_type() != EtherType::IPV4
+        || arp.hw_addr_size() != 6
+        || arp.proto_addr_size() != 4
+    {
+        return Err(DropReason::ArpMalformed);
+    }
+    let mac = |s: &[u8]| -> Result<MacAddr, DropReason> {
+        Ok(MacAddr(s.try_into().map_err(|_| DropReason::ArpMalformed)?))
+    };
+    let ip = |s: &[u8]| -> Result<Ipv4Addr, DropReason> {
+        let b: [u8; 4] = s.try_into().map_err(|_| DropReason::ArpMalformed)?;
+        Ok(Ipv4Addr::from(b))
+    };
+    let op = match arp.operation() {
+        ArpOperation::REQUEST => ArpOp::Request,
+        ArpOperation::REPLY => ArpOp::Reply,
+        other => ArpOp::Other(other.0),
+    };
+    Ok(Arp {
+        op,
+        sender_mac: mac(arp.sender_hw_addr())?,
+        sender_ip: ip(arp.sender_protocol_addr())?,
+        target_mac: mac(arp.target_hw_addr())?,
+        target_ip: ip(arp.target_protocol_addr())?,
+    })
+}
+
+fn parse_ipv4(payload: &[u8]) -> Result<Ipv4<'_>, DropReason> {
+    let header = Ipv4HeaderSlice::from_slice(payload).map_err(|_| DropReason::Ipv4Malformed)?;
+    let header_len = header.slice().len();
+    let total_len = usize::from(header.total_len());
+    // Ethernet pads short frames, so the buffer may be longer than the packet, never shorter.
+    if total_len < header_len || total_len > payload.len() {
+        return Err(DropReason::Ipv4Malformed);
+    }
+    if header.to_header().calc_header_checksum() != header.header_checksum() {
+        return Err(DropReason::Ipv4BadChecksum);
+    }
+    if !header.options().is_empty() {
+        return Err(DropReason::Ipv4Options);
+    }
+    if header.is_fragmenting_payload() {
+        return Err(DropReason::Ipv4Fragment);
+    }
+    if header.ttl() == 0 {
+        return Err(DropReason::TtlExpired);
+    }
+    let l4 = &payload[header_len..total_len];
+    let transport = match header.protocol() {
+        IpNumber::UDP => {
+            let udp = UdpSlice::from_slice(l4).map_err(|_| DropReason::L4Malformed)?;
+            let len = usize::from(udp.length());
+            if len < 8 || len > l4.len() {
+                return Err(DropReason::L4Malformed);
+            }
+            Transport::Udp(Udp {
+                src_port: udp.source_port(),
+                dst_port: udp.destination_port(),
+                datagram: &l4[..len],
+                payload: &l4[8..len],
+            })
+        }
+        IpNumber::TCP => {
+            let tcp = TcpSlice::from_slice(l4).map_err(|_| DropReason::L4Malformed)?;
+            Transport::Tcp(Tcp {
+                src_port: tcp.source_port(),
+                dst_port: tcp.destination_port(),
+                seq: tcp.sequence_number(),
+                ack: tcp.acknowledgment_number(),
+                flags: TcpFlags {
+                    syn: tcp.syn(),
+                    ack: tcp.ack(),
+                    fin: tcp.fin(),
+                    rst: tcp.rst(),
+                },
+                payload: tcp.payload(),
+            })
+        }
+        IpNumber::ICMP => {
+            let icmp = Icmpv4Slice::from_slice(l4).map_err(|_| DropReason::L4Malformed)?;
+            Transport::Icmp(Icmp {
+                icmp_type: icmp.type_u8(),
+                code: icmp.code_u8(),
+                message: l4,
+            })
+        }
+        _ => return Err(DropReason::UnsupportedProtocol),
+    };
+    Ok(Ipv4 {
+        src: header.source_addr(),
+        dst: header.destination_addr(),
+        ttl: header.ttl(),
+        identification: header.identification(),
+        transport,
+    })
+}
+
+/// The Internet checksum (RFC 1071) over `data`, folded, as it is written into a header.
+pub fn internet_checksum(data: &[u8]) -> u16 {
+    !fold(sum_words(data, 0))
+}
+
+/// Whether a UDP datagram's checksum is right (a zero checksum means "none" in IPv4).
+pub fn udp_checksum_ok(src: Ipv4Addr, dst: Ipv4Addr, datagram: &[u8]) -> bool {
+    let Some(field) = datagram.get(6..8) else {
+        return false;
+    };
+    if field == [0, 0] {
+        return true;
+    }
+    let Ok(len) = u16::try_from(datagram.len()) else {
+        return false;
+    };
+    let mut pseudo = [0u8; 12];
+    pseudo[..4].copy_from_slice(&src.octets());
+    pseudo[4..8].copy_from_slice(&dst.octets());
+    pseudo[9] = 17;
+    pseudo[10..12].copy_from_slice(&len.to_be_bytes());
+    fold(sum_words(datagram, sum_words(&pseudo, 0))) == 0xffff
+}
+
+fn sum_words(data: &[u8], mut sum: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if let [last] = chunks.remainder() {
+        sum = sum.wrapping_add(u32::from(*last) << 8);
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+#[cfg(test)]
+mod tests;

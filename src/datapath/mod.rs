@@ -1,0 +1,104 @@
+//! One guest frame through moat: virtio-net header -> frame -> verdict -> answer | drop.
+//!
+//! The device hands every TX buffer (one moat-owned copy of it) to [`Datapath::guest_frame`];
+//! what comes back goes to the guest's RX queue. Every drop is counted here, with its reason.
+
+use std::sync::Arc;
+
+use crate::firewall::{Firewall, Verdict};
+use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN};
+use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
+use crate::policy::Policy;
+use crate::services::Gateway;
+use crate::telemetry::{Counters, DropReason, Traffic};
+
+/// The guest-facing data path of one VM.
+#[derive(Debug)]
+pub struct Datapath {
+    firewall: Firewall,
+    gateway: Gateway,
+    counters: Arc<Counters>,
+    max_frame_len: usize,
+}
+
+impl Datapath {
+    pub fn new(policy: &Policy, counters: Arc<Counters>) -> Datapath {
+        Datapath {
+            firewall: Firewall::new(&policy.vm),
+            gateway: Gateway::new(&policy.vm),
+            counters,
+            max_frame_len: ETH_HDR_LEN + usize::from(policy.vm.mtu),
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// The largest TX buffer (header + frame) worth reading; anything longer is dropped
+    /// as oversized without being copied.
+    pub fn max_tx_len(&self) -> usize {
+        VIRTIO_NET_HDR_LEN + self.max_frame_len
+    }
+
+    /// Count a TX buffer that never made it to parsing (bad descriptors, too long).
+    pub fn reject(&self, reason: DropReason, len: usize) {
+        self.counters.add(Traffic::TxFrames, 1);
+        self.counters.add(Traffic::TxBytes, len as u64);
+        self.counters
+            .drop_frame(reason, format_args!("tx buffer of {len} bytes"));
+    }
+
+    /// Handle one TX buffer: the virtio-net header followed by the frame.
+    /// Returns the frame to send back to the guest, if any.
+    pub fn guest_frame(&mut self, buf: &[u8]) -> Option<Vec<u8>> {
+        self.counters.add(Traffic::TxFrames, 1);
+        self.counters.add(Traffic::TxBytes, buf.len() as u64);
+        match self.decide(buf) {
+            Ok(answer) => answer,
+            Err((reason, summary)) => {
+                self.counters.drop_frame(reason, format_args!("{summary}"));
+                None
+            }
+        }
+    }
+
+    fn decide(&mut self, buf: &[u8]) -> Result<Option<Vec<u8>>, (DropReason, String)> {
+        let no_summary = |reason| (reason, format!("{} bytes", buf.len()));
+        let hdr = VirtioNetHdr::parse(buf).map_err(no_summary)?;
+        hdr.check_tx().map_err(no_summary)?;
+        let bytes = &buf[VIRTIO_NET_HDR_LEN..];
+        if bytes.len() > self.max_frame_len {
+            return Err(no_summary(DropReason::Oversized));
+        }
+        let frame = frame::parse(bytes).map_err(no_summary)?;
+        match self.firewall.verdict(&frame) {
+            Verdict::Drop(reason) => Err((reason, summarize(&frame))),
+            Verdict::Answer(service) => match self.gateway.answer(service, &frame) {
+                Ok(answer) => {
+                    self.counters.answered(service);
+                    Ok(answer)
+                }
+                Err(reason) => Err((reason, summarize(&frame))),
+            },
+        }
+    }
+}
+
+/// A one-line description of a frame for drop logs: addresses, protocol, ports.
+pub fn summarize(frame: &Frame<'_>) -> String {
+    match &frame.net {
+        Network::Arp(arp) => format!(
+            "arp {:?} {} {} -> {} (from {})",
+            arp.op, arp.sender_mac, arp.sender_ip, arp.target_ip, frame.eth.src
+        ),
+        Network::Ipv4(ip) => match &ip.transport {
+            Transport::Tcp(t) => format!("tcp {}:{} -> {}:{} (from {})", ip.src, t.src_port, ip.dst, t.dst_port, frame.eth.src),
+            Transport::Udp(u) => format!("udp {}:{} -> {}:{} (from {})", ip.src, u.src_port, ip.dst, u.dst_port, frame.eth.src),
+            Transport::Icmp(i) => format!("icmp type {} {} -> {} (from {})", i.icmp_type, ip.src, ip.dst, frame.eth.src),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

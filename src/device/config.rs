@@ -1,0 +1,66 @@
+//! What the device offers: virtio feature bits, vhost-user protocol features, config space.
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use crate::policy::Vm;
+
+/// Queue 0 receives (moat -> guest), queue 1 transmits (guest -> moat).
+pub const RX_QUEUE: u16 = 0;
+pub const TX_QUEUE: u16 = 1;
+pub const NUM_QUEUES: usize = 2;
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// The virtio feature bits moat offers. No checksum or segmentation offloads yet: every
+/// frame the guest sends is complete and checksummed, so the firewall sees what goes out.
+pub fn virtio_features() -> u64 {
+    (1 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_NET_F_MAC)
+        | (1 << VIRTIO_NET_F_STATUS)
+        | (1 << VIRTIO_NET_F_MTU)
+        | (1 << VIRTIO_NET_F_MRG_RXBUF)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+/// Whether `acked` includes feature bit `bit`.
+pub fn has_feature(acked: u64, bit: u32) -> bool {
+    acked & (1 << bit) != 0
+}
+
+/// vhost-user protocol features: CONFIG (config space reads carry the policy's MAC and MTU),
+/// MQ (QEMU and Cloud Hypervisor ask for the queue count), REPLY_ACK and
+/// CONFIGURE_MEM_SLOTS (Cloud Hypervisor adds memory with them).
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// `struct virtio_net_config` up to and including `mtu` (virtio 1.2, 5.1.4).
+pub fn config_space(vm: &Vm) -> [u8; 12] {
+    let mut c = [0u8; 12];
+    c[0..6].copy_from_slice(&vm.mac.0);
+    c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+    c[10..12].copy_from_slice(&vm.mtu.to_le_bytes());
+    c
+}
+
+/// The bytes of `space` the frontend asked for; bytes past the end read as zero.
+pub fn read_config(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let mut out = vec![0u8; size.min(256) as usize];
+    let start = offset as usize;
+    if start < space.len() {
+        let n = (space.len() - start).min(out.len());
+        out[..n].copy_from_slice(&space[start..start + n]);
+    }
+    out
+}

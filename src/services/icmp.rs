@@ -1,0 +1,39 @@
+//! ICMP echo replies from the gateway.
+
+use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
+
+use crate::frame::{internet_checksum, Frame, Network, Transport, ICMP_ECHO_REPLY};
+use crate::policy::{Vm, GATEWAY_MAC};
+use crate::telemetry::DropReason;
+
+/// TTL of packets the gateway originates.
+pub const GATEWAY_TTL: u8 = 64;
+
+/// Echo the request's identifier, sequence number and data back to the guest.
+pub fn answer(vm: &Vm, frame: &Frame<'_>) -> Result<Vec<u8>, DropReason> {
+    let Network::Ipv4(ip) = &frame.net else {
+        return Err(DropReason::L4Malformed);
+    };
+    let Transport::Icmp(icmp) = &ip.transport else {
+        return Err(DropReason::L4Malformed);
+    };
+    if internet_checksum(icmp.message) != 0 {
+        return Err(DropReason::L4BadChecksum);
+    }
+    let mut reply = icmp.message.to_vec();
+    reply[0] = ICMP_ECHO_REPLY;
+    reply[2..4].copy_from_slice(&[0, 0]);
+    let checksum = internet_checksum(&reply);
+    reply[2..4].copy_from_slice(&checksum.to_be_bytes());
+
+    let len = u16::try_from(reply.len()).map_err(|_| DropReason::L4Malformed)?;
+    let mut header = Ipv4Header::new(len, GATEWAY_TTL, IpNumber::ICMP, vm.gateway.octets(), ip.src.octets())
+        .map_err(|_| DropReason::L4Malformed)?;
+    header.header_checksum = header.calc_header_checksum();
+    let builder = PacketBuilder::ethernet2(GATEWAY_MAC.0, vm.mac.0).ip(etherparse::IpHeaders::Ipv4(header, Default::default()));
+    let mut out = Vec::with_capacity(builder.size(reply.len()));
+    builder
+        .write(&mut out, IpNumber::ICMP, &reply)
+        .map_err(|_| DropReason::L4Malformed)?;
+    Ok(out)
+}

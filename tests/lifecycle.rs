@@ -1,0 +1,175 @@
+//! The device's life: reconnects reset it, `--once` exits, `--client` dials the VMM,
+//! signals stop it cleanly, malformed descriptor chains never take it down.
+
+mod support;
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use moat::frame::craft;
+use moat::guest::{GuestOptions, RawDesc, SimGuest};
+use moat::telemetry::{DropReason, Service};
+use support::*;
+
+fn ping_ok(guest: &mut SimGuest, seq: u16) {
+    guest.send_frame(&craft::icmp_echo(GUEST_MAC, GW_MAC, GUEST, GW, 1, seq, b"x")).unwrap();
+    recv_matching(guest, "echo reply", |_| true);
+}
+
+#[test]
+fn a_reconnecting_frontend_gets_a_fresh_working_device() {
+    let served = Served::start(POLICY, false);
+    for round in 0..3u16 {
+        let mut guest = served.guest();
+        ping_ok(&mut guest, round);
+        guest.disconnect();
+    }
+    eventually("3 echo answers", || served.counters.answers(Service::IcmpEcho) == 3);
+}
+
+#[test]
+fn once_returns_after_the_first_frontend() {
+    let mut served = Served::start(POLICY, true);
+    let mut guest = served.guest();
+    ping_ok(&mut guest, 1);
+    guest.disconnect();
+    served.join(Duration::from_secs(5)).expect("serve returns Ok");
+}
+
+#[test]
+fn malformed_chains_are_rejected_and_moat_keeps_serving() {
+    let served = Served::start(POLICY, true);
+    let mut guest = served.guest();
+    let (gpa, len) = guest.guest_mem_layout()[0];
+    let end = gpa + len as u64;
+    let bad_chains: Vec<Vec<RawDesc>> = vec![
+        // Outside guest memory.
+        vec![RawDesc { addr: end + 0x10000, len: 64, flags: 0, next: 0 }],
+        // Straddling the end of guest memory.
+        vec![RawDesc { addr: end - 8, len: 64, flags: 0, next: 0 }],
+        // Device-writable descriptor on TX.
+        vec![RawDesc { addr: gpa, len: 64, flags: 2, next: 0 }],
+        // Zero length.
+        vec![RawDesc { addr: gpa, len: 0, flags: 0, next: 0 }],
+        // Absurd length.
+        vec![RawDesc { addr: gpa, len: u32::MAX, flags: 0, next: 0 }],
+    ];
+    for chain in &bad_chains {
+        guest.send_raw_chain(chain).unwrap();
+    }
+    eventually("every bad chain counted", || {
+        served.counters.drops(DropReason::BadDescriptor)
+            + served.counters.drops(DropReason::Truncated)
+            + served.counters.drops(DropReason::Oversized)
+            >= bad_chains.len() as u64
+    });
+    ping_ok(&mut guest, 1);
+}
+
+#[test]
+fn the_binary_serves_prints_counters_and_exits_on_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("moat.sock");
+    let policy = dir.path().join("vm.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let mut child = Command::new(moat_bin())
+        .args(["serve", "--once", "--socket"])
+        .arg(&socket)
+        .arg("--policy")
+        .arg(&policy)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guest = SimGuest::connect(&socket, GuestOptions::default()).expect("connect to moat");
+    ping_ok(&mut guest, 1);
+    guest.send_frame(&craft::arp_request(GUEST_MAC, GUEST, std::net::Ipv4Addr::new(10, 0, 0, 9))).unwrap();
+    std::thread::sleep(QUIET);
+    guest.disconnect();
+    let status = wait_with_timeout(&mut child, Duration::from_secs(5));
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "exit status {status:?}\n{stderr}");
+    assert!(stderr.lines().any(|l| l.contains("icmp_echo") && l.trim_end().ends_with('1')), "{stderr}");
+    assert!(stderr.lines().any(|l| l.contains("arp_not_for_gateway") && l.trim_end().ends_with('1')), "{stderr}");
+    assert!(!socket.exists(), "socket removed on exit");
+}
+
+#[test]
+fn the_binary_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("moat.sock");
+    let policy = dir.path().join("vm.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let mut child = Command::new(moat_bin())
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .arg("--policy")
+        .arg(&policy)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guest = SimGuest::connect(&socket, GuestOptions::default()).expect("connect to moat");
+    ping_ok(&mut guest, 1);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_with_timeout(&mut child, Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "socket removed on exit");
+}
+
+#[test]
+fn client_mode_dials_the_vmm_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vmm.sock");
+    let policy = dir.path().join("vm.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let listener = UnixListener::bind(&socket).unwrap();
+    let mut child = Command::new(moat_bin())
+        .args(["serve", "--client", "--once", "--socket"])
+        .arg(&socket)
+        .arg("--policy")
+        .arg(&policy)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guest = SimGuest::accept(&listener, GuestOptions::default()).expect("moat dials in");
+    ping_ok(&mut guest, 1);
+    guest.disconnect();
+    let status = wait_with_timeout(&mut child, Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_bad_policy_exits_2_before_creating_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("moat.sock");
+    let policy = dir.path().join("bad.toml");
+    std::fs::write(&policy, "[vm]\nname = \"x\"\nmac = \"01:00:5e:00:00:01\"\naddress = \"10.0.0.2/30\"\n").unwrap();
+    let out = Command::new(moat_bin())
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.toml:3") && stderr.contains("vm.mac"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(!socket.exists());
+}
+
+fn wait_with_timeout(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("moat did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

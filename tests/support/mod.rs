@@ -1,0 +1,104 @@
+//! Shared helpers for integration tests: a moat device served in-process (so tests read its
+//! counters directly) or as the real binary, and the simulated guest attached to it.
+
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use moat::device::server::{self, ServeOptions};
+use moat::guest::{GuestOptions, SimGuest};
+use moat::policy::{MacAddr, Policy, GATEWAY_MAC};
+use moat::telemetry::Counters;
+
+pub const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+pub const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const GW_MAC: MacAddr = GATEWAY_MAC;
+pub const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait for something that must NOT arrive.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub const POLICY: &str = r#"
+[vm]
+name = "it"
+mac = "52:54:00:12:34:56"
+address = "10.0.0.2/24"
+gateway = "10.0.0.1"
+"#;
+
+/// A moat device served on a socket in a temp dir, in this process.
+pub struct Served {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub counters: Arc<Counters>,
+    pub policy: Arc<Policy>,
+    pub thread: Option<JoinHandle<Result<(), server::ServeError>>>,
+}
+
+impl Served {
+    /// Serve `policy_text` until the first frontend disconnects (`once`) or forever.
+    pub fn start(policy_text: &str, once: bool) -> Served {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("moat.sock");
+        let policy = Arc::new(Policy::parse(policy_text, Path::new("test.toml")).expect("valid policy"));
+        let counters = Arc::new(Counters::default());
+        let listener = server::bind(&socket).expect("bind");
+        let opts = ServeOptions { socket: socket.clone(), client: false, once };
+        let (p, c) = (Arc::clone(&policy), Arc::clone(&counters));
+        let thread = std::thread::spawn(move || server::serve(p, c, &opts, Some(listener)));
+        Served { dir, socket, counters, policy, thread: Some(thread) }
+    }
+
+    pub fn guest(&self) -> SimGuest {
+        SimGuest::connect(&self.socket, GuestOptions::default()).expect("guest connects")
+    }
+
+    /// Wait for the serving thread to return (with `once`).
+    pub fn join(&mut self, within: Duration) -> Result<(), server::ServeError> {
+        let thread = self.thread.take().expect("joined once");
+        let deadline = Instant::now() + within;
+        while !thread.is_finished() {
+            assert!(Instant::now() < deadline, "moat did not stop within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        thread.join().expect("serve thread panicked")
+    }
+}
+
+/// Wait until `cond` holds (counters are updated by moat's worker thread).
+pub fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Receive frames until one satisfies `pred`, or fail after the timeout.
+pub fn recv_matching(guest: &mut SimGuest, what: &str, pred: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no frame: {what}");
+        if let Some(frame) = guest.recv_frame(left).expect("recv") {
+            if pred(&frame) {
+                return frame;
+            }
+        }
+    }
+}
+
+/// Assert nothing at all arrives for a while.
+pub fn assert_silent(guest: &mut SimGuest, what: &str) {
+    if let Some(frame) = guest.recv_frame(QUIET).expect("recv") {
+        panic!("expected no answer to {what}, got {} bytes: {:02x?}", frame.len(), &frame[..frame.len().min(42)]);
+    }
+}
+
+pub fn moat_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_moat")
+}
