@@ -76,7 +76,10 @@ pub fn serve(
         }
         tracing::info!(vm = %policy.vm.name, "frontend connected");
         match daemon.wait() {
-            Ok(()) => tracing::info!(vm = %policy.vm.name, "frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!(vm = %policy.vm.name, "frontend disconnected"),
             Err(e) => tracing::warn!(vm = %policy.vm.name, error = %e, "frontend connection ended with an error"),
         }
         // Dropping the daemon stops its vring workers; the next connection gets a new device.
