@@ -390,7 +390,13 @@ pub struct BackendReqHandler<S: VhostUserBackendReqHandler> {
     postcopy_state: PostcopyState,
     // whether the endpoint has encountered any failure
     error: Option<i32>,
+    // moat patch: SET_VRING_ENABLE received before SET_FEATURES (see below), replayed
+    // once the features are set. Last state per ring, bounded.
+    early_vring_enable: Vec<(u32, bool)>,
 }
+
+/// moat patch: at most this many rings' early enable states are remembered.
+const MAX_EARLY_VRING_ENABLE: usize = 64;
 
 impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
     /// Create a vhost-user backend endpoint.
@@ -408,6 +414,7 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             #[cfg(feature = "postcopy")]
             postcopy_state: PostcopyState::Inactive,
             error: None,
+            early_vring_enable: Vec::new(),
         }
     }
 
@@ -518,6 +525,16 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 let res = self.backend.set_features(msg.value);
                 self.acked_virtio_features = msg.value;
                 self.update_reply_ack_flag();
+                // moat patch: replay the ring enables that arrived before SET_FEATURES.
+                if res.is_ok()
+                    && msg.value & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+                {
+                    for (index, enable) in std::mem::take(&mut self.early_vring_enable) {
+                        // An out-of-range index is refused by the back-end here as it would
+                        // have been on arrival; the frontend gets no reply for it either way.
+                        let _ = self.backend.set_vring_enable(index, enable);
+                    }
+                }
                 self.send_ack_message(&hdr, res)?;
             }
             Ok(FrontendReq::SET_MEM_TABLE) => {
@@ -620,17 +637,29 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             }
             Ok(FrontendReq::SET_VRING_ENABLE) => {
                 let msg = self.extract_request_body::<VhostUserVringState>(&hdr, size, &buf)?;
-                // moat patch: QEMU (7.2 and later, virtio-net peer_attach) sends
-                // SET_VRING_ENABLE before SET_FEATURES once the back-end has *offered*
-                // VHOST_USER_F_PROTOCOL_FEATURES. Upstream treats that as an error and drops
-                // the connection. Before SET_FEATURES the rings are not running anyway, and
-                // QEMU enables them again when it starts the device, so acknowledge and
-                // ignore the early message.
+                // moat patch: QEMU 7.2's virtio-net (peer_attach) sends SET_VRING_ENABLE
+                // before SET_FEATURES once the back-end has *offered*
+                // VHOST_USER_F_PROTOCOL_FEATURES, and never enables the rings again.
+                // Upstream treats the early message as an error and drops the connection.
+                // Remember it instead and apply it when SET_FEATURES acks the feature.
                 if self.acked_virtio_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
                     == 0
                     && self.virtio_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
                         != 0
                 {
+                    let enable = match msg.num {
+                        1 => true,
+                        0 => false,
+                        _ => return Err(Error::InvalidParam),
+                    };
+                    let early = &mut self.early_vring_enable;
+                    if let Some(slot) = early.iter_mut().find(|(i, _)| *i == msg.index) {
+                        slot.1 = enable;
+                    } else if early.len() < MAX_EARLY_VRING_ENABLE {
+                        early.push((msg.index, enable));
+                    } else {
+                        return Err(Error::InvalidParam);
+                    }
                     self.send_ack_message(&hdr, Ok(()))?;
                 } else {
                     self.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)?;
