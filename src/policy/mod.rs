@@ -1,1 +1,34 @@
-//! policy
+//! The per-VM policy: the TOML contract of DESIGN.md, parsed with serde and validated into a
+//! typed model. Every error names the file, line, column and key, and says what to do.
+
+mod error;
+mod model;
+mod parse;
+mod summary;
+
+pub use error::PolicyError;
+pub use model::*;
+
+use std::path::Path;
+
+/// moat's own MAC address, the gateway's, as the guest sees it (locally administered).
+pub const GATEWAY_MAC: MacAddr = MacAddr([0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01]);
+
+impl Policy {
+    /// Read, parse and validate a policy file.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Policy::parse(&text, path)
+    }
+
+    /// Parse and validate policy text; `source` is used in messages only.
+    pub fn parse(text: &str, source: &Path) -> Result<Policy, PolicyError> {
+        parse::parse(text, source)
+    }
+}
+
+#[cfg(test)]
+mod tests;
