@@ -1,0 +1,148 @@
+//! Guest memory for the simulated guest: one memfd, mapped shared, offered to the backend
+//! as one or more regions (so chains can cross a region boundary).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{fence, Ordering};
+
+use vhost::VhostUserMemoryRegionInfo;
+
+use super::GuestError;
+
+/// Guest-physical address of the first byte of guest memory.
+pub const GPA_BASE: u64 = 0x10_0000;
+
+/// Shared guest memory, addressed by guest-physical address.
+pub struct GuestMemory {
+    file: File,
+    ptr: *mut u8,
+    len: usize,
+    regions: usize,
+}
+
+// SAFETY: the mapping lives as long as the struct; all access goes through bounds-checked
+// volatile copies, and the other side (the backend) only sees it through its own mapping.
+unsafe impl Send for GuestMemory {}
+
+impl GuestMemory {
+    pub fn new(len: usize, regions: usize) -> Result<GuestMemory, GuestError> {
+        let regions = regions.max(1);
+        let page = 4096;
+        let len = len.div_ceil(regions * page) * regions * page;
+        // SAFETY: memfd_create with a valid NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"moat-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(GuestError::Memory(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd was just created and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64).map_err(GuestError::Memory)?;
+        // SAFETY: mapping a file we own, shared, of the length we just set.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(GuestError::Memory(std::io::Error::last_os_error()));
+        }
+        Ok(GuestMemory {
+            file,
+            ptr: ptr.cast(),
+            len,
+            regions,
+        })
+    }
+
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The regions as the memory table describes them (same memfd, consecutive offsets).
+    pub fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
+        let chunk = self.len / self.regions;
+        (0..self.regions)
+            .map(|i| VhostUserMemoryRegionInfo {
+                guest_phys_addr: GPA_BASE + (i * chunk) as u64,
+                memory_size: chunk as u64,
+                userspace_addr: self.ptr as u64 + (i * chunk) as u64,
+                mmap_offset: (i * chunk) as u64,
+                mmap_handle: self.file.as_raw_fd(),
+            })
+            .collect()
+    }
+
+    /// (gpa, len) of each region.
+    pub fn layout(&self) -> Vec<(u64, usize)> {
+        self.regions()
+            .iter()
+            .map(|r| (r.guest_phys_addr, r.memory_size as usize))
+            .collect()
+    }
+
+    /// The frontend's virtual address of a guest-physical address (vring addresses are
+    /// given to the backend this way, as QEMU does).
+    pub fn va(&self, gpa: u64) -> u64 {
+        self.ptr as u64 + (gpa - GPA_BASE)
+    }
+
+    fn offset(&self, gpa: u64, len: usize) -> usize {
+        let off = gpa
+            .checked_sub(GPA_BASE)
+            .and_then(|o| usize::try_from(o).ok())
+            .filter(|o| o.checked_add(len).is_some_and(|end| end <= self.len));
+        match off {
+            Some(off) => off,
+            None => panic!("simulated guest bug: access {gpa:#x}+{len} outside its own memory"),
+        }
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        let off = self.offset(gpa, data.len());
+        // SAFETY: bounds checked above; the mapping is valid for self.len bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
+    }
+
+    pub fn read(&self, gpa: u64, out: &mut [u8]) {
+        let off = self.offset(gpa, out.len());
+        // SAFETY: bounds checked above.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), out.len()) };
+    }
+
+    pub fn write_u16(&self, gpa: u64, v: u16) {
+        fence(Ordering::SeqCst);
+        let off = self.offset(gpa, 2);
+        // SAFETY: bounds checked; ring fields are 2-byte aligned by layout.
+        unsafe { std::ptr::write_volatile(self.ptr.add(off).cast::<u16>(), v.to_le()) };
+        fence(Ordering::SeqCst);
+    }
+
+    pub fn read_u16(&self, gpa: u64) -> u16 {
+        fence(Ordering::SeqCst);
+        let off = self.offset(gpa, 2);
+        // SAFETY: bounds checked; aligned by layout.
+        let v = unsafe { std::ptr::read_volatile(self.ptr.add(off).cast::<u16>()) };
+        fence(Ordering::SeqCst);
+        u16::from_le(v)
+    }
+
+    pub fn read_u32(&self, gpa: u64) -> u32 {
+        let mut b = [0u8; 4];
+        fence(Ordering::SeqCst);
+        self.read(gpa, &mut b);
+        u32::from_le_bytes(b)
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
