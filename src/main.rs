@@ -10,7 +10,11 @@ use moat::policy::Policy;
 use moat::telemetry::Counters;
 
 #[derive(Parser)]
-#[command(name = "moat", version, about = "vhost-user-net backend with an inline firewall")]
+#[command(
+    name = "moat",
+    version,
+    about = "vhost-user-net backend with an inline firewall"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,7 +77,11 @@ fn main() -> ExitCode {
                 eprintln!("moat: --metrics and --control are not implemented yet; remove them");
                 return ExitCode::from(EXIT_USAGE);
             }
-            let opts = ServeOptions { socket, client, once };
+            let opts = ServeOptions {
+                socket,
+                client,
+                once,
+            };
             serve(&policy, &opts)
         }
     }
@@ -82,7 +90,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -122,7 +132,10 @@ fn serve(policy_path: &Path, opts: &ServeOptions) -> ExitCode {
             }
         }
     };
-    if let Err(e) = stop_on_signals(Arc::clone(&counters), (!opts.client).then(|| opts.socket.clone())) {
+    if let Err(e) = stop_on_signals(
+        Arc::clone(&counters),
+        (!opts.client).then(|| opts.socket.clone()),
+    ) {
         eprintln!("moat: cannot install signal handlers: {e}");
         return ExitCode::from(EXIT_RUNTIME);
     }
@@ -146,15 +159,17 @@ fn serve(policy_path: &Path, opts: &ServeOptions) -> ExitCode {
 fn stop_on_signals(counters: Arc<Counters>, socket: Option<PathBuf>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            tracing::info!(signal = sig, "stopping");
-            if let Some(path) = &socket {
-                let _ = std::fs::remove_file(path);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping");
+                if let Some(path) = &socket {
+                    let _ = std::fs::remove_file(path);
+                }
+                eprint!("{}", counters.table());
+                std::process::exit(0);
             }
-            eprint!("{}", counters.table());
-            std::process::exit(0);
-        }
-    })?;
+        })?;
     Ok(())
 }

@@ -51,11 +51,29 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
     }
     // testpmd waits on stdin without --stats-period; SIGINT after a few seconds stops it.
     let testpmd = Command::new("timeout")
-        .args(["-s", "INT", "5", "dpdk-testpmd", "--no-huge", "-m", "1024", "--no-shconf"])
+        .args([
+            "-s",
+            "INT",
+            "5",
+            "dpdk-testpmd",
+            "--no-huge",
+            "-m",
+            "1024",
+            "--no-shconf",
+        ])
         .arg(format!("--file-prefix=moat-smoke-{}", std::process::id()))
         .args(["--lcores", "0@1,1@1", "--no-pci", "--vdev"])
-        .arg(format!("net_virtio_user0,path={},mac=52:54:00:12:34:56", sock.display()))
-        .args(["--", "--forward-mode=txonly", "--total-num-mbufs=16384", "--stats-period", "1"])
+        .arg(format!(
+            "net_virtio_user0,path={},mac=52:54:00:12:34:56",
+            sock.display()
+        ))
+        .args([
+            "--",
+            "--forward-mode=txonly",
+            "--total-num-mbufs=16384",
+            "--stats-period",
+            "1",
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("run dpdk-testpmd");
@@ -63,10 +81,15 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
     // "TX-packets: N  TX-dropped: M  TX-total: T" in the accumulated statistics.
     let sent: u64 = tp
         .lines()
+        .rev()
         .filter(|l| l.contains("TX-packets:") && l.contains("TX-total:"))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .last()
-        .unwrap_or_else(|| panic!("no TX statistics from testpmd:\n{tp}\n{}", String::from_utf8_lossy(&testpmd.stderr)));
+        .find_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no TX statistics from testpmd:\n{tp}\n{}",
+                String::from_utf8_lossy(&testpmd.stderr)
+            )
+        });
     assert!(sent > 1000, "testpmd sent only {sent} frames:\n{tp}");
 
     // Let moat drain, then stop it: it prints its counters on the way out.
@@ -79,7 +102,17 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
     let dropped = counter(&table, "total_drops").unwrap_or(0);
     // testpmd counts a burst as sent once it is in the ring; the last burst may still be
     // unprocessed when testpmd is interrupted and disconnects. At most one ring's worth.
-    assert!(seen <= sent && sent - seen <= 256, "moat saw {seen} of {sent} frames\n{table}");
-    assert_eq!(dropped, seen, "every frame was dropped (deny-all, no gateway MAC)\n{table}");
-    assert_eq!(counter(&table, "dst_mac_not_gateway"), Some(seen), "{table}");
+    assert!(
+        seen <= sent && sent - seen <= 256,
+        "moat saw {seen} of {sent} frames\n{table}"
+    );
+    assert_eq!(
+        dropped, seen,
+        "every frame was dropped (deny-all, no gateway MAC)\n{table}"
+    );
+    assert_eq!(
+        counter(&table, "dst_mac_not_gateway"),
+        Some(seen),
+        "{table}"
+    );
 }

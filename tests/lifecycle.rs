@@ -14,7 +14,11 @@ use moat::telemetry::{DropReason, Service};
 use support::*;
 
 fn ping_ok(guest: &mut SimGuest, seq: u16) {
-    guest.send_frame(&craft::icmp_echo(GUEST_MAC, GW_MAC, GUEST, GW, 1, seq, b"x")).unwrap();
+    guest
+        .send_frame(&craft::icmp_echo(
+            GUEST_MAC, GW_MAC, GUEST, GW, 1, seq, b"x",
+        ))
+        .unwrap();
     recv_matching(guest, "echo reply", |_| true);
 }
 
@@ -26,7 +30,9 @@ fn a_reconnecting_frontend_gets_a_fresh_working_device() {
         ping_ok(&mut guest, round);
         guest.disconnect();
     }
-    eventually("3 echo answers", || served.counters.answers(Service::IcmpEcho) == 3);
+    eventually("3 echo answers", || {
+        served.counters.answers(Service::IcmpEcho) == 3
+    });
 }
 
 #[test]
@@ -35,7 +41,9 @@ fn once_returns_after_the_first_frontend() {
     let mut guest = served.guest();
     ping_ok(&mut guest, 1);
     guest.disconnect();
-    served.join(Duration::from_secs(5)).expect("serve returns Ok");
+    served
+        .join(Duration::from_secs(5))
+        .expect("serve returns Ok");
 }
 
 #[test]
@@ -46,15 +54,40 @@ fn malformed_chains_are_rejected_and_moat_keeps_serving() {
     let end = gpa + len as u64;
     let bad_chains: Vec<Vec<RawDesc>> = vec![
         // Outside guest memory.
-        vec![RawDesc { addr: end + 0x10000, len: 64, flags: 0, next: 0 }],
+        vec![RawDesc {
+            addr: end + 0x10000,
+            len: 64,
+            flags: 0,
+            next: 0,
+        }],
         // Straddling the end of guest memory.
-        vec![RawDesc { addr: end - 8, len: 64, flags: 0, next: 0 }],
+        vec![RawDesc {
+            addr: end - 8,
+            len: 64,
+            flags: 0,
+            next: 0,
+        }],
         // Device-writable descriptor on TX.
-        vec![RawDesc { addr: gpa, len: 64, flags: 2, next: 0 }],
+        vec![RawDesc {
+            addr: gpa,
+            len: 64,
+            flags: 2,
+            next: 0,
+        }],
         // Zero length.
-        vec![RawDesc { addr: gpa, len: 0, flags: 0, next: 0 }],
+        vec![RawDesc {
+            addr: gpa,
+            len: 0,
+            flags: 0,
+            next: 0,
+        }],
         // Absurd length.
-        vec![RawDesc { addr: gpa, len: u32::MAX, flags: 0, next: 0 }],
+        vec![RawDesc {
+            addr: gpa,
+            len: u32::MAX,
+            flags: 0,
+            next: 0,
+        }],
     ];
     for chain in &bad_chains {
         guest.send_raw_chain(chain).unwrap();
@@ -84,15 +117,36 @@ fn the_binary_serves_prints_counters_and_exits_on_once() {
         .unwrap();
     let mut guest = SimGuest::connect(&socket, GuestOptions::default()).expect("connect to moat");
     ping_ok(&mut guest, 1);
-    guest.send_frame(&craft::arp_request(GUEST_MAC, GUEST, std::net::Ipv4Addr::new(10, 0, 0, 9))).unwrap();
+    guest
+        .send_frame(&craft::arp_request(
+            GUEST_MAC,
+            GUEST,
+            std::net::Ipv4Addr::new(10, 0, 0, 9),
+        ))
+        .unwrap();
     std::thread::sleep(QUIET);
     guest.disconnect();
     let status = wait_with_timeout(&mut child, Duration::from_secs(5));
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     assert!(status.success(), "exit status {status:?}\n{stderr}");
-    assert!(stderr.lines().any(|l| l.contains("icmp_echo") && l.trim_end().ends_with('1')), "{stderr}");
-    assert!(stderr.lines().any(|l| l.contains("arp_not_for_gateway") && l.trim_end().ends_with('1')), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("icmp_echo") && l.trim_end().ends_with('1')),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("arp_not_for_gateway") && l.trim_end().ends_with('1')),
+        "{stderr}"
+    );
     assert!(!socket.exists(), "socket removed on exit");
 }
 
@@ -145,7 +199,11 @@ fn a_bad_policy_exits_2_before_creating_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("bad.toml");
-    std::fs::write(&policy, "[vm]\nname = \"x\"\nmac = \"01:00:5e:00:00:01\"\naddress = \"10.0.0.2/30\"\n").unwrap();
+    std::fs::write(
+        &policy,
+        "[vm]\nname = \"x\"\nmac = \"01:00:5e:00:00:01\"\naddress = \"10.0.0.2/30\"\n",
+    )
+    .unwrap();
     let out = Command::new(moat_bin())
         .args(["serve", "--socket"])
         .arg(&socket)
@@ -155,12 +213,18 @@ fn a_bad_policy_exits_2_before_creating_the_socket() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.toml:3") && stderr.contains("vm.mac"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:3") && stderr.contains("vm.mac"),
+        "{stderr}"
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(!socket.exists());
 }
 
-fn wait_with_timeout(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+fn wait_with_timeout(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -4,7 +4,11 @@
 use std::process::Command;
 
 fn check(path: &std::path::Path) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moat")).arg("check").arg(path).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .arg("check")
+        .arg(path)
+        .output()
+        .unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -17,7 +21,14 @@ fn shipped_policies_pass_with_a_summary() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let (code, stdout, _) = check(&repo.join("policy/example.toml"));
     assert_eq!(code, Some(0), "{stdout}");
-    for needle in ["sandbox-17", "52:54:00:12:34:56", "10.0.0.2/30", "gateway 10.0.0.1", "example.com", "127.0.0.1:8080 -> guest:3000"] {
+    for needle in [
+        "sandbox-17",
+        "52:54:00:12:34:56",
+        "10.0.0.2/30",
+        "gateway 10.0.0.1",
+        "example.com",
+        "127.0.0.1:8080 -> guest:3000",
+    ] {
         assert!(stdout.contains(needle), "{needle:?} missing from\n{stdout}");
     }
     let (code, stdout, _) = check(&repo.join("policy/deny-all.toml"));
@@ -45,10 +56,19 @@ fn invalid_policies_exit_2_with_one_line() {
         assert!(stdout.is_empty(), "{name}: nothing on stdout");
         let line_text = stderr.trim_end();
         assert_eq!(line_text.lines().count(), 1, "{name}: one line: {stderr}");
-        assert!(line_text.starts_with(&format!("{}{line}", path.display())), "{name}: {stderr}");
-        assert!(line_text.contains(&format!(": {key}: ")) && line_text.contains(reason), "{name}: {stderr}");
+        assert!(
+            line_text.starts_with(&format!("{}{line}", path.display())),
+            "{name}: {stderr}"
+        );
+        assert!(
+            line_text.contains(&format!(": {key}: ")) && line_text.contains(reason),
+            "{name}: {stderr}"
+        );
     }
     let (code, _, stderr) = check(&dir.path().join("missing.toml"));
     assert_eq!(code, Some(2));
-    assert!(stderr.contains("missing.toml") && stderr.contains("cannot read"), "{stderr}");
+    assert!(
+        stderr.contains("missing.toml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
 }

@@ -10,7 +10,10 @@ fn required(tool: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     let kernel = std::fs::read_dir("/boot")
-        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+        })
         .unwrap_or(false);
     if found && kernel {
         return true;
@@ -69,9 +72,18 @@ fn real_guest_gets_dhcp_pings_gateway_and_reaches_nothing_else() {
             .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
             .unwrap_or(0)
     };
-    assert!(counter("dhcp") >= 2, "DISCOVER and REQUEST answered\n{stdout}");
+    assert!(
+        counter("dhcp") >= 2,
+        "DISCOVER and REQUEST answered\n{stdout}"
+    );
     assert!(counter("icmp_echo") >= 1, "{stdout}");
-    assert!(counter("not_allowed") >= 3, "pings and SYNs to other hosts dropped\n{stdout}");
-    assert!(counter("gateway_port_closed") >= 2, "SYNs to gateway:22/2375 dropped\n{stdout}");
+    assert!(
+        counter("not_allowed") >= 3,
+        "pings and SYNs to other hosts dropped\n{stdout}"
+    );
+    assert!(
+        counter("gateway_port_closed") >= 2,
+        "SYNs to gateway:22/2375 dropped\n{stdout}"
+    );
     assert!(counter("arp_not_for_gateway") >= 1, "{stdout}");
 }

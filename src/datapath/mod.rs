@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use crate::firewall::{Firewall, Verdict};
-use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN};
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
+use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN};
 use crate::policy::Policy;
 use crate::services::Gateway;
 use crate::telemetry::{Counters, DropReason, Traffic};
@@ -93,9 +93,18 @@ pub fn summarize(frame: &Frame<'_>) -> String {
             arp.op, arp.sender_mac, arp.sender_ip, arp.target_ip, frame.eth.src
         ),
         Network::Ipv4(ip) => match &ip.transport {
-            Transport::Tcp(t) => format!("tcp {}:{} -> {}:{} (from {})", ip.src, t.src_port, ip.dst, t.dst_port, frame.eth.src),
-            Transport::Udp(u) => format!("udp {}:{} -> {}:{} (from {})", ip.src, u.src_port, ip.dst, u.dst_port, frame.eth.src),
-            Transport::Icmp(i) => format!("icmp type {} {} -> {} (from {})", i.icmp_type, ip.src, ip.dst, frame.eth.src),
+            Transport::Tcp(t) => format!(
+                "tcp {}:{} -> {}:{} (from {})",
+                ip.src, t.src_port, ip.dst, t.dst_port, frame.eth.src
+            ),
+            Transport::Udp(u) => format!(
+                "udp {}:{} -> {}:{} (from {})",
+                ip.src, u.src_port, ip.dst, u.dst_port, frame.eth.src
+            ),
+            Transport::Icmp(i) => format!(
+                "icmp type {} {} -> {} (from {})",
+                i.icmp_type, ip.src, ip.dst, frame.eth.src
+            ),
         },
     }
 }

@@ -36,51 +36,129 @@ fn with_hdr(frame: &[u8]) -> Vec<u8> {
 fn dhcp_reply(answer: &[u8]) -> (Ipv4Addr, Message) {
     let frame = frame::parse(answer).expect("reply parses");
     assert_eq!(frame.eth.src, GATEWAY_MAC);
-    let Network::Ipv4(ip) = frame.net else { panic!("not ipv4") };
+    let Network::Ipv4(ip) = frame.net else {
+        panic!("not ipv4")
+    };
     assert_eq!(ip.src, GW);
-    let Transport::Udp(udp) = ip.transport else { panic!("not udp") };
+    let Transport::Udp(udp) = ip.transport else {
+        panic!("not udp")
+    };
     assert_eq!((udp.src_port, udp.dst_port), (67, 68));
     assert!(frame::udp_checksum_ok(ip.src, ip.dst, udp.datagram));
-    (ip.dst, Message::decode(&mut Decoder::new(udp.payload)).expect("dhcp decodes"))
+    (
+        ip.dst,
+        Message::decode(&mut Decoder::new(udp.payload)).expect("dhcp decodes"),
+    )
 }
 
 #[test]
 fn dhcp_handshake_offers_the_policy_address() {
     let mut dp = datapath();
-    let discover = craft::dhcp(GUEST_MAC, MessageType::Discover, 0x1234, Ipv4Addr::UNSPECIFIED, None, None, GATEWAY_MAC);
+    let discover = craft::dhcp(
+        GUEST_MAC,
+        MessageType::Discover,
+        0x1234,
+        Ipv4Addr::UNSPECIFIED,
+        None,
+        None,
+        GATEWAY_MAC,
+    );
     let offer = dp.guest_frame(&with_hdr(&discover)).expect("an offer");
     let (_, offer) = dhcp_reply(&offer);
     assert_eq!(offer.xid(), 0x1234);
     assert_eq!(offer.yiaddr(), GUEST);
     assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
     let opts = offer.opts();
-    assert_eq!(opts.get(OptionCode::SubnetMask), Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 252))));
-    assert_eq!(opts.get(OptionCode::Router), Some(&DhcpOption::Router(vec![GW])));
-    assert_eq!(opts.get(OptionCode::DomainNameServer), Some(&DhcpOption::DomainNameServer(vec![GW])));
-    assert_eq!(opts.get(OptionCode::InterfaceMtu), Some(&DhcpOption::InterfaceMtu(1400)));
-    assert_eq!(opts.get(OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(GW)));
-    assert!(matches!(opts.get(OptionCode::AddressLeaseTime), Some(DhcpOption::AddressLeaseTime(t)) if *t > 0));
+    assert_eq!(
+        opts.get(OptionCode::SubnetMask),
+        Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 252)))
+    );
+    assert_eq!(
+        opts.get(OptionCode::Router),
+        Some(&DhcpOption::Router(vec![GW]))
+    );
+    assert_eq!(
+        opts.get(OptionCode::DomainNameServer),
+        Some(&DhcpOption::DomainNameServer(vec![GW]))
+    );
+    assert_eq!(
+        opts.get(OptionCode::InterfaceMtu),
+        Some(&DhcpOption::InterfaceMtu(1400))
+    );
+    assert_eq!(
+        opts.get(OptionCode::ServerIdentifier),
+        Some(&DhcpOption::ServerIdentifier(GW))
+    );
+    assert!(
+        matches!(opts.get(OptionCode::AddressLeaseTime), Some(DhcpOption::AddressLeaseTime(t)) if *t > 0)
+    );
 
-    let request = craft::dhcp(GUEST_MAC, MessageType::Request, 0x1234, Ipv4Addr::UNSPECIFIED, Some(GUEST), Some(GW), GATEWAY_MAC);
+    let request = craft::dhcp(
+        GUEST_MAC,
+        MessageType::Request,
+        0x1234,
+        Ipv4Addr::UNSPECIFIED,
+        Some(GUEST),
+        Some(GW),
+        GATEWAY_MAC,
+    );
     let (_, ack) = dhcp_reply(&dp.guest_frame(&with_hdr(&request)).expect("an ack"));
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(ack.yiaddr(), GUEST);
 
-    let wrong = craft::dhcp(GUEST_MAC, MessageType::Request, 0x99, Ipv4Addr::UNSPECIFIED, Some(Ipv4Addr::new(10, 0, 0, 3)), Some(GW), GATEWAY_MAC);
+    let wrong = craft::dhcp(
+        GUEST_MAC,
+        MessageType::Request,
+        0x99,
+        Ipv4Addr::UNSPECIFIED,
+        Some(Ipv4Addr::new(10, 0, 0, 3)),
+        Some(GW),
+        GATEWAY_MAC,
+    );
     let (dst, nak) = dhcp_reply(&dp.guest_frame(&with_hdr(&wrong)).expect("a nak"));
     assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
     assert_eq!(dst, Ipv4Addr::BROADCAST);
 
-    let renew = craft::dhcp(GUEST_MAC, MessageType::Request, 0x55, GUEST, None, Some(GW), GATEWAY_MAC);
+    let renew = craft::dhcp(
+        GUEST_MAC,
+        MessageType::Request,
+        0x55,
+        GUEST,
+        None,
+        Some(GW),
+        GATEWAY_MAC,
+    );
     let (dst, ack) = dhcp_reply(&dp.guest_frame(&with_hdr(&renew)).expect("a renewal ack"));
-    assert_eq!((dst, ack.opts().msg_type()), (GUEST, Some(MessageType::Ack)));
+    assert_eq!(
+        (dst, ack.opts().msg_type()),
+        (GUEST, Some(MessageType::Ack))
+    );
 
-    let inform = craft::dhcp(GUEST_MAC, MessageType::Inform, 0x56, GUEST, None, Some(GW), GATEWAY_MAC);
+    let inform = craft::dhcp(
+        GUEST_MAC,
+        MessageType::Inform,
+        0x56,
+        GUEST,
+        None,
+        Some(GW),
+        GATEWAY_MAC,
+    );
     let (_, ack) = dhcp_reply(&dp.guest_frame(&with_hdr(&inform)).expect("an inform ack"));
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
-    assert!(ack.opts().get(OptionCode::AddressLeaseTime).is_none(), "no lease time in an INFORM ack");
+    assert!(
+        ack.opts().get(OptionCode::AddressLeaseTime).is_none(),
+        "no lease time in an INFORM ack"
+    );
 
-    let release = craft::dhcp(GUEST_MAC, MessageType::Release, 0x57, GUEST, None, Some(GW), GATEWAY_MAC);
+    let release = craft::dhcp(
+        GUEST_MAC,
+        MessageType::Release,
+        0x57,
+        GUEST,
+        None,
+        Some(GW),
+        GATEWAY_MAC,
+    );
     assert!(dp.guest_frame(&with_hdr(&release)).is_none());
     assert_eq!(dp.counters().answers(Service::Dhcp), 6);
     assert_eq!(dp.counters().total_drops(), 0);
@@ -89,7 +167,15 @@ fn dhcp_handshake_offers_the_policy_address() {
 #[test]
 fn dhcp_with_a_bogus_hardware_length_is_dropped_not_panicking() {
     let mut dp = datapath();
-    let mut discover = craft::dhcp(GUEST_MAC, MessageType::Discover, 1, Ipv4Addr::UNSPECIFIED, None, None, GATEWAY_MAC);
+    let mut discover = craft::dhcp(
+        GUEST_MAC,
+        MessageType::Discover,
+        1,
+        Ipv4Addr::UNSPECIFIED,
+        None,
+        None,
+        GATEWAY_MAC,
+    );
     // hlen lives at byte 2 of the BOOTP header: eth 14 + ip 20 + udp 8.
     discover[14 + 20 + 8 + 2] = 200;
     discover[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]); // no UDP checksum
@@ -100,10 +186,14 @@ fn dhcp_with_a_bogus_hardware_length_is_dropped_not_panicking() {
 #[test]
 fn arp_reply_names_the_gateway_mac() {
     let mut dp = datapath();
-    let reply = dp.guest_frame(&with_hdr(&craft::arp_request(GUEST_MAC, GUEST, GW))).expect("arp reply");
+    let reply = dp
+        .guest_frame(&with_hdr(&craft::arp_request(GUEST_MAC, GUEST, GW)))
+        .expect("arp reply");
     let frame = frame::parse(&reply).unwrap();
     assert_eq!(frame.eth.dst, GUEST_MAC);
-    let Network::Arp(arp) = frame.net else { panic!("not arp") };
+    let Network::Arp(arp) = frame.net else {
+        panic!("not arp")
+    };
     assert_eq!(arp.op, crate::frame::ArpOp::Reply);
     assert_eq!((arp.sender_mac, arp.sender_ip), (GATEWAY_MAC, GW));
     assert_eq!((arp.target_mac, arp.target_ip), (GUEST_MAC, GUEST));
@@ -112,15 +202,31 @@ fn arp_reply_names_the_gateway_mac() {
 #[test]
 fn echo_reply_mirrors_the_request() {
     let mut dp = datapath();
-    let req = craft::icmp_echo(GUEST_MAC, GATEWAY_MAC, GUEST, GW, 0x4242, 7, b"ping payload");
+    let req = craft::icmp_echo(
+        GUEST_MAC,
+        GATEWAY_MAC,
+        GUEST,
+        GW,
+        0x4242,
+        7,
+        b"ping payload",
+    );
     let reply = dp.guest_frame(&with_hdr(&req)).expect("echo reply");
     let frame = frame::parse(&reply).unwrap();
-    let Network::Ipv4(ip) = frame.net else { panic!() };
+    let Network::Ipv4(ip) = frame.net else {
+        panic!()
+    };
     assert_eq!((ip.src, ip.dst), (GW, GUEST));
-    let Transport::Icmp(icmp) = ip.transport else { panic!() };
+    let Transport::Icmp(icmp) = ip.transport else {
+        panic!()
+    };
     assert_eq!(icmp.icmp_type, frame::ICMP_ECHO_REPLY);
     assert_eq!(frame::internet_checksum(icmp.message), 0);
-    assert_eq!(&icmp.message[4..], &req[14 + 20 + 4..], "id, seq and data are echoed");
+    assert_eq!(
+        &icmp.message[4..],
+        &req[14 + 20 + 4..],
+        "id, seq and data are echoed"
+    );
 
     let mut bad = req.clone();
     let last = bad.len() - 1;
@@ -143,10 +249,32 @@ fn seeds() -> Vec<Vec<u8>> {
     vec![
         craft::arp_request(GUEST_MAC, GUEST, GW),
         craft::icmp_echo(GUEST_MAC, GATEWAY_MAC, GUEST, GW, 1, 2, b"abcdefgh"),
-        craft::dhcp(GUEST_MAC, MessageType::Discover, 3, Ipv4Addr::UNSPECIFIED, None, None, GATEWAY_MAC),
-        craft::dhcp(GUEST_MAC, MessageType::Request, 3, Ipv4Addr::UNSPECIFIED, Some(GUEST), Some(GW), GATEWAY_MAC),
+        craft::dhcp(
+            GUEST_MAC,
+            MessageType::Discover,
+            3,
+            Ipv4Addr::UNSPECIFIED,
+            None,
+            None,
+            GATEWAY_MAC,
+        ),
+        craft::dhcp(
+            GUEST_MAC,
+            MessageType::Request,
+            3,
+            Ipv4Addr::UNSPECIFIED,
+            Some(GUEST),
+            Some(GW),
+            GATEWAY_MAC,
+        ),
         craft::tcp_syn(GUEST_MAC, GATEWAY_MAC, (GUEST, 40000), (other, 443)),
-        craft::udp(GUEST_MAC, GATEWAY_MAC, (GUEST, 5353), (GW, 53), b"\x12\x34\x01\x00\x00\x01"),
+        craft::udp(
+            GUEST_MAC,
+            GATEWAY_MAC,
+            (GUEST, 5353),
+            (GW, 53),
+            b"\x12\x34\x01\x00\x00\x01",
+        ),
     ]
 }
 

@@ -17,7 +17,9 @@ use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::datapath::Datapath;
 use crate::policy::Policy;
@@ -57,12 +59,19 @@ impl NetDevice {
 
     /// Drain the TX queue: one copy per chain, one verdict per frame, one used-ring
     /// notification per batch.
-    fn process_tx(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn process_tx(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> io::Result<()> {
         let mem = mem.memory();
         let max = self.datapath.max_tx_len();
         let mut used = 0u32;
         loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             match read_tx_chain(chain, &mem, &mut self.tx_buf, max) {
@@ -71,8 +80,12 @@ impl NetDevice {
                         self.rx.push(answer, self.datapath.counters());
                     }
                 }
-                Err(ChainError::Bad) => self.datapath.reject(DropReason::BadDescriptor, self.tx_buf.len()),
-                Err(ChainError::TooLong) => self.datapath.reject(DropReason::Oversized, self.tx_buf.len()),
+                Err(ChainError::Bad) => self
+                    .datapath
+                    .reject(DropReason::BadDescriptor, self.tx_buf.len()),
+                Err(ChainError::TooLong) => self
+                    .datapath
+                    .reject(DropReason::Oversized, self.tx_buf.len()),
             }
             if vring.add_used(head, 0).is_err() {
                 self.datapath.reject(DropReason::BadDescriptor, 0);

@@ -9,7 +9,9 @@ use std::collections::VecDeque;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use crate::frame::VirtioNetHdr;
@@ -66,14 +68,19 @@ fn rx_capacity(chain: &DescriptorChain<Mem>) -> Option<usize> {
 }
 
 /// Write `parts` (concatenated) into the chain's writable descriptors.
-fn write_chain(chain: DescriptorChain<Mem>, mem: &GuestMemoryMmap, data: &[u8]) -> Result<usize, ()> {
+fn write_chain(
+    chain: DescriptorChain<Mem>,
+    mem: &GuestMemoryMmap,
+    data: &[u8],
+) -> Result<usize, ()> {
     let mut off = 0;
     for desc in chain {
         if off == data.len() {
             break;
         }
         let n = (desc.len() as usize).min(data.len() - off);
-        mem.write_slice(&data[off..off + n], desc.addr()).map_err(|_| ())?;
+        mem.write_slice(&data[off..off + n], desc.addr())
+            .map_err(|_| ())?;
         off += n;
     }
     Ok(off)
@@ -121,8 +128,7 @@ impl RxQueue {
         }
         let mem = mem.memory();
         let mut delivered = false;
-        loop {
-            let Some(frame) = self.pending.front() else { break };
+        while let Some(frame) = self.pending.front() {
             self.scratch.clear();
             self.scratch.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
             self.scratch.extend_from_slice(frame);

@@ -80,7 +80,9 @@ pub fn serve(
             | Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
             )) => tracing::info!(vm = %policy.vm.name, "frontend disconnected"),
-            Err(e) => tracing::warn!(vm = %policy.vm.name, error = %e, "frontend connection ended with an error"),
+            Err(e) => {
+                tracing::warn!(vm = %policy.vm.name, error = %e, "frontend connection ended with an error")
+            }
         }
         // Dropping the daemon stops its vring workers; the next connection gets a new device.
         drop(daemon);
@@ -91,7 +93,10 @@ pub fn serve(
     }
 }
 
-fn connect(daemon: &mut VhostUserDaemon<Arc<Mutex<NetDevice>>>, socket: &Path) -> vhost_user_backend::Result<()> {
+fn connect(
+    daemon: &mut VhostUserDaemon<Arc<Mutex<NetDevice>>>,
+    socket: &Path,
+) -> vhost_user_backend::Result<()> {
     let path = socket.to_string_lossy().into_owned();
     let mut logged = false;
     loop {

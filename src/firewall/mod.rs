@@ -63,8 +63,8 @@ impl Firewall {
         }
         match &frame.net {
             Network::Arp(arp) => {
-                let sender_is_guest = arp.sender_ip == self.guest_ip
-                    || arp.sender_ip == Ipv4Addr::UNSPECIFIED;
+                let sender_is_guest =
+                    arp.sender_ip == self.guest_ip || arp.sender_ip == Ipv4Addr::UNSPECIFIED;
                 if arp.sender_mac != self.guest_mac || !sender_is_guest {
                     return Err(DropReason::ArpSpoofed);
                 }
@@ -89,8 +89,7 @@ impl Firewall {
                 if ip.src != self.guest_ip {
                     return Err(DropReason::SpoofedSrcIp);
                 }
-                if broadcast || ip.dst == Ipv4Addr::BROADCAST || ip.dst == self.directed_broadcast
-                {
+                if broadcast || ip.dst == Ipv4Addr::BROADCAST || ip.dst == self.directed_broadcast {
                     return Err(DropReason::Broadcast);
                 }
                 if ip.dst.is_multicast() {

@@ -37,18 +37,47 @@ const OTHER_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
 fn arp_for_gateway_is_answered_and_nothing_else() {
     let (fw, vm) = setup();
     let cases = [
-        (craft::arp_request(vm.mac, GUEST, GW), Verdict::Answer(Service::Arp)),
-        (craft::arp_request(vm.mac, GUEST, OTHER_VM), Verdict::Drop(DropReason::ArpNotForGateway)),
-        (craft::arp_request(vm.mac, GUEST, GUEST), Verdict::Drop(DropReason::ArpUnsolicited)),
-        (craft::arp_request(vm.mac, OTHER_VM, GW), Verdict::Drop(DropReason::ArpSpoofed)),
-        (craft::arp_request(OTHER_MAC, GUEST, GW), Verdict::Drop(DropReason::SpoofedSrcMac)),
         (
-            craft::arp(ArpOperation::REPLY, GATEWAY_MAC, vm.mac, GUEST, GATEWAY_MAC, GW),
+            craft::arp_request(vm.mac, GUEST, GW),
+            Verdict::Answer(Service::Arp),
+        ),
+        (
+            craft::arp_request(vm.mac, GUEST, OTHER_VM),
+            Verdict::Drop(DropReason::ArpNotForGateway),
+        ),
+        (
+            craft::arp_request(vm.mac, GUEST, GUEST),
+            Verdict::Drop(DropReason::ArpUnsolicited),
+        ),
+        (
+            craft::arp_request(vm.mac, OTHER_VM, GW),
+            Verdict::Drop(DropReason::ArpSpoofed),
+        ),
+        (
+            craft::arp_request(OTHER_MAC, GUEST, GW),
+            Verdict::Drop(DropReason::SpoofedSrcMac),
+        ),
+        (
+            craft::arp(
+                ArpOperation::REPLY,
+                GATEWAY_MAC,
+                vm.mac,
+                GUEST,
+                GATEWAY_MAC,
+                GW,
+            ),
             Verdict::Drop(DropReason::ArpUnsolicited),
         ),
         (
             // Claiming to be the gateway.
-            craft::arp(ArpOperation::REPLY, craft::BROADCAST_MAC, vm.mac, GW, craft::BROADCAST_MAC, GW),
+            craft::arp(
+                ArpOperation::REPLY,
+                craft::BROADCAST_MAC,
+                vm.mac,
+                GW,
+                craft::BROADCAST_MAC,
+                GW,
+            ),
             Verdict::Drop(DropReason::ArpSpoofed),
         ),
     ];
@@ -62,31 +91,76 @@ fn ip_rules() {
     let (fw, vm) = setup();
     let g = GATEWAY_MAC;
     let cases = [
-        (craft::icmp_echo(vm.mac, g, GUEST, GW, 1, 1, b"hi"), Verdict::Answer(Service::IcmpEcho)),
-        (craft::icmp_echo(vm.mac, g, GUEST, OTHER_VM, 1, 1, b"hi"), Verdict::Drop(DropReason::NotAllowed)),
+        (
+            craft::icmp_echo(vm.mac, g, GUEST, GW, 1, 1, b"hi"),
+            Verdict::Answer(Service::IcmpEcho),
+        ),
+        (
+            craft::icmp_echo(vm.mac, g, GUEST, OTHER_VM, 1, 1, b"hi"),
+            Verdict::Drop(DropReason::NotAllowed),
+        ),
         (
             craft::icmp_echo(vm.mac, g, GUEST, Ipv4Addr::new(203, 0, 113, 1), 1, 1, b""),
             Verdict::Drop(DropReason::NotAllowed),
         ),
-        (craft::icmp_echo(vm.mac, g, OTHER_VM, GW, 1, 1, b""), Verdict::Drop(DropReason::SpoofedSrcIp)),
-        (craft::icmp_echo(vm.mac, OTHER_MAC, GUEST, OTHER_VM, 1, 1, b""), Verdict::Drop(DropReason::DstMacNotGateway)),
-        (craft::tcp_syn(vm.mac, g, (GUEST, 40000), (GW, 22)), Verdict::Drop(DropReason::GatewayPortClosed)),
-        (craft::tcp_syn(vm.mac, g, (GUEST, 40000), (OTHER_VM, 22)), Verdict::Drop(DropReason::NotAllowed)),
-        (craft::udp(vm.mac, g, (GUEST, 5000), (GW, 9999), b"x"), Verdict::Drop(DropReason::GatewayPortClosed)),
         (
-            craft::udp(vm.mac, craft::BROADCAST_MAC, (GUEST, 5000), (Ipv4Addr::BROADCAST, 9999), b"x"),
+            craft::icmp_echo(vm.mac, g, OTHER_VM, GW, 1, 1, b""),
+            Verdict::Drop(DropReason::SpoofedSrcIp),
+        ),
+        (
+            craft::icmp_echo(vm.mac, OTHER_MAC, GUEST, OTHER_VM, 1, 1, b""),
+            Verdict::Drop(DropReason::DstMacNotGateway),
+        ),
+        (
+            craft::tcp_syn(vm.mac, g, (GUEST, 40000), (GW, 22)),
+            Verdict::Drop(DropReason::GatewayPortClosed),
+        ),
+        (
+            craft::tcp_syn(vm.mac, g, (GUEST, 40000), (OTHER_VM, 22)),
+            Verdict::Drop(DropReason::NotAllowed),
+        ),
+        (
+            craft::udp(vm.mac, g, (GUEST, 5000), (GW, 9999), b"x"),
+            Verdict::Drop(DropReason::GatewayPortClosed),
+        ),
+        (
+            craft::udp(
+                vm.mac,
+                craft::BROADCAST_MAC,
+                (GUEST, 5000),
+                (Ipv4Addr::BROADCAST, 9999),
+                b"x",
+            ),
             Verdict::Drop(DropReason::Broadcast),
         ),
         (
-            craft::udp(vm.mac, g, (GUEST, 5000), (Ipv4Addr::new(10, 0, 0, 255), 9999), b"x"),
+            craft::udp(
+                vm.mac,
+                g,
+                (GUEST, 5000),
+                (Ipv4Addr::new(10, 0, 0, 255), 9999),
+                b"x",
+            ),
             Verdict::Drop(DropReason::Broadcast),
         ),
         (
-            craft::udp(vm.mac, MacAddr([1, 0, 0x5e, 0, 0, 1]), (GUEST, 5000), (Ipv4Addr::new(224, 0, 0, 1), 9), b"x"),
+            craft::udp(
+                vm.mac,
+                MacAddr([1, 0, 0x5e, 0, 0, 1]),
+                (GUEST, 5000),
+                (Ipv4Addr::new(224, 0, 0, 1), 9),
+                b"x",
+            ),
             Verdict::Drop(DropReason::Multicast),
         ),
         (
-            craft::udp(vm.mac, g, (GUEST, 5000), (Ipv4Addr::new(224, 0, 0, 1), 9), b"x"),
+            craft::udp(
+                vm.mac,
+                g,
+                (GUEST, 5000),
+                (Ipv4Addr::new(224, 0, 0, 1), 9),
+                b"x",
+            ),
             Verdict::Drop(DropReason::Multicast),
         ),
     ];
@@ -98,14 +172,52 @@ fn ip_rules() {
 #[test]
 fn dhcp_is_answered_from_unspecified_or_own_address_only() {
     let (fw, vm) = setup();
-    let discover = craft::dhcp(vm.mac, MessageType::Discover, 7, Ipv4Addr::UNSPECIFIED, None, None, GATEWAY_MAC);
+    let discover = craft::dhcp(
+        vm.mac,
+        MessageType::Discover,
+        7,
+        Ipv4Addr::UNSPECIFIED,
+        None,
+        None,
+        GATEWAY_MAC,
+    );
     assert_eq!(verdict_of(&fw, &discover), Verdict::Answer(Service::Dhcp));
-    let renew = craft::dhcp(vm.mac, MessageType::Request, 7, GUEST, None, Some(GW), GATEWAY_MAC);
+    let renew = craft::dhcp(
+        vm.mac,
+        MessageType::Request,
+        7,
+        GUEST,
+        None,
+        Some(GW),
+        GATEWAY_MAC,
+    );
     assert_eq!(verdict_of(&fw, &renew), Verdict::Answer(Service::Dhcp));
-    let spoofed = craft::dhcp(vm.mac, MessageType::Request, 7, OTHER_VM, None, Some(GW), GATEWAY_MAC);
-    assert_eq!(verdict_of(&fw, &spoofed), Verdict::Drop(DropReason::SpoofedSrcIp));
-    let other_mac = craft::dhcp(OTHER_MAC, MessageType::Discover, 7, Ipv4Addr::UNSPECIFIED, None, None, GATEWAY_MAC);
-    assert_eq!(verdict_of(&fw, &other_mac), Verdict::Drop(DropReason::SpoofedSrcMac));
+    let spoofed = craft::dhcp(
+        vm.mac,
+        MessageType::Request,
+        7,
+        OTHER_VM,
+        None,
+        Some(GW),
+        GATEWAY_MAC,
+    );
+    assert_eq!(
+        verdict_of(&fw, &spoofed),
+        Verdict::Drop(DropReason::SpoofedSrcIp)
+    );
+    let other_mac = craft::dhcp(
+        OTHER_MAC,
+        MessageType::Discover,
+        7,
+        Ipv4Addr::UNSPECIFIED,
+        None,
+        None,
+        GATEWAY_MAC,
+    );
+    assert_eq!(
+        verdict_of(&fw, &other_mac),
+        Verdict::Drop(DropReason::SpoofedSrcMac)
+    );
 }
 
 #[test]
@@ -113,7 +225,11 @@ fn non_ipv4_ethertypes_are_dropped() {
     let (fw, vm) = setup();
     let mut ipv6 = Vec::new();
     PacketBuilder::ethernet2(vm.mac.0, GATEWAY_MAC.0)
-        .ipv6([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], 255)
+        .ipv6(
+            [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            255,
+        )
         .icmpv6(etherparse::Icmpv6Type::RouterSolicitation)
         .write(&mut ipv6, &[])
         .unwrap();
@@ -130,5 +246,8 @@ fn non_ipv4_ethertypes_are_dropped() {
 
     let mut other = craft::icmp_echo(vm.mac, GATEWAY_MAC, GUEST, GW, 1, 1, b"");
     other[12..14].copy_from_slice(&0x88ccu16.to_be_bytes()); // LLDP
-    assert_eq!(verdict_of(&fw, &other), Verdict::Drop(DropReason::UnsupportedEthertype));
+    assert_eq!(
+        verdict_of(&fw, &other),
+        Verdict::Drop(DropReason::UnsupportedEthertype)
+    );
 }

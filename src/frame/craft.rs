@@ -32,7 +32,9 @@ pub fn arp(
     .expect("6-byte MACs and 4-byte addresses are valid ARP sizes");
     let builder = PacketBuilder::ethernet2(sender_mac.0, eth_dst.0).arp(packet);
     let mut out = Vec::with_capacity(builder.size());
-    builder.write(&mut out).expect("writing to a Vec cannot fail");
+    builder
+        .write(&mut out)
+        .expect("writing to a Vec cannot fail");
     out
 }
 
@@ -62,7 +64,9 @@ pub fn icmp_echo(
         .ipv4(src.octets(), dst.octets(), 64)
         .icmpv4_echo_request(id, seq);
     let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut out, payload).expect("writing to a Vec cannot fail");
+    builder
+        .write(&mut out, payload)
+        .expect("writing to a Vec cannot fail");
     out
 }
 
@@ -78,18 +82,27 @@ pub fn udp(
         .ipv4(src.0.octets(), dst.0.octets(), 64)
         .udp(src.1, dst.1);
     let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut out, payload).expect("writing to a Vec cannot fail");
+    builder
+        .write(&mut out, payload)
+        .expect("writing to a Vec cannot fail");
     out
 }
 
 /// An IPv4 TCP SYN.
-pub fn tcp_syn(src_mac: MacAddr, dst_mac: MacAddr, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+pub fn tcp_syn(
+    src_mac: MacAddr,
+    dst_mac: MacAddr,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(src_mac.0, dst_mac.0)
         .ipv4(src.0.octets(), dst.0.octets(), 64)
         .tcp(src.1, dst.1, 0x1000, 64240)
         .syn();
     let mut out = Vec::with_capacity(builder.size(0));
-    builder.write(&mut out, &[]).expect("writing to a Vec cannot fail");
+    builder
+        .write(&mut out, &[])
+        .expect("writing to a Vec cannot fail");
     out
 }
 

@@ -24,18 +24,32 @@ fn parses_a_valid_echo_request() {
     let bytes = echo();
     let frame = parse(&bytes).expect("valid frame");
     assert_eq!(frame.eth.src, GUEST_MAC);
-    let Network::Ipv4(ip) = frame.net else { panic!("not ipv4") };
+    let Network::Ipv4(ip) = frame.net else {
+        panic!("not ipv4")
+    };
     assert_eq!((ip.src, ip.dst, ip.ttl), (GUEST, GW, 64));
-    let Transport::Icmp(icmp) = ip.transport else { panic!("not icmp") };
+    let Transport::Icmp(icmp) = ip.transport else {
+        panic!("not icmp")
+    };
     assert_eq!(icmp.icmp_type, ICMP_ECHO_REQUEST);
-    assert_eq!(internet_checksum(icmp.message), 0, "checksum over a valid message folds to zero");
+    assert_eq!(
+        internet_checksum(icmp.message),
+        0,
+        "checksum over a valid message folds to zero"
+    );
 }
 
 #[test]
 fn ethernet_padding_is_accepted() {
     let mut bytes = craft::arp_request(GUEST_MAC, GUEST, GW);
     bytes.resize(60, 0);
-    assert!(matches!(parse(&bytes), Ok(Frame { net: Network::Arp(_), .. })));
+    assert!(matches!(
+        parse(&bytes),
+        Ok(Frame {
+            net: Network::Arp(_),
+            ..
+        })
+    ));
     let mut bytes = echo();
     bytes.extend_from_slice(&[0; 10]);
     assert!(parse(&bytes).is_ok());
@@ -101,14 +115,21 @@ fn malformed_ipv4_is_rejected_with_the_right_reason() {
 fn udp_checksum_checks() {
     let bytes = craft::udp(GUEST_MAC, GATEWAY_MAC, (GUEST, 1000), (GW, 53), b"question");
     let frame = parse(&bytes).unwrap();
-    let Network::Ipv4(ip) = &frame.net else { panic!() };
-    let Transport::Udp(udp) = &ip.transport else { panic!() };
+    let Network::Ipv4(ip) = &frame.net else {
+        panic!()
+    };
+    let Transport::Udp(udp) = &ip.transport else {
+        panic!()
+    };
     assert!(udp_checksum_ok(ip.src, ip.dst, udp.datagram));
     let mut bad = udp.datagram.to_vec();
     bad[9] ^= 1;
     assert!(!udp_checksum_ok(ip.src, ip.dst, &bad));
     bad[6..8].copy_from_slice(&[0, 0]);
-    assert!(udp_checksum_ok(ip.src, ip.dst, &bad), "zero means no checksum");
+    assert!(
+        udp_checksum_ok(ip.src, ip.dst, &bad),
+        "zero means no checksum"
+    );
 }
 
 #[test]
@@ -116,9 +137,15 @@ fn virtio_header_offloads_are_refused() {
     let mut hdr = [0u8; 12];
     assert!(VirtioNetHdr::parse(&hdr).unwrap().check_tx().is_ok());
     hdr[0] = 1; // NEEDS_CSUM
-    assert_eq!(VirtioNetHdr::parse(&hdr).unwrap().check_tx(), Err(DropReason::BadVirtioHeader));
+    assert_eq!(
+        VirtioNetHdr::parse(&hdr).unwrap().check_tx(),
+        Err(DropReason::BadVirtioHeader)
+    );
     hdr[0] = 0;
     hdr[1] = 1; // GSO_TCPV4
-    assert_eq!(VirtioNetHdr::parse(&hdr).unwrap().check_tx(), Err(DropReason::BadVirtioHeader));
+    assert_eq!(
+        VirtioNetHdr::parse(&hdr).unwrap().check_tx(),
+        Err(DropReason::BadVirtioHeader)
+    );
     assert_eq!(VirtioNetHdr::parse(&hdr[..5]), Err(DropReason::Truncated));
 }

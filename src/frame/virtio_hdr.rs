@@ -43,7 +43,8 @@ impl VirtioNetHdr {
     /// Check a TX header against what was negotiated. No offloads are negotiated yet, so a
     /// guest asking for checksum completion or segmentation is misbehaving.
     pub fn check_tx(&self) -> Result<(), DropReason> {
-        if self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || self.gso_type != VIRTIO_NET_HDR_GSO_NONE {
+        if self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || self.gso_type != VIRTIO_NET_HDR_GSO_NONE
+        {
             return Err(DropReason::BadVirtioHeader);
         }
         Ok(())

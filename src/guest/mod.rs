@@ -16,20 +16,24 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
-use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use memory::{GuestMemory, GPA_BASE};
-pub use ring::{RawDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use ring::SplitRing;
+pub use ring::{RawDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -41,7 +45,10 @@ const CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 #[derive(Debug, Error)]
 pub enum GuestError {
     #[error("cannot connect to {path}: {source}")]
-    Connect { path: String, source: std::io::Error },
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("vhost-user: {0}")]
     Protocol(#[from] vhost::Error),
     #[error("guest memory: {0}")]
@@ -78,6 +85,9 @@ impl Default for GuestOptions {
         }
     }
 }
+
+/// A received frame with its virtio-net header.
+pub type RxFrame = ([u8; VIRTIO_NET_HDR_LEN], Vec<u8>);
 
 /// What the device's config space says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +174,8 @@ impl SimGuest {
         let mut protocol_features = VhostUserProtocolFeatures::empty();
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let pf = frontend.get_protocol_features()?;
-            protocol_features = pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ);
+            protocol_features =
+                pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ);
             frontend.set_protocol_features(protocol_features)?;
         }
         frontend.set_features(features)?;
@@ -227,7 +238,9 @@ impl SimGuest {
 
     /// The device's config space (needs the CONFIG protocol feature).
     pub fn config(&mut self) -> Result<NetConfig, GuestError> {
-        let (_, bytes) = self.frontend.get_config(0, 12, VhostUserConfigFlags::empty(), &[0u8; 12])?;
+        let (_, bytes) =
+            self.frontend
+                .get_config(0, 12, VhostUserConfigFlags::empty(), &[0u8; 12])?;
         let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&bytes[..6]);
@@ -268,7 +281,11 @@ impl SimGuest {
     }
 
     /// Send a frame behind the given virtio-net header, in one descriptor.
-    pub fn send_frame_with_hdr(&mut self, hdr: &[u8; VIRTIO_NET_HDR_LEN], frame: &[u8]) -> Result<(), GuestError> {
+    pub fn send_frame_with_hdr(
+        &mut self,
+        hdr: &[u8; VIRTIO_NET_HDR_LEN],
+        frame: &[u8],
+    ) -> Result<(), GuestError> {
         let total = VIRTIO_NET_HDR_LEN + frame.len();
         if total as u64 > TX_SLOT {
             return Err(GuestError::FrameTooLong(frame.len()));
@@ -277,7 +294,16 @@ impl SimGuest {
         let addr = self.tx_base + u64::from(id) * TX_SLOT;
         self.mem.write(addr, hdr);
         self.mem.write(addr + VIRTIO_NET_HDR_LEN as u64, frame);
-        self.rings[TX].write_desc(&self.mem, id, RawDesc { addr, len: total as u32, flags: 0, next: 0 });
+        self.rings[TX].write_desc(
+            &self.mem,
+            id,
+            RawDesc {
+                addr,
+                len: total as u32,
+                flags: 0,
+                next: 0,
+            },
+        );
         self.tx_inflight.insert(id, vec![id]);
         if self.rings[TX].publish(&self.mem, id) {
             self.kick(TX);
@@ -342,7 +368,10 @@ impl SimGuest {
     }
 
     /// Receive one frame and its virtio-net header, assembling MRG_RXBUF buffers.
-    pub fn recv_frame_with_hdr(&mut self, timeout: Duration) -> Result<Option<([u8; VIRTIO_NET_HDR_LEN], Vec<u8>)>, GuestError> {
+    pub fn recv_frame_with_hdr(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<RxFrame>, GuestError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(first) = self.rings[RX].pop_used(&self.mem) {
@@ -351,7 +380,11 @@ impl SimGuest {
                 let n = data.len().min(VIRTIO_NET_HDR_LEN);
                 hdr[..n].copy_from_slice(&data[..n]);
                 let mrg = self.features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
-                let buffers = if mrg { u16::from_le_bytes([hdr[10], hdr[11]]).max(1) } else { 1 };
+                let buffers = if mrg {
+                    u16::from_le_bytes([hdr[10], hdr[11]]).max(1)
+                } else {
+                    1
+                };
                 for _ in 1..buffers {
                     let more = loop {
                         if let Some(u) = self.rings[RX].pop_used(&self.mem) {
@@ -380,7 +413,10 @@ impl SimGuest {
     fn read_rx(&mut self, (id, len): (u16, u32)) -> Vec<u8> {
         let len = len.min(self.rx_buffer_size) as usize;
         let mut buf = vec![0u8; len];
-        self.mem.read(self.rx_base + u64::from(id) * u64::from(self.rx_buffer_size), &mut buf);
+        self.mem.read(
+            self.rx_base + u64::from(id) * u64::from(self.rx_buffer_size),
+            &mut buf,
+        );
         if self.post_rx(id) {
             self.kick(RX);
         }
@@ -400,7 +436,10 @@ impl SimGuest {
     /// A scratch area of guest memory that the rings and buffers do not use.
     pub fn scratch_gpa(&self) -> u64 {
         let used_end = self.tx_base + u64::from(self.rings[TX].size) * TX_SLOT;
-        assert!(used_end < GPA_BASE + self.mem.len() as u64, "no scratch space left");
+        assert!(
+            used_end < GPA_BASE + self.mem.len() as u64,
+            "no scratch space left"
+        );
         used_end
     }
 

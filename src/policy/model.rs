@@ -21,7 +21,11 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -111,7 +115,9 @@ impl OutboundRule {
     pub fn allows_name(&self, name: &str) -> bool {
         match &self.to {
             None => true,
-            Some(to) => to.iter().any(|d| matches!(d, Destination::Name(p) if p.matches(name))),
+            Some(to) => to
+                .iter()
+                .any(|d| matches!(d, Destination::Name(p) if p.matches(name))),
         }
     }
 

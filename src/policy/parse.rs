@@ -94,7 +94,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&self, span: Range<usize>, key: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+    fn err(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> PolicyError {
         let (line, col) = line_col(self.text, span.start);
         PolicyError::Invalid {
             file: self.file.to_path_buf(),
@@ -105,7 +110,12 @@ impl Ctx<'_> {
         }
     }
 
-    fn at<T>(&self, value: &Spanned<T>, key: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+    fn at<T>(
+        &self,
+        value: &Spanned<T>,
+        key: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> PolicyError {
         self.err(value.span(), key, reason)
     }
 }
@@ -128,7 +138,10 @@ fn key_at(text: &str, offset: usize) -> String {
     let line = text[line_start..line_end].trim();
     let mut table = String::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for l in text[..line_start].lines().chain(line.starts_with('[').then_some(line)) {
+    for l in text[..line_start]
+        .lines()
+        .chain(line.starts_with('[').then_some(line))
+    {
         let l = l.trim();
         if let Some(name) = l.strip_prefix("[[").and_then(|s| s.split("]]").next()) {
             let name = name.trim().to_string();
@@ -142,7 +155,12 @@ fn key_at(text: &str, offset: usize) -> String {
     if line.starts_with('[') {
         return table;
     }
-    let key = line.split('=').next().unwrap_or("").trim().trim_matches('"');
+    let key = line
+        .split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches('"');
     match (table.is_empty(), key.is_empty()) {
         (true, _) => key.to_string(),
         (false, true) => table,
@@ -160,12 +178,20 @@ pub fn parse(text: &str, file: &Path) -> Result<Policy, PolicyError> {
             .strip_prefix("missing field `")
             .and_then(|m| m.split('`').next())
         {
-            key = if key.is_empty() { field.to_string() } else { format!("{key}.{field}") };
+            key = if key.is_empty() {
+                field.to_string()
+            } else {
+                format!("{key}.{field}")
+            };
             if message.contains("vm") || key == "vm" {
                 key = format!("vm.{field}");
             }
         }
-        let key = if key.is_empty() { "(file)".to_string() } else { key };
+        let key = if key.is_empty() {
+            "(file)".to_string()
+        } else {
+            key
+        };
         ctx.err(span, key, fix_hint(&message))
     })?;
 
@@ -206,56 +232,126 @@ fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Result<Vm, PolicyError> {
     let name = raw.name.get_ref();
     let name_ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !name_ok {
-        return Err(ctx.at(&raw.name, "vm.name", format!("{name:?} is not a valid VM name; use 1-63 characters of a-z, 0-9 and '-'")));
+        return Err(ctx.at(
+            &raw.name,
+            "vm.name",
+            format!("{name:?} is not a valid VM name; use 1-63 characters of a-z, 0-9 and '-'"),
+        ));
     }
 
     let mac: MacAddr = raw.mac.get_ref().parse().map_err(|()| {
-        ctx.at(&raw.mac, "vm.mac", format!("{:?} is not a MAC address; write six hex bytes such as 52:54:00:12:34:56", raw.mac.get_ref()))
+        ctx.at(
+            &raw.mac,
+            "vm.mac",
+            format!(
+                "{:?} is not a MAC address; write six hex bytes such as 52:54:00:12:34:56",
+                raw.mac.get_ref()
+            ),
+        )
     })?;
     if mac.is_multicast() {
-        return Err(ctx.at(&raw.mac, "vm.mac", format!("{:?} is a multicast MAC; use a unicast address such as 52:54:00:12:34:56", raw.mac.get_ref())));
+        return Err(ctx.at(
+            &raw.mac,
+            "vm.mac",
+            format!(
+                "{:?} is a multicast MAC; use a unicast address such as 52:54:00:12:34:56",
+                raw.mac.get_ref()
+            ),
+        ));
     }
     if mac.0 == [0; 6] {
         return Err(ctx.at(&raw.mac, "vm.mac", "00:00:00:00:00:00 is not a usable MAC; use a unicast address such as 52:54:00:12:34:56"));
     }
     if mac == GATEWAY_MAC {
-        return Err(ctx.at(&raw.mac, "vm.mac", format!("{mac} is moat's own gateway MAC; choose another")));
+        return Err(ctx.at(
+            &raw.mac,
+            "vm.mac",
+            format!("{mac} is moat's own gateway MAC; choose another"),
+        ));
     }
 
     let net: Ipv4Net = raw.address.get_ref().parse().map_err(|_| {
-        ctx.at(&raw.address, "vm.address", format!("{:?} is not an IPv4 address with a prefix; write it like 10.0.0.2/30", raw.address.get_ref()))
+        ctx.at(
+            &raw.address,
+            "vm.address",
+            format!(
+                "{:?} is not an IPv4 address with a prefix; write it like 10.0.0.2/30",
+                raw.address.get_ref()
+            ),
+        )
     })?;
     if net.prefix_len() > 30 {
-        return Err(ctx.at(&raw.address, "vm.address", format!("/{} leaves no room for the guest and its gateway; use /30 or a shorter prefix", net.prefix_len())));
+        return Err(ctx.at(
+            &raw.address,
+            "vm.address",
+            format!(
+                "/{} leaves no room for the guest and its gateway; use /30 or a shorter prefix",
+                net.prefix_len()
+            ),
+        ));
     }
     let subnet = net.trunc();
     let address = net.addr();
     if address == subnet.network() || address == subnet.broadcast() {
-        return Err(ctx.at(&raw.address, "vm.address", format!("{address} is the network or broadcast address of {subnet}; use a host address")));
+        return Err(ctx.at(
+            &raw.address,
+            "vm.address",
+            format!(
+                "{address} is the network or broadcast address of {subnet}; use a host address"
+            ),
+        ));
     }
 
     let gateway = match &raw.gateway {
         Some(g) => {
             let gw: Ipv4Addr = g.get_ref().parse().map_err(|_| {
-                ctx.at(g, "vm.gateway", format!("{:?} is not an IPv4 address; write it like 10.0.0.1", g.get_ref()))
+                ctx.at(
+                    g,
+                    "vm.gateway",
+                    format!(
+                        "{:?} is not an IPv4 address; write it like 10.0.0.1",
+                        g.get_ref()
+                    ),
+                )
             })?;
             if !subnet.contains(&gw) {
-                return Err(ctx.at(g, "vm.gateway", format!("{gw} is outside the VM's subnet {subnet}; pick an address inside it")));
+                return Err(ctx.at(
+                    g,
+                    "vm.gateway",
+                    format!("{gw} is outside the VM's subnet {subnet}; pick an address inside it"),
+                ));
             }
             if gw == address {
-                return Err(ctx.at(g, "vm.gateway", format!("{gw} is the guest's own address; pick another address in {subnet}")));
+                return Err(ctx.at(
+                    g,
+                    "vm.gateway",
+                    format!("{gw} is the guest's own address; pick another address in {subnet}"),
+                ));
             }
             if gw == subnet.network() || gw == subnet.broadcast() {
-                return Err(ctx.at(g, "vm.gateway", format!("{gw} is the network or broadcast address of {subnet}; use a host address")));
+                return Err(ctx.at(
+                    g,
+                    "vm.gateway",
+                    format!(
+                        "{gw} is the network or broadcast address of {subnet}; use a host address"
+                    ),
+                ));
             }
             gw
         }
-        None if subnet.prefix_len() == 30 => subnet
-            .hosts()
-            .find(|h| *h != address)
-            .ok_or_else(|| ctx.at(&raw.address, "vm.gateway", "no host address left for the gateway"))?,
+        None if subnet.prefix_len() == 30 => {
+            subnet.hosts().find(|h| *h != address).ok_or_else(|| {
+                ctx.at(
+                    &raw.address,
+                    "vm.gateway",
+                    "no host address left for the gateway",
+                )
+            })?
+        }
         None => {
             return Err(ctx.at(&raw.address, "vm.gateway", format!("required for a /{} subnet (only a /30 has an obvious gateway); add gateway = \"...\" in [vm]", subnet.prefix_len())));
         }
@@ -265,7 +361,16 @@ fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Result<Vm, PolicyError> {
         None => 1500,
         Some(m) => match u16::try_from(*m.get_ref()) {
             Ok(v) if (68..=9000).contains(&v) => v,
-            _ => return Err(ctx.at(m, "vm.mtu", format!("{} is outside 68..=9000; use 1500 unless the guest needs jumbo frames", m.get_ref()))),
+            _ => {
+                return Err(ctx.at(
+                    m,
+                    "vm.mtu",
+                    format!(
+                        "{} is outside 68..=9000; use 1500 unless the guest needs jumbo frames",
+                        m.get_ref()
+                    ),
+                ))
+            }
         },
     };
 
@@ -279,37 +384,85 @@ fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Result<Vm, PolicyError> {
     })
 }
 
-fn socket_addr(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<SocketAddr, PolicyError> {
+fn socket_addr(
+    ctx: &Ctx<'_>,
+    value: &Spanned<String>,
+    key: &str,
+) -> Result<SocketAddr, PolicyError> {
     value.get_ref().parse().map_err(|_| {
-        ctx.at(value, key, format!("{:?} is not an address:port; write it like 127.0.0.1:3128", value.get_ref()))
+        ctx.at(
+            value,
+            key,
+            format!(
+                "{:?} is not an address:port; write it like 127.0.0.1:3128",
+                value.get_ref()
+            ),
+        )
     })
 }
 
 fn port(ctx: &Ctx<'_>, value: &Spanned<i64>, key: &str) -> Result<u16, PolicyError> {
     match u16::try_from(*value.get_ref()) {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(ctx.at(value, key, format!("{} is not a port; use 1..=65535", value.get_ref()))),
+        _ => Err(ctx.at(
+            value,
+            key,
+            format!("{} is not a port; use 1..=65535", value.get_ref()),
+        )),
     }
 }
 
 fn proxy(ctx: &Ctx<'_>, raw: Option<&RawProxy>) -> Result<Proxy, PolicyError> {
-    let Some(raw) = raw else { return Ok(Proxy::default()) };
-    let http = raw.http.as_ref().map(|v| socket_addr(ctx, v, "proxy.http")).transpose()?;
-    let socks5 = raw.socks5.as_ref().map(|v| socket_addr(ctx, v, "proxy.socks5")).transpose()?;
-    let explicit_port = raw.explicit_port.as_ref().map(|v| port(ctx, v, "proxy.explicit_port")).transpose()?;
+    let Some(raw) = raw else {
+        return Ok(Proxy::default());
+    };
+    let http = raw
+        .http
+        .as_ref()
+        .map(|v| socket_addr(ctx, v, "proxy.http"))
+        .transpose()?;
+    let socks5 = raw
+        .socks5
+        .as_ref()
+        .map(|v| socket_addr(ctx, v, "proxy.socks5"))
+        .transpose()?;
+    let explicit_port = raw
+        .explicit_port
+        .as_ref()
+        .map(|v| port(ctx, v, "proxy.explicit_port"))
+        .transpose()?;
     if let (Some(p), None) = (&raw.explicit_port, http) {
-        return Err(ctx.at(p, "proxy.explicit_port", "needs proxy.http, where the spliced connections go; add http = \"127.0.0.1:3128\""));
+        return Err(ctx.at(
+            p,
+            "proxy.explicit_port",
+            "needs proxy.http, where the spliced connections go; add http = \"127.0.0.1:3128\"",
+        ));
     }
-    Ok(Proxy { http, socks5, explicit_port })
+    Ok(Proxy {
+        http,
+        socks5,
+        explicit_port,
+    })
 }
 
-fn outbound(ctx: &Ctx<'_>, i: usize, raw: &Spanned<RawOutbound>, proxy: &Proxy) -> Result<OutboundRule, PolicyError> {
+fn outbound(
+    ctx: &Ctx<'_>,
+    i: usize,
+    raw: &Spanned<RawOutbound>,
+    proxy: &Proxy,
+) -> Result<OutboundRule, PolicyError> {
     let key = |k: &str| format!("outbound[{i}].{k}");
     let rule = raw.get_ref();
     let protocol = match rule.protocol.get_ref().as_str() {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
-        other => return Err(ctx.at(&rule.protocol, key("protocol"), format!("{other:?} is not a protocol; use \"tcp\" or \"udp\""))),
+        other => {
+            return Err(ctx.at(
+                &rule.protocol,
+                key("protocol"),
+                format!("{other:?} is not a protocol; use \"tcp\" or \"udp\""),
+            ))
+        }
     };
     if rule.ports.get_ref().is_empty() {
         return Err(ctx.at(&rule.ports, key("ports"), "is empty, so the rule allows nothing; list ports such as [80, 443] or ranges such as [\"8000-8100\"]"));
@@ -323,7 +476,11 @@ fn outbound(ctx: &Ctx<'_>, i: usize, raw: &Spanned<RawOutbound>, proxy: &Proxy) 
     let to = rule
         .to
         .as_ref()
-        .map(|to| to.iter().map(|d| destination(ctx, d, &key("to"))).collect::<Result<Vec<_>, _>>())
+        .map(|to| {
+            to.iter()
+                .map(|d| destination(ctx, d, &key("to")))
+                .collect::<Result<Vec<_>, _>>()
+        })
         .transpose()?;
     let via = match rule.via.as_ref().map(|v| v.get_ref().as_str()) {
         None => match protocol {
@@ -334,12 +491,20 @@ fn outbound(ctx: &Ctx<'_>, i: usize, raw: &Spanned<RawOutbound>, proxy: &Proxy) 
         Some("socks5") => Via::Socks5,
         Some(other) => {
             let v = rule.via.as_ref().expect("matched Some");
-            return Err(ctx.at(v, key("via"), format!("{other:?} is not a proxy kind; use \"http\" or \"socks5\"")));
+            return Err(ctx.at(
+                v,
+                key("via"),
+                format!("{other:?} is not a proxy kind; use \"http\" or \"socks5\""),
+            ));
         }
     };
     let via_span = rule.via.as_ref().map_or(rule.protocol.span(), |v| v.span());
     if protocol == Protocol::Udp && via == Via::Http {
-        return Err(ctx.err(via_span, key("via"), "udp cannot go through an HTTP CONNECT proxy; use via = \"socks5\""));
+        return Err(ctx.err(
+            via_span,
+            key("via"),
+            "udp cannot go through an HTTP CONNECT proxy; use via = \"socks5\"",
+        ));
     }
     if via == Via::Http && proxy.http.is_none() {
         return Err(ctx.err(via_span, key("via"), "this rule goes through the HTTP proxy but [proxy] has no http address; add http = \"127.0.0.1:3128\""));
@@ -347,7 +512,12 @@ fn outbound(ctx: &Ctx<'_>, i: usize, raw: &Spanned<RawOutbound>, proxy: &Proxy) 
     if via == Via::Socks5 && proxy.socks5.is_none() {
         return Err(ctx.err(via_span, key("via"), "this rule goes through the SOCKS5 proxy but [proxy] has no socks5 address; add socks5 = \"127.0.0.1:1080\""));
     }
-    Ok(OutboundRule { protocol, ports, to, via })
+    Ok(OutboundRule {
+        protocol,
+        ports,
+        to,
+        via,
+    })
 }
 
 fn port_range(ctx: &Ctx<'_>, raw: &Spanned<RawPort>, key: &str) -> Result<PortRange, PolicyError> {
@@ -366,8 +536,12 @@ fn port_range(ctx: &Ctx<'_>, raw: &Spanned<RawPort>, key: &str) -> Result<PortRa
             });
             match parsed {
                 Some((lo, hi)) if lo <= hi => Ok(PortRange { lo, hi }),
-                Some((lo, hi)) => Err(bad(format!("range {lo}-{hi} runs backwards; write it as {hi}-{lo}"))),
-                None => Err(bad(format!("{s:?} is not a port range; write \"lo-hi\" with ports in 1..=65535"))),
+                Some((lo, hi)) => Err(bad(format!(
+                    "range {lo}-{hi} runs backwards; write it as {hi}-{lo}"
+                ))),
+                None => Err(bad(format!(
+                    "{s:?} is not a port range; write \"lo-hi\" with ports in 1..=65535"
+                ))),
             }
         }
     }
@@ -391,36 +565,68 @@ fn name_pattern(s: &str) -> Option<NamePattern> {
         })
         // A name of digits and dots only is an IP literal, not a name.
         && !name.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-    valid.then(|| if wild { NamePattern::Wildcard(name) } else { NamePattern::Exact(name) })
+    valid.then_some(if wild {
+        NamePattern::Wildcard(name)
+    } else {
+        NamePattern::Exact(name)
+    })
 }
 
-fn destination(ctx: &Ctx<'_>, raw: &Spanned<String>, key: &str) -> Result<Destination, PolicyError> {
+fn destination(
+    ctx: &Ctx<'_>,
+    raw: &Spanned<String>,
+    key: &str,
+) -> Result<Destination, PolicyError> {
     let s = raw.get_ref();
     if s.contains('/') {
         if let Ok(net) = s.parse::<Ipv4Net>() {
             return Ok(Destination::Cidr(net.trunc()));
         }
         if s.parse::<IpNet>().is_ok() {
-            return Err(ctx.at(raw, key, format!("{s:?}: IPv6 is not supported (moat drops IPv6); use an IPv4 CIDR")));
+            return Err(ctx.at(
+                raw,
+                key,
+                format!("{s:?}: IPv6 is not supported (moat drops IPv6); use an IPv4 CIDR"),
+            ));
         }
-        return Err(ctx.at(raw, key, format!("{s:?} is not a valid CIDR; write it like 203.0.113.0/24")));
+        return Err(ctx.at(
+            raw,
+            key,
+            format!("{s:?} is not a valid CIDR; write it like 203.0.113.0/24"),
+        ));
     }
     if s.parse::<IpAddr>().is_ok() {
-        return Err(ctx.at(raw, key, format!("{s:?} is a bare IP address; write it as a CIDR such as {s}/32")));
+        return Err(ctx.at(
+            raw,
+            key,
+            format!("{s:?} is a bare IP address; write it as a CIDR such as {s}/32"),
+        ));
     }
     name_pattern(s).map(Destination::Name).ok_or_else(|| {
-        ctx.at(raw, key, format!("{s:?} is neither a DNS name (\"example.com\", \"*.example.com\") nor an IPv4 CIDR"))
+        ctx.at(
+            raw,
+            key,
+            format!(
+                "{s:?} is neither a DNS name (\"example.com\", \"*.example.com\") nor an IPv4 CIDR"
+            ),
+        )
     })
 }
 
 fn dns(ctx: &Ctx<'_>, raw: Option<&RawDns>) -> Result<Dns, PolicyError> {
-    let Some(raw) = raw else { return Ok(Dns::default()) };
+    let Some(raw) = raw else {
+        return Ok(Dns::default());
+    };
     let allow = raw
         .allow
         .iter()
         .map(|a| {
             name_pattern(a.get_ref()).ok_or_else(|| {
-                ctx.at(a, "dns.allow", format!("{:?} is not a DNS name or \"*.\" pattern", a.get_ref()))
+                ctx.at(
+                    a,
+                    "dns.allow",
+                    format!("{:?} is not a DNS name or \"*.\" pattern", a.get_ref()),
+                )
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -428,10 +634,24 @@ fn dns(ctx: &Ctx<'_>, raw: Option<&RawDns>) -> Result<Dns, PolicyError> {
     for (name, addr) in &raw.records {
         let key = format!("dns.records.{}", name.get_ref());
         let Some(NamePattern::Exact(n)) = name_pattern(name.get_ref()) else {
-            return Err(ctx.at(name, key, format!("{:?} is not a DNS name (no wildcards in records)", name.get_ref())));
+            return Err(ctx.at(
+                name,
+                key,
+                format!(
+                    "{:?} is not a DNS name (no wildcards in records)",
+                    name.get_ref()
+                ),
+            ));
         };
         let ip: Ipv4Addr = addr.get_ref().parse().map_err(|_| {
-            ctx.at(addr, key.clone(), format!("{:?} is not an IPv4 address; static records are A records", addr.get_ref()))
+            ctx.at(
+                addr,
+                key.clone(),
+                format!(
+                    "{:?} is not an IPv4 address; static records are A records",
+                    addr.get_ref()
+                ),
+            )
         })?;
         records.insert(n, ip);
     }
@@ -440,15 +660,32 @@ fn dns(ctx: &Ctx<'_>, raw: Option<&RawDns>) -> Result<Dns, PolicyError> {
         Some("upstream") => DnsMode::Upstream,
         Some(other) => {
             let m = raw.mode.as_ref().expect("matched Some");
-            return Err(ctx.at(m, "dns.mode", format!("{other:?} is not a DNS mode; use \"proxy\" or \"upstream\"")));
+            return Err(ctx.at(
+                m,
+                "dns.mode",
+                format!("{other:?} is not a DNS mode; use \"proxy\" or \"upstream\""),
+            ));
         }
     };
-    let upstream = raw.upstream.as_ref().map(|u| socket_addr(ctx, u, "dns.upstream")).transpose()?;
+    let upstream = raw
+        .upstream
+        .as_ref()
+        .map(|u| socket_addr(ctx, u, "dns.upstream"))
+        .transpose()?;
     if mode == DnsMode::Upstream && upstream.is_none() {
         let m = raw.mode.as_ref().expect("upstream mode is explicit");
-        return Err(ctx.at(m, "dns.upstream", "mode = \"upstream\" needs an upstream resolver; add upstream = \"127.0.0.1:53\""));
+        return Err(ctx.at(
+            m,
+            "dns.upstream",
+            "mode = \"upstream\" needs an upstream resolver; add upstream = \"127.0.0.1:53\"",
+        ));
     }
-    Ok(Dns { allow, records, mode, upstream })
+    Ok(Dns {
+        allow,
+        records,
+        mode,
+        upstream,
+    })
 }
 
 fn forwards(ctx: &Ctx<'_>, raw: &[Spanned<RawForward>]) -> Result<Vec<Forward>, PolicyError> {
@@ -469,14 +706,38 @@ fn forwards(ctx: &Ctx<'_>, raw: &[Spanned<RawForward>]) -> Result<Vec<Forward>, 
                     c.get_ref()
                         .parse::<IpNet>()
                         .map(|n| n.trunc())
-                        .map_err(|_| ctx.at(c, key("from"), format!("{:?} is not a CIDR; write it like 127.0.0.0/8", c.get_ref())))
+                        .map_err(|_| {
+                            ctx.at(
+                                c,
+                                key("from"),
+                                format!(
+                                    "{:?} is not a CIDR; write it like 127.0.0.0/8",
+                                    c.get_ref()
+                                ),
+                            )
+                        })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         };
-        if let Some((j, _)) = out.iter().enumerate().find(|(_, o)| overlaps(o.listen, listen)) {
-            return Err(ctx.at(&r.listen, key("listen"), format!("{listen} overlaps forward[{j}].listen ({}); each forward needs its own port", out[j].listen)));
+        if let Some((j, _)) = out
+            .iter()
+            .enumerate()
+            .find(|(_, o)| overlaps(o.listen, listen))
+        {
+            return Err(ctx.at(
+                &r.listen,
+                key("listen"),
+                format!(
+                    "{listen} overlaps forward[{j}].listen ({}); each forward needs its own port",
+                    out[j].listen
+                ),
+            ));
         }
-        out.push(Forward { listen, guest_port, from });
+        out.push(Forward {
+            listen,
+            guest_port,
+            from,
+        });
     }
     Ok(out)
 }
@@ -487,19 +748,35 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 fn limits(ctx: &Ctx<'_>, raw: Option<&RawLimits>) -> Result<Limits, PolicyError> {
-    let Some(raw) = raw else { return Ok(Limits::default()) };
+    let Some(raw) = raw else {
+        return Ok(Limits::default());
+    };
     let max_flows = match &raw.max_flows {
         None => DEFAULT_MAX_FLOWS,
         Some(v) => match usize::try_from(*v.get_ref()) {
             Ok(n) if (1..=1_000_000).contains(&n) => n,
-            _ => return Err(ctx.at(v, "limits.max_flows", format!("{} is outside 1..=1000000", v.get_ref()))),
+            _ => {
+                return Err(ctx.at(
+                    v,
+                    "limits.max_flows",
+                    format!("{} is outside 1..=1000000", v.get_ref()),
+                ))
+            }
         },
     };
     let bps = |v: &Option<Spanned<i64>>, key: &str| -> Result<u64, PolicyError> {
         match v {
             None => Ok(0),
-            Some(v) => u64::try_from(*v.get_ref())
-                .map_err(|_| ctx.at(v, key, format!("{} is negative; use 0 for unlimited or a rate in bits per second", v.get_ref()))),
+            Some(v) => u64::try_from(*v.get_ref()).map_err(|_| {
+                ctx.at(
+                    v,
+                    key,
+                    format!(
+                        "{} is negative; use 0 for unlimited or a rate in bits per second",
+                        v.get_ref()
+                    ),
+                )
+            }),
         }
     };
     Ok(Limits {

@@ -31,8 +31,8 @@ pub fn answer(vm: &Vm, frame: &Frame<'_>) -> Result<Option<Vec<u8>>, DropReason>
     if !udp_checksum_ok(ip.src, ip.dst, udp.datagram) {
         return Err(DropReason::L4BadChecksum);
     }
-    let request = Message::decode(&mut Decoder::new(udp.payload))
-        .map_err(|_| DropReason::DhcpMalformed)?;
+    let request =
+        Message::decode(&mut Decoder::new(udp.payload)).map_err(|_| DropReason::DhcpMalformed)?;
     // Check hlen before chaddr(): dhcproto slices chaddr by the (guest-controlled) hlen.
     if request.opcode() != Opcode::BootRequest
         || request.htype() != HType::Eth
@@ -82,7 +82,11 @@ fn reply(vm: &Vm, request: &Message, kind: MessageType) -> Message {
     };
     let mut msg = Message::new_with_id(
         request.xid(),
-        if inform { request.ciaddr() } else { Ipv4Addr::UNSPECIFIED },
+        if inform {
+            request.ciaddr()
+        } else {
+            Ipv4Addr::UNSPECIFIED
+        },
         yiaddr,
         Ipv4Addr::UNSPECIFIED,
         request.giaddr(),

@@ -27,10 +27,17 @@ pub fn answer(vm: &Vm, frame: &Frame<'_>) -> Result<Vec<u8>, DropReason> {
     reply[2..4].copy_from_slice(&checksum.to_be_bytes());
 
     let len = u16::try_from(reply.len()).map_err(|_| DropReason::L4Malformed)?;
-    let mut header = Ipv4Header::new(len, GATEWAY_TTL, IpNumber::ICMP, vm.gateway.octets(), ip.src.octets())
-        .map_err(|_| DropReason::L4Malformed)?;
+    let mut header = Ipv4Header::new(
+        len,
+        GATEWAY_TTL,
+        IpNumber::ICMP,
+        vm.gateway.octets(),
+        ip.src.octets(),
+    )
+    .map_err(|_| DropReason::L4Malformed)?;
     header.header_checksum = header.calc_header_checksum();
-    let builder = PacketBuilder::ethernet2(GATEWAY_MAC.0, vm.mac.0).ip(etherparse::IpHeaders::Ipv4(header, Default::default()));
+    let builder = PacketBuilder::ethernet2(GATEWAY_MAC.0, vm.mac.0)
+        .ip(etherparse::IpHeaders::Ipv4(header, Default::default()));
     let mut out = Vec::with_capacity(builder.size(reply.len()));
     builder
         .write(&mut out, IpNumber::ICMP, &reply)

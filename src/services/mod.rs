@@ -25,7 +25,11 @@ impl Gateway {
 
     /// Answer `frame` with `service`. `Ok(None)` means handled with nothing to send back
     /// (a DHCP RELEASE).
-    pub fn answer(&self, service: Service, frame: &Frame<'_>) -> Result<Option<Vec<u8>>, DropReason> {
+    pub fn answer(
+        &self,
+        service: Service,
+        frame: &Frame<'_>,
+    ) -> Result<Option<Vec<u8>>, DropReason> {
         match service {
             Service::Arp => arp::answer(&self.vm, frame).map(Some),
             Service::Dhcp => dhcp::answer(&self.vm, frame),

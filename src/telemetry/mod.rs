@@ -224,11 +224,7 @@ impl Counters {
 
     /// A table for a person: non-zero counters only (drops always get a total line).
     pub fn table(&self) -> String {
-        let rows: Vec<_> = self
-            .rows()
-            .into_iter()
-            .filter(|(_, _, v)| *v > 0)
-            .collect();
+        let rows: Vec<_> = self.rows().into_iter().filter(|(_, _, v)| *v > 0).collect();
         let width = rows
             .iter()
             .map(|(_, n, _)| n.len())
@@ -258,7 +254,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for r in DropReason::ALL {
             assert!(seen.insert(r.as_str()), "duplicate {}", r.as_str());
-            assert!(r.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()));
+            assert!(r
+                .as_str()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()));
         }
     }
 
@@ -273,7 +272,12 @@ mod tests {
         assert_eq!(c.total_drops(), 3);
         let table = c.table();
         assert!(table.contains("ipv6"), "{table}");
-        assert!(!table.contains("spoofed_src_mac"), "zero rows are left out: {table}");
-        assert!(table.lines().any(|l| l.contains("total_drops") && l.trim_end().ends_with('3')));
+        assert!(
+            !table.contains("spoofed_src_mac"),
+            "zero rows are left out: {table}"
+        );
+        assert!(table
+            .lines()
+            .any(|l| l.contains("total_drops") && l.trim_end().ends_with('3')));
     }
 }

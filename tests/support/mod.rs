@@ -44,13 +44,24 @@ impl Served {
     pub fn start(policy_text: &str, once: bool) -> Served {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("moat.sock");
-        let policy = Arc::new(Policy::parse(policy_text, Path::new("test.toml")).expect("valid policy"));
+        let policy =
+            Arc::new(Policy::parse(policy_text, Path::new("test.toml")).expect("valid policy"));
         let counters = Arc::new(Counters::default());
         let listener = server::bind(&socket).expect("bind");
-        let opts = ServeOptions { socket: socket.clone(), client: false, once };
+        let opts = ServeOptions {
+            socket: socket.clone(),
+            client: false,
+            once,
+        };
         let (p, c) = (Arc::clone(&policy), Arc::clone(&counters));
         let thread = std::thread::spawn(move || server::serve(p, c, &opts, Some(listener)));
-        Served { dir, socket, counters, policy, thread: Some(thread) }
+        Served {
+            dir,
+            socket,
+            counters,
+            policy,
+            thread: Some(thread),
+        }
     }
 
     pub fn guest(&self) -> SimGuest {
@@ -62,7 +73,10 @@ impl Served {
         let thread = self.thread.take().expect("joined once");
         let deadline = Instant::now() + within;
         while !thread.is_finished() {
-            assert!(Instant::now() < deadline, "moat did not stop within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "moat did not stop within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         thread.join().expect("serve thread panicked")
@@ -95,7 +109,11 @@ pub fn recv_matching(guest: &mut SimGuest, what: &str, pred: impl Fn(&[u8]) -> b
 /// Assert nothing at all arrives for a while.
 pub fn assert_silent(guest: &mut SimGuest, what: &str) {
     if let Some(frame) = guest.recv_frame(QUIET).expect("recv") {
-        panic!("expected no answer to {what}, got {} bytes: {:02x?}", frame.len(), &frame[..frame.len().min(42)]);
+        panic!(
+            "expected no answer to {what}, got {} bytes: {:02x?}",
+            frame.len(),
+            &frame[..frame.len().min(42)]
+        );
     }
 }
 
