@@ -3,12 +3,13 @@
 //! The device hands every TX buffer (one moat-owned copy of it) to [`Datapath::guest_frame`];
 //! what comes back goes to the guest's RX queue. Every drop is counted here, with its reason.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::firewall::{Firewall, Verdict};
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN};
 use crate::policy::Policy;
+use crate::services::dns::NamePool;
 use crate::services::Gateway;
 use crate::telemetry::{Counters, DropReason, Traffic};
 
@@ -22,10 +23,10 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    pub fn new(policy: &Policy, counters: Arc<Counters>) -> Datapath {
+    pub fn new(policy: &Policy, names: Arc<Mutex<NamePool>>, counters: Arc<Counters>) -> Datapath {
         Datapath {
             firewall: Firewall::new(&policy.vm),
-            gateway: Gateway::new(&policy.vm),
+            gateway: Gateway::new(policy, names, Arc::clone(&counters)),
             counters,
             max_frame_len: ETH_HDR_LEN + usize::from(policy.vm.mtu),
         }

@@ -9,7 +9,7 @@ pub mod queues;
 pub mod server;
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
 
 use crate::datapath::Datapath;
 use crate::policy::Policy;
+use crate::services::dns::NamePool;
 use crate::telemetry::{Counters, DropReason, Traffic};
 use config::{RX_QUEUE, TX_QUEUE};
 use queues::{read_tx_chain, ChainError, RxQueue};
@@ -41,10 +42,10 @@ pub struct NetDevice {
 }
 
 impl NetDevice {
-    pub fn new(policy: &Policy, counters: Arc<Counters>) -> NetDevice {
+    pub fn new(policy: &Policy, names: Arc<Mutex<NamePool>>, counters: Arc<Counters>) -> NetDevice {
         NetDevice {
             config_space: config::config_space(&policy.vm),
-            datapath: Datapath::new(policy, counters),
+            datapath: Datapath::new(policy, names, counters),
             mem: None,
             acked_features: 0,
             event_idx: false,

@@ -13,6 +13,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::NetDevice;
 use crate::policy::Policy;
+use crate::services::dns::NamePool;
 use crate::telemetry::Counters;
 
 /// How long `--client` waits between attempts to reach the VMM's socket.
@@ -56,8 +57,14 @@ pub fn serve(
     opts: &ServeOptions,
     mut listener: Option<Listener>,
 ) -> Result<(), ServeError> {
+    // Synthetic DNS names outlive connections: a VMM that reconnects keeps the VM's names.
+    let names = Arc::new(Mutex::new(NamePool::default()));
     loop {
-        let device = Arc::new(Mutex::new(NetDevice::new(&policy, Arc::clone(&counters))));
+        let device = Arc::new(Mutex::new(NetDevice::new(
+            &policy,
+            Arc::clone(&names),
+            Arc::clone(&counters),
+        )));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(format!("moat-{}", policy.vm.name), device, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;

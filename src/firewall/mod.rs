@@ -3,7 +3,7 @@
 //!
 //! The rules are the isolation invariants of DESIGN.md: the guest speaks only as itself
 //! (its MAC, its address), reaches nothing but the gateway, and the gateway answers only
-//! ARP for itself, DHCP and ICMP echo. Nothing is bridged.
+//! ARP for itself, DHCP, ICMP echo and DNS. Nothing is bridged.
 
 use std::net::Ipv4Addr;
 
@@ -19,6 +19,7 @@ pub enum Verdict {
 }
 
 const DHCP_SERVER_PORT: u16 = 67;
+const DNS_PORT: u16 = 53;
 const DHCP_CLIENT_PORT: u16 = 68;
 const BROADCAST_MAC: MacAddr = MacAddr([0xff; 6]);
 
@@ -103,6 +104,7 @@ impl Firewall {
                         Ok(Service::IcmpEcho)
                     }
                     Transport::Icmp(_) => Err(DropReason::IcmpNotEcho),
+                    Transport::Udp(udp) if udp.dst_port == DNS_PORT => Ok(Service::Dns),
                     Transport::Udp(_) | Transport::Tcp(_) => Err(DropReason::GatewayPortClosed),
                 }
             }

@@ -6,6 +6,8 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::services::dns::DnsOutcome;
+
 /// How many drops of one reason are logged before logging thins out to powers of two.
 const LOG_FIRST: u64 = 5;
 
@@ -87,6 +89,8 @@ reasons! {
     DhcpMalformed => "dhcp_malformed",
     /// DHCP whose client hardware address is not the VM's MAC.
     DhcpWrongClient => "dhcp_wrong_client",
+    /// DNS message without even a header to answer.
+    DnsMalformed => "dns_malformed",
     /// DHCP message type the server does not act on (OFFER/ACK from the guest, DECLINE, ...).
     DhcpIgnored => "dhcp_ignored",
     /// An answer for the guest found no RX buffer and the pending queue was full.
@@ -101,16 +105,19 @@ pub enum Service {
     Arp,
     Dhcp,
     IcmpEcho,
+    Dns,
 }
 
 impl Service {
-    pub const ALL: &'static [Service] = &[Service::Arp, Service::Dhcp, Service::IcmpEcho];
+    pub const ALL: &'static [Service] =
+        &[Service::Arp, Service::Dhcp, Service::IcmpEcho, Service::Dns];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Service::Arp => "arp",
             Service::Dhcp => "dhcp",
             Service::IcmpEcho => "icmp_echo",
+            Service::Dns => "dns",
         }
     }
 }
@@ -161,6 +168,7 @@ pub struct Counters {
     drops: Vec<AtomicU64>,
     answers: Vec<AtomicU64>,
     traffic: Vec<AtomicU64>,
+    dns: Vec<AtomicU64>,
 }
 
 impl Default for Counters {
@@ -170,6 +178,7 @@ impl Default for Counters {
             drops: zeros(DropReason::ALL.len()),
             answers: zeros(Service::ALL.len()),
             traffic: zeros(Traffic::ALL.len()),
+            dns: zeros(DnsOutcome::ALL.len()),
         }
     }
 }
@@ -189,6 +198,14 @@ impl Counters {
 
     pub fn add(&self, what: Traffic, n: u64) {
         self.traffic[what as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn dns_answered(&self, outcome: DnsOutcome) {
+        self.dns[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dns(&self, outcome: DnsOutcome) -> u64 {
+        self.dns[outcome as usize].load(Ordering::Relaxed)
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {
@@ -215,6 +232,9 @@ impl Counters {
         }
         for s in Service::ALL {
             rows.push(("answered", s.as_str(), self.answers(*s)));
+        }
+        for o in DnsOutcome::ALL {
+            rows.push(("dns", o.as_str(), self.dns(*o)));
         }
         for r in DropReason::ALL {
             rows.push(("drop", r.as_str(), self.drops(*r)));
