@@ -7,9 +7,11 @@
 
 pub mod datapath;
 pub mod device;
+pub mod egress;
 pub mod firewall;
 pub mod frame;
 pub mod guest;
 pub mod policy;
 pub mod services;
+pub mod stack;
 pub mod telemetry;

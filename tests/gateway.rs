@@ -188,7 +188,7 @@ fn ping_to_the_gateway_is_answered_and_nothing_else_is() {
                 (GUEST, 40001),
                 (Ipv4Addr::new(10, 0, 0, 3), 22),
             ),
-            DropReason::NotAllowed,
+            DropReason::ReservedDestination,
         ),
         (
             craft::icmp_echo(
@@ -212,7 +212,8 @@ fn ping_to_the_gateway_is_answered_and_nothing_else_is() {
     }
     assert_silent(&mut guest, "forbidden traffic");
     eventually("drop counters", || {
-        served.counters.drops(DropReason::NotAllowed) == 3
+        served.counters.drops(DropReason::NotAllowed) == 2
+            && served.counters.drops(DropReason::ReservedDestination) == 1
             && served.counters.drops(DropReason::GatewayPortClosed) == 1
             && served.counters.drops(DropReason::SpoofedSrcMac) == 1
             && served.counters.drops(DropReason::SpoofedSrcIp) == 1

@@ -1,14 +1,16 @@
-//! One guest frame through moat: virtio-net header -> frame -> verdict -> answer | drop.
+//! One guest frame through moat: virtio-net header -> frame -> verdict -> answer | flow | drop.
 //!
 //! The device hands every TX buffer (one moat-owned copy of it) to [`Datapath::guest_frame`];
-//! what comes back goes to the guest's RX queue. Every drop is counted here, with its reason.
+//! answers come straight back, flows go to [`Flows`], whose output [`Datapath::pump`] frames
+//! for the guest. Every drop is counted here, with its reason.
 
 use std::sync::{Arc, Mutex};
 
+use crate::egress::Flows;
 use crate::firewall::{Firewall, Verdict};
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN};
-use crate::policy::Policy;
+use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
 use crate::services::dns::NamePool;
 use crate::services::Gateway;
 use crate::telemetry::{Counters, DropReason, Traffic};
@@ -18,17 +20,41 @@ use crate::telemetry::{Counters, DropReason, Traffic};
 pub struct Datapath {
     firewall: Firewall,
     gateway: Gateway,
+    flows: Flows,
     counters: Arc<Counters>,
     max_frame_len: usize,
+    guest_mac: MacAddr,
 }
 
 impl Datapath {
-    pub fn new(policy: &Policy, names: Arc<Mutex<NamePool>>, counters: Arc<Counters>) -> Datapath {
+    pub fn new(
+        policy: Arc<Policy>,
+        names: Arc<Mutex<NamePool>>,
+        counters: Arc<Counters>,
+    ) -> Datapath {
         Datapath {
             firewall: Firewall::new(&policy.vm),
-            gateway: Gateway::new(policy, names, Arc::clone(&counters)),
-            counters,
+            gateway: Gateway::new(&policy, Arc::clone(&names), Arc::clone(&counters)),
             max_frame_len: ETH_HDR_LEN + usize::from(policy.vm.mtu),
+            guest_mac: policy.vm.mac,
+            flows: Flows::new(policy, names, Arc::clone(&counters)),
+            counters,
+        }
+    }
+
+    pub fn flows(&mut self) -> &mut Flows {
+        &mut self.flows
+    }
+
+    /// Run the flows; every IP packet they have for the guest becomes a frame for `out`.
+    pub fn pump(&mut self, mut out: impl FnMut(Vec<u8>)) {
+        for packet in self.flows.pump() {
+            let mut frame = Vec::with_capacity(ETH_HDR_LEN + packet.len());
+            frame.extend_from_slice(&self.guest_mac.0);
+            frame.extend_from_slice(&GATEWAY_MAC.0);
+            frame.extend_from_slice(&0x0800u16.to_be_bytes());
+            frame.extend_from_slice(&packet);
+            out(frame);
         }
     }
 
@@ -75,6 +101,18 @@ impl Datapath {
         let frame = frame::parse(bytes).map_err(no_summary)?;
         match self.firewall.verdict(&frame) {
             Verdict::Drop(reason) => Err((reason, summarize(&frame))),
+            Verdict::Flow => {
+                let Network::Ipv4(ip) = &frame.net else {
+                    return Err((DropReason::NotAllowed, summarize(&frame)));
+                };
+                let Transport::Tcp(tcp) = &ip.transport else {
+                    return Err((DropReason::NotAllowed, summarize(&frame)));
+                };
+                self.flows
+                    .guest_tcp(ip, tcp)
+                    .map(|()| None)
+                    .map_err(|reason| (reason, summarize(&frame)))
+            }
             Verdict::Answer(service) => match self.gateway.answer(service, &frame) {
                 Ok(answer) => {
                     self.counters.answered(service);

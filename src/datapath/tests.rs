@@ -24,7 +24,11 @@ const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 
 fn datapath() -> Datapath {
     let policy = Policy::parse(POLICY, Path::new("dp-test.toml")).expect("valid test policy");
-    Datapath::new(&policy, Arc::default(), Arc::new(Counters::default()))
+    Datapath::new(
+        Arc::new(policy),
+        Arc::default(),
+        Arc::new(Counters::default()),
+    )
 }
 
 fn with_hdr(frame: &[u8]) -> Vec<u8> {

@@ -9,10 +9,12 @@ pub mod queues;
 pub mod server;
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -20,8 +22,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::datapath::Datapath;
+use crate::egress::Registrar;
 use crate::policy::Policy;
 use crate::services::dns::NamePool;
 use crate::telemetry::{Counters, DropReason, Traffic};
@@ -39,18 +43,79 @@ pub struct NetDevice {
     rx: RxQueue,
     /// Reused TX copy buffer: no allocation per frame.
     tx_buf: Vec<u8>,
+    /// Wakes the event loop when the stack's timers are due.
+    timer: Option<TimerFd>,
+}
+
+/// Registers proxy sockets with the vring worker's epoll: one loop for kicks, sockets, timer.
+struct EpollRegistrar(Arc<VringEpollHandler<Arc<Mutex<NetDevice>>>>);
+
+impl Registrar for EpollRegistrar {
+    fn register(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let events =
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        self.0.register_listener(fd, events, token)
+    }
+
+    fn unregister(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let events =
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        self.0.unregister_listener(fd, events, token)
+    }
+}
+
+/// Event id of the stack's timer (ids up to NUM_QUEUES belong to the vring worker itself).
+pub const TIMER_EVENT: u16 = 3;
+
+/// Hook the device into its connection's event loop (proxy sockets, timer).
+pub fn attach(
+    device: &Arc<Mutex<NetDevice>>,
+    handler: Arc<VringEpollHandler<Arc<Mutex<NetDevice>>>>,
+) -> io::Result<()> {
+    let timer = TimerFd::new()?;
+    handler.register_listener(timer.as_raw_fd(), EventSet::IN, u64::from(TIMER_EVENT))?;
+    let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
+    dev.timer = Some(timer);
+    dev.datapath
+        .flows()
+        .attach(Box::new(EpollRegistrar(handler)));
+    Ok(())
+}
+
+/// Undo [`attach`] when the connection ends (breaks the device <-> loop reference cycle).
+pub fn detach(device: &Arc<Mutex<NetDevice>>) {
+    let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
+    dev.datapath.flows().detach();
+    dev.timer = None;
 }
 
 impl NetDevice {
-    pub fn new(policy: &Policy, names: Arc<Mutex<NamePool>>, counters: Arc<Counters>) -> NetDevice {
+    pub fn new(
+        policy: Arc<Policy>,
+        names: Arc<Mutex<NamePool>>,
+        counters: Arc<Counters>,
+    ) -> NetDevice {
         NetDevice {
             config_space: config::config_space(&policy.vm),
             datapath: Datapath::new(policy, names, counters),
+            timer: None,
             mem: None,
             acked_features: 0,
             event_idx: false,
             rx: RxQueue::default(),
             tx_buf: Vec::with_capacity(2048),
+        }
+    }
+
+    /// Wake up when the stack next needs attention (retransmits, handshake deadlines).
+    fn arm_timer(&mut self) {
+        let delay = self.datapath.flows().poll_delay();
+        if let Some(timer) = self.timer.as_mut() {
+            let _ = match delay {
+                // A zero duration would disarm the timer: wake as soon as possible instead.
+                Some(d) => timer.reset(d.max(Duration::from_micros(100)), None),
+                None => timer.clear(),
+            };
         }
     }
 
@@ -173,9 +238,6 @@ impl VhostUserBackendMut for NetDevice {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
-        }
         let Some(mem) = self.mem.clone() else {
             return Ok(());
         };
@@ -190,8 +252,16 @@ impl VhostUserBackendMut for NetDevice {
                 let m = mem.clone();
                 self.drain(tx_vring, |dev| dev.process_tx(tx_vring, &m))?;
             }
-            other => return Err(io::Error::other(format!("unknown device event {other}"))),
+            TIMER_EVENT => {
+                if let Some(timer) = self.timer.as_mut() {
+                    let _ = timer.wait();
+                }
+            }
+            token => self.datapath.flows().host_event(u64::from(token), evset),
         }
+        let rx = &mut self.rx;
+        self.datapath.pump(|frame| rx.push(frame, &counters));
+        self.arm_timer();
         let mrg = self.mrg_rxbuf();
         self.rx.flush(rx_vring, &mem, mrg, &counters)
     }

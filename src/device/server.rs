@@ -11,7 +11,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::device::NetDevice;
+use crate::device::{self, NetDevice};
 use crate::policy::Policy;
 use crate::services::dns::NamePool;
 use crate::telemetry::Counters;
@@ -61,13 +61,22 @@ pub fn serve(
     let names = Arc::new(Mutex::new(NamePool::default()));
     loop {
         let device = Arc::new(Mutex::new(NetDevice::new(
-            &policy,
+            Arc::clone(&policy),
             Arc::clone(&names),
             Arc::clone(&counters),
         )));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new(format!("moat-{}", policy.vm.name), device, mem)
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let mut daemon =
+            VhostUserDaemon::new(format!("moat-{}", policy.vm.name), Arc::clone(&device), mem)
+                .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        // One event loop per queue pair: the vring worker also watches proxy sockets and
+        // the stack's timer.
+        let handler = daemon
+            .get_epoll_handlers()
+            .into_iter()
+            .next()
+            .ok_or_else(|| ServeError::Daemon("no vring worker".into()))?;
+        device::attach(&device, handler).map_err(|e| ServeError::Daemon(e.to_string()))?;
         let started = match listener.as_mut() {
             Some(listener) => {
                 tracing::info!(socket = %opts.socket.display(), "waiting for a vhost-user frontend");
@@ -92,6 +101,7 @@ pub fn serve(
             }
         }
         // Dropping the daemon stops its vring workers; the next connection gets a new device.
+        device::detach(&device);
         drop(daemon);
         if opts.once {
             return Ok(());

@@ -16,6 +16,8 @@ use crate::telemetry::{DropReason, Service};
 pub enum Verdict {
     Drop(DropReason),
     Answer(Service),
+    /// A TCP segment to an address beyond the gateway: the egress policy decides.
+    Flow,
 }
 
 const DHCP_SERVER_PORT: u16 = 67;
@@ -45,12 +47,12 @@ impl Firewall {
     /// Decide what to do with a parsed guest frame.
     pub fn verdict(&self, frame: &Frame<'_>) -> Verdict {
         match self.check(frame) {
-            Ok(service) => Verdict::Answer(service),
+            Ok(verdict) => verdict,
             Err(reason) => Verdict::Drop(reason),
         }
     }
 
-    fn check(&self, frame: &Frame<'_>) -> Result<Service, DropReason> {
+    fn check(&self, frame: &Frame<'_>) -> Result<Verdict, DropReason> {
         if frame.eth.src != self.guest_mac {
             return Err(DropReason::SpoofedSrcMac);
         }
@@ -73,7 +75,9 @@ impl Firewall {
                     ArpOp::Request if arp.sender_ip == arp.target_ip => {
                         Err(DropReason::ArpUnsolicited)
                     }
-                    ArpOp::Request if arp.target_ip == self.gateway_ip => Ok(Service::Arp),
+                    ArpOp::Request if arp.target_ip == self.gateway_ip => {
+                        Ok(Verdict::Answer(Service::Arp))
+                    }
                     ArpOp::Request => Err(DropReason::ArpNotForGateway),
                     ArpOp::Reply | ArpOp::Other(_) => Err(DropReason::ArpUnsolicited),
                 }
@@ -84,7 +88,7 @@ impl Firewall {
                     let from_guest = ip.src == self.guest_ip || ip.src == Ipv4Addr::UNSPECIFIED;
                     let to_server = ip.dst == Ipv4Addr::BROADCAST || ip.dst == self.gateway_ip;
                     if dhcp && from_guest && to_server {
-                        return Ok(Service::Dhcp);
+                        return Ok(Verdict::Answer(Service::Dhcp));
                     }
                 }
                 if ip.src != self.guest_ip {
@@ -97,14 +101,19 @@ impl Firewall {
                     return Err(DropReason::Multicast);
                 }
                 if ip.dst != self.gateway_ip {
-                    return Err(DropReason::NotAllowed);
+                    return match &ip.transport {
+                        Transport::Tcp(_) => Ok(Verdict::Flow),
+                        Transport::Udp(_) | Transport::Icmp(_) => Err(DropReason::NotAllowed),
+                    };
                 }
                 match &ip.transport {
                     Transport::Icmp(icmp) if icmp.icmp_type == ICMP_ECHO_REQUEST => {
-                        Ok(Service::IcmpEcho)
+                        Ok(Verdict::Answer(Service::IcmpEcho))
                     }
                     Transport::Icmp(_) => Err(DropReason::IcmpNotEcho),
-                    Transport::Udp(udp) if udp.dst_port == DNS_PORT => Ok(Service::Dns),
+                    Transport::Udp(udp) if udp.dst_port == DNS_PORT => {
+                        Ok(Verdict::Answer(Service::Dns))
+                    }
                     Transport::Udp(_) | Transport::Tcp(_) => Err(DropReason::GatewayPortClosed),
                 }
             }

@@ -67,6 +67,8 @@ pub enum ArpOp {
 /// An IPv4 packet (header validated, no options, not a fragment).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ipv4<'a> {
+    /// The whole packet (header and payload, without Ethernet padding).
+    pub packet: &'a [u8],
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
     pub ttl: u8,
@@ -237,6 +239,7 @@ fn parse_ipv4(payload: &[u8]) -> Result<Ipv4<'_>, DropReason> {
         _ => return Err(DropReason::UnsupportedProtocol),
     };
     Ok(Ipv4 {
+        packet: &payload[..total_len],
         src: header.source_addr(),
         dst: header.destination_addr(),
         ttl: header.ttl(),

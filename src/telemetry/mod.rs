@@ -93,6 +93,22 @@ reasons! {
     DnsMalformed => "dns_malformed",
     /// DHCP message type the server does not act on (OFFER/ACK from the guest, DECLINE, ...).
     DhcpIgnored => "dhcp_ignored",
+    /// A TCP segment (not a SYN) for a connection moat does not know.
+    TcpNoFlow => "tcp_no_flow",
+    /// A SYN with FIN or RST set.
+    TcpBadFlags => "tcp_bad_flags",
+    /// `limits.max_flows` reached: new connections are refused.
+    FlowLimit => "flow_limit",
+    /// To a 198.18.0.0/15 address moat never gave out in DNS.
+    UnknownSyntheticAddress => "unknown_synthetic_address",
+    /// To a reserved range (loopback, private, link-local, metadata, ...) no rule names.
+    ReservedDestination => "reserved_destination",
+    /// The rule's proxy kind is not supported yet.
+    EgressUnsupported => "egress_unsupported",
+    /// No socket could be opened to the proxy.
+    ProxyUnreachable => "proxy_unreachable",
+    /// The stack's inbound queue is full.
+    StackQueueFull => "stack_queue_full",
     /// An answer for the guest found no RX buffer and the pending queue was full.
     RxQueueFull => "rx_queue_full",
     /// An answer for the guest did not fit the RX buffers it posted.
@@ -118,6 +134,33 @@ impl Service {
             Service::Dhcp => "dhcp",
             Service::IcmpEcho => "icmp_echo",
             Service::Dns => "dns",
+        }
+    }
+}
+
+/// What happened to flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowEvent {
+    Opened,
+    Closed,
+    Reset,
+    ProxyFailed,
+}
+
+impl FlowEvent {
+    pub const ALL: &'static [FlowEvent] = &[
+        FlowEvent::Opened,
+        FlowEvent::Closed,
+        FlowEvent::Reset,
+        FlowEvent::ProxyFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowEvent::Opened => "opened",
+            FlowEvent::Closed => "closed",
+            FlowEvent::Reset => "reset",
+            FlowEvent::ProxyFailed => "proxy_failed",
         }
     }
 }
@@ -169,6 +212,7 @@ pub struct Counters {
     answers: Vec<AtomicU64>,
     traffic: Vec<AtomicU64>,
     dns: Vec<AtomicU64>,
+    flows: Vec<AtomicU64>,
 }
 
 impl Default for Counters {
@@ -179,6 +223,7 @@ impl Default for Counters {
             answers: zeros(Service::ALL.len()),
             traffic: zeros(Traffic::ALL.len()),
             dns: zeros(DnsOutcome::ALL.len()),
+            flows: zeros(FlowEvent::ALL.len()),
         }
     }
 }
@@ -202,6 +247,14 @@ impl Counters {
 
     pub fn dns_answered(&self, outcome: DnsOutcome) {
         self.dns[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn flow(&self, event: FlowEvent) {
+        self.flows[event as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn flows(&self, event: FlowEvent) -> u64 {
+        self.flows[event as usize].load(Ordering::Relaxed)
     }
 
     pub fn dns(&self, outcome: DnsOutcome) -> u64 {
@@ -232,6 +285,9 @@ impl Counters {
         }
         for s in Service::ALL {
             rows.push(("answered", s.as_str(), self.answers(*s)));
+        }
+        for e in FlowEvent::ALL {
+            rows.push(("flows", e.as_str(), self.flows(*e)));
         }
         for o in DnsOutcome::ALL {
             rows.push(("dns", o.as_str(), self.dns(*o)));

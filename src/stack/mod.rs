@@ -1,0 +1,170 @@
+//! Userspace TCP for guest flows: a smoltcp interface that owns the gateway address and, in
+//! any-IP mode, answers as if it were each destination (a transparent proxy). It sees only
+//! the IP packets of flows the firewall and the egress policy have accepted.
+//!
+//! The smoltcp `Device` is a pair of packet queues: the data path pushes guest packets in
+//! and takes the stack's packets out (to be framed for the guest's RX queue).
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, Ipv4Address};
+
+use crate::policy::Vm;
+
+/// Per-flow buffer in each direction. Bounds memory per flow at about twice this.
+pub const FLOW_BUFFER: usize = 64 * 1024;
+/// Guest packets waiting for the stack, at most (bounded: the guest cannot grow it).
+const MAX_QUEUED: usize = 4096;
+
+/// Packet queues standing in for a NIC.
+#[derive(Debug, Default)]
+struct Queues {
+    to_stack: VecDeque<Vec<u8>>,
+    from_stack: Vec<Vec<u8>>,
+    mtu: usize,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut Vec<Vec<u8>>);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.push(buf);
+        r
+    }
+}
+
+impl Device for Queues {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _now: SmolInstant) -> Option<(Rx, Tx<'_>)> {
+        let packet = self.to_stack.pop_front()?;
+        Some((Rx(packet), Tx(&mut self.from_stack)))
+    }
+
+    fn transmit(&mut self, _now: SmolInstant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.from_stack))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.mtu;
+        caps
+    }
+}
+
+/// The TCP/IP stack of one VM's flows.
+pub struct Stack {
+    iface: Interface,
+    queues: Queues,
+    sockets: SocketSet<'static>,
+    epoch: std::time::Instant,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("queued", &self.queues.to_stack.len())
+            .finish()
+    }
+}
+
+impl Stack {
+    pub fn new(vm: &Vm) -> Stack {
+        let mut queues = Queues {
+            mtu: usize::from(vm.mtu),
+            ..Queues::default()
+        };
+        let epoch = std::time::Instant::now();
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ip),
+            &mut queues,
+            SmolInstant::ZERO,
+        );
+        iface.update_ip_addrs(|addrs| {
+            let cidr = IpCidr::new(IpAddress::Ipv4(vm.gateway), vm.prefix_len);
+            // One address: cannot overflow the fixed-size list.
+            let _ = addrs.push(cidr);
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(vm.gateway);
+        iface.set_any_ip(true);
+        Stack {
+            iface,
+            queues,
+            sockets: SocketSet::new(Vec::new()),
+            epoch,
+        }
+    }
+
+    fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Hand a guest IP packet to the stack. Returns false if the queue is full (dropped).
+    pub fn ingress(&mut self, packet: &[u8]) -> bool {
+        if self.queues.to_stack.len() >= MAX_QUEUED {
+            return false;
+        }
+        self.queues.to_stack.push_back(packet.to_vec());
+        true
+    }
+
+    /// Run the stack: process queued packets, timers, and socket output.
+    pub fn poll(&mut self) {
+        let now = self.now();
+        self.iface.poll(now, &mut self.queues, &mut self.sockets);
+    }
+
+    /// IP packets the stack sent to the guest since the last call.
+    pub fn take_egress(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.queues.from_stack)
+    }
+
+    /// When the stack next needs `poll` for its own timers (retransmits, delayed ACKs).
+    pub fn poll_delay(&mut self) -> Option<Duration> {
+        let now = self.now();
+        self.iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+    }
+
+    /// A socket listening as `dst` for one guest connection, with its SYN-ACK held back
+    /// until [`Stack::release_synack`] (the proxy has accepted) or aborted.
+    pub fn listen(&mut self, dst: Ipv4Addr, port: u16) -> Option<SocketHandle> {
+        let rx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
+        let tx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
+        let mut socket = tcp::Socket::new(rx, tx);
+        socket.pause_synack(true);
+        socket.set_nagle_enabled(false);
+        let endpoint = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(Ipv4Address::from(dst))),
+            port,
+        };
+        socket.listen(endpoint).ok()?;
+        Some(self.sockets.add(socket))
+    }
+
+    pub fn socket(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(handle)
+    }
+
+    pub fn remove(&mut self, handle: SocketHandle) {
+        self.sockets.remove(handle);
+    }
+}
