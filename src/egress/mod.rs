@@ -105,7 +105,7 @@ impl Flows {
             dst_port: tcp.dst_port,
         };
         if !self.flows.contains_key(&key) {
-            if !(tcp.flags.syn && !tcp.flags.ack) {
+            if !tcp.flags.syn || tcp.flags.ack {
                 return Err(DropReason::TcpNoFlow);
             }
             if tcp.flags.fin || tcp.flags.rst {

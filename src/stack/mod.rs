@@ -13,7 +13,7 @@ use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, Ipv4Address};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
 
 use crate::policy::Vm;
 
@@ -153,7 +153,7 @@ impl Stack {
         socket.pause_synack(true);
         socket.set_nagle_enabled(false);
         let endpoint = IpListenEndpoint {
-            addr: Some(IpAddress::Ipv4(Ipv4Address::from(dst))),
+            addr: Some(IpAddress::Ipv4(dst)),
             port,
         };
         socket.listen(endpoint).ok()?;
