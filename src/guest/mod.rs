@@ -7,6 +7,7 @@
 //! library because integration tests, the canary and the benchmarks all drive moat with it.
 
 mod memory;
+mod net;
 mod ring;
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use memory::{GuestMemory, GPA_BASE};
+pub use net::GuestNet;
 use ring::SplitRing;
 pub use ring::{RawDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 

@@ -1,0 +1,246 @@
+//! A TCP/IP stack on the guest side of the simulated guest (smoltcp over its virtqueues),
+//! so tests, the canary and benchmarks can open real TCP connections through moat.
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+
+use super::{GuestError, SimGuest};
+
+/// Socket buffers on the guest side (large enough for bulk transfers).
+const BUFFER: usize = 256 * 1024;
+
+struct Link<'a> {
+    guest: &'a mut SimGuest,
+    inbox: &'a mut VecDeque<Vec<u8>>,
+    mtu: usize,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut SimGuest);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        if let Err(e) = self.0.send_frame(&buf) {
+            tracing::warn!(error = %e, "simulated guest could not send");
+        }
+        r
+    }
+}
+
+impl Device for Link<'_> {
+    type RxToken<'b>
+        = Rx
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = Tx<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _now: SmolInstant) -> Option<(Rx, Tx<'_>)> {
+        let frame = self.inbox.pop_front()?;
+        Some((Rx(frame), Tx(self.guest)))
+    }
+
+    fn transmit(&mut self, _now: SmolInstant) -> Option<Tx<'_>> {
+        Some(Tx(self.guest))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu;
+        caps
+    }
+}
+
+/// The simulated guest with an IP address, a default route and sockets.
+pub struct GuestNet {
+    guest: SimGuest,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    inbox: VecDeque<Vec<u8>>,
+    epoch: Instant,
+    gateway: Ipv4Addr,
+    next_port: u16,
+    mtu: usize,
+}
+
+impl GuestNet {
+    /// Configure `guest` as `mac`, `address/prefix`, default route via `gateway`.
+    pub fn new(
+        mut guest: SimGuest,
+        mac: [u8; 6],
+        address: Ipv4Addr,
+        prefix: u8,
+        gateway: Ipv4Addr,
+        mtu: u16,
+    ) -> GuestNet {
+        let mtu = usize::from(mtu) + 14;
+        let mut inbox = VecDeque::new();
+        let mut link = Link {
+            guest: &mut guest,
+            inbox: &mut inbox,
+            mtu,
+        };
+        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        let mut iface = Interface::new(config, &mut link, SmolInstant::ZERO);
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(address), prefix));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(gateway);
+        GuestNet {
+            guest,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            inbox,
+            epoch: Instant::now(),
+            gateway,
+            next_port: 49152,
+            mtu,
+        }
+    }
+
+    fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    fn port(&mut self) -> u16 {
+        self.next_port = if self.next_port >= 65000 {
+            49152
+        } else {
+            self.next_port + 1
+        };
+        self.next_port
+    }
+
+    /// Process what arrived and what is due; wait up to `wait` for a frame first.
+    pub fn poll(&mut self, wait: Duration) -> Result<(), GuestError> {
+        let now = self.now();
+        let delay = self
+            .iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(wait)
+            .min(wait);
+        if let Some(frame) = self.guest.recv_frame(delay)? {
+            self.inbox.push_back(frame);
+            while let Some(more) = self.guest.recv_frame(Duration::ZERO)? {
+                self.inbox.push_back(more);
+            }
+        }
+        let now = self.now();
+        let mut link = Link {
+            guest: &mut self.guest,
+            inbox: &mut self.inbox,
+            mtu: self.mtu,
+        };
+        self.iface.poll(now, &mut link, &mut self.sockets);
+        Ok(())
+    }
+
+    /// Poll until `done` says so or `timeout` passes; returns whether it was done.
+    pub fn run_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&mut GuestNet) -> bool,
+    ) -> Result<bool, GuestError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(self) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            self.poll(left.min(Duration::from_millis(10)))?;
+        }
+    }
+
+    /// Start a TCP connection to `dst:port` (from an ephemeral port).
+    pub fn tcp_connect(&mut self, dst: Ipv4Addr, port: u16) -> SocketHandle {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; BUFFER]),
+            tcp::SocketBuffer::new(vec![0; BUFFER]),
+        );
+        let local = self.port();
+        let remote = IpEndpoint::new(IpAddress::Ipv4(dst), port);
+        // An error here means the socket was not closed: a fresh socket always connects.
+        let _ = socket.connect(self.iface.context(), remote, local);
+        self.sockets.add(socket)
+    }
+
+    pub fn tcp(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(handle)
+    }
+
+    pub fn remove(&mut self, handle: SocketHandle) {
+        self.sockets.remove(handle);
+    }
+
+    /// Resolve `name` (A record) at the gateway's DNS; `None` for NXDOMAIN or no answer.
+    pub fn resolve(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Option<Ipv4Addr>, GuestError> {
+        use hickory_proto::op::{Message, Query};
+        use hickory_proto::rr::{Name, RData, RecordType};
+        let Ok(qname) = Name::from_ascii(name) else {
+            return Ok(None);
+        };
+        let mut query = Message::query();
+        query.metadata.id = self.port();
+        query.metadata.recursion_desired = true;
+        query.add_query(Query::query(qname, RecordType::A));
+        let Ok(bytes) = query.to_vec() else {
+            return Ok(None);
+        };
+        let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]);
+        let tx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]);
+        let mut socket = udp::Socket::new(rx, tx);
+        let local = self.port();
+        let _ = socket.bind(local);
+        let server = IpEndpoint::new(IpAddress::Ipv4(self.gateway), 53);
+        let _ = socket.send_slice(&bytes, server);
+        let handle = self.sockets.add(socket);
+        let mut answer = None;
+        self.run_until(timeout, |net| {
+            let s = net.sockets.get_mut::<udp::Socket>(handle);
+            if let Ok((data, _)) = s.recv() {
+                answer = Some(data.to_vec());
+                return true;
+            }
+            false
+        })?;
+        self.sockets.remove(handle);
+        let Some(reply) = answer.and_then(|a| Message::from_vec(&a).ok()) else {
+            return Ok(None);
+        };
+        Ok(reply.answers.iter().find_map(|r| match r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        }))
+    }
+
+    /// The simulated guest underneath (for raw frames).
+    pub fn sim(&mut self) -> &mut SimGuest {
+        &mut self.guest
+    }
+}

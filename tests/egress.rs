@@ -1,0 +1,285 @@
+//! Egress through the proxy, through the real socket: allowed flows are terminated in moat
+//! and re-originated as HTTP CONNECT; refused ones never reach the proxy; proxy failures
+//! reset the guest's connection; streams arrive byte for byte.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use moat::guest::GuestNet;
+use moat::telemetry::{DropReason, FlowEvent};
+use smoltcp::socket::tcp::State;
+use support::proxy::{origin, pattern, Fnv, ProxyMode, TestProxy, DOWNLOAD_LEN};
+use support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+fn policy(proxy: SocketAddr, max_flows: usize) -> String {
+    format!(
+        r#"
+[vm]
+name = "egress"
+mac = "52:54:00:12:34:56"
+address = "10.0.0.2/24"
+gateway = "10.0.0.1"
+[proxy]
+http = "{proxy}"
+[[outbound]]
+protocol = "tcp"
+ports = [80, 443]
+to = ["example.com", "*.example.com", "203.0.113.0/24", "127.0.0.1/32"]
+[dns]
+allow = ["example.com", "*.example.com", "evil.test"]
+[limits]
+max_flows = {max_flows}
+"#
+    )
+}
+
+fn guest_net(served: &Served) -> GuestNet {
+    GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500)
+}
+
+/// Connect and wait for the handshake; returns the socket once established.
+fn established(net: &mut GuestNet, dst: Ipv4Addr, port: u16) -> smoltcp::iface::SocketHandle {
+    let h = net.tcp_connect(dst, port);
+    let ok = net
+        .run_until(T, |n| n.tcp(h).state() == State::Established)
+        .unwrap();
+    assert!(
+        ok,
+        "connection to {dst}:{port} not established: {:?}",
+        net.tcp(h).state()
+    );
+    h
+}
+
+/// The connection never opens: it is reset (proxy failure) or left unanswered (dropped).
+fn never_established(net: &mut GuestNet, dst: Ipv4Addr, port: u16, within: Duration) -> State {
+    let h = net.tcp_connect(dst, port);
+    let mut seen_established = false;
+    net.run_until(within, |n| {
+        seen_established |= n.tcp(h).state() == State::Established;
+        n.tcp(h).state() == State::Closed
+    })
+    .unwrap();
+    assert!(!seen_established, "{dst}:{port} must not be established");
+    let state = net.tcp(h).state();
+    net.remove(h);
+    state
+}
+
+fn send_all(net: &mut GuestNet, h: smoltcp::iface::SocketHandle, data: &[u8]) {
+    let mut off = 0;
+    let ok = net
+        .run_until(T, |n| {
+            if let Ok(k) = n.tcp(h).send_slice(&data[off..]) {
+                off += k;
+            }
+            off == data.len()
+        })
+        .unwrap();
+    assert!(ok, "sent only {off} of {} bytes", data.len());
+}
+
+fn recv_until_closed(
+    net: &mut GuestNet,
+    h: smoltcp::iface::SocketHandle,
+    mut sink: impl FnMut(&[u8]),
+) {
+    let ok = net
+        .run_until(Duration::from_secs(60), |n| {
+            let s = n.tcp(h);
+            while s.can_recv() {
+                let _ = s.recv(|d| {
+                    sink(d);
+                    (d.len(), ())
+                });
+            }
+            !s.may_recv()
+        })
+        .unwrap();
+    assert!(ok, "stream did not finish: {:?}", net.tcp(h).state());
+}
+
+#[test]
+fn allowed_name_goes_to_the_proxy_by_name_and_echoes() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&policy(proxy.addr, 64), true);
+    let mut net = guest_net(&served);
+    let addr = net
+        .resolve("www.example.com", T)
+        .unwrap()
+        .expect("allowed name resolves");
+    let h = established(&mut net, addr, 80);
+    send_all(&mut net, h, b"Ehello through moat");
+    let mut got = Vec::new();
+    net.run_until(T, |n| {
+        let s = n.tcp(h);
+        if s.can_recv() {
+            let _ = s.recv(|d| {
+                got.extend_from_slice(d);
+                (d.len(), ())
+            });
+        }
+        got.len() >= 18
+    })
+    .unwrap();
+    assert_eq!(got, b"hello through moat");
+    assert_eq!(proxy.requests(), vec!["www.example.com:80".to_string()]);
+    net.tcp(h).close();
+    net.run_until(T, |_| served.counters.flows(FlowEvent::Closed) == 1)
+        .unwrap();
+    assert_eq!(served.counters.flows(FlowEvent::Opened), 1);
+}
+
+#[test]
+fn sixteen_mib_up_with_half_close_arrives_byte_exact() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&policy(proxy.addr, 64), true);
+    let mut net = guest_net(&served);
+    let addr = net.resolve("upload.example.com", T).unwrap().unwrap();
+    let h = established(&mut net, addr, 443);
+    send_all(&mut net, h, b"U");
+    let total: u64 = 16 << 20;
+    let mut hash = Fnv::default();
+    let mut sent = 0u64;
+    while sent < total {
+        let chunk = pattern(sent, (total - sent).min(256 * 1024) as usize);
+        hash.update(&chunk);
+        send_all(&mut net, h, &chunk);
+        sent += chunk.len() as u64;
+    }
+    // Half-close: the origin answers only after it sees our FIN.
+    net.tcp(h).close();
+    let mut reply = Vec::new();
+    recv_until_closed(&mut net, h, |d| reply.extend_from_slice(d));
+    assert_eq!(reply.len(), 16, "length and hash from the origin");
+    assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), total);
+    assert_eq!(
+        u64::from_be_bytes(reply[8..].try_into().unwrap()),
+        hash.0,
+        "byte-exact upstream"
+    );
+}
+
+#[test]
+fn sixteen_mib_down_arrives_byte_exact() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&policy(proxy.addr, 64), true);
+    let mut net = guest_net(&served);
+    let addr = net.resolve("download.example.com", T).unwrap().unwrap();
+    let h = established(&mut net, addr, 80);
+    send_all(&mut net, h, b"D");
+    let (mut len, mut hash) = (0u64, Fnv::default());
+    recv_until_closed(&mut net, h, |d| {
+        len += d.len() as u64;
+        hash.update(d);
+    });
+    let mut want = Fnv::default();
+    want.update(&pattern(0, DOWNLOAD_LEN as usize));
+    assert_eq!(len, DOWNLOAD_LEN);
+    assert_eq!(hash.0, want.0, "byte-exact downstream");
+}
+
+#[test]
+fn a_refusing_proxy_resets_the_guest_connection() {
+    let proxy = TestProxy::start(ProxyMode::Refuse(403), origin());
+    let served = Served::start(&policy(proxy.addr, 64), true);
+    let mut net = guest_net(&served);
+    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let state = never_established(&mut net, addr, 443, T);
+    assert_eq!(state, State::Closed, "reset promptly");
+    assert_eq!(proxy.requests(), vec!["www.example.com:443".to_string()]);
+    eventually("proxy failure counted", || {
+        served.counters.flows(FlowEvent::ProxyFailed) == 1
+    });
+}
+
+#[test]
+fn a_dead_proxy_resets_the_guest_connection() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let served = Served::start(&policy(dead, 64), true);
+    let mut net = guest_net(&served);
+    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    assert_eq!(never_established(&mut net, addr, 80, T), State::Closed);
+    eventually("proxy failure counted", || {
+        served.counters.flows(FlowEvent::ProxyFailed) == 1
+    });
+}
+
+#[test]
+fn destinations_the_policy_does_not_allow_never_reach_the_proxy() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&policy(proxy.addr, 64), true);
+    let mut net = guest_net(&served);
+    let evil = net
+        .resolve("evil.test", T)
+        .unwrap()
+        .expect("resolvable, but no outbound rule");
+    let allowed = net.resolve("www.example.com", T).unwrap().unwrap();
+    assert_eq!(net.resolve("not-listed.test", T).unwrap(), None, "NXDOMAIN");
+    let quick = Duration::from_millis(1500);
+    for (dst, port) in [
+        (evil, 443),                             // name not in any rule's `to`
+        (allowed, 22),                           // port not in the rule
+        (Ipv4Addr::new(198, 51, 100, 7), 80),    // IP literal without a CIDR
+        (Ipv4Addr::new(169, 254, 169, 254), 80), // cloud metadata
+        (Ipv4Addr::new(10, 0, 0, 3), 80),        // another VM
+        (Ipv4Addr::new(192, 168, 1, 1), 443),    // private range
+        (Ipv4Addr::new(198, 18, 99, 99), 443),   // synthetic address never handed out
+    ] {
+        let state = never_established(&mut net, dst, port, quick);
+        assert_eq!(
+            state,
+            State::SynSent,
+            "{dst}:{port}: SYN dropped, no answer at all"
+        );
+    }
+    assert!(
+        proxy.requests().is_empty(),
+        "nothing reached the proxy: {:?}",
+        proxy.requests()
+    );
+    let c = &served.counters;
+    assert!(
+        c.drops(DropReason::NotAllowed) >= 3,
+        "not_allowed {}",
+        c.drops(DropReason::NotAllowed)
+    );
+    assert!(c.drops(DropReason::ReservedDestination) >= 3);
+    assert!(c.drops(DropReason::UnknownSyntheticAddress) >= 1);
+    assert_eq!(c.flows(FlowEvent::Opened), 0);
+}
+
+#[test]
+fn ip_literals_go_through_when_a_cidr_names_them() {
+    let origin = origin();
+    let proxy = TestProxy::start(ProxyMode::Accept, origin);
+    let served = Served::start(&policy(proxy.addr, 64), true);
+    let mut net = guest_net(&served);
+    let h = established(&mut net, Ipv4Addr::new(203, 0, 113, 10), 443);
+    net.tcp(h).abort();
+    net.poll(Duration::from_millis(10)).unwrap();
+    eventually("proxy asked", || !proxy.requests().is_empty());
+    assert_eq!(proxy.requests(), vec!["203.0.113.10:443".to_string()]);
+}
+
+#[test]
+fn max_flows_refuses_new_connections_and_counts_them() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&policy(proxy.addr, 2), true);
+    let mut net = guest_net(&served);
+    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let a = established(&mut net, addr, 80);
+    let b = established(&mut net, addr, 80);
+    let state = never_established(&mut net, addr, 80, Duration::from_millis(1500));
+    assert_eq!(state, State::SynSent);
+    assert!(served.counters.drops(DropReason::FlowLimit) >= 1);
+    send_all(&mut net, a, b"Eok");
+    net.tcp(b).abort();
+}

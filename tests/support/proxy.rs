@@ -1,0 +1,192 @@
+//! Test peers on loopback: a minimal HTTP CONNECT proxy (to see what moat asks for and to
+//! refuse on demand) and an origin server with echo, upload-hash and download modes.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+/// FNV-1a over a byte stream: enough to prove byte-exactness in tests.
+#[derive(Clone, Copy)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn update(&mut self, data: &[u8]) {
+        for b in data {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// The deterministic test pattern: byte i is (i * 7 + i / 251) mod 256.
+pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let j = offset + i;
+            (j.wrapping_mul(7) + j / 251) as u8
+        })
+        .collect()
+}
+
+pub const DOWNLOAD_LEN: u64 = 16 << 20;
+
+/// An origin server: first byte 'E' echo, 'U' hash everything until EOF and answer
+/// (length, hash), 'D' send DOWNLOAD_LEN pattern bytes and close.
+pub fn origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            thread::spawn(move || serve_origin(conn));
+        }
+    });
+    addr
+}
+
+fn serve_origin(mut conn: TcpStream) {
+    let mut mode = [0u8; 1];
+    if conn.read_exact(&mut mode).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    match mode[0] {
+        b'E' => loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        },
+        b'U' => {
+            let (mut len, mut hash) = (0u64, Fnv::default());
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        len += n as u64;
+                        hash.update(&buf[..n]);
+                    }
+                    Err(_) => return,
+                }
+            }
+            let mut reply = len.to_be_bytes().to_vec();
+            reply.extend_from_slice(&hash.0.to_be_bytes());
+            let _ = conn.write_all(&reply);
+        }
+        b'D' => {
+            let mut sent = 0u64;
+            while sent < DOWNLOAD_LEN {
+                let n = (DOWNLOAD_LEN - sent).min(64 * 1024) as usize;
+                if conn.write_all(&pattern(sent, n)).is_err() {
+                    return;
+                }
+                sent += n as u64;
+            }
+        }
+        _ => {}
+    }
+    let _ = conn.shutdown(Shutdown::Both);
+}
+
+/// How the test proxy answers CONNECT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    Accept,
+    Refuse(u16),
+}
+
+/// A CONNECT proxy on loopback: every name it is asked for goes to `origin` (names in tests
+/// resolve to loopback this way); IP literals are connected to as given.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    /// Every CONNECT target (`host:port`) asked for, in order.
+    pub requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl TestProxy {
+    pub fn start(mode: ProxyMode, origin: SocketAddr) -> TestProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&requests);
+        thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let log = Arc::clone(&log);
+                thread::spawn(move || proxy_conn(conn, mode, origin, log));
+            }
+        });
+        TestProxy { addr, requests }
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn proxy_conn(conn: TcpStream, mode: ProxyMode, origin: SocketAddr, log: Arc<Mutex<Vec<String>>>) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let target = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    log.lock().unwrap().push(target.clone());
+    let mut client = conn;
+    if let ProxyMode::Refuse(code) = mode {
+        let _ = write!(
+            client,
+            "HTTP/1.1 {code} Refused\r\nContent-Length: 0\r\n\r\n"
+        );
+        return;
+    }
+    let host = target.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
+    let upstream = match host.parse::<std::net::Ipv4Addr>() {
+        Ok(_) => TcpStream::connect(&target),
+        Err(_) => TcpStream::connect(origin),
+    };
+    let Ok(upstream) = upstream else {
+        let _ = write!(client, "HTTP/1.1 502 Bad Gateway\r\n\r\n");
+        return;
+    };
+    let _ = write!(client, "HTTP/1.1 200 Connection established\r\n\r\n");
+    // Bytes the BufReader already pulled past the header go first.
+    let early = reader.buffer().to_vec();
+    let mut up = upstream.try_clone().unwrap();
+    if !early.is_empty() && up.write_all(&early).is_err() {
+        return;
+    }
+    let mut down = upstream;
+    let mut client_rd = client.try_clone().unwrap();
+    let t = thread::spawn(move || {
+        let _ = std::io::copy(&mut client_rd, &mut up);
+        let _ = up.shutdown(Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut down, &mut client);
+    let _ = client.shutdown(Shutdown::Write);
+    let _ = t.join();
+}
