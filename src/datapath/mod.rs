@@ -33,7 +33,7 @@ impl Datapath {
         counters: Arc<Counters>,
     ) -> Datapath {
         Datapath {
-            firewall: Firewall::new(&policy.vm),
+            firewall: Firewall::new(&policy),
             gateway: Gateway::new(&policy, Arc::clone(&names), Arc::clone(&counters)),
             max_frame_len: ETH_HDR_LEN + usize::from(policy.vm.mtu),
             guest_mac: policy.vm.mac,

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 
-use super::connect::{self, Reply};
-use super::route::Route;
+use super::connect;
+use super::route::{Route, Target};
+use super::socks5;
 use crate::stack::Stack;
 
 /// How long the proxy gets to accept a CONNECT.
@@ -68,6 +69,69 @@ impl End {
     }
 }
 
+/// What is said to the proxy before bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Negotiation {
+    /// Nothing: the guest speaks the proxy protocol itself (explicit proxy port).
+    Splice,
+    /// `CONNECT target:port`, wait for 2xx.
+    HttpConnect,
+    /// SOCKS5 greeting, then CONNECT.
+    Socks5Greeting,
+    Socks5Connect,
+}
+
+/// One step of a negotiation after reading from the proxy.
+enum Step {
+    Incomplete,
+    /// Send this next; `consumed` reply bytes are done with.
+    Send(Vec<u8>, usize),
+    /// Open; bytes after `consumed` belong to the stream.
+    Open(usize),
+    Refused(u16),
+    Malformed,
+}
+
+impl Negotiation {
+    fn first(self, target: &Target, port: u16) -> Vec<u8> {
+        match self {
+            Negotiation::Splice => Vec::new(),
+            Negotiation::HttpConnect => connect::request(target, port),
+            Negotiation::Socks5Greeting | Negotiation::Socks5Connect => socks5::greeting(),
+        }
+    }
+
+    fn on_reply(&mut self, buf: &[u8], target: &Target, port: u16) -> Step {
+        match self {
+            Negotiation::Splice => Step::Open(0),
+            Negotiation::HttpConnect => match connect::parse_reply(buf) {
+                connect::Reply::Incomplete => Step::Incomplete,
+                connect::Reply::Accepted { header_len } => Step::Open(header_len),
+                connect::Reply::Refused(code) => Step::Refused(code),
+                connect::Reply::Malformed => Step::Malformed,
+            },
+            Negotiation::Socks5Greeting => match socks5::parse_method(buf) {
+                socks5::Reply::Incomplete => Step::Incomplete,
+                socks5::Reply::Done(n) => match socks5::connect_request(target, port) {
+                    Some(req) => {
+                        *self = Negotiation::Socks5Connect;
+                        Step::Send(req, n)
+                    }
+                    None => Step::Malformed,
+                },
+                socks5::Reply::Refused(code) => Step::Refused(u16::from(code)),
+                socks5::Reply::Malformed => Step::Malformed,
+            },
+            Negotiation::Socks5Connect => match socks5::parse_connect_reply(buf) {
+                socks5::Reply::Incomplete => Step::Incomplete,
+                socks5::Reply::Done(n) => Step::Open(n),
+                socks5::Reply::Refused(code) => Step::Refused(u16::from(code)),
+                socks5::Reply::Malformed => Step::Malformed,
+            },
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Phase {
     Connecting,
@@ -85,6 +149,7 @@ pub struct Flow {
     pub stream: TcpStream,
     pub token: u64,
     pub phase: Phase,
+    negotiation: Negotiation,
     request: Vec<u8>,
     request_sent: usize,
     reply: Vec<u8>,
@@ -104,11 +169,12 @@ impl Flow {
     pub fn new(
         key: FlowKey,
         route: Route,
+        negotiation: Negotiation,
         handle: SocketHandle,
         stream: TcpStream,
         token: u64,
     ) -> Flow {
-        let request = connect::request(&route.target, route.port);
+        let request = negotiation.first(&route.target, route.port);
         Flow {
             key,
             route,
@@ -116,6 +182,7 @@ impl Flow {
             stream,
             token,
             phase: Phase::Connecting,
+            negotiation,
             request,
             request_sent: 0,
             reply: Vec::new(),
@@ -198,29 +265,49 @@ impl Flow {
                 Err(_) => return self.finish(stack, End::ProxyUnreachable),
             }
         }
+        if self.negotiation == Negotiation::Splice && self.request_sent == self.request.len() {
+            return self.open(stack, 0);
+        }
         let mut buf = [0u8; 2048];
         while self.readable {
             match self.stream.read(&mut buf) {
                 Ok(0) => return self.finish(stack, End::ProxyBadReply),
                 Ok(n) => {
                     self.reply.extend_from_slice(&buf[..n]);
-                    match connect::parse_reply(&self.reply) {
-                        Reply::Incomplete => continue,
-                        Reply::Accepted { header_len } => {
-                            self.pending_down = self.reply.split_off(header_len);
-                            self.phase = Phase::Open;
-                            stack.socket(self.handle).pause_synack(false);
-                            tracing::info!(flow = %self.key, target = %self.route.target, port = self.route.port, rule = self.route.rule, "flow open");
-                            return;
+                    if self.reply.len() > connect::MAX_REPLY {
+                        return self.finish(stack, End::ProxyBadReply);
+                    }
+                    match self.negotiation.on_reply(
+                        &self.reply,
+                        &self.route.target,
+                        self.route.port,
+                    ) {
+                        Step::Incomplete => continue,
+                        Step::Send(next, consumed) => {
+                            self.reply.drain(..consumed);
+                            self.request = next;
+                            self.request_sent = 0;
+                            // Write it now if the socket takes it (else on the next OUT event).
+                            return self.handshake(stack);
                         }
-                        Reply::Refused(code) => return self.finish(stack, End::ProxyRefused(code)),
-                        Reply::Malformed => return self.finish(stack, End::ProxyBadReply),
+                        Step::Open(consumed) => return self.open(stack, consumed),
+                        Step::Refused(code) => return self.finish(stack, End::ProxyRefused(code)),
+                        Step::Malformed => return self.finish(stack, End::ProxyBadReply),
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,
                 Err(_) => return self.finish(stack, End::ProxyUnreachable),
             }
         }
+    }
+
+    /// The proxy accepted: release the guest's SYN-ACK and start splicing.
+    fn open(&mut self, stack: &mut Stack, consumed: usize) {
+        self.pending_down = self.reply.split_off(consumed.min(self.reply.len()));
+        self.reply.clear();
+        self.phase = Phase::Open;
+        stack.socket(self.handle).pause_synack(false);
+        tracing::info!(flow = %self.key, target = %self.route.target, port = self.route.port, rule = self.route.rule, "flow open");
     }
 
     fn splice(&mut self, stack: &mut Stack) {

@@ -8,6 +8,7 @@
 pub mod connect;
 pub mod flow;
 pub mod route;
+pub mod socks5;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
@@ -22,7 +23,7 @@ use crate::policy::{Policy, Via};
 use crate::services::dns::NamePool;
 use crate::stack::Stack;
 use crate::telemetry::{Counters, DropReason, FlowEvent};
-use flow::{End, Flow, FlowKey, Phase};
+use flow::{End, Flow, FlowKey, Negotiation, Phase};
 
 /// How the flow table asks the event loop to watch proxy sockets.
 pub trait Registrar: Send + Sync {
@@ -123,14 +124,19 @@ impl Flows {
         if self.flows.len() >= self.policy.limits.max_flows {
             return Err(DropReason::FlowLimit);
         }
-        let route = {
-            let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-            route::route_tcp(&self.policy, &names, key.dst, key.dst_port)?
+        let (route, negotiation) = match route::explicit_proxy(&self.policy, key.dst, key.dst_port)
+        {
+            Some(route) => (route, Negotiation::Splice),
+            None => {
+                let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+                let route = route::route_tcp(&self.policy, &names, key.dst, key.dst_port)?;
+                let negotiation = match route.via {
+                    Via::Http => Negotiation::HttpConnect,
+                    Via::Socks5 => Negotiation::Socks5Greeting,
+                };
+                (route, negotiation)
+            }
         };
-        if route.via == Via::Socks5 {
-            // SOCKS5 egress is not built yet: refuse rather than pretend.
-            return Err(DropReason::EgressUnsupported);
-        }
         let Some(registrar) = self.registrar.as_ref() else {
             return Err(DropReason::EgressUnsupported);
         };
@@ -161,8 +167,10 @@ impl Flows {
         tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "flow requested");
         self.counters.flow(FlowEvent::Opened);
         self.by_token.insert(token, key);
-        self.flows
-            .insert(key, Flow::new(key, route, handle, stream, token));
+        self.flows.insert(
+            key,
+            Flow::new(key, route, negotiation, handle, stream, token),
+        );
         Ok(())
     }
 

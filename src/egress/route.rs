@@ -67,6 +67,19 @@ fn reserved_range(ip: Ipv4Addr) -> Option<Ipv4Net> {
     RESERVED.iter().copied().find(|n| n.contains(&ip))
 }
 
+/// Guest TCP to `gateway:explicit_port`: spliced byte for byte to the HTTP proxy (the guest
+/// speaks the proxy protocol itself, `http_proxy=http://GATEWAY:PORT`).
+pub fn explicit_proxy(policy: &Policy, dst: Ipv4Addr, port: u16) -> Option<Route> {
+    let explicit = policy.proxy.explicit_port?;
+    (dst == policy.vm.gateway && port == explicit).then_some(Route {
+        target: Target::Ip(dst),
+        port,
+        via: Via::Http,
+        proxy: policy.proxy.http?,
+        rule: usize::MAX,
+    })
+}
+
 /// Decide the route of a TCP flow to `dst:port`.
 pub fn route_tcp(
     policy: &Policy,

@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 
 use crate::frame::{ArpOp, Frame, Network, Transport, ICMP_ECHO_REQUEST};
-use crate::policy::{MacAddr, Vm, GATEWAY_MAC};
+use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
 use crate::telemetry::{DropReason, Service};
 
 /// What happens to one frame.
@@ -32,15 +32,18 @@ pub struct Firewall {
     guest_ip: Ipv4Addr,
     gateway_ip: Ipv4Addr,
     directed_broadcast: Ipv4Addr,
+    explicit_port: Option<u16>,
 }
 
 impl Firewall {
-    pub fn new(vm: &Vm) -> Firewall {
+    pub fn new(policy: &Policy) -> Firewall {
+        let vm = &policy.vm;
         Firewall {
             guest_mac: vm.mac,
             guest_ip: vm.address,
             gateway_ip: vm.gateway,
             directed_broadcast: vm.broadcast(),
+            explicit_port: policy.proxy.explicit_port,
         }
     }
 
@@ -113,6 +116,9 @@ impl Firewall {
                     Transport::Icmp(_) => Err(DropReason::IcmpNotEcho),
                     Transport::Udp(udp) if udp.dst_port == DNS_PORT => {
                         Ok(Verdict::Answer(Service::Dns))
+                    }
+                    Transport::Tcp(tcp) if Some(tcp.dst_port) == self.explicit_port => {
+                        Ok(Verdict::Flow)
                     }
                     Transport::Udp(_) | Transport::Tcp(_) => Err(DropReason::GatewayPortClosed),
                 }

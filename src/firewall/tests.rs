@@ -6,7 +6,7 @@ use etherparse::{ArpOperation, PacketBuilder};
 
 use super::*;
 use crate::frame::{craft, parse};
-use crate::policy::Policy;
+use crate::policy::{Policy, Vm};
 
 const POLICY: &str = r#"
 [vm]
@@ -18,7 +18,7 @@ gateway = "10.0.0.1"
 
 fn setup() -> (Firewall, Vm) {
     let policy = Policy::parse(POLICY, Path::new("fw-test.toml")).expect("test policy is valid");
-    (Firewall::new(&policy.vm), policy.vm)
+    (Firewall::new(&policy), policy.vm)
 }
 
 fn verdict_of(fw: &Firewall, bytes: &[u8]) -> Verdict {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod peers;
 pub mod proxy;
 
 use std::net::Ipv4Addr;

@@ -1,0 +1,244 @@
+//! moat against the real proxies from Debian: tinyproxy (HTTP CONNECT, and the explicit
+//! proxy port) and dante (SOCKS5). Names resolve to loopback at the proxy: the tests use
+//! "localhost", which the proxies resolve from /etc/hosts.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use moat::guest::GuestNet;
+use moat::telemetry::FlowEvent;
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp::State;
+use support::peers::{available, dante, tinyproxy};
+use support::proxy::{origin, pattern, Fnv};
+use support::*;
+
+const T: Duration = Duration::from_secs(15);
+
+fn policy(http: SocketAddr, socks5: SocketAddr, origin_port: u16, via: &str) -> String {
+    format!(
+        r#"
+[vm]
+name = "proxies"
+mac = "52:54:00:12:34:56"
+address = "10.0.0.2/24"
+gateway = "10.0.0.1"
+[proxy]
+http = "{http}"
+socks5 = "{socks5}"
+explicit_port = 3128
+[[outbound]]
+protocol = "tcp"
+ports = [{origin_port}]
+to = ["localhost", "127.0.0.1/32"]
+via = "{via}"
+[dns]
+allow = ["localhost"]
+"#
+    )
+}
+
+fn established(net: &mut GuestNet, dst: Ipv4Addr, port: u16) -> SocketHandle {
+    let h = net.tcp_connect(dst, port);
+    let ok = net
+        .run_until(T, |n| n.tcp(h).state() == State::Established)
+        .unwrap();
+    assert!(ok, "not established: {:?}", net.tcp(h).state());
+    h
+}
+
+fn send_all(net: &mut GuestNet, h: SocketHandle, data: &[u8]) {
+    let mut off = 0;
+    assert!(net
+        .run_until(T, |n| {
+            if let Ok(k) = n.tcp(h).send_slice(&data[off..]) {
+                off += k;
+            }
+            off == data.len()
+        })
+        .unwrap());
+}
+
+fn recv_exact(net: &mut GuestNet, h: SocketHandle, len: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    net.run_until(T, |n| {
+        let s = n.tcp(h);
+        while s.can_recv() {
+            let _ = s.recv(|d| {
+                got.extend_from_slice(d);
+                (d.len(), ())
+            });
+        }
+        got.len() >= len
+    })
+    .unwrap();
+    got
+}
+
+/// Echo 4 MiB through the proxy (sending and receiving at once), check it byte for byte.
+fn echo_and_check(net: &mut GuestNet, h: SocketHandle) {
+    send_all(net, h, b"E");
+    let data = pattern(0, 4 << 20);
+    let (mut sent, mut got) = (0usize, Fnv::default());
+    let mut received = 0usize;
+    assert!(
+        net.run_until(Duration::from_secs(60), |n| {
+            let s = n.tcp(h);
+            if sent < data.len() {
+                if let Ok(k) = s.send_slice(&data[sent..]) {
+                    sent += k;
+                }
+            }
+            while s.can_recv() {
+                let _ = s.recv(|d| {
+                    got.update(d);
+                    received += d.len();
+                    (d.len(), ())
+                });
+            }
+            received == data.len()
+        })
+        .unwrap(),
+        "echoed {received} of {} bytes",
+        data.len()
+    );
+    let mut want = Fnv::default();
+    want.update(&data);
+    assert_eq!(got.0, want.0, "byte-exact both ways");
+}
+
+/// Upload 4 MiB after the mode byte, half-close, check the origin's (length, hash).
+fn upload_and_check(net: &mut GuestNet, h: SocketHandle) {
+    send_all(net, h, b"U");
+    let data = pattern(0, 4 << 20);
+    let mut hash = Fnv::default();
+    hash.update(&data);
+    send_all(net, h, &data);
+    net.tcp(h).close();
+    let reply = recv_exact(net, h, 16);
+    assert_eq!(
+        u64::from_be_bytes(reply[..8].try_into().unwrap()),
+        data.len() as u64
+    );
+    assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), hash.0);
+}
+
+#[test]
+fn tinyproxy_connect_by_name_is_byte_exact() {
+    if !available("tinyproxy", "tinyproxy") {
+        return;
+    }
+    let origin = origin();
+    let proxy = tinyproxy();
+    let served = Served::start(&policy(proxy.addr, proxy.addr, origin.port(), "http"), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let addr = net.resolve("localhost", T).unwrap().expect("allowed name");
+    let h = established(&mut net, addr, origin.port());
+    // tinyproxy tears a tunnel down when either side half-closes, so no half-close here.
+    echo_and_check(&mut net, h);
+    net.tcp(h).close();
+    assert!(net
+        .run_until(T, |_| served.counters.flows(FlowEvent::Closed) == 1)
+        .unwrap());
+}
+
+#[test]
+fn tinyproxy_connect_to_an_ip_literal_named_by_cidr() {
+    if !available("tinyproxy", "tinyproxy") {
+        return;
+    }
+    let origin = origin();
+    let proxy = tinyproxy();
+    let served = Served::start(&policy(proxy.addr, proxy.addr, origin.port(), "http"), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let h = established(&mut net, Ipv4Addr::LOCALHOST, origin.port());
+    send_all(&mut net, h, b"Eliteral");
+    assert_eq!(recv_exact(&mut net, h, 7), b"literal");
+}
+
+#[test]
+fn explicit_proxy_port_is_spliced_to_tinyproxy() {
+    if !available("tinyproxy", "tinyproxy") {
+        return;
+    }
+    let origin = origin();
+    let proxy = tinyproxy();
+    let served = Served::start(&policy(proxy.addr, proxy.addr, origin.port(), "http"), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    // The guest talks to the gateway's proxy port and speaks HTTP proxy protocol itself.
+    let h = established(&mut net, GW, 3128);
+    let port = origin.port();
+    send_all(
+        &mut net,
+        h,
+        format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n").as_bytes(),
+    );
+    let mut head = Vec::new();
+    net.run_until(T, |n| {
+        let s = n.tcp(h);
+        while !head.ends_with(b"\r\n\r\n") && s.can_recv() {
+            let mut b = [0u8; 1];
+            if s.recv_slice(&mut b).is_err() {
+                break;
+            }
+            head.push(b[0]);
+        }
+        head.ends_with(b"\r\n\r\n")
+    })
+    .unwrap();
+    let head = String::from_utf8_lossy(&head);
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    send_all(&mut net, h, b"Espliced");
+    assert_eq!(recv_exact(&mut net, h, 7), b"spliced");
+}
+
+#[test]
+fn dante_socks5_connect_by_name_is_byte_exact() {
+    if !available("danted", "dante-server") {
+        return;
+    }
+    let origin = origin();
+    let socks = dante();
+    let served = Served::start(
+        &policy(socks.addr, socks.addr, origin.port(), "socks5"),
+        true,
+    );
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let addr = net.resolve("localhost", T).unwrap().expect("allowed name");
+    let h = established(&mut net, addr, origin.port());
+    upload_and_check(&mut net, h);
+    // The guest keeps running its stack so the last ACKs flow and moat retires the flow.
+    assert!(net
+        .run_until(T, |_| served.counters.flows(FlowEvent::Closed) == 1)
+        .unwrap());
+}
+
+#[test]
+fn dante_refusing_a_destination_resets_the_guest() {
+    if !available("danted", "dante-server") {
+        return;
+    }
+    let socks = dante();
+    // 203.0.113.0/24 is allowed by moat's policy here, but dante only relays to loopback.
+    let text = policy(socks.addr, socks.addr, 80, "socks5")
+        .replace("\"127.0.0.1/32\"", "\"203.0.113.0/24\"");
+    let served = Served::start(&text, true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let h = net.tcp_connect(Ipv4Addr::new(203, 0, 113, 80), 80);
+    let mut opened = false;
+    net.run_until(T, |n| {
+        opened |= n.tcp(h).state() == State::Established;
+        n.tcp(h).state() == State::Closed
+    })
+    .unwrap();
+    assert!(!opened);
+    assert_eq!(net.tcp(h).state(), State::Closed, "reset");
+    eventually("proxy failure counted", || {
+        served.counters.flows(FlowEvent::ProxyFailed) == 1
+    });
+}
