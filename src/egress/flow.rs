@@ -332,11 +332,11 @@ impl Flow {
             }
         }
         let socket = stack.socket(self.handle);
-        if !socket.may_recv()
-            && socket.recv_queue() == 0
-            && !self.upstream_shut
-            && state != State::SynReceived
-        {
+        let guest_sent_fin = matches!(
+            state,
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+        );
+        if guest_sent_fin && socket.recv_queue() == 0 && !self.upstream_shut {
             // The guest sent FIN and everything before it went out: half-close upstream.
             let _ = self.stream.shutdown(Shutdown::Write);
             self.upstream_shut = true;

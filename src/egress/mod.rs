@@ -11,7 +11,7 @@ pub mod route;
 pub mod socks5;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::frame::{Ipv4, Tcp};
-use crate::policy::{Policy, Via};
+use crate::policy::{Forward, Policy, Via};
 use crate::services::dns::NamePool;
 use crate::stack::Stack;
 use crate::telemetry::{Counters, DropReason, FlowEvent};
@@ -30,6 +30,16 @@ pub trait Registrar: Send + Sync {
     fn register(&self, fd: RawFd, token: u64) -> std::io::Result<()>;
     fn unregister(&self, fd: RawFd, token: u64) -> std::io::Result<()>;
 }
+
+/// What an event token belongs to.
+#[derive(Clone, Copy, Debug)]
+enum Owner {
+    Flow(FlowKey),
+    Listener(usize),
+}
+
+/// Gateway-side ports of forwarded connections, as the guest sees them.
+const FORWARD_PORTS: std::ops::Range<u16> = 20000..60000;
 
 /// The first token handed to proxy sockets (below are queues, the loop's own events, timer).
 pub const FIRST_FLOW_TOKEN: u64 = 4;
@@ -46,7 +56,10 @@ pub struct Flows {
     counters: Arc<Counters>,
     registrar: Option<Box<dyn Registrar>>,
     flows: HashMap<FlowKey, Flow>,
-    by_token: HashMap<u64, FlowKey>,
+    by_token: HashMap<u64, Owner>,
+    /// `[[forward]]` listeners while a frontend is connected.
+    listeners: Vec<(TcpListener, u64, Forward)>,
+    next_forward_port: u16,
     next_token: u64,
     free_tokens: Vec<u64>,
 }
@@ -69,14 +82,146 @@ impl Flows {
             registrar: None,
             flows: HashMap::new(),
             by_token: HashMap::new(),
+            listeners: Vec::new(),
+            next_forward_port: FORWARD_PORTS.start,
             next_token: FIRST_FLOW_TOKEN,
             free_tokens: Vec::new(),
         }
     }
 
-    /// Give the flow table the event loop it registers proxy sockets with.
+    /// Give the flow table the event loop it registers proxy sockets with, and open the
+    /// `[[forward]]` listeners (a forward that cannot listen is logged and skipped).
     pub fn attach(&mut self, registrar: Box<dyn Registrar>) {
         self.registrar = Some(registrar);
+        for forward in self.policy.forward.clone() {
+            let listener = match TcpListener::bind(forward.listen).and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            }) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(listen = %forward.listen, error = %e, "cannot listen for a [[forward]]; check that the address is free");
+                    continue;
+                }
+            };
+            let Some(token) = self.alloc_token() else {
+                break;
+            };
+            let index = self.listeners.len();
+            if let Some(r) = &self.registrar {
+                if r.register(listener.as_raw_fd(), token).is_err() {
+                    continue;
+                }
+            }
+            tracing::info!(listen = %forward.listen, guest_port = forward.guest_port, "forwarding to the guest");
+            self.by_token.insert(token, Owner::Listener(index));
+            self.listeners.push((listener, token, forward));
+        }
+    }
+
+    fn alloc_token(&mut self) -> Option<u64> {
+        match self.free_tokens.pop() {
+            Some(t) => Some(t),
+            None if self.next_token <= LAST_FLOW_TOKEN => {
+                self.next_token += 1;
+                Some(self.next_token - 1)
+            }
+            None => None,
+        }
+    }
+
+    /// Accept host peers of a `[[forward]]`: allowed ones get a connection from the gateway
+    /// to the guest port, spliced both ways; others are closed at once and counted.
+    fn accept(&mut self, index: usize) {
+        loop {
+            let Some((listener, _, forward)) = self.listeners.get(index) else {
+                return;
+            };
+            let (stream, peer) = match listener.accept() {
+                Ok(conn) => conn,
+                Err(_) => return, // WouldBlock (edge-triggered: drained) or a transient error
+            };
+            let forward = forward.clone();
+            if !forward.from.iter().any(|net| net.contains(&peer.ip())) {
+                tracing::info!(%peer, listen = %forward.listen, "forward peer not in `from`: closed");
+                self.counters.flow(FlowEvent::ForwardRefused);
+                continue;
+            }
+            if self.flows.len() >= self.policy.limits.max_flows {
+                self.counters.flow(FlowEvent::ForwardRefused);
+                continue;
+            }
+            if let Err(reason) = self.open_forward(stream, peer, &forward) {
+                tracing::info!(%peer, reason = reason.as_str(), "forward not opened");
+                self.counters.flow(FlowEvent::ForwardRefused);
+            }
+        }
+    }
+
+    fn open_forward(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        forward: &Forward,
+    ) -> Result<(), DropReason> {
+        stream
+            .set_nonblocking(true)
+            .map_err(|_| DropReason::ProxyUnreachable)?;
+        let _ = stream.set_nodelay(true);
+        let policy = Arc::clone(&self.policy);
+        let vm = &policy.vm;
+        // A gateway-side port no live flow uses.
+        let mut local_port = self.next_forward_port;
+        for _ in 0..FORWARD_PORTS.len() {
+            local_port = if local_port + 1 >= FORWARD_PORTS.end {
+                FORWARD_PORTS.start
+            } else {
+                local_port + 1
+            };
+            let key = FlowKey {
+                guest_port: forward.guest_port,
+                dst: vm.gateway,
+                dst_port: local_port,
+            };
+            if !self.flows.contains_key(&key) {
+                break;
+            }
+        }
+        self.next_forward_port = local_port;
+        let key = FlowKey {
+            guest_port: forward.guest_port,
+            dst: vm.gateway,
+            dst_port: local_port,
+        };
+        let handle = self
+            .stack
+            .connect(vm.gateway, local_port, vm.address, forward.guest_port)
+            .ok_or(DropReason::TcpNoFlow)?;
+        let Some(token) = self.alloc_token() else {
+            self.stack.remove(handle);
+            return Err(DropReason::FlowLimit);
+        };
+        if let Some(r) = &self.registrar {
+            if r.register(stream.as_raw_fd(), token).is_err() {
+                self.stack.remove(handle);
+                self.free_tokens.push(token);
+                return Err(DropReason::ProxyUnreachable);
+            }
+        }
+        let route = route::Route {
+            target: route::Target::Ip(vm.address),
+            port: forward.guest_port,
+            via: Via::Http,
+            proxy: peer,
+            rule: usize::MAX,
+        };
+        tracing::info!(%peer, guest_port = forward.guest_port, "forward open");
+        self.counters.flow(FlowEvent::Opened);
+        self.by_token.insert(token, Owner::Flow(key));
+        let mut flow = Flow::new(key, route, Negotiation::Splice, handle, stream, token);
+        flow.writable = true;
+        self.flows.insert(key, flow);
+        Ok(())
     }
 
     /// Forget the event loop (its connection ended) and close every flow.
@@ -84,6 +229,7 @@ impl Flows {
         for (_, flow) in self.flows.drain() {
             let _ = flow.stream.shutdown(std::net::Shutdown::Both);
         }
+        self.listeners.clear();
         self.by_token.clear();
         self.free_tokens.clear();
         self.next_token = FIRST_FLOW_TOKEN;
@@ -137,9 +283,9 @@ impl Flows {
                 (route, negotiation)
             }
         };
-        let Some(registrar) = self.registrar.as_ref() else {
+        if self.registrar.is_none() {
             return Err(DropReason::EgressUnsupported);
-        };
+        }
         let stream = connect_nonblocking(route.proxy).map_err(|e| {
             tracing::warn!(proxy = %route.proxy, error = %e, "cannot open a socket to the proxy");
             DropReason::ProxyUnreachable
@@ -148,25 +294,22 @@ impl Flows {
             .stack
             .listen(key.dst, key.dst_port)
             .ok_or(DropReason::TcpNoFlow)?;
-        let token = match self.free_tokens.pop() {
-            Some(t) => t,
-            None if self.next_token <= LAST_FLOW_TOKEN => {
-                self.next_token += 1;
-                self.next_token - 1
-            }
-            None => {
-                self.stack.remove(handle);
-                return Err(DropReason::FlowLimit);
-            }
+        let Some(token) = self.alloc_token() else {
+            self.stack.remove(handle);
+            return Err(DropReason::FlowLimit);
         };
-        if registrar.register(stream.as_raw_fd(), token).is_err() {
+        let registered = self
+            .registrar
+            .as_ref()
+            .is_some_and(|r| r.register(stream.as_raw_fd(), token).is_ok());
+        if !registered {
             self.stack.remove(handle);
             self.free_tokens.push(token);
             return Err(DropReason::ProxyUnreachable);
         }
         tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "flow requested");
         self.counters.flow(FlowEvent::Opened);
-        self.by_token.insert(token, key);
+        self.by_token.insert(token, Owner::Flow(key));
         self.flows.insert(
             key,
             Flow::new(key, route, negotiation, handle, stream, token),
@@ -176,10 +319,12 @@ impl Flows {
 
     /// Readiness of a proxy socket (edge-triggered: remember it until WouldBlock).
     pub fn host_event(&mut self, token: u64, events: EventSet) {
-        let Some(key) = self.by_token.get(&token) else {
-            return;
+        let key = match self.by_token.get(&token) {
+            Some(Owner::Flow(key)) => *key,
+            Some(Owner::Listener(index)) => return self.accept(*index),
+            None => return,
         };
-        let Some(flow) = self.flows.get_mut(key) else {
+        let Some(flow) = self.flows.get_mut(&key) else {
             return;
         };
         if events

@@ -120,6 +120,9 @@ impl Firewall {
                     Transport::Tcp(tcp) if Some(tcp.dst_port) == self.explicit_port => {
                         Ok(Verdict::Flow)
                     }
+                    // Not a new connection: only a flow moat opened (a `[[forward]]`) takes
+                    // it; the flow table drops anything else as `tcp_no_flow`.
+                    Transport::Tcp(tcp) if !tcp.flags.syn || tcp.flags.ack => Ok(Verdict::Flow),
                     Transport::Udp(_) | Transport::Tcp(_) => Err(DropReason::GatewayPortClosed),
                 }
             }

@@ -186,6 +186,17 @@ impl GuestNet {
         self.sockets.add(socket)
     }
 
+    /// A socket listening on `port` (for connections forwarded from the host).
+    pub fn tcp_listen(&mut self, port: u16) -> SocketHandle {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; BUFFER]),
+            tcp::SocketBuffer::new(vec![0; BUFFER]),
+        );
+        // Listening on a fresh socket cannot fail for a non-zero port.
+        let _ = socket.listen(port);
+        self.sockets.add(socket)
+    }
+
     pub fn tcp(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
         self.sockets.get_mut::<tcp::Socket>(handle)
     }

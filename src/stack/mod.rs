@@ -13,7 +13,7 @@ use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 
 use crate::policy::Vm;
 
@@ -157,6 +157,27 @@ impl Stack {
             port,
         };
         socket.listen(endpoint).ok()?;
+        Some(self.sockets.add(socket))
+    }
+
+    /// A socket connecting from `local:local_port` (the gateway) to the guest.
+    pub fn connect(
+        &mut self,
+        local: Ipv4Addr,
+        local_port: u16,
+        guest: Ipv4Addr,
+        port: u16,
+    ) -> Option<SocketHandle> {
+        let rx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
+        let tx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
+        let mut socket = tcp::Socket::new(rx, tx);
+        socket.set_nagle_enabled(false);
+        let remote = IpEndpoint::new(IpAddress::Ipv4(guest), port);
+        let local = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(local)),
+            port: local_port,
+        };
+        socket.connect(self.iface.context(), remote, local).ok()?;
         Some(self.sockets.add(socket))
     }
 

@@ -145,6 +145,8 @@ pub enum FlowEvent {
     Closed,
     Reset,
     ProxyFailed,
+    /// A host peer of a `[[forward]]` was turned away (not in `from`, or the flow limit).
+    ForwardRefused,
 }
 
 impl FlowEvent {
@@ -153,6 +155,7 @@ impl FlowEvent {
         FlowEvent::Closed,
         FlowEvent::Reset,
         FlowEvent::ProxyFailed,
+        FlowEvent::ForwardRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -161,6 +164,7 @@ impl FlowEvent {
             FlowEvent::Closed => "closed",
             FlowEvent::Reset => "reset",
             FlowEvent::ProxyFailed => "proxy_failed",
+            FlowEvent::ForwardRefused => "forward_refused",
         }
     }
 }
@@ -335,6 +339,35 @@ mod tests {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()));
         }
+    }
+
+    #[test]
+    fn every_counter_enum_lists_all_variants_in_order() {
+        // Counters index their arrays by `variant as usize`: ALL must be complete and ordered.
+        assert!(DropReason::ALL
+            .iter()
+            .enumerate()
+            .all(|(i, r)| *r as usize == i));
+        assert!(Service::ALL
+            .iter()
+            .enumerate()
+            .all(|(i, s)| *s as usize == i));
+        assert!(Traffic::ALL
+            .iter()
+            .enumerate()
+            .all(|(i, t)| *t as usize == i));
+        assert!(FlowEvent::ALL
+            .iter()
+            .enumerate()
+            .all(|(i, e)| *e as usize == i));
+        assert!(DnsOutcome::ALL
+            .iter()
+            .enumerate()
+            .all(|(i, o)| *o as usize == i));
+        assert_eq!(FlowEvent::ALL.last(), Some(&FlowEvent::ForwardRefused));
+        assert_eq!(Service::ALL.last(), Some(&Service::Dns));
+        assert_eq!(DnsOutcome::ALL.last(), Some(&DnsOutcome::NotImplemented));
+        assert_eq!(Traffic::ALL.last(), Some(&Traffic::Notifications));
     }
 
     #[test]
