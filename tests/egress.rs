@@ -227,7 +227,6 @@ fn destinations_the_policy_does_not_allow_never_reach_the_proxy() {
     for (dst, port) in [
         (evil, 443),                             // name not in any rule's `to`
         (allowed, 22),                           // port not in the rule
-        (Ipv4Addr::new(198, 51, 100, 7), 80),    // IP literal without a CIDR
         (Ipv4Addr::new(169, 254, 169, 254), 80), // cloud metadata
         (Ipv4Addr::new(10, 0, 0, 3), 80),        // another VM
         (Ipv4Addr::new(192, 168, 1, 1), 443),    // private range
@@ -247,13 +246,29 @@ fn destinations_the_policy_does_not_allow_never_reach_the_proxy() {
     );
     let c = &served.counters;
     assert!(
-        c.drops(DropReason::NotAllowed) >= 3,
+        c.drops(DropReason::NotAllowed) >= 2,
         "not_allowed {}",
         c.drops(DropReason::NotAllowed)
     );
     assert!(c.drops(DropReason::ReservedDestination) >= 3);
     assert!(c.drops(DropReason::UnknownSyntheticAddress) >= 1);
     assert_eq!(c.flows(FlowEvent::Opened), 0);
+}
+
+#[test]
+fn ip_literals_get_no_answer_when_no_rule_could_name_them() {
+    // Only CIDR rules for port 80: nothing could name the flow, so the SYN is dropped.
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let text = policy(proxy.addr, 64).replace(
+        "to = [\"example.com\", \"*.example.com\", \"203.0.113.0/24\", \"127.0.0.1/32\"]",
+        "to = [\"203.0.113.0/24\"]",
+    );
+    let served = Served::start(&text, true);
+    let mut net = guest_net(&served);
+    let state = never_established(&mut net, Ipv4Addr::new(198, 51, 100, 7), 80, Duration::from_millis(1500));
+    assert_eq!(state, State::SynSent);
+    assert!(served.counters.drops(DropReason::NotAllowed) >= 1, "each SYN (and retry) dropped");
+    assert!(proxy.requests().is_empty());
 }
 
 #[test]
@@ -282,4 +297,42 @@ fn max_flows_refuses_new_connections_and_counts_them() {
     assert!(served.counters.drops(DropReason::FlowLimit) >= 1);
     send_all(&mut net, a, b"Eok");
     net.tcp(b).abort();
+}
+
+#[test]
+fn ip_literal_flows_are_named_by_http_host_or_tls_sni() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&policy(proxy.addr, 64), true);
+    let mut net = guest_net(&served);
+    // HTTP to an address no CIDR covers: the Host header names it, and the rule allows it.
+    let h = established(&mut net, Ipv4Addr::new(198, 51, 100, 20), 80);
+    send_all(&mut net, h, b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n");
+    let mut body = Vec::new();
+    recv_until_closed(&mut net, h, |d| body.extend_from_slice(d));
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.starts_with("HTTP/1.1 200") && body.ends_with("ok"), "{body}");
+    // TLS: the ClientHello's server name.
+    let t = established(&mut net, Ipv4Addr::new(198, 51, 100, 21), 443);
+    send_all(&mut net, t, &moat::frame::craft::tls_client_hello("api.example.com"));
+    assert!(net.run_until(T, |_| proxy.requests().len() == 2).unwrap());
+    assert_eq!(proxy.requests(), vec!["www.example.com:80".to_string(), "api.example.com:443".to_string()]);
+}
+
+#[test]
+fn ip_literal_flows_with_a_disallowed_or_missing_name_are_reset() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&policy(proxy.addr, 64), true);
+    let mut net = guest_net(&served);
+    for first in [
+        b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec(),
+        moat::frame::craft::tls_client_hello("evil.test"),
+        b"\x00\x01 not a protocol with a name".to_vec(),
+    ] {
+        let h = established(&mut net, Ipv4Addr::new(198, 51, 100, 30), 443);
+        send_all(&mut net, h, &first);
+        assert!(net.run_until(T, |n| n.tcp(h).state() == State::Closed).unwrap(), "reset");
+        net.remove(h);
+    }
+    assert!(proxy.requests().is_empty(), "{:?}", proxy.requests());
+    assert!(served.counters.drops(DropReason::NotAllowed) >= 3);
 }

@@ -8,13 +8,17 @@
 pub mod connect;
 pub mod flow;
 pub mod route;
+pub mod sniff;
 pub mod socks5;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp::State;
 
 use vmm_sys_util::epoll::EventSet;
 
@@ -45,6 +49,8 @@ const FORWARD_PORTS: std::ops::Range<u16> = 20000..60000;
 pub const FIRST_FLOW_TOKEN: u64 = 4;
 /// Event ids reach the backend as u16, so that is the last token.
 const LAST_FLOW_TOKEN: u64 = u16::MAX as u64;
+/// How long a flow to an IP literal may take to show its name.
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rounds of stack <-> proxy progress per pump, at most (bounded work per event).
 const MAX_ROUNDS: usize = 64;
 
@@ -57,6 +63,8 @@ pub struct Flows {
     registrar: Option<Box<dyn Registrar>>,
     flows: HashMap<FlowKey, Flow>,
     by_token: HashMap<u64, Owner>,
+    /// Flows to IP literals waiting for their first bytes to name them.
+    sniffing: HashMap<FlowKey, (SocketHandle, Instant)>,
     /// `[[forward]]` listeners while a frontend is connected.
     listeners: Vec<(TcpListener, u64, Forward)>,
     next_forward_port: u16,
@@ -83,6 +91,7 @@ impl Flows {
             flows: HashMap::new(),
             by_token: HashMap::new(),
             listeners: Vec::new(),
+            sniffing: HashMap::new(),
             next_forward_port: FORWARD_PORTS.start,
             next_token: FIRST_FLOW_TOKEN,
             free_tokens: Vec::new(),
@@ -230,6 +239,7 @@ impl Flows {
             let _ = flow.stream.shutdown(std::net::Shutdown::Both);
         }
         self.listeners.clear();
+        self.sniffing.clear();
         self.by_token.clear();
         self.free_tokens.clear();
         self.next_token = FIRST_FLOW_TOKEN;
@@ -251,7 +261,7 @@ impl Flows {
             dst: ip.dst,
             dst_port: tcp.dst_port,
         };
-        if !self.flows.contains_key(&key) {
+        if !self.flows.contains_key(&key) && !self.sniffing.contains_key(&key) {
             if !tcp.flags.syn || tcp.flags.ack {
                 return Err(DropReason::TcpNoFlow);
             }
@@ -267,21 +277,36 @@ impl Flows {
     }
 
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
-        if self.flows.len() >= self.policy.limits.max_flows {
+        if self.flows.len() + self.sniffing.len() >= self.policy.limits.max_flows {
             return Err(DropReason::FlowLimit);
         }
-        let (route, negotiation) = match route::explicit_proxy(&self.policy, key.dst, key.dst_port)
-        {
-            Some(route) => (route, Negotiation::Splice),
+        let route = match route::explicit_proxy(&self.policy, key.dst, key.dst_port) {
+            Some(route) => route,
             None => {
                 let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-                let route = route::route_tcp(&self.policy, &names, key.dst, key.dst_port)?;
-                let negotiation = match route.via {
-                    Via::Http => Negotiation::HttpConnect,
-                    Via::Socks5 => Negotiation::Socks5Greeting,
-                };
-                (route, negotiation)
+                match route::route_tcp(&self.policy, &names, key.dst, key.dst_port) {
+                    Ok(route) => route,
+                    Err(DropReason::NotAllowed) if route::may_sniff(&self.policy, key.dst, key.dst_port) => {
+                        // Only a name can allow this flow: take the handshake, read the
+                        // first bytes (SNI or Host), then decide.
+                        let handle = self.stack.listen(key.dst, key.dst_port, false).ok_or(DropReason::TcpNoFlow)?;
+                        self.sniffing.insert(key, (handle, Instant::now()));
+                        return Ok(());
+                    }
+                    Err(reason) => return Err(reason),
+                }
             }
+        };
+        self.connect_proxy(key, route, None)
+    }
+
+    /// Open the proxy connection of an allowed flow. `handle`: the guest socket if the
+    /// handshake already happened (sniffed flows); else a new one holding its SYN-ACK.
+    fn connect_proxy(&mut self, key: FlowKey, route: route::Route, handle: Option<SocketHandle>) -> Result<(), DropReason> {
+        let negotiation = match (route.rule, route.via) {
+            (usize::MAX, _) => Negotiation::Splice,
+            (_, Via::Http) => Negotiation::HttpConnect,
+            (_, Via::Socks5) => Negotiation::Socks5Greeting,
         };
         if self.registrar.is_none() {
             return Err(DropReason::EgressUnsupported);
@@ -290,10 +315,10 @@ impl Flows {
             tracing::warn!(proxy = %route.proxy, error = %e, "cannot open a socket to the proxy");
             DropReason::ProxyUnreachable
         })?;
-        let handle = self
-            .stack
-            .listen(key.dst, key.dst_port)
-            .ok_or(DropReason::TcpNoFlow)?;
+        let handle = match handle {
+            Some(h) => h,
+            None => self.stack.listen(key.dst, key.dst_port, true).ok_or(DropReason::TcpNoFlow)?,
+        };
         let Some(token) = self.alloc_token() else {
             self.stack.remove(handle);
             return Err(DropReason::FlowLimit);
@@ -337,10 +362,48 @@ impl Flows {
         }
     }
 
+    /// Name sniffed flows whose first bytes have arrived; refuse those that cannot be named.
+    fn sniff(&mut self) {
+        let keys: Vec<FlowKey> = self.sniffing.keys().copied().collect();
+        for key in keys {
+            let Some(&(handle, since)) = self.sniffing.get(&key) else { continue };
+            let socket = self.stack.socket(handle);
+            let verdict = match socket.state() {
+                State::Listen | State::Closed => Some(Err(DropReason::NotAllowed)),
+                _ if since.elapsed() > SNIFF_TIMEOUT => Some(Err(DropReason::NotAllowed)),
+                State::Established => match socket.peek(sniff::MAX_SNIFF) {
+                    Ok(first) => match sniff::sniff(first) {
+                        sniff::Sniffed::NeedMore => None,
+                        sniff::Sniffed::NoName => Some(Err(DropReason::NotAllowed)),
+                        sniff::Sniffed::Name(name) => Some(route::route_name(&self.policy, &name, key.dst_port)),
+                    },
+                    Err(_) => Some(Err(DropReason::NotAllowed)),
+                },
+                _ => None,
+            };
+            let Some(verdict) = verdict else { continue };
+            self.sniffing.remove(&key);
+            let result = verdict.and_then(|route| {
+                tracing::debug!(flow = %key, target = %route.target, "named by its first bytes");
+                self.connect_proxy(key, route, Some(handle))
+            });
+            if let Err(reason) = result {
+                // Not allowed by name (or no name): reset the guest's connection.
+                if self.flows.get(&key).is_none() {
+                    self.stack.socket(handle).abort();
+                    self.stack.poll();
+                    self.stack.remove(handle);
+                }
+                self.counters.drop_frame(reason, format_args!("tcp {key}: not allowed by its first bytes"));
+            }
+        }
+    }
+
     /// Move everything that can move; return the IP packets for the guest.
     pub fn pump(&mut self) -> Vec<Vec<u8>> {
         for _ in 0..MAX_ROUNDS {
             self.stack.poll();
+            self.sniff();
             let mut moved = false;
             for flow in self.flows.values_mut() {
                 moved |= flow.step(&mut self.stack);
@@ -404,6 +467,7 @@ impl Flows {
             .flows
             .values()
             .any(|f| matches!(f.phase, Phase::Connecting | Phase::Handshake));
+        let waiting = waiting || !self.sniffing.is_empty();
         match (stack, waiting) {
             (Some(d), true) => Some(d.min(Duration::from_millis(500))),
             (None, true) => Some(Duration::from_millis(500)),

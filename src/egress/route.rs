@@ -81,39 +81,47 @@ pub fn explicit_proxy(policy: &Policy, dst: Ipv4Addr, port: u16) -> Option<Route
 }
 
 /// Decide the route of a TCP flow to `dst:port`.
-pub fn route_tcp(
-    policy: &Policy,
-    names: &NamePool,
-    dst: Ipv4Addr,
-    port: u16,
-) -> Result<Route, DropReason> {
-    let tcp_rules = policy
+pub fn route_tcp(policy: &Policy, names: &NamePool, dst: Ipv4Addr, port: u16) -> Result<Route, DropReason> {
+    if SYNTHETIC_NET.contains(&dst) {
+        let name = names.lookup(dst).ok_or(DropReason::UnknownSyntheticAddress)?;
+        return route_name(policy, name, port);
+    }
+    let reserved = reserved_range(dst);
+    let (index, rule) = tcp_rules(policy, port)
+        .find(|(_, r)| names_ip(r, dst, reserved))
+        .ok_or(if reserved.is_some() { DropReason::ReservedDestination } else { DropReason::NotAllowed })?;
+    finish(policy, index, rule, Target::Ip(dst), port)
+}
+
+/// The route for a flow known by `name` (from moat's DNS, or sniffed from its first bytes).
+pub fn route_name(policy: &Policy, name: &str, port: u16) -> Result<Route, DropReason> {
+    let (index, rule) = tcp_rules(policy, port)
+        .find(|(_, r)| r.allows_name(name))
+        .ok_or(DropReason::NotAllowed)?;
+    finish(policy, index, rule, Target::Name(name.to_string()), port)
+}
+
+/// Whether a flow to the IP literal `dst:port` may be named from its first bytes (TLS SNI,
+/// HTTP Host): only outside the reserved ranges, and only if some rule for the port allows
+/// names at all.
+pub fn may_sniff(policy: &Policy, dst: Ipv4Addr, port: u16) -> bool {
+    !SYNTHETIC_NET.contains(&dst)
+        && reserved_range(dst).is_none()
+        && tcp_rules(policy, port).any(|(_, r)| {
+            r.to.as_ref()
+                .is_none_or(|to| to.iter().any(|d| matches!(d, Destination::Name(_))))
+        })
+}
+
+fn tcp_rules(policy: &Policy, port: u16) -> impl Iterator<Item = (usize, &OutboundRule)> {
+    policy
         .outbound
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.protocol == Protocol::Tcp && r.allows_port(port));
-    let (index, rule, target) = if SYNTHETIC_NET.contains(&dst) {
-        let name = names
-            .lookup(dst)
-            .ok_or(DropReason::UnknownSyntheticAddress)?;
-        let mut tcp_rules = tcp_rules;
-        let (i, r) = tcp_rules
-            .find(|(_, r)| r.allows_name(name))
-            .ok_or(DropReason::NotAllowed)?;
-        (i, r, Target::Name(name.to_string()))
-    } else {
-        let reserved = reserved_range(dst);
-        let mut tcp_rules = tcp_rules;
-        let (i, r) =
-            tcp_rules
-                .find(|(_, r)| names_ip(r, dst, reserved))
-                .ok_or(if reserved.is_some() {
-                    DropReason::ReservedDestination
-                } else {
-                    DropReason::NotAllowed
-                })?;
-        (i, r, Target::Ip(dst))
-    };
+        .filter(move |(_, r)| r.protocol == Protocol::Tcp && r.allows_port(port))
+}
+
+fn finish(policy: &Policy, index: usize, rule: &OutboundRule, target: Target, port: u16) -> Result<Route, DropReason> {
     let proxy = match rule.via {
         Via::Http => policy.proxy.http,
         Via::Socks5 => policy.proxy.socks5,

@@ -147,3 +147,29 @@ pub fn dhcp(
     };
     udp(mac, dst_mac, (ciaddr, 68), (dst_ip, 67), &payload)
 }
+
+/// A minimal TLS 1.2 ClientHello record with one server name (SNI) entry.
+pub fn tls_client_hello(name: &str) -> Vec<u8> {
+    let n = name.as_bytes();
+    let list_len = 3 + n.len();
+    let mut sni = vec![0u8, 0]; // extension type: server_name
+    sni.extend_from_slice(&((list_len + 2) as u16).to_be_bytes());
+    sni.extend_from_slice(&(list_len as u16).to_be_bytes());
+    sni.push(0); // host_name
+    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+    sni.extend_from_slice(n);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
+    body.extend_from_slice(&[1, 0]); // null compression
+    body.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    body.extend_from_slice(&sni);
+    let mut handshake = vec![1]; // ClientHello
+    handshake.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 3, 1];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}

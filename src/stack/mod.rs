@@ -144,13 +144,13 @@ impl Stack {
             .map(|d| Duration::from_micros(d.total_micros()))
     }
 
-    /// A socket listening as `dst` for one guest connection, with its SYN-ACK held back
-    /// until [`Stack::release_synack`] (the proxy has accepted) or aborted.
-    pub fn listen(&mut self, dst: Ipv4Addr, port: u16) -> Option<SocketHandle> {
+    /// A socket listening as `dst` for one guest connection. With `hold_synack` its SYN-ACK
+    /// waits until `pause_synack(false)` (the proxy has accepted) or the socket is aborted.
+    pub fn listen(&mut self, dst: Ipv4Addr, port: u16, hold_synack: bool) -> Option<SocketHandle> {
         let rx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
         let tx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
         let mut socket = tcp::Socket::new(rx, tx);
-        socket.pause_synack(true);
+        socket.pause_synack(hold_synack);
         socket.set_nagle_enabled(false);
         let endpoint = IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(dst)),

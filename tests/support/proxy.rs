@@ -84,6 +84,18 @@ fn serve_origin(mut conn: TcpStream) {
             reply.extend_from_slice(&hash.0.to_be_bytes());
             let _ = conn.write_all(&reply);
         }
+        b'G' => {
+            // An HTTP request: read to the end of its header, answer "ok".
+            let mut head = vec![b'G'];
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                if conn.read_exact(&mut b).is_err() {
+                    return;
+                }
+                head.push(b[0]);
+            }
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
         b'D' => {
             let mut sent = 0u64;
             while sent < DOWNLOAD_LEN {
