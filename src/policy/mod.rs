@@ -6,7 +6,7 @@ mod model;
 mod parse;
 mod summary;
 
-pub use error::PolicyError;
+pub use error::{Location, PolicyError};
 pub use model::*;
 
 use std::path::Path;
@@ -17,7 +17,7 @@ pub const GATEWAY_MAC: MacAddr = MacAddr([0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01]);
 impl Policy {
     /// Read, parse and validate a policy file.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
             file: path.to_path_buf(),
             source,
         })?;

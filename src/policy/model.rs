@@ -29,21 +29,34 @@ impl fmt::Display for MacAddr {
     }
 }
 
+/// Text that is not six two-digit hex bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParseMacError;
+
+impl fmt::Display for ParseMacError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not a MAC address (six hex bytes such as 52:54:00:12:34:56)")
+    }
+}
+
+impl std::error::Error for ParseMacError {}
+
 impl FromStr for MacAddr {
-    type Err = ();
-    /// Six two-digit hex groups separated by `:` (or `-`).
-    fn from_str(s: &str) -> Result<MacAddr, ()> {
+    type Err = ParseMacError;
+    /// Six two-digit hex groups separated by `:` (or all by `-`).
+    fn from_str(s: &str) -> Result<MacAddr, ParseMacError> {
+        let sep = if s.contains('-') { '-' } else { ':' };
         let mut out = [0u8; 6];
-        let mut parts = s.split([':', '-']);
+        let mut parts = s.split(sep);
         for byte in &mut out {
-            let part = parts.next().ok_or(())?;
-            if part.len() != 2 {
-                return Err(());
+            let part = parts.next().ok_or(ParseMacError)?;
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ParseMacError);
             }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| ())?;
+            *byte = u8::from_str_radix(part, 16).map_err(|_| ParseMacError)?;
         }
         if parts.next().is_some() {
-            return Err(());
+            return Err(ParseMacError);
         }
         Ok(MacAddr(out))
     }
@@ -247,9 +260,20 @@ impl Dns {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DnsMode {
+    /// Allowlisted names get synthetic addresses; flows to them go to the proxy by name.
     #[default]
     Proxy,
+    /// Allowlisted queries are forwarded to `Dns::upstream`.
     Upstream,
+}
+
+impl fmt::Display for DnsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DnsMode::Proxy => "proxy",
+            DnsMode::Upstream => "upstream",
+        })
+    }
 }
 
 /// `[[forward]]`: a host listener spliced to a guest port.
@@ -269,6 +293,12 @@ pub struct Limits {
 }
 
 pub const DEFAULT_MAX_FLOWS: usize = 4096;
+/// The largest `limits.max_flows` accepted.
+pub const MAX_FLOWS_LIMIT: usize = 1_000_000;
+/// `vm.mtu` when absent.
+pub const DEFAULT_MTU: u16 = 1500;
+/// The `vm.mtu` values accepted: IPv4's minimum up to common jumbo frames.
+pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 68..=9000;
 
 impl Default for Limits {
     fn default() -> Self {

@@ -1,82 +1,140 @@
 //! `moat check`'s human summary of a valid policy.
 
-use std::fmt::Write;
+use std::fmt::{Display, Write};
+use std::net::SocketAddr;
 
 use super::model::*;
 
+/// Left column: the section name, padded so the values line up.
+const SECTION: usize = 10;
+
 impl Policy {
-    /// A short summary: identity, proxies, rules as a table, DNS, forwards, limits.
+    /// A short summary: identity, proxies, rules as a table, DNS, forwards, limits. Several
+    /// lines, each ending in '\n'.
     pub fn summary(&self) -> String {
         let mut s = String::new();
-        let vm = &self.vm;
-        let _ = writeln!(s, "{}: valid", self.source.display());
-        let _ = writeln!(
-            s,
-            "  vm        {} mac {} address {}/{} gateway {} mtu {}",
-            vm.name, vm.mac, vm.address, vm.prefix_len, vm.gateway, vm.mtu
-        );
-        let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
-        let _ = writeln!(
-            s,
-            "  proxy     http {} socks5 {} explicit_port {}",
-            show(self.proxy.http),
-            show(self.proxy.socks5),
-            self.proxy
-                .explicit_port
-                .map_or("-".to_string(), |p| p.to_string())
-        );
-        if self.outbound.is_empty() {
-            let _ = writeln!(s, "  outbound  none: nothing leaves the VM");
-        } else {
-            let _ = writeln!(
-                s,
-                "  outbound  {:<3} {:<6} {:<7} {:<20} to",
-                "#", "proto", "via", "ports"
-            );
-            for (i, r) in self.outbound.iter().enumerate() {
-                let ports: Vec<String> = r.ports.iter().map(|p| p.to_string()).collect();
-                let to =
-                    r.to.as_ref()
-                        .map_or("any name (no IP literals)".to_string(), |to| {
-                            to.iter()
-                                .map(|d| d.to_string())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        });
-                let _ = writeln!(
-                    s,
-                    "            {:<3} {:<6} {:<7} {:<20} {}",
-                    i,
-                    r.protocol.to_string(),
-                    r.via.to_string(),
-                    ports.join(","),
-                    to
-                );
-            }
-        }
-        let allow: Vec<String> = self.dns.allow.iter().map(|p| p.to_string()).collect();
-        let _ = writeln!(
-            s,
-            "  dns       mode {:?} allow [{}] records {}",
-            self.dns.mode,
-            allow.join(", "),
-            self.dns.records.len()
-        );
-        for f in &self.forward {
-            let from: Vec<String> = f.from.iter().map(|n| n.to_string()).collect();
-            let _ = writeln!(
-                s,
-                "  forward   {} -> guest:{} from [{}]",
-                f.listen,
-                f.guest_port,
-                from.join(", ")
-            );
-        }
-        let _ = writeln!(
-            s,
-            "  limits    max_flows {} egress_bps {} ingress_bps {}",
-            self.limits.max_flows, self.limits.egress_bps, self.limits.ingress_bps
-        );
+        // Writing to a String cannot fail.
+        let _ = self.write_summary(&mut s);
         s
     }
+
+    fn write_summary(&self, s: &mut String) -> std::fmt::Result {
+        let vm = &self.vm;
+        writeln!(s, "{}: valid", self.source.display())?;
+        writeln!(
+            s,
+            "  {:SECTION$}{}  mac {}  address {}/{}  gateway {}  mtu {}",
+            "vm", vm.name, vm.mac, vm.address, vm.prefix_len, vm.gateway, vm.mtu
+        )?;
+
+        let addr = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
+        write!(
+            s,
+            "  {:SECTION$}http {}  socks5 {}",
+            "proxy",
+            addr(self.proxy.http),
+            addr(self.proxy.socks5)
+        )?;
+        if let Some(port) = self.proxy.explicit_port {
+            write!(s, "  explicit port {port} (guest -> {}:{port})", vm.gateway)?;
+        }
+        writeln!(s)?;
+
+        if self.outbound.is_empty() {
+            writeln!(s, "  {:SECTION$}none: nothing leaves the VM", "outbound")?;
+        } else {
+            let rows: Vec<[String; 5]> = self
+                .outbound
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let to = r.to.as_ref().map_or_else(
+                        || "any name (no IP literals)".to_string(),
+                        |to| join(to, ", "),
+                    );
+                    [
+                        i.to_string(),
+                        r.protocol.to_string(),
+                        join(&r.ports, ","),
+                        r.via.to_string(),
+                        to,
+                    ]
+                })
+                .collect();
+            let header = ["#", "proto", "ports", "via", "to"].map(String::from);
+            let mut widths = [0; 5];
+            for row in std::iter::once(&header).chain(&rows) {
+                for (w, cell) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(cell.len());
+                }
+            }
+            for (n, row) in std::iter::once(&header).chain(&rows).enumerate() {
+                let section = if n == 0 { "outbound" } else { "" };
+                write!(s, "  {section:SECTION$}")?;
+                for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+                    if i + 1 == row.len() {
+                        writeln!(s, "{cell}")?;
+                    } else {
+                        write!(s, "{cell:w$}  ")?;
+                    }
+                }
+            }
+        }
+
+        let dns = &self.dns;
+        if dns.allow.is_empty() && dns.records.is_empty() {
+            writeln!(s, "  {:SECTION$}every name is NXDOMAIN", "dns")?;
+        } else {
+            write!(s, "  {:SECTION$}mode {}", "dns", dns.mode)?;
+            if let Some(up) = dns.upstream {
+                write!(s, " via {up}")?;
+            }
+            if dns.allow.is_empty() {
+                writeln!(s, "; allow only the static records")?;
+            } else {
+                writeln!(s, "; allow {}", join(&dns.allow, ", "))?;
+            }
+            for (name, ip) in &dns.records {
+                writeln!(s, "  {:SECTION$}{name} -> {ip}", "")?;
+            }
+        }
+
+        if self.forward.is_empty() {
+            writeln!(s, "  {:SECTION$}none", "forward")?;
+        }
+        for (i, f) in self.forward.iter().enumerate() {
+            let section = if i == 0 { "forward" } else { "" };
+            writeln!(
+                s,
+                "  {section:SECTION$}{} -> guest port {}, from {}",
+                f.listen,
+                f.guest_port,
+                join(&f.from, ", ")
+            )?;
+        }
+
+        let rate = |bps: u64| {
+            if bps == 0 {
+                "unlimited".to_string()
+            } else {
+                format!("{bps} bit/s")
+            }
+        };
+        writeln!(
+            s,
+            "  {:SECTION$}max_flows {}  egress {}  ingress {}",
+            "limits",
+            self.limits.max_flows,
+            rate(self.limits.egress_bps),
+            rate(self.limits.ingress_bps)
+        )
+    }
+}
+
+fn join<T: Display>(items: &[T], sep: &str) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(sep)
 }
