@@ -1,74 +1,166 @@
-//! `moat check`: exit 0 with a summary for a valid policy, exit 2 with one line naming
-//! file:line:col, key and reason for an invalid one.
+//! `moat check FILE`: exit 0 with a summary for a valid policy, exit 2 with one line
+//! `<file>:<line>:<col>: <key>: <reason>` on stderr for an invalid one.
 
+use std::path::Path;
 use std::process::Command;
 
-fn check(path: &std::path::Path) -> (Option<i32>, String, String) {
+struct Checked {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn check(path: &Path) -> Checked {
     let out = Command::new(env!("CARGO_BIN_EXE_moat"))
         .arg("check")
         .arg(path)
         .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        .expect("run moat check");
+    Checked {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 #[test]
 fn shipped_policies_pass_with_a_summary() {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let (code, stdout, _) = check(&repo.join("policy/example.toml"));
-    assert_eq!(code, Some(0), "{stdout}");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = check(&repo.join("policy/example.toml"));
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
     for needle in [
         "sandbox-17",
         "52:54:00:12:34:56",
         "10.0.0.2/30",
         "gateway 10.0.0.1",
-        "example.com",
-        "127.0.0.1:8080 -> guest:3000",
+        "http 127.0.0.1:3128",
+        "socks5 127.0.0.1:1080",
+        "*.example.com",
+        "203.0.113.0/24",
+        "api.internal -> 10.0.0.1",
+        "127.0.0.1:8080 -> guest port 3000",
+        "max_flows 4096",
     ] {
-        assert!(stdout.contains(needle), "{needle:?} missing from\n{stdout}");
+        assert!(
+            out.stdout.contains(needle),
+            "{needle:?} missing from\n{}",
+            out.stdout
+        );
     }
-    let (code, stdout, _) = check(&repo.join("policy/deny-all.toml"));
-    assert_eq!(code, Some(0));
-    assert!(stdout.contains("nothing leaves the VM"), "{stdout}");
+    let out = check(&repo.join("policy/deny-all.toml"));
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("nothing leaves the VM"),
+        "{}",
+        out.stdout
+    );
 }
+
+const VM: &str = "[vm]\nname = \"t\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/30\"\n";
 
 #[test]
 fn invalid_policies_exit_2_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let vm = "[vm]\nname = \"t\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/30\"\n";
+    let proxy = "[proxy]\nhttp = \"127.0.0.1:3128\"\n";
+    // (file, text, "line:col", key, reason)
     let cases = [
-        ("unknown.toml", format!("{vm}colour = \"blue\"\n"), ":5:", "vm.colour", "unknown field"),
-        ("mac.toml", vm.replace("52:54:00:12:34:56", "ff:ff:ff:ff:ff:ff"), ":3:", "vm.mac", "multicast"),
-        ("gw.toml", format!("{vm}gateway = \"192.168.1.1\"\n"), ":5:", "vm.gateway", "outside the VM's subnet"),
-        ("port.toml", format!("{vm}[proxy]\nhttp = \"127.0.0.1:3128\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [70000]\n"), ":9:", "outbound[0].ports", "not a port"),
-        ("udp.toml", format!("{vm}[proxy]\nhttp = \"127.0.0.1:3128\"\n[[outbound]]\nprotocol = \"udp\"\nports = [53]\nvia = \"http\"\n"), ":10:", "outbound[0].via", "udp cannot go"),
-        ("syntax.toml", "[vm\n".to_string(), ":1:", "vm", ""),
+        ("syntax.toml", "[vm\n".to_string(), "1:4", "vm", "unclosed table, expected `]`"),
+        (
+            "unknown.toml",
+            format!("{VM}nmae = \"x\"\n"),
+            "5:1",
+            "vm.nmae",
+            "unknown key `nmae`; did you mean `name`?",
+        ),
+        (
+            "missing.toml",
+            "[vm]\nname = \"t\"\nmac = \"52:54:00:12:34:56\"\n".to_string(),
+            "1:1",
+            "vm.address",
+            "required key is missing; add address = \"10.0.0.2/30\"",
+        ),
+        (
+            "mac.toml",
+            VM.replace("52:54:00:12:34:56", "01:00:5e:00:00:01"),
+            "3:7",
+            "vm.mac",
+            "\"01:00:5e:00:00:01\" is a multicast MAC; use a unicast address such as 52:54:00:12:34:56",
+        ),
+        (
+            "gw.toml",
+            format!("{VM}gateway = \"192.168.1.1\"\n"),
+            "5:11",
+            "vm.gateway",
+            "192.168.1.1 is outside the VM's subnet 10.0.0.0/30",
+        ),
+        (
+            "port.toml",
+            format!("{VM}{proxy}[[outbound]]\nprotocol = \"tcp\"\nports = [443, 70000]\n"),
+            "9:15",
+            "outbound[0].ports",
+            "70000 is not a port; use 1..=65535",
+        ),
+        (
+            "udp.toml",
+            format!("{VM}{proxy}[[outbound]]\nprotocol = \"udp\"\nports = [53]\nvia = \"http\"\n"),
+            "10:7",
+            "outbound[0].via",
+            "udp cannot go through an HTTP CONNECT proxy",
+        ),
+        (
+            "ipv6.toml",
+            format!("{VM}{proxy}[[outbound]]\nprotocol = \"tcp\"\nports = [443]\nto = [\"2001:db8::/32\"]\n"),
+            "10:7",
+            "outbound[0].to",
+            "IPv6 is not supported",
+        ),
+        (
+            "forward.toml",
+            format!("{VM}[[forward]]\nlisten = \"127.0.0.1:8080\"\nguest_port = 80\n[[forward]]\nlisten = \"0.0.0.0:8080\"\nguest_port = 81\n"),
+            "9:10",
+            "forward[1].listen",
+            "overlaps forward[0].listen",
+        ),
+        (
+            "limits.toml",
+            format!("{VM}[limits]\nmax_flows = 0\n"),
+            "6:13",
+            "limits.max_flows",
+            "0 is outside 1..=1000000",
+        ),
     ];
-    for (name, text, line, key, reason) in cases {
+    for (name, text, place, key, reason) in cases {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
-        let (code, stdout, stderr) = check(&path);
-        assert_eq!(code, Some(2), "{name}: {stderr}");
-        assert!(stdout.is_empty(), "{name}: nothing on stdout");
-        let line_text = stderr.trim_end();
-        assert_eq!(line_text.lines().count(), 1, "{name}: one line: {stderr}");
+        let out = check(&path);
+        assert_eq!(out.code, Some(2), "{name}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "{name}: nothing on stdout");
+        let line = out.stderr.trim_end();
+        assert_eq!(line.lines().count(), 1, "{name}: one line: {}", out.stderr);
+        let head = format!("{}:{place}: {key}: ", path.display());
         assert!(
-            line_text.starts_with(&format!("{}{line}", path.display())),
-            "{name}: {stderr}"
+            line.starts_with(&head),
+            "{name}: want {head}...\n got {line}"
         );
         assert!(
-            line_text.contains(&format!(": {key}: ")) && line_text.contains(reason),
-            "{name}: {stderr}"
+            line.contains(reason),
+            "{name}: want {reason:?}\n got {line}"
         );
     }
-    let (code, _, stderr) = check(&dir.path().join("missing.toml"));
-    assert_eq!(code, Some(2));
+}
+
+#[test]
+fn a_missing_file_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing.toml");
+    let out = check(&path);
+    assert_eq!(out.code, Some(2));
+    assert_eq!(out.stderr.trim_end().lines().count(), 1, "{}", out.stderr);
     assert!(
-        stderr.contains("missing.toml") && stderr.contains("cannot read"),
-        "{stderr}"
+        out.stderr
+            .starts_with(&format!("{}: cannot read the policy: ", path.display())),
+        "{}",
+        out.stderr
     );
 }
