@@ -7,16 +7,20 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 moat="" policy="" workdir="" guest_dir="$repo/target/guest" boot_timeout=${MOAT_E2E_TIMEOUT:-150}
+egress_port="" forward=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --moat) moat=$2; shift 2 ;;
     --policy) policy=$2; shift 2 ;;
     --workdir) workdir=$2; shift 2 ;;
     --guest-dir) guest_dir=$2; shift 2 ;;
+    --egress-port) egress_port=$2; shift 2 ;;   # origin port for the guest's egress checks
+    --forward) forward=$2; shift 2 ;;           # host addr:port of a [[forward]] to fetch from
+
     *) echo "qemu-e2e: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-[ -x "$moat" ] && [ -f "$policy" ] || { echo "usage: qemu-e2e.sh --moat BIN --policy FILE [--workdir DIR]" >&2; exit 2; }
+[ -x "$moat" ] && [ -f "$policy" ] || { echo "usage: qemu-e2e.sh --moat BIN --policy FILE [--workdir DIR] [--egress-port PORT --forward ADDR:PORT]" >&2; exit 2; }
 command -v qemu-system-x86_64 >/dev/null || { echo "qemu-e2e: qemu-system-x86_64 missing (apt-get install qemu-system-x86)" >&2; exit 1; }
 
 "$here/build-guest.sh" "$guest_dir" >/dev/null
@@ -54,10 +58,23 @@ timeout "$boot_timeout" qemu-system-x86_64 \
   -netdev vhost-user,id=net0,chardev=net0 \
   -device virtio-net-pci,netdev=net0,mac="$mac",vectors=0,romfile= \
   -kernel "$guest_dir/vmlinux" -initrd "$guest_dir/initramfs.cpio.gz" \
-  -append "console=ttyS0 quiet panic=-1 moat.expect_ip=$address moat.gateway=$gateway" \
+  -append "console=ttyS0 quiet panic=-1 moat.expect_ip=$address moat.gateway=$gateway${egress_port:+ moat.egress=$egress_port}" \
   -display none -serial "file:$serial" -monitor none -no-reboot \
   >"$workdir/qemu.log" 2>&1 &
 qemu_pid=$!
+fetch_pid=""
+if [ -n "$forward" ]; then
+  # When the guest's httpd is up, fetch its page from the host through the forward.
+  (
+    for _ in $(seq 600); do grep -q MOAT-HTTPD-UP "$serial" 2>/dev/null && break; sleep 0.2; done
+    python3 - "$forward" >"$workdir/forward.txt" 2>&1 <<'PY'
+import sys, urllib.request
+body = urllib.request.urlopen("http://" + sys.argv[1] + "/", timeout=10).read().decode().strip()
+print(body)
+PY
+  ) &
+  fetch_pid=$!
+fi
 qemu_status=0
 wait "$qemu_pid" || qemu_status=$?
 qemu_pid=""
@@ -75,6 +92,11 @@ while read -r _ name expected observed detail; do
   if [ "$observed" = "$want" ]; then verdict=PASS; else verdict=FAIL; fail=1; fi
   printf '%-18s %-9s %-9s %s\n' "$name" "$expected" "$observed" "$verdict"
 done < <(grep '^MOAT-CHECK ' "$serial.txt")
+if [ -n "$forward" ]; then
+  [ -n "$fetch_pid" ] && wait "$fetch_pid" 2>/dev/null || true
+  if [ "$(cat "$workdir/forward.txt" 2>/dev/null)" = guest-page ]; then observed=ok verdict=PASS; else observed=blocked verdict=FAIL fail=1; fi
+  printf '%-18s %-9s %-9s %s\n' host-fetch-forward pass "$observed" "$verdict"
+fi
 checks=$(grep -c '^MOAT-CHECK ' "$serial.txt" || true)
 echo "guest ran ${checks} checks in ${elapsed}s (qemu exit $qemu_status)"
 if ! grep -q '^MOAT-DONE' "$serial.txt"; then
