@@ -212,10 +212,12 @@ impl Ctx<'_> {
             .map(|doc| path_at(&doc, &span))
             .unwrap_or_default();
         if let Some(field) = backticked(&message, "unknown field `") {
-            let key = if path.is_empty() {
-                push_key(String::new(), field)
-            } else {
+            // The span is the key itself, so the path normally ends with it already.
+            let own = push_key(String::new(), field);
+            let key = if path == own || path.ends_with(&format!(".{own}")) {
                 path
+            } else {
+                push_key(path, field)
             };
             let expected = message.split_once(", expected ").map(|(_, e)| e);
             let reason = match expected.and_then(|e| closest(field, e)) {
