@@ -265,9 +265,17 @@ fn ip_literals_get_no_answer_when_no_rule_could_name_them() {
     );
     let served = Served::start(&text, true);
     let mut net = guest_net(&served);
-    let state = never_established(&mut net, Ipv4Addr::new(198, 51, 100, 7), 80, Duration::from_millis(1500));
+    let state = never_established(
+        &mut net,
+        Ipv4Addr::new(198, 51, 100, 7),
+        80,
+        Duration::from_millis(1500),
+    );
     assert_eq!(state, State::SynSent);
-    assert!(served.counters.drops(DropReason::NotAllowed) >= 1, "each SYN (and retry) dropped");
+    assert!(
+        served.counters.drops(DropReason::NotAllowed) >= 1,
+        "each SYN (and retry) dropped"
+    );
     assert!(proxy.requests().is_empty());
 }
 
@@ -306,16 +314,33 @@ fn ip_literal_flows_are_named_by_http_host_or_tls_sni() {
     let mut net = guest_net(&served);
     // HTTP to an address no CIDR covers: the Host header names it, and the rule allows it.
     let h = established(&mut net, Ipv4Addr::new(198, 51, 100, 20), 80);
-    send_all(&mut net, h, b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n");
+    send_all(
+        &mut net,
+        h,
+        b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n",
+    );
     let mut body = Vec::new();
     recv_until_closed(&mut net, h, |d| body.extend_from_slice(d));
     let body = String::from_utf8_lossy(&body);
-    assert!(body.starts_with("HTTP/1.1 200") && body.ends_with("ok"), "{body}");
+    assert!(
+        body.starts_with("HTTP/1.1 200") && body.ends_with("ok"),
+        "{body}"
+    );
     // TLS: the ClientHello's server name.
     let t = established(&mut net, Ipv4Addr::new(198, 51, 100, 21), 443);
-    send_all(&mut net, t, &moat::frame::craft::tls_client_hello("api.example.com"));
+    send_all(
+        &mut net,
+        t,
+        &moat::frame::craft::tls_client_hello("api.example.com"),
+    );
     assert!(net.run_until(T, |_| proxy.requests().len() == 2).unwrap());
-    assert_eq!(proxy.requests(), vec!["www.example.com:80".to_string(), "api.example.com:443".to_string()]);
+    assert_eq!(
+        proxy.requests(),
+        vec![
+            "www.example.com:80".to_string(),
+            "api.example.com:443".to_string()
+        ]
+    );
 }
 
 #[test]
@@ -330,7 +355,11 @@ fn ip_literal_flows_with_a_disallowed_or_missing_name_are_reset() {
     ] {
         let h = established(&mut net, Ipv4Addr::new(198, 51, 100, 30), 443);
         send_all(&mut net, h, &first);
-        assert!(net.run_until(T, |n| n.tcp(h).state() == State::Closed).unwrap(), "reset");
+        assert!(
+            net.run_until(T, |n| n.tcp(h).state() == State::Closed)
+                .unwrap(),
+            "reset"
+        );
         net.remove(h);
     }
     assert!(proxy.requests().is_empty(), "{:?}", proxy.requests());

@@ -103,7 +103,10 @@ fn real_guest_egress_through_tinyproxy_and_a_forward() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let origin = support::proxy::origin();
     let proxy = support::peers::tinyproxy();
-    let forward = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let forward = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let workdir = tempfile::tempdir().unwrap();
     let policy = workdir.path().join("egress.toml");
     std::fs::write(

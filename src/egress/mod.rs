@@ -286,10 +286,15 @@ impl Flows {
                 let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
                 match route::route_tcp(&self.policy, &names, key.dst, key.dst_port) {
                     Ok(route) => route,
-                    Err(DropReason::NotAllowed) if route::may_sniff(&self.policy, key.dst, key.dst_port) => {
+                    Err(DropReason::NotAllowed)
+                        if route::may_sniff(&self.policy, key.dst, key.dst_port) =>
+                    {
                         // Only a name can allow this flow: take the handshake, read the
                         // first bytes (SNI or Host), then decide.
-                        let handle = self.stack.listen(key.dst, key.dst_port, false).ok_or(DropReason::TcpNoFlow)?;
+                        let handle = self
+                            .stack
+                            .listen(key.dst, key.dst_port, false)
+                            .ok_or(DropReason::TcpNoFlow)?;
                         self.sniffing.insert(key, (handle, Instant::now()));
                         return Ok(());
                     }
@@ -302,7 +307,12 @@ impl Flows {
 
     /// Open the proxy connection of an allowed flow. `handle`: the guest socket if the
     /// handshake already happened (sniffed flows); else a new one holding its SYN-ACK.
-    fn connect_proxy(&mut self, key: FlowKey, route: route::Route, handle: Option<SocketHandle>) -> Result<(), DropReason> {
+    fn connect_proxy(
+        &mut self,
+        key: FlowKey,
+        route: route::Route,
+        handle: Option<SocketHandle>,
+    ) -> Result<(), DropReason> {
         let negotiation = match (route.rule, route.via) {
             (usize::MAX, _) => Negotiation::Splice,
             (_, Via::Http) => Negotiation::HttpConnect,
@@ -317,7 +327,10 @@ impl Flows {
         })?;
         let handle = match handle {
             Some(h) => h,
-            None => self.stack.listen(key.dst, key.dst_port, true).ok_or(DropReason::TcpNoFlow)?,
+            None => self
+                .stack
+                .listen(key.dst, key.dst_port, true)
+                .ok_or(DropReason::TcpNoFlow)?,
         };
         let Some(token) = self.alloc_token() else {
             self.stack.remove(handle);
@@ -366,7 +379,9 @@ impl Flows {
     fn sniff(&mut self) {
         let keys: Vec<FlowKey> = self.sniffing.keys().copied().collect();
         for key in keys {
-            let Some(&(handle, since)) = self.sniffing.get(&key) else { continue };
+            let Some(&(handle, since)) = self.sniffing.get(&key) else {
+                continue;
+            };
             let socket = self.stack.socket(handle);
             let verdict = match socket.state() {
                 State::Listen | State::Closed => Some(Err(DropReason::NotAllowed)),
@@ -375,7 +390,9 @@ impl Flows {
                     Ok(first) => match sniff::sniff(first) {
                         sniff::Sniffed::NeedMore => None,
                         sniff::Sniffed::NoName => Some(Err(DropReason::NotAllowed)),
-                        sniff::Sniffed::Name(name) => Some(route::route_name(&self.policy, &name, key.dst_port)),
+                        sniff::Sniffed::Name(name) => {
+                            Some(route::route_name(&self.policy, &name, key.dst_port))
+                        }
                     },
                     Err(_) => Some(Err(DropReason::NotAllowed)),
                 },
@@ -389,12 +406,15 @@ impl Flows {
             });
             if let Err(reason) = result {
                 // Not allowed by name (or no name): reset the guest's connection.
-                if self.flows.get(&key).is_none() {
+                if !self.flows.contains_key(&key) {
                     self.stack.socket(handle).abort();
                     self.stack.poll();
                     self.stack.remove(handle);
                 }
-                self.counters.drop_frame(reason, format_args!("tcp {key}: not allowed by its first bytes"));
+                self.counters.drop_frame(
+                    reason,
+                    format_args!("tcp {key}: not allowed by its first bytes"),
+                );
             }
         }
     }

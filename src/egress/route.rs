@@ -81,15 +81,26 @@ pub fn explicit_proxy(policy: &Policy, dst: Ipv4Addr, port: u16) -> Option<Route
 }
 
 /// Decide the route of a TCP flow to `dst:port`.
-pub fn route_tcp(policy: &Policy, names: &NamePool, dst: Ipv4Addr, port: u16) -> Result<Route, DropReason> {
+pub fn route_tcp(
+    policy: &Policy,
+    names: &NamePool,
+    dst: Ipv4Addr,
+    port: u16,
+) -> Result<Route, DropReason> {
     if SYNTHETIC_NET.contains(&dst) {
-        let name = names.lookup(dst).ok_or(DropReason::UnknownSyntheticAddress)?;
+        let name = names
+            .lookup(dst)
+            .ok_or(DropReason::UnknownSyntheticAddress)?;
         return route_name(policy, name, port);
     }
     let reserved = reserved_range(dst);
     let (index, rule) = tcp_rules(policy, port)
         .find(|(_, r)| names_ip(r, dst, reserved))
-        .ok_or(if reserved.is_some() { DropReason::ReservedDestination } else { DropReason::NotAllowed })?;
+        .ok_or(if reserved.is_some() {
+            DropReason::ReservedDestination
+        } else {
+            DropReason::NotAllowed
+        })?;
     finish(policy, index, rule, Target::Ip(dst), port)
 }
 
@@ -121,7 +132,13 @@ fn tcp_rules(policy: &Policy, port: u16) -> impl Iterator<Item = (usize, &Outbou
         .filter(move |(_, r)| r.protocol == Protocol::Tcp && r.allows_port(port))
 }
 
-fn finish(policy: &Policy, index: usize, rule: &OutboundRule, target: Target, port: u16) -> Result<Route, DropReason> {
+fn finish(
+    policy: &Policy,
+    index: usize,
+    rule: &OutboundRule,
+    target: Target,
+    port: u16,
+) -> Result<Route, DropReason> {
     let proxy = match rule.via {
         Via::Http => policy.proxy.http,
         Via::Socks5 => policy.proxy.socks5,

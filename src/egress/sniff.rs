@@ -25,7 +25,11 @@ pub fn sniff(first: &[u8]) -> Sniffed {
     if first.is_empty() {
         return Sniffed::NeedMore;
     }
-    let found = if first[0] == TLS_HANDSHAKE { tls_server_name(first) } else { http_host(first) };
+    let found = if first[0] == TLS_HANDSHAKE {
+        tls_server_name(first)
+    } else {
+        http_host(first)
+    };
     match found {
         Sniffed::NeedMore if first.len() >= MAX_SNIFF => Sniffed::NoName,
         Sniffed::Name(n) => clean(&n).map_or(Sniffed::NoName, Sniffed::Name),
@@ -40,14 +44,21 @@ fn tls_server_name(first: &[u8]) -> Sniffed {
         Err(_) => return Sniffed::NoName,
     };
     for msg in &record.msg {
-        let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)) = msg else { continue };
-        let Some(ext) = hello.ext else { return Sniffed::NoName };
-        let Ok((_, extensions)) = parse_tls_extensions(ext) else { return Sniffed::NoName };
+        let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)) = msg else {
+            continue;
+        };
+        let Some(ext) = hello.ext else {
+            return Sniffed::NoName;
+        };
+        let Ok((_, extensions)) = parse_tls_extensions(ext) else {
+            return Sniffed::NoName;
+        };
         for e in extensions {
             if let TlsExtension::SNI(names) = e {
                 for (kind, name) in names {
                     if kind.0 == SNI_HOST_NAME {
-                        return std::str::from_utf8(name).map_or(Sniffed::NoName, |n| Sniffed::Name(n.to_string()));
+                        return std::str::from_utf8(name)
+                            .map_or(Sniffed::NoName, |n| Sniffed::Name(n.to_string()));
                     }
                 }
             }
@@ -81,7 +92,12 @@ fn clean(raw: &str) -> Option<String> {
     let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
     let ok = !host.is_empty()
         && host.len() <= 253
-        && host.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
     ok.then_some(host)
 }
 
@@ -101,11 +117,17 @@ mod tests {
 
     #[test]
     fn host_from_an_http_request() {
-        assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: www.Example.com:8080\r\n\r\n"), Sniffed::Name("www.example.com".into()));
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1\r\nHost: www.Example.com:8080\r\n\r\n"),
+            Sniffed::Name("www.example.com".into())
+        );
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nHo"), Sniffed::NeedMore);
         assert_eq!(sniff(b"GET / HTTP/1.1\r\n\r\n"), Sniffed::NoName);
         assert_eq!(sniff(b"\x00\x01binary"), Sniffed::NoName);
-        assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: evil.com/x\r\n\r\n"), Sniffed::NoName);
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1\r\nHost: evil.com/x\r\n\r\n"),
+            Sniffed::NoName
+        );
         let endless = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &vec![b'a'; MAX_SNIFF]].concat();
         assert_eq!(sniff(&endless), Sniffed::NoName);
     }

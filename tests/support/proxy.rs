@@ -94,7 +94,8 @@ fn serve_origin(mut conn: TcpStream) {
                 }
                 head.push(b[0]);
             }
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }
         b'D' => {
             let mut sent = 0u64;
