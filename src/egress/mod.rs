@@ -365,6 +365,7 @@ impl Flows {
         let Some(flow) = self.flows.get_mut(&key) else {
             return;
         };
+        tracing::trace!(flow = %key, ?events, "proxy socket ready");
         if events
             .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
         {

@@ -39,7 +39,8 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
 pub const DOWNLOAD_LEN: u64 = 16 << 20;
 
 /// An origin server: first byte 'E' echo, 'U' hash everything until EOF and answer
-/// (length, hash), 'D' send DOWNLOAD_LEN pattern bytes and close.
+/// (length, hash), 'D' send DOWNLOAD_LEN pattern bytes and close, 'B' bulk (length first),
+/// 'G' an HTTP request answered with "ok".
 pub fn origin() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -96,6 +97,23 @@ fn serve_origin(mut conn: TcpStream) {
             }
             let _ = conn
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+        b'B' => {
+            // Bulk download: an 8-byte big-endian length, then that many pattern bytes.
+            let mut len = [0u8; 8];
+            if conn.read_exact(&mut len).is_err() {
+                return;
+            }
+            let total = u64::from_be_bytes(len);
+            let block = pattern(0, 64 * 1024);
+            let mut sent = 0u64;
+            while sent < total {
+                let n = (total - sent).min(block.len() as u64) as usize;
+                if conn.write_all(&block[..n]).is_err() {
+                    return;
+                }
+                sent += n as u64;
+            }
         }
         b'D' => {
             let mut sent = 0u64;
