@@ -172,3 +172,51 @@ fn tunnelling_shapes_get_formerr_or_nxdomain() {
     let m = decode(udp.payload).unwrap();
     assert_eq!((m.id, m.response_code), (13, ResponseCode::FormErr));
 }
+
+#[test]
+fn dns_over_tcp_answers_the_same_and_pipelines() {
+    let served = Served::start(DNS_POLICY, true);
+    let mut net = moat::guest::GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let h = net.tcp_connect(GW, 53);
+    let t = std::time::Duration::from_secs(5);
+    assert!(net
+        .run_until(t, |n| n.tcp(h).state()
+            == smoltcp::socket::tcp::State::Established)
+        .unwrap());
+    let mut stream = Vec::new();
+    for (id, name) in [(21u16, "www.example.com."), (22, "evil.test.")] {
+        let q = query(id, name, RecordType::A);
+        stream.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        stream.extend_from_slice(&q);
+    }
+    net.tcp(h).send_slice(&stream).unwrap();
+    let mut got = Vec::new();
+    let mut replies = Vec::new();
+    net.run_until(t, |n| {
+        let s = n.tcp(h);
+        while s.can_recv() {
+            let _ = s.recv(|d| {
+                got.extend_from_slice(d);
+                (d.len(), ())
+            });
+        }
+        while got.len() >= 2 {
+            let len = usize::from(u16::from_be_bytes([got[0], got[1]]));
+            if got.len() < 2 + len {
+                break;
+            }
+            let msg: Vec<u8> = got.drain(..2 + len).skip(2).collect();
+            replies.push(decode(&msg).expect("reply decodes"));
+        }
+        replies.len() == 2
+    })
+    .unwrap();
+    assert_eq!(replies.len(), 2);
+    assert_eq!(replies[0].id, 21);
+    assert!(SYNTHETIC_NET.contains(&a_of(&replies[0]).unwrap()));
+    assert_eq!(
+        (replies[1].id, replies[1].response_code),
+        (22, ResponseCode::NXDomain)
+    );
+    assert_eq!(served.counters.dns(DnsOutcome::Synthetic), 1);
+}

@@ -6,6 +6,7 @@
 //! and takes back the IP packets for the guest ([`Flows::pump`]).
 
 pub mod connect;
+pub mod dns_tcp;
 pub mod flow;
 pub mod route;
 pub mod sniff;
@@ -49,6 +50,7 @@ const FORWARD_PORTS: std::ops::Range<u16> = 20000..60000;
 pub const FIRST_FLOW_TOKEN: u64 = 4;
 /// Event ids reach the backend as u16, so that is the last token.
 const LAST_FLOW_TOKEN: u64 = u16::MAX as u64;
+const DNS_PORT: u16 = 53;
 /// How long a flow to an IP literal may take to show its name.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rounds of stack <-> proxy progress per pump, at most (bounded work per event).
@@ -63,6 +65,8 @@ pub struct Flows {
     registrar: Option<Box<dyn Registrar>>,
     flows: HashMap<FlowKey, Flow>,
     by_token: HashMap<u64, Owner>,
+    /// Guest connections to the gateway's DNS over TCP.
+    dns_conns: Vec<dns_tcp::DnsConn>,
     /// Flows to IP literals waiting for their first bytes to name them.
     sniffing: HashMap<FlowKey, (SocketHandle, Instant)>,
     /// `[[forward]]` listeners while a frontend is connected.
@@ -92,6 +96,7 @@ impl Flows {
             by_token: HashMap::new(),
             listeners: Vec::new(),
             sniffing: HashMap::new(),
+            dns_conns: Vec::new(),
             next_forward_port: FORWARD_PORTS.start,
             next_token: FIRST_FLOW_TOKEN,
             free_tokens: Vec::new(),
@@ -240,6 +245,7 @@ impl Flows {
         }
         self.listeners.clear();
         self.sniffing.clear();
+        self.dns_conns.clear();
         self.by_token.clear();
         self.free_tokens.clear();
         self.next_token = FIRST_FLOW_TOKEN;
@@ -261,7 +267,10 @@ impl Flows {
             dst: ip.dst,
             dst_port: tcp.dst_port,
         };
-        if !self.flows.contains_key(&key) && !self.sniffing.contains_key(&key) {
+        let known = self.flows.contains_key(&key)
+            || self.sniffing.contains_key(&key)
+            || (key.dst == self.policy.vm.gateway && key.dst_port == DNS_PORT && tcp.flags.ack);
+        if !known {
             if !tcp.flags.syn || tcp.flags.ack {
                 return Err(DropReason::TcpNoFlow);
             }
@@ -277,8 +286,18 @@ impl Flows {
     }
 
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
-        if self.flows.len() + self.sniffing.len() >= self.policy.limits.max_flows {
+        if self.flows.len() + self.sniffing.len() + self.dns_conns.len()
+            >= self.policy.limits.max_flows
+        {
             return Err(DropReason::FlowLimit);
+        }
+        if key.dst == self.policy.vm.gateway && key.dst_port == DNS_PORT {
+            let handle = self
+                .stack
+                .listen(key.dst, key.dst_port, false)
+                .ok_or(DropReason::TcpNoFlow)?;
+            self.dns_conns.push(dns_tcp::DnsConn::new(handle));
+            return Ok(());
         }
         let route = match route::explicit_proxy(&self.policy, key.dst, key.dst_port) {
             Some(route) => route,
@@ -376,6 +395,24 @@ impl Flows {
         }
     }
 
+    /// Serve DNS-over-TCP connections; forget finished ones.
+    fn answer_dns(&mut self) {
+        let (stack, dns, names, counters) = (
+            &mut self.stack,
+            &self.policy.dns,
+            &self.names,
+            &self.counters,
+        );
+        self.dns_conns.retain_mut(|conn| {
+            let alive = conn.step(stack, dns, names, counters);
+            if !alive {
+                stack.poll();
+                stack.remove(conn.handle);
+            }
+            alive
+        });
+    }
+
     /// Name sniffed flows whose first bytes have arrived; refuse those that cannot be named.
     fn sniff(&mut self) {
         let keys: Vec<FlowKey> = self.sniffing.keys().copied().collect();
@@ -425,6 +462,7 @@ impl Flows {
         for _ in 0..MAX_ROUNDS {
             self.stack.poll();
             self.sniff();
+            self.answer_dns();
             let mut moved = false;
             for flow in self.flows.values_mut() {
                 moved |= flow.step(&mut self.stack);
@@ -488,7 +526,7 @@ impl Flows {
             .flows
             .values()
             .any(|f| matches!(f.phase, Phase::Connecting | Phase::Handshake));
-        let waiting = waiting || !self.sniffing.is_empty();
+        let waiting = waiting || !self.sniffing.is_empty() || !self.dns_conns.is_empty();
         match (stack, waiting) {
             (Some(d), true) => Some(d.min(Duration::from_millis(500))),
             (None, true) => Some(Duration::from_millis(500)),

@@ -117,7 +117,9 @@ impl Firewall {
                     Transport::Udp(udp) if udp.dst_port == DNS_PORT => {
                         Ok(Verdict::Answer(Service::Dns))
                     }
-                    Transport::Tcp(tcp) if Some(tcp.dst_port) == self.explicit_port => {
+                    Transport::Tcp(tcp)
+                        if Some(tcp.dst_port) == self.explicit_port || tcp.dst_port == DNS_PORT =>
+                    {
                         Ok(Verdict::Flow)
                     }
                     // Not a new connection: only a flow moat opened (a `[[forward]]`) takes

@@ -1,0 +1,101 @@
+//! DNS over TCP at the gateway (RFC 1035 4.2.2, RFC 7766): the same answers as UDP port 53,
+//! each message behind a two-byte length. Terminated in the stack; nothing leaves the host.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp::State;
+
+use crate::policy::Dns;
+use crate::services::dns::{self, NamePool};
+use crate::stack::Stack;
+use crate::telemetry::Counters;
+
+/// A DNS connection idle this long is closed.
+const IDLE: Duration = Duration::from_secs(10);
+/// Largest message: the two-byte length allows 65535.
+const MAX_MESSAGE: usize = 65_535;
+
+/// One guest connection to gateway:53.
+#[derive(Debug)]
+pub struct DnsConn {
+    pub handle: SocketHandle,
+    inbox: Vec<u8>,
+    outbox: Vec<u8>,
+    last: Instant,
+}
+
+impl DnsConn {
+    pub fn new(handle: SocketHandle) -> DnsConn {
+        DnsConn {
+            handle,
+            inbox: Vec::new(),
+            outbox: Vec::new(),
+            last: Instant::now(),
+        }
+    }
+
+    /// Answer what has arrived. Returns false once the connection is finished.
+    pub fn step(
+        &mut self,
+        stack: &mut Stack,
+        policy: &Dns,
+        names: &Arc<Mutex<NamePool>>,
+        counters: &Counters,
+    ) -> bool {
+        let socket = stack.socket(self.handle);
+        if matches!(socket.state(), State::Closed | State::TimeWait) {
+            return false;
+        }
+        if self.last.elapsed() > IDLE {
+            socket.abort();
+            return false;
+        }
+        while socket.can_recv() && self.inbox.len() < MAX_MESSAGE + 2 {
+            let room = MAX_MESSAGE + 2 - self.inbox.len();
+            let inbox = &mut self.inbox;
+            let _ = socket.recv(|data| {
+                let n = data.len().min(room);
+                inbox.extend_from_slice(&data[..n]);
+                (n, ())
+            });
+            self.last = Instant::now();
+        }
+        while self.inbox.len() >= 2 {
+            let len = usize::from(u16::from_be_bytes([self.inbox[0], self.inbox[1]]));
+            if self.inbox.len() < 2 + len {
+                break;
+            }
+            let query: Vec<u8> = self.inbox.drain(..2 + len).skip(2).collect();
+            let answer = {
+                let mut names = names.lock().unwrap_or_else(|e| e.into_inner());
+                dns::answer(policy, &mut names, &query)
+            };
+            match answer {
+                Some((reply, outcome)) => {
+                    counters.dns_answered(outcome);
+                    self.outbox
+                        .extend_from_slice(&(reply.len().min(MAX_MESSAGE) as u16).to_be_bytes());
+                    self.outbox
+                        .extend_from_slice(&reply[..reply.len().min(MAX_MESSAGE)]);
+                }
+                None => {
+                    // Not even a header: nothing sensible to say on this stream.
+                    socket.abort();
+                    return false;
+                }
+            }
+        }
+        if !self.outbox.is_empty() {
+            if let Ok(n) = socket.send_slice(&self.outbox) {
+                self.outbox.drain(..n);
+            }
+        }
+        if socket.state() == State::CloseWait && self.outbox.is_empty() {
+            // The guest has said all it will: finish our side too.
+            socket.close();
+        }
+        true
+    }
+}
