@@ -105,11 +105,12 @@ impl Datapath {
                 let Network::Ipv4(ip) = &frame.net else {
                     return Err((DropReason::NotAllowed, summarize(&frame)));
                 };
-                let Transport::Tcp(tcp) = &ip.transport else {
-                    return Err((DropReason::NotAllowed, summarize(&frame)));
+                let carried = match &ip.transport {
+                    Transport::Tcp(tcp) => self.flows.guest_tcp(ip, tcp),
+                    Transport::Udp(udp) => self.flows.guest_udp(ip, udp),
+                    Transport::Icmp(_) => Err(DropReason::NotAllowed),
                 };
-                self.flows
-                    .guest_tcp(ip, tcp)
+                carried
                     .map(|()| None)
                     .map_err(|reason| (reason, summarize(&frame)))
             }

@@ -11,6 +11,7 @@ pub mod flow;
 pub mod route;
 pub mod sniff;
 pub mod socks5;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -23,7 +24,7 @@ use smoltcp::socket::tcp::State;
 
 use vmm_sys_util::epoll::EventSet;
 
-use crate::frame::{Ipv4, Tcp};
+use crate::frame::{Ipv4, Tcp, Udp};
 use crate::policy::{Forward, Policy, Via};
 use crate::services::dns::NamePool;
 use crate::stack::Stack;
@@ -41,6 +42,7 @@ pub trait Registrar: Send + Sync {
 enum Owner {
     Flow(FlowKey),
     Listener(usize),
+    Udp,
 }
 
 /// Gateway-side ports of forwarded connections, as the guest sees them.
@@ -65,6 +67,8 @@ pub struct Flows {
     registrar: Option<Box<dyn Registrar>>,
     flows: HashMap<FlowKey, Flow>,
     by_token: HashMap<u64, Owner>,
+    /// UDP associations through the SOCKS5 proxy.
+    udp: HashMap<udp::UdpKey, udp::Assoc>,
     /// Guest connections to the gateway's DNS over TCP.
     dns_conns: Vec<dns_tcp::DnsConn>,
     /// Flows to IP literals waiting for their first bytes to name them.
@@ -97,6 +101,7 @@ impl Flows {
             listeners: Vec::new(),
             sniffing: HashMap::new(),
             dns_conns: Vec::new(),
+            udp: HashMap::new(),
             next_forward_port: FORWARD_PORTS.start,
             next_token: FIRST_FLOW_TOKEN,
             free_tokens: Vec::new(),
@@ -246,6 +251,7 @@ impl Flows {
         self.listeners.clear();
         self.sniffing.clear();
         self.dns_conns.clear();
+        self.udp.clear();
         self.by_token.clear();
         self.free_tokens.clear();
         self.next_token = FIRST_FLOW_TOKEN;
@@ -379,7 +385,8 @@ impl Flows {
         let key = match self.by_token.get(&token) {
             Some(Owner::Flow(key)) => *key,
             Some(Owner::Listener(index)) => return self.accept(*index),
-            None => return,
+            // UDP associations read and write until WouldBlock on every pump.
+            Some(Owner::Udp) | None => return,
         };
         let Some(flow) = self.flows.get_mut(&key) else {
             return;
@@ -392,6 +399,102 @@ impl Flows {
         }
         if events.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
             flow.writable = true;
+        }
+    }
+
+    /// A guest UDP datagram to a non-gateway address: carried by a SOCKS5 association.
+    pub fn guest_udp(&mut self, ip: &Ipv4<'_>, udp: &Udp<'_>) -> Result<(), DropReason> {
+        let key = udp::UdpKey {
+            guest_port: udp.src_port,
+            dst: ip.dst,
+            dst_port: udp.dst_port,
+        };
+        if !self.udp.contains_key(&key) {
+            self.open_udp(key)?;
+        }
+        if let Some(assoc) = self.udp.get_mut(&key) {
+            assoc.send(udp.payload);
+        }
+        Ok(())
+    }
+
+    fn open_udp(&mut self, key: udp::UdpKey) -> Result<(), DropReason> {
+        if self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len()
+            >= self.policy.limits.max_flows
+        {
+            return Err(DropReason::FlowLimit);
+        }
+        let route = {
+            let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            route::route_udp(&self.policy, &names, key.dst, key.dst_port)?
+        };
+        if route.via != Via::Socks5 || self.registrar.is_none() {
+            return Err(DropReason::EgressUnsupported);
+        }
+        let control = connect_nonblocking(route.proxy).map_err(|_| DropReason::ProxyUnreachable)?;
+        let bind: SocketAddr = if route.proxy.ip().is_loopback() {
+            "127.0.0.1:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|_| DropReason::ProxyUnreachable)?;
+        let relay = std::net::UdpSocket::bind(bind).map_err(|_| DropReason::ProxyUnreachable)?;
+        relay
+            .set_nonblocking(true)
+            .map_err(|_| DropReason::ProxyUnreachable)?;
+        let (Some(ct), Some(rt)) = (self.alloc_token(), self.alloc_token()) else {
+            return Err(DropReason::FlowLimit);
+        };
+        let registered = self.registrar.as_ref().is_some_and(|r| {
+            r.register(control.as_raw_fd(), ct).is_ok() && r.register(relay.as_raw_fd(), rt).is_ok()
+        });
+        if !registered {
+            self.free_tokens.extend([ct, rt]);
+            return Err(DropReason::ProxyUnreachable);
+        }
+        self.by_token.insert(ct, Owner::Udp);
+        self.by_token.insert(rt, Owner::Udp);
+        self.counters.flow(FlowEvent::Opened);
+        tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "udp association requested");
+        self.udp
+            .insert(key, udp::Assoc::new(key, route, control, relay, ct, rt));
+        Ok(())
+    }
+
+    /// Run UDP associations; retire finished ones. Packets for the guest go to `out`.
+    fn run_udp(&mut self, out: &mut Vec<Vec<u8>>) {
+        let guest = self.policy.vm.address;
+        let mtu = usize::from(self.policy.vm.mtu);
+        for assoc in self.udp.values_mut() {
+            assoc.step(guest, mtu, out);
+        }
+        let done: Vec<udp::UdpKey> = self
+            .udp
+            .iter()
+            .filter(|(_, a)| a.is_done())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in done {
+            let Some(assoc) = self.udp.remove(&key) else {
+                continue;
+            };
+            for (fd, token) in [
+                (assoc.control.as_raw_fd(), assoc.control_token),
+                (assoc.relay.as_raw_fd(), assoc.relay_token),
+            ] {
+                self.by_token.remove(&token);
+                if let Some(r) = &self.registrar {
+                    let _ = r.unregister(fd, token);
+                }
+                self.free_tokens.push(token);
+            }
+            self.counters.flow(if assoc.failed {
+                FlowEvent::ProxyFailed
+            } else {
+                FlowEvent::Closed
+            });
+            tracing::info!(flow = %key, up = assoc.datagrams_up, down = assoc.datagrams_down, "udp association closed");
         }
     }
 
@@ -473,7 +576,9 @@ impl Flows {
         }
         self.stack.poll();
         self.reap();
-        self.stack.take_egress()
+        let mut out = self.stack.take_egress();
+        self.run_udp(&mut out);
+        out
     }
 
     fn reap(&mut self) {
@@ -526,7 +631,10 @@ impl Flows {
             .flows
             .values()
             .any(|f| matches!(f.phase, Phase::Connecting | Phase::Handshake));
-        let waiting = waiting || !self.sniffing.is_empty() || !self.dns_conns.is_empty();
+        let waiting = waiting
+            || !self.sniffing.is_empty()
+            || !self.dns_conns.is_empty()
+            || !self.udp.is_empty();
         match (stack, waiting) {
             (Some(d), true) => Some(d.min(Duration::from_millis(500))),
             (None, true) => Some(Duration::from_millis(500)),

@@ -87,14 +87,37 @@ pub fn route_tcp(
     dst: Ipv4Addr,
     port: u16,
 ) -> Result<Route, DropReason> {
+    route(policy, names, Protocol::Tcp, dst, port)
+}
+
+/// Decide the route of a UDP flow to `dst:port` (UDP rules go through SOCKS5).
+pub fn route_udp(
+    policy: &Policy,
+    names: &NamePool,
+    dst: Ipv4Addr,
+    port: u16,
+) -> Result<Route, DropReason> {
+    route(policy, names, Protocol::Udp, dst, port)
+}
+
+fn route(
+    policy: &Policy,
+    names: &NamePool,
+    protocol: Protocol,
+    dst: Ipv4Addr,
+    port: u16,
+) -> Result<Route, DropReason> {
     if SYNTHETIC_NET.contains(&dst) {
         let name = names
             .lookup(dst)
             .ok_or(DropReason::UnknownSyntheticAddress)?;
-        return route_name(policy, name, port);
+        let (index, rule) = rules(policy, protocol, port)
+            .find(|(_, r)| r.allows_name(name))
+            .ok_or(DropReason::NotAllowed)?;
+        return finish(policy, index, rule, Target::Name(name.to_string()), port);
     }
     let reserved = reserved_range(dst);
-    let (index, rule) = tcp_rules(policy, port)
+    let (index, rule) = rules(policy, protocol, port)
         .find(|(_, r)| names_ip(r, dst, reserved))
         .ok_or(if reserved.is_some() {
             DropReason::ReservedDestination
@@ -106,7 +129,7 @@ pub fn route_tcp(
 
 /// The route for a flow known by `name` (from moat's DNS, or sniffed from its first bytes).
 pub fn route_name(policy: &Policy, name: &str, port: u16) -> Result<Route, DropReason> {
-    let (index, rule) = tcp_rules(policy, port)
+    let (index, rule) = rules(policy, Protocol::Tcp, port)
         .find(|(_, r)| r.allows_name(name))
         .ok_or(DropReason::NotAllowed)?;
     finish(policy, index, rule, Target::Name(name.to_string()), port)
@@ -118,18 +141,22 @@ pub fn route_name(policy: &Policy, name: &str, port: u16) -> Result<Route, DropR
 pub fn may_sniff(policy: &Policy, dst: Ipv4Addr, port: u16) -> bool {
     !SYNTHETIC_NET.contains(&dst)
         && reserved_range(dst).is_none()
-        && tcp_rules(policy, port).any(|(_, r)| {
+        && rules(policy, Protocol::Tcp, port).any(|(_, r)| {
             r.to.as_ref()
                 .is_none_or(|to| to.iter().any(|d| matches!(d, Destination::Name(_))))
         })
 }
 
-fn tcp_rules(policy: &Policy, port: u16) -> impl Iterator<Item = (usize, &OutboundRule)> {
+fn rules(
+    policy: &Policy,
+    protocol: Protocol,
+    port: u16,
+) -> impl Iterator<Item = (usize, &OutboundRule)> {
     policy
         .outbound
         .iter()
         .enumerate()
-        .filter(move |(_, r)| r.protocol == Protocol::Tcp && r.allows_port(port))
+        .filter(move |(_, r)| r.protocol == protocol && r.allows_port(port))
 }
 
 fn finish(

@@ -9,6 +9,7 @@ use super::route::Target;
 pub const VERSION: u8 = 5;
 const NO_AUTH: u8 = 0;
 const CMD_CONNECT: u8 = 1;
+const CMD_UDP_ASSOCIATE: u8 = 3;
 const ATYP_IPV4: u8 = 1;
 const ATYP_DOMAIN: u8 = 3;
 const ATYP_IPV6: u8 = 4;
@@ -35,6 +36,64 @@ pub fn connect_request(target: &Target, port: u16) -> Option<Vec<u8>> {
     }
     req.extend_from_slice(&port.to_be_bytes());
     Some(req)
+}
+
+/// The UDP ASSOCIATE request: the address our datagrams will come from.
+pub fn udp_associate_request(from: std::net::SocketAddrV4) -> Vec<u8> {
+    let mut req = vec![VERSION, CMD_UDP_ASSOCIATE, 0, ATYP_IPV4];
+    req.extend_from_slice(&from.ip().octets());
+    req.extend_from_slice(&from.port().to_be_bytes());
+    req
+}
+
+/// The bound address in a successful reply (for UDP ASSOCIATE: where to send datagrams).
+pub fn reply_address(buf: &[u8]) -> Option<std::net::SocketAddr> {
+    match *buf.get(3)? {
+        ATYP_IPV4 => {
+            let ip: [u8; 4] = buf.get(4..8)?.try_into().ok()?;
+            let port = u16::from_be_bytes(buf.get(8..10)?.try_into().ok()?);
+            Some(std::net::SocketAddr::from((ip, port)))
+        }
+        ATYP_IPV6 => {
+            let ip: [u8; 16] = buf.get(4..20)?.try_into().ok()?;
+            let port = u16::from_be_bytes(buf.get(20..22)?.try_into().ok()?);
+            Some(std::net::SocketAddr::from((ip, port)))
+        }
+        _ => None,
+    }
+}
+
+/// The header of a datagram sent through the relay (RFC 1928 section 7), no fragmentation.
+pub fn udp_header(target: &Target, port: u16) -> Option<Vec<u8>> {
+    let mut h = vec![0, 0, 0];
+    match target {
+        Target::Ip(ip) => {
+            h.push(ATYP_IPV4);
+            h.extend_from_slice(&ip.octets());
+        }
+        Target::Name(name) => {
+            h.push(ATYP_DOMAIN);
+            h.push(u8::try_from(name.len()).ok()?);
+            h.extend_from_slice(name.as_bytes());
+        }
+    }
+    h.extend_from_slice(&port.to_be_bytes());
+    Some(h)
+}
+
+/// The payload of a datagram from the relay: skips the header; `None` for fragments or
+/// malformed headers.
+pub fn udp_payload(datagram: &[u8]) -> Option<&[u8]> {
+    if datagram.len() < 4 || datagram[2] != 0 {
+        return None;
+    }
+    let addr_len = match datagram[3] {
+        ATYP_IPV4 => 4,
+        ATYP_IPV6 => 16,
+        ATYP_DOMAIN => 1 + usize::from(*datagram.get(4)?),
+        _ => return None,
+    };
+    datagram.get(4 + addr_len + 2..)
 }
 
 /// What a reply buffer holds.
@@ -126,5 +185,26 @@ mod tests {
             Reply::Refused(2)
         );
         assert_eq!(parse_connect_reply(&[5, 0, 0, 9, 0, 0]), Reply::Malformed);
+        assert_eq!(
+            reply_address(&[5, 0, 0, 1, 127, 0, 0, 1, 0x1f, 0x90]),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn udp_framing() {
+        let h = udp_header(&Target::Name("a.io".into()), 53).unwrap();
+        assert_eq!(h, [0, 0, 0, 3, 4, b'a', b'.', b'i', b'o', 0, 53]);
+        let mut d = h.clone();
+        d.extend_from_slice(b"payload");
+        assert_eq!(udp_payload(&d), Some(&b"payload"[..]));
+        let mut frag = d.clone();
+        frag[2] = 1;
+        assert_eq!(udp_payload(&frag), None);
+        assert_eq!(udp_payload(&[0, 0, 0, 1, 1, 2]), None);
+        assert_eq!(
+            udp_associate_request("127.0.0.1:4000".parse().unwrap()),
+            [5, 3, 0, 1, 127, 0, 0, 1, 0x0f, 0xa0]
+        );
     }
 }

@@ -16,7 +16,8 @@ use crate::telemetry::{DropReason, Service};
 pub enum Verdict {
     Drop(DropReason),
     Answer(Service),
-    /// A TCP segment to an address beyond the gateway: the egress policy decides.
+    /// TCP or UDP to an address beyond the gateway (or a connection moat carries): the
+    /// egress policy decides.
     Flow,
 }
 
@@ -105,8 +106,8 @@ impl Firewall {
                 }
                 if ip.dst != self.gateway_ip {
                     return match &ip.transport {
-                        Transport::Tcp(_) => Ok(Verdict::Flow),
-                        Transport::Udp(_) | Transport::Icmp(_) => Err(DropReason::NotAllowed),
+                        Transport::Tcp(_) | Transport::Udp(_) => Ok(Verdict::Flow),
+                        Transport::Icmp(_) => Err(DropReason::NotAllowed),
                     };
                 }
                 match &ip.transport {

@@ -205,6 +205,19 @@ impl GuestNet {
         self.sockets.remove(handle);
     }
 
+    /// A UDP socket bound to `port` on the guest.
+    pub fn udp_bind(&mut self, port: u16) -> SocketHandle {
+        let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 65536]);
+        let tx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 65536]);
+        let mut socket = udp::Socket::new(rx, tx);
+        let _ = socket.bind(port);
+        self.sockets.add(socket)
+    }
+
+    pub fn udp(&mut self, handle: SocketHandle) -> &mut udp::Socket<'static> {
+        self.sockets.get_mut::<udp::Socket>(handle)
+    }
+
     /// Resolve `name` (A record) at the gateway's DNS; `None` for NXDOMAIN or no answer.
     pub fn resolve(
         &mut self,
