@@ -407,3 +407,77 @@ fn sequential_connections_never_stall_the_queue() {
         "50 round trips took {took:?}: the queue stalled"
     );
 }
+
+/// A resolver on loopback that answers every A query with 203.0.113.77 and counts queries.
+fn fake_resolver() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::rr::{rdata::A, RData, Record};
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&count);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut r = Message::response(q.id, q.op_code);
+            r.metadata.message_type = MessageType::Response;
+            for query in &q.queries {
+                r.add_query(query.clone());
+                r.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    30,
+                    RData::A(A(Ipv4Addr::new(203, 0, 113, 77))),
+                ));
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), from);
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+fn upstream_mode_resolves_allowed_names_and_names_their_flows() {
+    let (resolver, asked) = fake_resolver();
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let text = policy(proxy.addr, 64).replace(
+        "[dns]\nallow = [\"example.com\", \"*.example.com\", \"evil.test\"]",
+        &format!("[dns]\nallow = [\"example.com\", \"*.example.com\"]\nmode = \"upstream\"\nupstream = \"{resolver}\""),
+    );
+    assert!(text.contains("mode = \"upstream\""));
+    let served = Served::start(&text, true);
+    let mut net = guest_net(&served);
+    let addr = net
+        .resolve("www.example.com", T)
+        .unwrap()
+        .expect("answered by the upstream resolver");
+    assert_eq!(addr, Ipv4Addr::new(203, 0, 113, 77));
+    assert_eq!(
+        net.resolve("evil.test", T).unwrap(),
+        None,
+        "not allowed: NXDOMAIN here"
+    );
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the allowed name went upstream"
+    );
+    // 203.0.113.77 is covered by the rule's CIDR too, but moat names the flow from DNS.
+    let h = established(&mut net, addr, 443);
+    net.tcp(h).abort();
+    net.poll(Duration::from_millis(10)).unwrap();
+    assert!(net.run_until(T, |_| !proxy.requests().is_empty()).unwrap());
+    assert_eq!(proxy.requests(), vec!["www.example.com:443".to_string()]);
+    assert_eq!(
+        served
+            .counters
+            .dns(moat::services::dns::DnsOutcome::Forwarded),
+        1
+    );
+}

@@ -13,7 +13,7 @@ use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN};
 use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
 use crate::services::dns::NamePool;
 use crate::services::Gateway;
-use crate::telemetry::{Counters, DropReason, Traffic};
+use crate::telemetry::{Counters, DropReason, Service, Traffic};
 
 /// The guest-facing data path of one VM.
 #[derive(Debug)]
@@ -114,13 +114,44 @@ impl Datapath {
                     .map(|()| None)
                     .map_err(|reason| (reason, summarize(&frame)))
             }
-            Verdict::Answer(service) => match self.gateway.answer(service, &frame) {
-                Ok(answer) => {
-                    self.counters.answered(service);
-                    Ok(answer)
-                }
-                Err(reason) => Err((reason, summarize(&frame))),
+            Verdict::Answer(Service::Dns) => match self.gateway.upstream_query(&frame) {
+                // mode = "upstream": allowed names are asked of the resolver, asynchronously.
+                Some(name) => self.forward_dns(&frame, name),
+                None => self.answer(Service::Dns, &frame),
             },
+            Verdict::Answer(service) => self.answer(service, &frame),
+        }
+    }
+
+    fn forward_dns(
+        &mut self,
+        frame: &Frame<'_>,
+        name: String,
+    ) -> Result<Option<Vec<u8>>, (DropReason, String)> {
+        let Network::Ipv4(ip) = &frame.net else {
+            return Err((DropReason::DnsMalformed, summarize(frame)));
+        };
+        let Transport::Udp(udp) = &ip.transport else {
+            return Err((DropReason::DnsMalformed, summarize(frame)));
+        };
+        self.counters.answered(Service::Dns);
+        self.flows
+            .forward_dns(udp.src_port, udp.payload, name)
+            .map(|()| None)
+            .map_err(|reason| (reason, summarize(frame)))
+    }
+
+    fn answer(
+        &mut self,
+        service: Service,
+        frame: &Frame<'_>,
+    ) -> Result<Option<Vec<u8>>, (DropReason, String)> {
+        match self.gateway.answer(service, frame) {
+            Ok(answer) => {
+                self.counters.answered(service);
+                Ok(answer)
+            }
+            Err(reason) => Err((reason, summarize(frame))),
         }
     }
 }

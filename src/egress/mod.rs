@@ -7,6 +7,7 @@
 
 pub mod connect;
 pub mod dns_tcp;
+pub mod dns_upstream;
 pub mod flow;
 pub mod route;
 pub mod sniff;
@@ -67,6 +68,8 @@ pub struct Flows {
     registrar: Option<Box<dyn Registrar>>,
     flows: HashMap<FlowKey, Flow>,
     by_token: HashMap<u64, Owner>,
+    /// The upstream resolver (`dns.mode = "upstream"`), opened on first use.
+    upstream: Option<dns_upstream::Upstream>,
     /// UDP associations through the SOCKS5 proxy.
     udp: HashMap<udp::UdpKey, udp::Assoc>,
     /// Guest connections to the gateway's DNS over TCP.
@@ -102,6 +105,7 @@ impl Flows {
             sniffing: HashMap::new(),
             dns_conns: Vec::new(),
             udp: HashMap::new(),
+            upstream: None,
             next_forward_port: FORWARD_PORTS.start,
             next_token: FIRST_FLOW_TOKEN,
             free_tokens: Vec::new(),
@@ -252,6 +256,7 @@ impl Flows {
         self.sniffing.clear();
         self.dns_conns.clear();
         self.udp.clear();
+        self.upstream = None;
         self.by_token.clear();
         self.free_tokens.clear();
         self.next_token = FIRST_FLOW_TOKEN;
@@ -462,6 +467,35 @@ impl Flows {
         Ok(())
     }
 
+    /// Forward a DNS query for an allowed name to the upstream resolver.
+    pub fn forward_dns(
+        &mut self,
+        guest_port: u16,
+        query: &[u8],
+        name: String,
+    ) -> Result<(), DropReason> {
+        if self.upstream.is_none() {
+            let server = self.policy.dns.upstream.ok_or(DropReason::DnsMalformed)?;
+            let upstream =
+                dns_upstream::Upstream::new(server).map_err(|_| DropReason::ProxyUnreachable)?;
+            let token = self.alloc_token().ok_or(DropReason::FlowLimit)?;
+            let registered = self
+                .registrar
+                .as_ref()
+                .is_some_and(|r| r.register(upstream.socket.as_raw_fd(), token).is_ok());
+            if !registered {
+                self.free_tokens.push(token);
+                return Err(DropReason::ProxyUnreachable);
+            }
+            self.by_token.insert(token, Owner::Udp);
+            self.upstream = Some(upstream);
+        }
+        match self.upstream.as_mut() {
+            Some(u) => u.forward(guest_port, query, name),
+            None => Err(DropReason::ProxyUnreachable),
+        }
+    }
+
     /// Run UDP associations; retire finished ones. Packets for the guest go to `out`.
     fn run_udp(&mut self, out: &mut Vec<Vec<u8>>) {
         let guest = self.policy.vm.address;
@@ -578,6 +612,16 @@ impl Flows {
         self.reap();
         let mut out = self.stack.take_egress();
         self.run_udp(&mut out);
+        if let Some(upstream) = self.upstream.as_mut() {
+            let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            upstream.receive(
+                &mut names,
+                self.policy.vm.gateway,
+                self.policy.vm.address,
+                &self.counters,
+                &mut out,
+            );
+        }
         out
     }
 

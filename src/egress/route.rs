@@ -107,10 +107,10 @@ fn route(
     dst: Ipv4Addr,
     port: u16,
 ) -> Result<Route, DropReason> {
-    if SYNTHETIC_NET.contains(&dst) {
-        let name = names
-            .lookup(dst)
-            .ok_or(DropReason::UnknownSyntheticAddress)?;
+    // A synthetic address, or one the upstream resolver gave for an allowed name: by name.
+    let known = names.lookup(dst);
+    if SYNTHETIC_NET.contains(&dst) || known.is_some() {
+        let name = known.ok_or(DropReason::UnknownSyntheticAddress)?;
         let (index, rule) = rules(policy, protocol, port)
             .find(|(_, r)| r.allows_name(name))
             .ok_or(DropReason::NotAllowed)?;

@@ -52,6 +52,24 @@ impl Gateway {
         }
     }
 
+    /// With `mode = "upstream"`: the name a DNS query in `frame` is for, when it should be
+    /// forwarded rather than answered here.
+    pub fn upstream_query(&self, frame: &Frame<'_>) -> Option<String> {
+        if self.dns.mode != crate::policy::DnsMode::Upstream {
+            return None;
+        }
+        let Network::Ipv4(ip) = &frame.net else {
+            return None;
+        };
+        let Transport::Udp(udp) = &ip.transport else {
+            return None;
+        };
+        if !udp_checksum_ok(ip.src, ip.dst, udp.datagram) {
+            return None;
+        }
+        dns::upstream_name(&self.dns, udp.payload)
+    }
+
     fn dns_over_udp(&mut self, frame: &Frame<'_>) -> Result<Vec<u8>, DropReason> {
         let Network::Ipv4(ip) = &frame.net else {
             return Err(DropReason::L4Malformed);

@@ -366,7 +366,7 @@ mod tests {
             .all(|(i, o)| *o as usize == i));
         assert_eq!(FlowEvent::ALL.last(), Some(&FlowEvent::ForwardRefused));
         assert_eq!(Service::ALL.last(), Some(&Service::Dns));
-        assert_eq!(DnsOutcome::ALL.last(), Some(&DnsOutcome::NotImplemented));
+        assert_eq!(DnsOutcome::ALL.last(), Some(&DnsOutcome::Forwarded));
         assert_eq!(Traffic::ALL.last(), Some(&Traffic::Notifications));
     }
 

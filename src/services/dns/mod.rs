@@ -37,8 +37,10 @@ pub enum DnsOutcome {
     NxDomain,
     /// Malformed query: FORMERR.
     FormErr,
-    /// `mode = "upstream"`: not answered locally (upstream forwarding comes with the egress loop).
+    /// `mode = "upstream"` over TCP: not forwarded (upstream forwarding is UDP only).
     NotImplemented,
+    /// `mode = "upstream"`: forwarded to the upstream resolver and relayed back.
+    Forwarded,
 }
 
 impl DnsOutcome {
@@ -49,6 +51,7 @@ impl DnsOutcome {
         DnsOutcome::NxDomain,
         DnsOutcome::FormErr,
         DnsOutcome::NotImplemented,
+        DnsOutcome::Forwarded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +62,7 @@ impl DnsOutcome {
             DnsOutcome::NxDomain => "nxdomain",
             DnsOutcome::FormErr => "formerr",
             DnsOutcome::NotImplemented => "notimp",
+            DnsOutcome::Forwarded => "forwarded",
         }
     }
 }
@@ -129,6 +133,48 @@ fn decide(
         RData::A(A(addr)),
     ));
     Ok(outcome)
+}
+
+/// With `mode = "upstream"`: the name a query is for, if it should go to the upstream
+/// resolver (a well-formed question for an allowed name that no static record answers).
+/// `None`: answer it locally with [`answer`] (NXDOMAIN, FORMERR, static record).
+pub fn upstream_name(dns: &Dns, query: &[u8]) -> Option<String> {
+    if dns.mode != DnsMode::Upstream {
+        return None;
+    }
+    let request = Message::from_vec(query).ok()?;
+    if request.message_type != MessageType::Query || request.op_code != OpCode::Query {
+        return None;
+    }
+    let [q] = request.queries.as_slice() else {
+        return None;
+    };
+    let name = q
+        .name()
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let valid = q.query_class() == DNSClass::IN
+        && !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.split('.').all(|l| l.len() <= 63);
+    let local = q.query_type() == RecordType::A && dns.records.contains_key(&name);
+    (valid && dns.allows(&name) && !local).then_some(name)
+}
+
+/// The A records of a response (to remember which name an upstream address stands for).
+pub fn a_records(reply: &[u8]) -> Vec<Ipv4Addr> {
+    Message::from_vec(reply)
+        .map(|m| {
+            m.answers
+                .iter()
+                .filter_map(|r| match r.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A FORMERR for a message whose header at least has an id.

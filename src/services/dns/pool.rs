@@ -26,6 +26,8 @@ pub struct NamePool {
     by_addr: HashMap<Ipv4Addr, String>,
     /// Next never-used host index in the /15.
     next: u32,
+    /// `mode = "upstream"`: real addresses the upstream resolver gave for allowed names.
+    upstream: LruCache<Ipv4Addr, String>,
 }
 
 impl NamePool {
@@ -36,6 +38,7 @@ impl NamePool {
             by_name: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
             by_addr: HashMap::new(),
             next: 1,
+            upstream: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
         }
     }
 
@@ -63,9 +66,18 @@ impl NamePool {
         addr
     }
 
-    /// The name a synthetic address stands for, if it is one of ours.
+    /// The name an address stands for: a synthetic address of ours, or an address the
+    /// upstream resolver gave for an allowed name.
     pub fn lookup(&self, addr: Ipv4Addr) -> Option<&str> {
-        self.by_addr.get(&addr).map(String::as_str)
+        self.by_addr
+            .get(&addr)
+            .or_else(|| self.upstream.peek(&addr))
+            .map(String::as_str)
+    }
+
+    /// Remember that the upstream resolver answered `name` with `addr`.
+    pub fn remember(&mut self, addr: Ipv4Addr, name: &str) {
+        self.upstream.put(addr, name.to_string());
     }
 
     pub fn len(&self) -> usize {
