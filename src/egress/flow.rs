@@ -18,6 +18,9 @@ use super::route::{Route, Target};
 use super::socks5;
 use crate::stack::Stack;
 
+/// An open flow with no bytes either way for this long is reset (both sides).
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
+
 /// How long the proxy gets to accept a CONNECT.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -54,6 +57,8 @@ pub enum End {
     GuestReset,
     /// The proxy side reset the connection.
     ProxyReset,
+    /// No bytes either way for the idle timeout.
+    IdleTimeout,
 }
 
 impl End {
@@ -65,6 +70,7 @@ impl End {
             End::ProxyBadReply => "proxy_bad_reply",
             End::GuestReset => "guest_reset",
             End::ProxyReset => "proxy_reset",
+            End::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -161,6 +167,9 @@ pub struct Flow {
     upstream_shut: bool,
     upstream_eof: bool,
     started: Instant,
+    /// Last time bytes moved either way.
+    active: Instant,
+    idle_timeout: Duration,
     pub bytes_up: u64,
     pub bytes_down: u64,
 }
@@ -192,6 +201,8 @@ impl Flow {
             upstream_shut: false,
             upstream_eof: false,
             started: Instant::now(),
+            active: Instant::now(),
+            idle_timeout: DEFAULT_IDLE,
             bytes_up: 0,
             bytes_down: 0,
         }
@@ -310,7 +321,17 @@ impl Flow {
         tracing::info!(flow = %self.key, target = %self.route.target, port = self.route.port, rule = self.route.rule, "flow open");
     }
 
+    /// Reset the flow after `idle` without traffic (default [`DEFAULT_IDLE`]).
+    pub fn set_idle_timeout(&mut self, idle: Duration) {
+        self.idle_timeout = idle;
+    }
+
     fn splice(&mut self, stack: &mut Stack) {
+        if self.active.elapsed() > self.idle_timeout {
+            tracing::info!(flow = %self.key, "idle flow reset");
+            return self.finish(stack, End::IdleTimeout);
+        }
+        let moved_before = (self.bytes_up, self.bytes_down);
         let socket = stack.socket(self.handle);
         let state = socket.state();
         if state == State::Closed && !(self.upstream_eof && self.upstream_shut) {
@@ -369,6 +390,9 @@ impl Flow {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,
                 Err(_) => return self.finish(stack, End::ProxyReset),
             }
+        }
+        if moved_before != (self.bytes_up, self.bytes_down) {
+            self.active = Instant::now();
         }
         let state = socket.state();
         if self.upstream_eof

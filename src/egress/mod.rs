@@ -68,6 +68,8 @@ pub struct Flows {
     registrar: Option<Box<dyn Registrar>>,
     flows: HashMap<FlowKey, Flow>,
     by_token: HashMap<u64, Owner>,
+    /// Open flows with no traffic for this long are reset.
+    idle: Duration,
     /// The upstream resolver (`dns.mode = "upstream"`), opened on first use.
     upstream: Option<dns_upstream::Upstream>,
     /// UDP associations through the SOCKS5 proxy.
@@ -106,6 +108,7 @@ impl Flows {
             dns_conns: Vec::new(),
             udp: HashMap::new(),
             upstream: None,
+            idle: idle_timeout(),
             next_forward_port: FORWARD_PORTS.start,
             next_token: FIRST_FLOW_TOKEN,
             free_tokens: Vec::new(),
@@ -243,6 +246,7 @@ impl Flows {
         self.by_token.insert(token, Owner::Flow(key));
         let mut flow = Flow::new(key, route, Negotiation::Splice, handle, stream, token);
         flow.writable = true;
+        flow.set_idle_timeout(self.idle);
         self.flows.insert(key, flow);
         Ok(())
     }
@@ -378,10 +382,9 @@ impl Flows {
         tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "flow requested");
         self.counters.flow(FlowEvent::Opened);
         self.by_token.insert(token, Owner::Flow(key));
-        self.flows.insert(
-            key,
-            Flow::new(key, route, negotiation, handle, stream, token),
-        );
+        let mut flow = Flow::new(key, route, negotiation, handle, stream, token);
+        flow.set_idle_timeout(self.idle);
+        self.flows.insert(key, flow);
         Ok(())
     }
 
@@ -653,7 +656,7 @@ impl Flows {
                 End::ProxyRefused(_) | End::ProxyUnreachable | End::ProxyBadReply => {
                     FlowEvent::ProxyFailed
                 }
-                End::GuestReset | End::ProxyReset => FlowEvent::Reset,
+                End::GuestReset | End::ProxyReset | End::IdleTimeout => FlowEvent::Reset,
             });
             tracing::info!(
                 flow = %key,
@@ -679,12 +682,29 @@ impl Flows {
             || !self.sniffing.is_empty()
             || !self.dns_conns.is_empty()
             || !self.udp.is_empty();
+        // Open flows are checked for idleness now and then (a tenth of the timeout).
+        let stack = match (stack, self.flows.is_empty()) {
+            (s, true) => s,
+            (None, false) => Some(self.idle / 10),
+            (Some(d), false) => Some(d.min(self.idle / 10)),
+        };
         match (stack, waiting) {
             (Some(d), true) => Some(d.min(Duration::from_millis(500))),
             (None, true) => Some(Duration::from_millis(500)),
             (d, false) => d,
         }
     }
+}
+
+/// The flow idle timeout: `MOAT_FLOW_IDLE` seconds if set (operators and tests), else
+/// [`flow::DEFAULT_IDLE`].
+fn idle_timeout() -> Duration {
+    std::env::var("MOAT_FLOW_IDLE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(flow::DEFAULT_IDLE)
 }
 
 /// A non-blocking connect to the proxy (it completes, or fails, in the event loop).

@@ -38,6 +38,11 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
 
 pub const DOWNLOAD_LEN: u64 = 16 << 20;
 
+/// Bytes the origin has written in 'B' mode and read in 'S' mode, for backpressure tests.
+pub static BULK_WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// 'S' mode waits until this is set before it reads anything.
+pub static SLOW_RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// An origin server: first byte 'E' echo, 'U' hash everything until EOF and answer
 /// (length, hash), 'D' send DOWNLOAD_LEN pattern bytes and close, 'B' bulk (length first),
 /// 'G' an HTTP request answered with "ok".
@@ -113,7 +118,28 @@ fn serve_origin(mut conn: TcpStream) {
                     return;
                 }
                 sent += n as u64;
+                BULK_WRITTEN.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
             }
+        }
+        b'S' => {
+            // A slow reader: nothing until released, then hash like 'U'.
+            while !SLOW_RELEASE.load(std::sync::atomic::Ordering::SeqCst) {
+                thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let (mut len, mut hash) = (0u64, Fnv::default());
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        len += n as u64;
+                        hash.update(&buf[..n]);
+                    }
+                    Err(_) => return,
+                }
+            }
+            let mut reply = len.to_be_bytes().to_vec();
+            reply.extend_from_slice(&hash.0.to_be_bytes());
+            let _ = conn.write_all(&reply);
         }
         b'D' => {
             let mut sent = 0u64;
