@@ -1,13 +1,14 @@
-//! moat command line: `serve`, `check`.
+//! moat command line: `serve`, `check`, and the operator commands `stats` and `reload`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use moat::control::{self, VmState};
 use moat::device::server::{self, ServeOptions};
 use moat::policy::Policy;
-use moat::telemetry::Counters;
+use moat::telemetry::{metrics, Counters};
 
 #[derive(Parser)]
 #[command(
@@ -34,10 +35,10 @@ enum Command {
         /// Exit after the first frontend disconnects instead of waiting for the next.
         #[arg(long)]
         once: bool,
-        /// Serve Prometheus metrics on this loopback address (not implemented yet).
+        /// Serve Prometheus metrics at /metrics on a loopback IP:PORT or a unix socket path.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
-        /// Control socket path (not implemented yet).
+        /// Control socket (mode 0600) for `moat stats` and `moat reload`.
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -47,6 +48,18 @@ enum Command {
     Check {
         #[arg(value_name = "FILE")]
         file: PathBuf,
+    },
+    /// Print a running moat's counters and flow table (through its control socket).
+    Stats {
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a running moat re-read its policy file (as SIGHUP does); exit 1 if refused.
+    Reload {
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
     },
 }
 
@@ -73,17 +86,17 @@ fn main() -> ExitCode {
             log_format,
         } => {
             init_logging(log_format);
-            if metrics.is_some() || control.is_some() {
-                eprintln!("moat: --metrics and --control are not implemented yet; remove them");
-                return ExitCode::from(EXIT_USAGE);
-            }
             let opts = ServeOptions {
                 socket,
                 client,
                 once,
             };
-            serve(&policy, &opts)
+            serve(&policy, &opts, metrics.as_deref(), control.as_deref())
         }
+        Command::Stats { control, json } => {
+            ask(&control, if json { "stats json" } else { "stats" })
+        }
+        Command::Reload { control } => ask(&control, "reload"),
     }
 }
 
@@ -112,15 +125,62 @@ fn check(file: &Path) -> ExitCode {
     }
 }
 
-fn serve(policy_path: &Path, opts: &ServeOptions) -> ExitCode {
+/// One request to a running moat's control socket.
+fn ask(socket: &Path, request: &str) -> ExitCode {
+    match control::socket::request(socket, request) {
+        Ok((true, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((false, body)) => {
+            eprint!("moat: {body}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Err(e) => {
+            eprintln!(
+                "moat: cannot reach the control socket {}: {e}; is `moat serve --control` running?",
+                socket.display()
+            );
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn serve(
+    policy_path: &Path,
+    opts: &ServeOptions,
+    metrics_addr: Option<&str>,
+    control_path: Option<&Path>,
+) -> ExitCode {
     let policy = match Policy::load(policy_path) {
-        Ok(p) => Arc::new(p),
+        Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
     let counters = Arc::new(Counters::default());
+    let vm_name = policy.vm.name.clone();
+    let vm = Arc::new(VmState::new(
+        policy_path.to_path_buf(),
+        policy,
+        Arc::clone(&counters),
+    ));
+    if let Some(addr) = metrics_addr {
+        if let Err(e) = metrics::serve(addr, vm_name.clone(), Arc::clone(&counters)) {
+            eprintln!("moat: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    if let Some(path) = control_path {
+        if let Err(e) = control::socket::serve(path, Arc::clone(&vm)) {
+            eprintln!(
+                "moat: cannot create the control socket {}: {e}",
+                path.display()
+            );
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    }
     let listener = if opts.client {
         None
     } else {
@@ -132,17 +192,19 @@ fn serve(policy_path: &Path, opts: &ServeOptions) -> ExitCode {
             }
         }
     };
-    if let Err(e) = stop_on_signals(
-        Arc::clone(&counters),
-        (!opts.client).then(|| opts.socket.clone()),
-    ) {
+    let mut cleanup: Vec<PathBuf> = control_path.map(Path::to_path_buf).into_iter().collect();
+    if !opts.client {
+        cleanup.push(opts.socket.clone());
+    }
+    if let Err(e) = handle_signals(Arc::clone(&vm), cleanup.clone()) {
         eprintln!("moat: cannot install signal handlers: {e}");
         return ExitCode::from(EXIT_RUNTIME);
     }
+    let policy = vm.policy();
     tracing::info!(vm = %policy.vm.name, mac = %policy.vm.mac, address = %policy.vm.address, "moat serving");
-    let result = server::serve(Arc::clone(&policy), Arc::clone(&counters), opts, listener);
-    if !opts.client {
-        let _ = std::fs::remove_file(&opts.socket);
+    let result = server::serve(Arc::clone(&vm), opts, listener);
+    for path in &cleanup {
+        let _ = std::fs::remove_file(path);
     }
     eprint!("{}", counters.table());
     match result {
@@ -154,20 +216,26 @@ fn serve(policy_path: &Path, opts: &ServeOptions) -> ExitCode {
     }
 }
 
-/// SIGTERM/SIGINT: print the counters, remove the socket, exit 0. The frontend sees the
-/// connection close as it would for any backend restart.
-fn stop_on_signals(counters: Arc<Counters>, socket: Option<PathBuf>) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+/// SIGHUP: reload the policy (a bad file changes nothing). SIGTERM/SIGINT: print the
+/// counters, remove our sockets, exit 0; the frontend sees the connection close as it would
+/// for any backend restart.
+fn handle_signals(vm: Arc<VmState>, cleanup: Vec<PathBuf>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    // Outcome logged (and counted) by reload itself.
+                    let _ = vm.reload();
+                    continue;
+                }
                 tracing::info!(signal = sig, "stopping");
-                if let Some(path) = &socket {
+                for path in &cleanup {
                     let _ = std::fs::remove_file(path);
                 }
-                eprint!("{}", counters.table());
+                eprint!("{}", vm.counters.table());
                 std::process::exit(0);
             }
         })?;

@@ -42,6 +42,14 @@ impl Datapath {
         }
     }
 
+    /// Apply a reloaded policy: new frames and flows follow it; flows it no longer allows
+    /// are reset. Returns how many were.
+    pub fn reload(&mut self, policy: Arc<Policy>) -> usize {
+        self.firewall = Firewall::new(&policy);
+        self.gateway.reload(&policy);
+        self.flows.reload(policy)
+    }
+
     pub fn flows(&mut self) -> &mut Flows {
         &mut self.flows
     }

@@ -115,6 +115,21 @@ impl NetDevice {
         }
     }
 
+    /// Swap in a reloaded policy (same VM identity); returns how many flows were reset.
+    pub fn reload(&mut self, policy: Arc<Policy>) -> usize {
+        let reset = self.datapath.reload(policy);
+        // Wake the queue's loop at once so the resets reach the guest and the proxies.
+        if let Some(timer) = self.timer.as_mut() {
+            let _ = timer.reset(Duration::from_micros(100), None);
+        }
+        reset
+    }
+
+    /// The flows of this connection, for `moat stats`.
+    pub fn flow_table(&mut self) -> Vec<crate::control::FlowRow> {
+        self.datapath.flows().table()
+    }
+
     /// Wake up when the stack next needs attention (retransmits, handshake deadlines).
     fn arm_timer(&mut self) {
         let delay = self.datapath.flows().poll_delay();

@@ -11,10 +11,9 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::control::VmState;
 use crate::device::{self, NetDevice};
-use crate::policy::Policy;
 use crate::services::dns::NamePool;
-use crate::telemetry::Counters;
 
 /// How long `--client` waits between attempts to reach the VMM's socket.
 const CLIENT_RETRY: Duration = Duration::from_millis(200);
@@ -52,19 +51,21 @@ pub fn bind(socket: &Path) -> Result<Listener, ServeError> {
 
 /// Serve frontends until `--once` says stop (or forever).
 pub fn serve(
-    policy: Arc<Policy>,
-    counters: Arc<Counters>,
+    vm: Arc<VmState>,
     opts: &ServeOptions,
     mut listener: Option<Listener>,
 ) -> Result<(), ServeError> {
     // Synthetic DNS names outlive connections: a VMM that reconnects keeps the VM's names.
     let names = Arc::new(Mutex::new(NamePool::default()));
     loop {
+        // Each connection starts from the policy in force (reloads included).
+        let policy = vm.policy();
         let device = Arc::new(Mutex::new(NetDevice::new(
             Arc::clone(&policy),
             Arc::clone(&names),
-            Arc::clone(&counters),
+            Arc::clone(&vm.counters),
         )));
+        vm.set_device(&device);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon =
             VhostUserDaemon::new(format!("moat-{}", policy.vm.name), Arc::clone(&device), mem)

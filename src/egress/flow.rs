@@ -59,6 +59,8 @@ pub enum End {
     ProxyReset,
     /// No bytes either way for the idle timeout.
     IdleTimeout,
+    /// A reloaded policy no longer allows the flow.
+    PolicyReset,
 }
 
 impl End {
@@ -71,6 +73,7 @@ impl End {
             End::GuestReset => "guest_reset",
             End::ProxyReset => "proxy_reset",
             End::IdleTimeout => "idle_timeout",
+            End::PolicyReset => "policy_reset",
         }
     }
 }
@@ -319,6 +322,23 @@ impl Flow {
         self.phase = Phase::Open;
         stack.socket(self.handle).pause_synack(false);
         tracing::info!(flow = %self.key, target = %self.route.target, port = self.route.port, rule = self.route.rule, "flow open");
+    }
+
+    /// Reset both sides now (a reloaded policy no longer allows the flow).
+    pub fn reset(&mut self, stack: &mut Stack) {
+        if !matches!(self.phase, Phase::Done(_)) {
+            self.finish(stack, End::PolicyReset);
+        }
+    }
+
+    /// The phase, for the flow table.
+    pub fn state(&self) -> &'static str {
+        match self.phase {
+            Phase::Connecting => "connecting",
+            Phase::Handshake => "handshake",
+            Phase::Open => "open",
+            Phase::Done(end) => end.as_str(),
+        }
     }
 
     /// Reset the flow after `idle` without traffic (default [`DEFAULT_IDLE`]).

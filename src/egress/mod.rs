@@ -119,6 +119,18 @@ impl Flows {
     /// `[[forward]]` listeners (a forward that cannot listen is logged and skipped).
     pub fn attach(&mut self, registrar: Box<dyn Registrar>) {
         self.registrar = Some(registrar);
+        self.open_listeners();
+    }
+
+    /// Listen for every `[[forward]]` of the policy (closing any listeners open before).
+    fn open_listeners(&mut self) {
+        for (listener, token, _) in std::mem::take(&mut self.listeners) {
+            self.by_token.remove(&token);
+            if let Some(r) = &self.registrar {
+                let _ = r.unregister(listener.as_raw_fd(), token);
+            }
+            self.free_tokens.push(token);
+        }
         for forward in self.policy.forward.clone() {
             let listener = match TcpListener::bind(forward.listen).and_then(|l| {
                 l.set_nonblocking(true)?;
@@ -143,6 +155,77 @@ impl Flows {
             self.by_token.insert(token, Owner::Listener(index));
             self.listeners.push((listener, token, forward));
         }
+    }
+
+    /// Follow a reloaded policy: reset the flows it no longer allows, listen for its forwards.
+    /// Returns how many flows were reset.
+    pub fn reload(&mut self, policy: Arc<Policy>) -> usize {
+        self.policy = policy;
+        let policy = Arc::clone(&self.policy);
+        let mut reset = 0;
+        {
+            let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            for flow in self.flows.values_mut() {
+                let key = flow.key;
+                let allowed = if key.dst == policy.vm.gateway {
+                    // The explicit proxy port, or a forward to the guest.
+                    route::explicit_proxy(&policy, key.dst, key.dst_port).is_some()
+                        || policy
+                            .forward
+                            .iter()
+                            .any(|f| f.guest_port == key.guest_port)
+                } else {
+                    match &flow.route.target {
+                        route::Target::Name(name) => {
+                            route::route_name(&policy, name, key.dst_port).is_ok()
+                        }
+                        route::Target::Ip(ip) => {
+                            route::route_tcp(&policy, &names, *ip, key.dst_port).is_ok()
+                        }
+                    }
+                };
+                if !allowed {
+                    tracing::info!(flow = %key, target = %flow.route.target, "reloaded policy no longer allows this flow: reset");
+                    flow.reset(&mut self.stack);
+                    reset += 1;
+                }
+            }
+            for assoc in self.udp.values_mut() {
+                let key = assoc.key;
+                if route::route_udp(&policy, &names, key.dst, key.dst_port).is_err() {
+                    assoc.close();
+                    reset += 1;
+                }
+            }
+        }
+        if self.registrar.is_some() {
+            self.open_listeners();
+        }
+        reset
+    }
+
+    /// The flow table, for `moat stats`.
+    pub fn table(&self) -> Vec<crate::control::FlowRow> {
+        let mut rows: Vec<crate::control::FlowRow> = self
+            .flows
+            .values()
+            .map(|f| crate::control::FlowRow {
+                flow: format!("tcp {}", f.key),
+                target: format!("{}:{}", f.route.target, f.route.port),
+                state: f.state().to_string(),
+                bytes_up: f.bytes_up,
+                bytes_down: f.bytes_down,
+            })
+            .collect();
+        rows.extend(self.udp.values().map(|a| crate::control::FlowRow {
+            flow: a.key.to_string(),
+            target: format!("{}:{}", a.route.target, a.route.port),
+            state: if a.is_done() { "done" } else { "open" }.to_string(),
+            bytes_up: a.datagrams_up,
+            bytes_down: a.datagrams_down,
+        }));
+        rows.sort_by(|a, b| a.flow.cmp(&b.flow));
+        rows
     }
 
     fn alloc_token(&mut self) -> Option<u64> {
@@ -615,6 +698,10 @@ impl Flows {
         self.reap();
         let mut out = self.stack.take_egress();
         self.run_udp(&mut out);
+        let open = self.flows.len() + self.udp.len() + self.dns_conns.len() + self.sniffing.len();
+        self.counters
+            .flows_open
+            .store(open as u64, std::sync::atomic::Ordering::Relaxed);
         if let Some(upstream) = self.upstream.as_mut() {
             let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
             upstream.receive(
@@ -656,7 +743,9 @@ impl Flows {
                 End::ProxyRefused(_) | End::ProxyUnreachable | End::ProxyBadReply => {
                     FlowEvent::ProxyFailed
                 }
-                End::GuestReset | End::ProxyReset | End::IdleTimeout => FlowEvent::Reset,
+                End::GuestReset | End::ProxyReset | End::IdleTimeout | End::PolicyReset => {
+                    FlowEvent::Reset
+                }
             });
             tracing::info!(
                 flow = %key,

@@ -95,6 +95,11 @@ impl Assoc {
         }
     }
 
+    /// End the association (a reloaded policy no longer allows it).
+    pub fn close(&mut self) {
+        self.phase = Phase::Done;
+    }
+
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
     }

@@ -37,6 +37,11 @@ impl Gateway {
         }
     }
 
+    /// Take the DNS view of a reloaded policy (the VM's addressing cannot change on reload).
+    pub fn reload(&mut self, policy: &Policy) {
+        self.dns = policy.dns.clone();
+    }
+
     /// Answer `frame` with `service`. `Ok(None)` means handled with nothing to send back
     /// (a DHCP RELEASE).
     pub fn answer(

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::services::dns::DnsOutcome;
 
+pub mod metrics;
+
 /// How many drops of one reason are logged before logging thins out to powers of two.
 const LOG_FIRST: u64 = 5;
 
@@ -217,6 +219,12 @@ pub struct Counters {
     traffic: Vec<AtomicU64>,
     dns: Vec<AtomicU64>,
     flows: Vec<AtomicU64>,
+    /// Flows open right now (TCP flows, DNS-over-TCP, UDP associations), set by the loop.
+    pub flows_open: AtomicU64,
+    /// Policy reloads that took effect, and the generation now in force (1 = as started).
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    pub policy_generation: AtomicU64,
 }
 
 impl Default for Counters {
@@ -228,6 +236,10 @@ impl Default for Counters {
             traffic: zeros(Traffic::ALL.len()),
             dns: zeros(DnsOutcome::ALL.len()),
             flows: zeros(FlowEvent::ALL.len()),
+            flows_open: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+            policy_generation: AtomicU64::new(1),
         }
     }
 }

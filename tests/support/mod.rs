@@ -57,7 +57,12 @@ impl Served {
             once,
         };
         let (p, c) = (Arc::clone(&policy), Arc::clone(&counters));
-        let thread = std::thread::spawn(move || server::serve(p, c, &opts, Some(listener)));
+        let vm = Arc::new(moat::control::VmState::new(
+            PathBuf::from("test.toml"),
+            (*p).clone(),
+            c,
+        ));
+        let thread = std::thread::spawn(move || server::serve(vm, &opts, Some(listener)));
         Served {
             dir,
             socket,

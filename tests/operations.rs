@@ -1,0 +1,293 @@
+//! Running moat as an operator: Prometheus metrics, `moat stats`, JSON logs, and live policy
+//! reload (SIGHUP or `moat reload`): good files swap in, bad ones change nothing, a
+//! tightened policy resets the flows it no longer allows.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use moat::frame::craft;
+use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use smoltcp::socket::tcp::State;
+use support::proxy::{origin, ProxyMode, TestProxy};
+use support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+struct Moat {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Moat {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Moat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(policy: &str, extra: &[&str], stderr: Stdio) -> Moat {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vm.toml"), policy).unwrap();
+    let child = Command::new(moat_bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.path().join("moat.sock"))
+        .arg("--policy")
+        .arg(dir.path().join("vm.toml"))
+        .arg("--control")
+        .arg(dir.path().join("control.sock"))
+        .args(extra)
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let m = Moat { child, dir };
+    eventually("control socket", || m.path("control.sock").exists());
+    m
+}
+
+fn moat(args: &[&str], control: &Path) -> (i32, String, String) {
+    let out = Command::new(moat_bin())
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    c.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn policy(extra: &str) -> String {
+    format!("[vm]\nname = \"ops\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n{extra}")
+}
+
+#[test]
+fn metrics_and_stats_show_what_moat_did() {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let m = start(
+        &policy(""),
+        &["--metrics", &addr.to_string()],
+        Stdio::null(),
+    );
+    let mut guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
+    guest
+        .send_frame(&craft::icmp_echo(GUEST_MAC, GW_MAC, GUEST, GW, 1, 1, b"x"))
+        .unwrap();
+    recv_matching(&mut guest, "echo reply", |_| true);
+    guest
+        .send_frame(&craft::arp_request(
+            GUEST_MAC,
+            GUEST,
+            std::net::Ipv4Addr::new(10, 0, 0, 9),
+        ))
+        .unwrap();
+    std::thread::sleep(QUIET);
+
+    let text = scrape(addr);
+    assert!(
+        text.starts_with("HTTP/1.") && text.contains(" 200 "),
+        "{text}"
+    );
+    for line in [
+        "moat_answers_total{vm=\"ops\",service=\"icmp_echo\"} 1",
+        "moat_drops_total{vm=\"ops\",reason=\"arp_not_for_gateway\"} 1",
+        "moat_frames_total{vm=\"ops\",direction=\"tx\"} 2",
+        "moat_policy_generation{vm=\"ops\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+
+    let control = m.path("control.sock");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&control).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "owner-only control socket");
+    let (code, table, _) = moat(&["stats"], &control);
+    assert_eq!(code, 0);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("icmp_echo") && l.trim_end().ends_with('1')),
+        "{table}"
+    );
+    let (code, json, _) = moat(&["stats", "--json"], &control);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("stats --json is JSON");
+    assert_eq!(v["vm"], "ops");
+    assert_eq!(v["counters"]["answered.icmp_echo"], 1);
+    assert_eq!(v["counters"]["drop.arp_not_for_gateway"], 1);
+}
+
+#[test]
+fn metrics_refuse_a_non_loopback_address() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vm.toml"), policy("")).unwrap();
+    let out = Command::new(moat_bin())
+        .args(["serve", "--metrics", "0.0.0.0:9100", "--socket"])
+        .arg(dir.path().join("s"))
+        .arg("--policy")
+        .arg(dir.path().join("vm.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
+
+#[test]
+fn json_logs_name_the_drop_reason_and_the_frame() {
+    let m = start(&policy(""), &["--log-format", "json"], Stdio::piped());
+    let mut guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
+    let spoofed = moat::policy::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
+    guest
+        .send_frame(&craft::icmp_echo(spoofed, GW_MAC, GUEST, GW, 1, 1, b""))
+        .unwrap();
+    std::thread::sleep(QUIET);
+    drop(guest);
+    let mut m = m;
+    let _ = m.child.kill();
+    let mut stderr = String::new();
+    m.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let drop_line = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["reason"] == "spoofed_src_mac")
+        .unwrap_or_else(|| panic!("no JSON drop line:\n{stderr}"));
+    assert_eq!(drop_line["level"], "INFO");
+    assert!(
+        drop_line["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("52:54:00:09:09:09"),
+        "{drop_line}"
+    );
+}
+
+#[test]
+fn reload_swaps_good_policies_refuses_bad_ones_and_resets_what_is_no_longer_allowed() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let allow = |names: &str| {
+        policy(&format!(
+            "[proxy]\nhttp = \"{}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [80]\nto = [{names}]\n[dns]\nallow = [{names}]\n",
+            proxy.addr
+        ))
+    };
+    let m = start(&allow("\"a.example\", \"b.example\""), &[], Stdio::null());
+    let control = m.path("control.sock");
+    let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
+    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let a = net.resolve("a.example", T).unwrap().unwrap();
+    let b = net.resolve("b.example", T).unwrap().unwrap();
+    let ha = net.tcp_connect(a, 80);
+    let hb = net.tcp_connect(b, 80);
+    assert!(net
+        .run_until(T, |n| n.tcp(ha).state() == State::Established
+            && n.tcp(hb).state() == State::Established)
+        .unwrap());
+
+    // A bad file changes nothing and says why.
+    std::fs::write(
+        m.path("vm.toml"),
+        policy("").replace("52:54:00:12:34:56", "not-a-mac"),
+    )
+    .unwrap();
+    let (code, _, err) = moat(&["reload"], &control);
+    assert_eq!(code, 1);
+    assert!(err.contains("vm.toml:3") && err.contains("vm.mac"), "{err}");
+    // Changing the VM's identity is refused too.
+    std::fs::write(
+        m.path("vm.toml"),
+        allow("\"a.example\"").replace("10.0.0.2/24", "10.0.0.5/24"),
+    )
+    .unwrap();
+    let (code, _, err) = moat(&["reload"], &control);
+    assert_eq!(code, 1);
+    assert!(err.contains("vm.address"), "{err}");
+
+    // Tighten: b.example is no longer allowed; its flow is reset, a.example's continues.
+    std::fs::write(m.path("vm.toml"), allow("\"a.example\"")).unwrap();
+    let (code, out, err) = moat(&["reload"], &control);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("generation 2") && out.contains("flows_reset 1"),
+        "{out}"
+    );
+    assert!(
+        net.run_until(T, |n| n.tcp(hb).state() == State::Closed)
+            .unwrap(),
+        "b's flow reset"
+    );
+    assert_eq!(
+        net.tcp(ha).state(),
+        State::Established,
+        "a's flow untouched"
+    );
+    net.tcp(ha).send_slice(b"Estill here").unwrap();
+    let mut got = Vec::new();
+    net.run_until(T, |n| {
+        let s = n.tcp(ha);
+        while s.can_recv() {
+            let _ = s.recv(|d| {
+                got.extend_from_slice(d);
+                (d.len(), ())
+            });
+        }
+        got.len() >= 10
+    })
+    .unwrap();
+    assert_eq!(got, b"still here");
+    assert_eq!(
+        net.resolve("b.example", T).unwrap(),
+        None,
+        "new DNS answers follow the new policy"
+    );
+
+    // SIGHUP reloads too.
+    std::fs::write(m.path("vm.toml"), allow("\"a.example\", \"c.example\"")).unwrap();
+    unsafe { libc::kill(m.child.id() as i32, libc::SIGHUP) };
+    let mut resolved = None;
+    net.run_until(T, |n| {
+        resolved = n.resolve("c.example", Duration::from_millis(200)).unwrap();
+        resolved.is_some()
+    })
+    .unwrap();
+    assert!(resolved.is_some(), "c.example allowed after SIGHUP");
+    let (_, json, _) = moat(&["stats", "--json"], &control);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["policy_generation"], 3);
+}
