@@ -1,4 +1,5 @@
-//! moat command line: `serve`, `check`, and the operator commands `stats` and `reload`.
+//! moat command line: `serve`, `check`, and the operator commands `stats`, `reload` and
+//! `forward`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -61,6 +62,23 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
     },
+    /// Add, remove or list host -> guest forwards of a running moat (run-time `[[forward]]`).
+    Forward {
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        #[command(subcommand)]
+        action: ForwardAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ForwardAction {
+    /// `add 127.0.0.1:8080 3000`: host LISTEN to the guest's PORT (loopback peers only).
+    Add { listen: String, guest_port: String },
+    /// `remove 127.0.0.1:8080`.
+    Remove { listen: String },
+    /// The policy's forwards and the run-time ones.
+    List,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -97,6 +115,13 @@ fn main() -> ExitCode {
             ask(&control, if json { "stats json" } else { "stats" })
         }
         Command::Reload { control } => ask(&control, "reload"),
+        Command::Forward { control, action } => match action {
+            ForwardAction::Add { listen, guest_port } => {
+                ask(&control, &format!("forward add {listen} {guest_port}"))
+            }
+            ForwardAction::Remove { listen } => ask(&control, &format!("forward remove {listen}")),
+            ForwardAction::List => ask(&control, "forward list"),
+        },
     }
 }
 

@@ -291,3 +291,59 @@ fn reload_swaps_good_policies_refuses_bad_ones_and_resets_what_is_no_longer_allo
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["policy_generation"], 3);
 }
+
+/// `moat forward --control PATH ARGS...` (the form the issue documents).
+fn forward(args: &[&str], control: &Path) -> (i32, String, String) {
+    let out = Command::new(moat_bin())
+        .arg("forward")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn runtime_forwards_can_be_added_listed_and_removed() {
+    let m = start(&policy(""), &[], Stdio::null());
+    let control = m.path("control.sock");
+    let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
+    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let h = net.tcp_listen(3000);
+    net.poll(Duration::from_millis(20)).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (code, out, err) = forward(&["add", &listen, "3000"], &control);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&listen), "{out}");
+    let (_, list, _) = forward(&["list"], &control);
+    assert!(
+        list.lines()
+            .any(|l| l.contains(&listen) && l.contains("runtime")),
+        "{list}"
+    );
+    let (code, _, err) = forward(&["add", &listen, "3001"], &control);
+    assert_eq!(code, 1, "a second forward on the same address is refused");
+    assert!(err.contains("overlaps"), "{err}");
+
+    // The kernel completes the handshake on moat's listener; keep the connection open
+    // until the guest side is established.
+    let mut c = TcpStream::connect(&listen).expect("moat listens for the runtime forward");
+    c.write_all(b"hi").unwrap();
+    assert!(net
+        .run_until(T, |n| n.tcp(h).state() == State::Established)
+        .unwrap());
+    drop(c);
+
+    let (code, _, err) = forward(&["remove", &listen], &control);
+    assert_eq!(code, 0, "{err}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        TcpStream::connect(&listen).is_err(),
+        "listener closed after remove"
+    );
+}

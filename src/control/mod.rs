@@ -4,6 +4,7 @@
 
 pub mod socket;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -11,13 +12,15 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use thiserror::Error;
 
 use crate::device::NetDevice;
-use crate::policy::{Policy, PolicyError};
+use crate::policy::{Forward, Policy, PolicyError};
 use crate::telemetry::Counters;
 
 #[derive(Debug, Error)]
 pub enum ReloadError {
     #[error("{0}")]
     Invalid(#[from] PolicyError),
+    #[error("{0}")]
+    Forward(String),
     #[error("{file}: vm.{key} changed ({old} -> {new}); a VM's identity cannot change on reload: restart moat for it")]
     Identity {
         file: PathBuf,
@@ -41,6 +44,7 @@ pub struct VmState {
     policy: RwLock<Arc<Policy>>,
     pub counters: Arc<Counters>,
     device: Mutex<Weak<Mutex<NetDevice>>>,
+    forwards: Mutex<Vec<Forward>>,
 }
 
 impl VmState {
@@ -50,6 +54,7 @@ impl VmState {
             policy: RwLock::new(Arc::new(policy)),
             counters,
             device: Mutex::new(Weak::new()),
+            forwards: Mutex::new(Vec::new()),
         }
     }
 
@@ -131,6 +136,107 @@ impl VmState {
             generation,
             flows_reset,
         })
+    }
+
+    /// Forwards added at run time (`moat forward add`).
+    pub fn runtime_forwards(&self) -> Vec<Forward> {
+        self.forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// `moat forward add LISTEN GUEST_PORT`: like a `[[forward]]` with the default `from`
+    /// (loopback), until removed or moat restarts.
+    pub fn add_forward(&self, listen: &str, guest_port: &str) -> Result<String, ReloadError> {
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            ReloadError::Forward(format!("{listen:?} is not IP:PORT, e.g. 127.0.0.1:8080"))
+        })?;
+        let guest_port: u16 = guest_port.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+            ReloadError::Forward(format!("{guest_port:?} is not a port (1..=65535)"))
+        })?;
+        if listen.port() == 0 {
+            return Err(ReloadError::Forward(
+                "listen port 0: give a fixed port".into(),
+            ));
+        }
+        let policy = self.policy();
+        let mut forwards = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+        let clash = |a: SocketAddr| {
+            a.port() == listen.port()
+                && (a.ip() == listen.ip()
+                    || a.ip().is_unspecified()
+                    || listen.ip().is_unspecified())
+        };
+        if policy
+            .forward
+            .iter()
+            .chain(forwards.iter())
+            .any(|f| clash(f.listen))
+        {
+            return Err(ReloadError::Forward(format!(
+                "{listen} overlaps a forward that exists; remove it first"
+            )));
+        }
+        // Probe the address now so the caller hears about a busy port.
+        drop(
+            std::net::TcpListener::bind(listen)
+                .map_err(|e| ReloadError::Forward(format!("cannot listen on {listen}: {e}")))?,
+        );
+        forwards.push(Forward {
+            listen,
+            guest_port,
+            from: vec![
+                "127.0.0.0/8".parse().expect("valid"),
+                "::1/128".parse().expect("valid"),
+            ],
+        });
+        self.apply_forwards(forwards.clone());
+        Ok(format!("forward {listen} -> guest port {guest_port}\n"))
+    }
+
+    /// `moat forward remove LISTEN`.
+    pub fn remove_forward(&self, listen: &str) -> Result<String, ReloadError> {
+        let mut forwards = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+        let before = forwards.len();
+        forwards.retain(|f| f.listen.to_string() != listen);
+        if forwards.len() == before {
+            return Err(ReloadError::Forward(format!(
+                "no run-time forward listens on {listen} (see moat forward list)"
+            )));
+        }
+        self.apply_forwards(forwards.clone());
+        Ok(format!("removed {listen}\n"))
+    }
+
+    /// `moat forward list`: the policy's forwards and the run-time ones.
+    pub fn list_forwards(&self) -> String {
+        let policy = self.policy();
+        let mut out = format!("{:<24} {:>10} {}\n", "listen", "guest_port", "origin");
+        for f in &policy.forward {
+            out.push_str(&format!(
+                "{:<24} {:>10} policy\n",
+                f.listen.to_string(),
+                f.guest_port
+            ));
+        }
+        for f in self.runtime_forwards() {
+            out.push_str(&format!(
+                "{:<24} {:>10} runtime\n",
+                f.listen.to_string(),
+                f.guest_port
+            ));
+        }
+        out
+    }
+
+    fn apply_forwards(&self, forwards: Vec<Forward>) {
+        if let Some(device) = self.device() {
+            device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_runtime_forwards(forwards);
+        }
     }
 
     /// Counters and the flow table, as a table or as JSON.

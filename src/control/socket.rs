@@ -1,5 +1,6 @@
 //! The control socket: a unix socket only its owner may use (mode 0600), one request line
-//! per connection, the answer as text. Requests: `stats`, `stats json`, `reload`.
+//! per connection, the answer as text. Requests: `stats`, `stats json`, `reload`,
+//! `forward add LISTEN PORT`, `forward remove LISTEN`, `forward list`.
 //! The first word of an answer is `ok` or `error`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -44,8 +45,17 @@ fn answer(conn: UnixStream, vm: &VmState) -> std::io::Result<()> {
             ),
             Err(e) => format!("error {e}\n"),
         },
+        ["forward", "add", listen, port] => match vm.add_forward(listen, port) {
+            Ok(text) => format!("ok\n{text}"),
+            Err(e) => format!("error {e}\n"),
+        },
+        ["forward", "remove", listen] => match vm.remove_forward(listen) {
+            Ok(text) => format!("ok\n{text}"),
+            Err(e) => format!("error {e}\n"),
+        },
+        ["forward", "list"] => format!("ok\n{}", vm.list_forwards()),
         _ => format!(
-            "error unknown request {:?}; use stats, stats json or reload\n",
+            "error unknown request {:?}; use stats, stats json, reload, forward add LISTEN PORT, forward remove LISTEN, forward list\n",
             line.trim()
         ),
     };

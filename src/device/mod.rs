@@ -125,6 +125,14 @@ impl NetDevice {
         reset
     }
 
+    /// Forwards added at run time, on top of the policy's.
+    pub fn set_runtime_forwards(&mut self, forwards: Vec<crate::policy::Forward>) {
+        self.datapath.flows().set_runtime_forwards(forwards);
+        if let Some(timer) = self.timer.as_mut() {
+            let _ = timer.reset(Duration::from_micros(100), None);
+        }
+    }
+
     /// The flows of this connection, for `moat stats`.
     pub fn flow_table(&mut self) -> Vec<crate::control::FlowRow> {
         self.datapath.flows().table()

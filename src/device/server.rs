@@ -65,6 +65,10 @@ pub fn serve(
             Arc::clone(&names),
             Arc::clone(&vm.counters),
         )));
+        device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_runtime_forwards(vm.runtime_forwards());
         vm.set_device(&device);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon =

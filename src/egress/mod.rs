@@ -74,6 +74,8 @@ pub struct Flows {
     upstream: Option<dns_upstream::Upstream>,
     /// UDP associations through the SOCKS5 proxy.
     udp: HashMap<udp::UdpKey, udp::Assoc>,
+    /// Forwards added at run time (`moat forward add`), on top of the policy's.
+    runtime_forwards: Vec<Forward>,
     /// Guest connections to the gateway's DNS over TCP.
     dns_conns: Vec<dns_tcp::DnsConn>,
     /// Flows to IP literals waiting for their first bytes to name them.
@@ -106,6 +108,7 @@ impl Flows {
             listeners: Vec::new(),
             sniffing: HashMap::new(),
             dns_conns: Vec::new(),
+            runtime_forwards: Vec::new(),
             udp: HashMap::new(),
             upstream: None,
             idle: idle_timeout(),
@@ -131,7 +134,14 @@ impl Flows {
             }
             self.free_tokens.push(token);
         }
-        for forward in self.policy.forward.clone() {
+        let forwards: Vec<Forward> = self
+            .policy
+            .forward
+            .iter()
+            .chain(&self.runtime_forwards)
+            .cloned()
+            .collect();
+        for forward in forwards {
             let listener = match TcpListener::bind(forward.listen).and_then(|l| {
                 l.set_nonblocking(true)?;
                 Ok(l)
@@ -154,6 +164,14 @@ impl Flows {
             tracing::info!(listen = %forward.listen, guest_port = forward.guest_port, "forwarding to the guest");
             self.by_token.insert(token, Owner::Listener(index));
             self.listeners.push((listener, token, forward));
+        }
+    }
+
+    /// Replace the run-time forwards (and re-listen if attached to a loop).
+    pub fn set_runtime_forwards(&mut self, forwards: Vec<Forward>) {
+        self.runtime_forwards = forwards;
+        if self.registrar.is_some() {
+            self.open_listeners();
         }
     }
 
