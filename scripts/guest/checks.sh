@@ -1,21 +1,42 @@
 #!/bin/sh
-# Guest-side checks, one line each on the serial console:
-#   MOAT-CHECK <name> <expected: pass|fail> <observed: ok|blocked> <detail>
-# "pass" means the attempt must work, "fail" means moat must block it.
-# Expected values come from the kernel command line: moat.expect_ip=, moat.gateway=.
+# Guest-side checks (busybox sh), one line each on the serial console:
+#   MOAT-CHECK <name> <expected: pass|fail> <observed: ok|blocked|unsent> <detail>
+# "pass" means the attempt must work, "fail" means moat must block it. "unsent" replaces
+# "blocked" when a forbidden attempt never put a frame on eth0 (it failed inside the guest,
+# which proves nothing about moat): the runner counts it as a mismatch. The detail starts
+# with the eth0 frame counts of the attempt (tx+N rx+M).
+# Then MOAT-DONE (printed by /init). Parameters from the kernel command line:
+# moat.expect_ip= (the policy address), moat.gateway=, moat.egress=PORT (optional).
+# Every attempt is short (2-3 s): the guest runs under TCG.
 arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 expect_ip=$(arg moat.expect_ip)
 gw=$(arg moat.gateway)
+echo "MOAT-CHECKS-START $(cut -d' ' -f1 /proc/uptime)"
+
+frames() { cat "/sys/class/net/eth0/statistics/$1" 2>/dev/null || echo 0; }
 
 check() { # name expected command...
   name=$1; expected=$2; shift 2
+  tx0=$(frames tx_packets); rx0=$(frames rx_packets)
   if "$@" >/tmp/out 2>&1; then observed=ok; else observed=blocked; fi
+  tx=$(($(frames tx_packets) - tx0)); rx=$(($(frames rx_packets) - rx0))
+  if [ "$observed" = blocked ] && [ "$expected" = fail ] && [ "$tx" = 0 ]; then observed=unsent; fi
   detail=$(tr '\n' ' ' </tmp/out | cut -c1-60)
-  echo "MOAT-CHECK $name $expected $observed ${detail:--}"
+  echo "MOAT-CHECK $name $expected $observed tx+$tx rx+$rx ${detail:--}"
 }
 
-tcp() { # host port: succeeds only if a TCP connection opens
-  timeout 3 nc "$1" "$2" </dev/null
+tcp() { # host port: succeeds only if the TCP handshake completes (nc runs `true` once
+  # connected; a plain `timeout 3 nc` would also fail on an open port that stays silent)
+  timeout 6 nc -w 3 "$1" "$2" -e true
+}
+
+# Another VM on the same link, reached without the gateway: a frame with its own
+# destination MAC (nothing may bridge it). 10.0.0.3 would be the /30's broadcast address.
+l2_peer=10.0.0.9 l2_mac=52:54:00:12:34:99
+l2_ping() {
+  ip route replace "$l2_peer/32" dev eth0 &&
+    arp -i eth0 -s "$l2_peer" "$l2_mac" &&
+    ping -c 1 -W 2 "$l2_peer"
 }
 
 fetch() { # url: succeeds only if the body is exactly "ok" (busybox wget -T crashes: use timeout)
@@ -27,21 +48,23 @@ fetch_via() { # proxy url: the same through an explicit HTTP proxy
 }
 
 ip link set eth0 up
-check dhcp pass udhcpc -i eth0 -n -q -t 4 -T 2
-got=$(cat /tmp/dhcp-ip 2>/dev/null)
-check dhcp-address pass test "$got" = "$expect_ip"
+check dhcp pass udhcpc -i eth0 -n -q -t 5 -T 2
+check dhcp-address pass test "$(cat /tmp/dhcp-ip 2>/dev/null)" = "$expect_ip"
 check dhcp-router pass test "$(cat /tmp/dhcp-router 2>/dev/null)" = "$gw"
 check ping-gateway pass ping -c 2 -W 2 "$gw"
+check arp-gateway pass arping -c 1 -w 2 -I eth0 "$gw"
 check ping-other-vm fail ping -c 1 -W 2 10.0.0.5
 check ping-other-vm-24 fail ping -c 1 -W 2 10.0.0.77
 check tcp-other-vm-22 fail tcp 10.0.0.5 22
+check l2-ping-other-vm fail l2_ping
+check l2-tcp-other-vm-22 fail tcp "$l2_peer" 22
+arp -i eth0 -d "$l2_peer" 2>/dev/null; ip route del "$l2_peer/32" dev eth0 2>/dev/null
+check arp-other-vm fail arping -c 1 -w 2 -I eth0 10.0.0.5
 check ping-internet fail ping -c 1 -W 2 203.0.113.1
 check tcp-internet-22 fail tcp 203.0.113.1 22
 check http-internet fail fetch http://198.51.100.1/
 check tcp-gateway-22 fail tcp "$gw" 22
 check tcp-gateway-2375 fail tcp "$gw" 2375
-check arp-other-vm fail arping -c 1 -w 2 -I eth0 10.0.0.5
-check arp-gateway pass arping -c 1 -w 2 -I eth0 "$gw"
 
 # Egress, when the test gives an origin port (moat.egress=PORT): names resolve only if
 # allowed, flows go through the proxy, and a host peer reaches the guest through a forward.
