@@ -5,6 +5,7 @@
 //! frames between the queues and [`Datapath`].
 
 pub mod config;
+pub mod pacer;
 pub mod queues;
 pub mod server;
 
@@ -45,6 +46,10 @@ pub struct NetDevice {
     tx_buf: Vec<u8>,
     /// Wakes the event loop when the stack's timers are due.
     timer: Option<TimerFd>,
+    /// `limits.egress_bps`: paces the TX queue (guest -> moat).
+    egress: Option<pacer::Pacer>,
+    /// TX descriptors wait for the egress bucket.
+    tx_paused: bool,
 }
 
 /// Registers proxy sockets with the vring worker's epoll: one loop for kicks, sockets, timer.
@@ -105,12 +110,14 @@ impl NetDevice {
     ) -> NetDevice {
         NetDevice {
             config_space: config::config_space(&policy.vm),
+            egress: pacer::Pacer::new(policy.limits.egress_bps),
+            rx: RxQueue::paced(pacer::Pacer::new(policy.limits.ingress_bps)),
             datapath: Datapath::new(policy, names, counters),
             timer: None,
+            tx_paused: false,
             mem: None,
             acked_features: 0,
             event_idx: false,
-            rx: RxQueue::default(),
             tx_buf: Vec::with_capacity(2048),
         }
     }
@@ -140,7 +147,19 @@ impl NetDevice {
 
     /// Wake up when the stack next needs attention (retransmits, handshake deadlines).
     fn arm_timer(&mut self) {
-        let delay = self.datapath.flows().poll_delay();
+        let mut delay = self.datapath.flows().poll_delay();
+        for wait in [
+            self.egress
+                .as_mut()
+                .filter(|_| self.tx_paused)
+                .map(|p| p.wait()),
+            self.rx.pacing_delay(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            delay = Some(delay.map_or(wait, |d| d.min(wait)));
+        }
         if let Some(timer) = self.timer.as_mut() {
             let _ = match delay {
                 // A zero duration would disarm the timer: wake as soon as possible instead.
@@ -164,14 +183,26 @@ impl NetDevice {
         let mem = mem.memory();
         let max = self.datapath.max_tx_len();
         let mut used = 0u32;
+        self.tx_paused = false;
         loop {
+            if let Some(pacer) = self.egress.as_mut() {
+                if !pacer.ready() {
+                    // Leave the rest in the ring: the guest's queue backs up, nothing drops.
+                    self.tx_paused = true;
+                    break;
+                }
+            }
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            match read_tx_chain(chain, &mem, &mut self.tx_buf, max) {
+            let read = read_tx_chain(chain, &mem, &mut self.tx_buf, max);
+            if let Some(pacer) = self.egress.as_mut() {
+                pacer.spend(self.tx_buf.len());
+            }
+            match read {
                 Ok(_) => {
                     if let Some(answer) = self.datapath.guest_frame(&self.tx_buf) {
                         self.rx.push(answer, self.datapath.counters());
@@ -208,6 +239,10 @@ impl NetDevice {
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             work(self)?;
+            if self.tx_paused {
+                // Paced: the timer resumes; no kick is needed meanwhile.
+                return Ok(());
+            }
             if !vring.enable_notification().map_err(io::Error::other)? {
                 return Ok(());
             }
@@ -287,6 +322,11 @@ impl VhostUserBackendMut for NetDevice {
             TIMER_EVENT => {
                 if let Some(timer) = self.timer.as_mut() {
                     let _ = timer.wait();
+                }
+                if self.tx_paused {
+                    // The egress bucket has refilled: carry on draining TX.
+                    let m = mem.clone();
+                    self.drain(tx_vring, |dev| dev.process_tx(tx_vring, &m))?;
                 }
             }
             token => self.datapath.flows().host_event(u64::from(token), evset),

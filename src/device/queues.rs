@@ -17,6 +17,8 @@ use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use crate::frame::VirtioNetHdr;
 use crate::telemetry::{Counters, DropReason, Traffic};
 
+use super::pacer::Pacer;
+
 type Mem = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// Frames waiting for RX buffers, at most this many (then new answers are dropped).
@@ -90,11 +92,29 @@ fn write_chain(
 #[derive(Debug, Default)]
 pub struct RxQueue {
     pending: VecDeque<Vec<u8>>,
+    /// `limits.ingress_bps`: frames wait for the bucket instead of being dropped.
+    pacer: Option<Pacer>,
+    paced: bool,
     /// Scratch buffer: virtio-net header + frame.
     scratch: Vec<u8>,
 }
 
 impl RxQueue {
+    pub fn paced(pacer: Option<Pacer>) -> RxQueue {
+        RxQueue {
+            pacer,
+            ..RxQueue::default()
+        }
+    }
+
+    /// How long until paced frames may go (None: not waiting on the bucket).
+    pub fn pacing_delay(&mut self) -> Option<std::time::Duration> {
+        if !self.paced {
+            return None;
+        }
+        self.pacer.as_mut().map(Pacer::wait)
+    }
+
     /// Queue a frame for the guest; drops (counted) when too many are already waiting.
     pub fn push(&mut self, frame: Vec<u8>, counters: &Counters) {
         if self.pending.len() >= MAX_PENDING_RX {
@@ -128,7 +148,15 @@ impl RxQueue {
         }
         let mem = mem.memory();
         let mut delivered = false;
+        self.paced = false;
         while let Some(frame) = self.pending.front() {
+            if let Some(pacer) = self.pacer.as_mut() {
+                if !pacer.ready() {
+                    self.paced = true;
+                    break;
+                }
+                pacer.spend(frame.len());
+            }
             self.scratch.clear();
             self.scratch.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
             self.scratch.extend_from_slice(frame);

@@ -1,0 +1,82 @@
+//! Bandwidth limits (`limits.egress_bps`, `limits.ingress_bps`): token buckets that pace the
+//! queues rather than drop. A frame may overdraw the bucket; the queue then waits until the
+//! balance is positive again, so the long-run rate is the limit and no frame is lost.
+
+use std::time::{Duration, Instant};
+
+/// Burst: this much traffic at the full rate may pass at once (and at least 64 KiB).
+const BURST_TIME: Duration = Duration::from_millis(20);
+const MIN_BURST: f64 = 64.0 * 1024.0;
+
+/// A token bucket in bytes.
+#[derive(Debug)]
+pub struct Pacer {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Pacer {
+    /// `None` for 0 bits per second (unlimited).
+    pub fn new(bits_per_second: u64) -> Option<Pacer> {
+        if bits_per_second == 0 {
+            return None;
+        }
+        let rate = bits_per_second as f64 / 8.0;
+        let burst = (rate * BURST_TIME.as_secs_f64()).max(MIN_BURST);
+        Some(Pacer {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        })
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    /// Whether a frame may go now.
+    pub fn ready(&mut self) -> bool {
+        self.refill();
+        self.tokens > 0.0
+    }
+
+    /// Account for a frame that went.
+    pub fn spend(&mut self, bytes: usize) {
+        self.tokens -= bytes as f64;
+    }
+
+    /// How long until a frame may go again (zero if it may now).
+    pub fn wait(&mut self) -> Duration {
+        self.refill();
+        if self.tokens > 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((-self.tokens + 1.0) / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overdraft_waits_until_repaid() {
+        assert!(Pacer::new(0).is_none(), "0 = unlimited");
+        let mut p = Pacer::new(8_000_000).unwrap(); // 1 MB/s, burst 64 KiB
+        assert!(p.ready());
+        p.spend(64 * 1024 + 100_000);
+        assert!(!p.ready());
+        let w = p.wait();
+        assert!(
+            w > Duration::from_millis(90) && w < Duration::from_millis(110),
+            "{w:?}"
+        );
+    }
+}
