@@ -189,6 +189,10 @@ fn json_logs_name_the_drop_reason_and_the_frame() {
         .find(|v| v["fields"]["reason"] == "spoofed_src_mac")
         .unwrap_or_else(|| panic!("no JSON drop line:\n{stderr}"));
     assert_eq!(drop_line["level"], "INFO");
+    assert_eq!(
+        drop_line["span"]["vm"], "ops",
+        "the VM's name on every line: {drop_line}"
+    );
     assert!(
         drop_line["fields"]["message"]
             .as_str()

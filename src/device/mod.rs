@@ -50,6 +50,8 @@ pub struct NetDevice {
     egress: Option<pacer::Pacer>,
     /// TX descriptors wait for the egress bucket.
     tx_paused: bool,
+    /// Every log line of this device carries the VM's name.
+    span: tracing::Span,
 }
 
 /// Registers proxy sockets with the vring worker's epoll: one loop for kicks, sockets, timer.
@@ -112,6 +114,7 @@ impl NetDevice {
             config_space: config::config_space(&policy.vm),
             egress: pacer::Pacer::new(policy.limits.egress_bps),
             rx: RxQueue::paced(pacer::Pacer::new(policy.limits.ingress_bps)),
+            span: tracing::info_span!("vm", vm = %policy.vm.name),
             datapath: Datapath::new(policy, names, counters),
             timer: None,
             tx_paused: false,
@@ -311,6 +314,8 @@ impl VhostUserBackendMut for NetDevice {
             return Err(io::Error::other("expected exactly one rx and one tx queue"));
         };
         let counters = Arc::clone(self.datapath.counters());
+        let span = self.span.clone();
+        let _in_vm = span.enter();
         tracing::trace!(device_event, ?evset, "event");
         match device_event {
             RX_QUEUE => counters.add(Traffic::RxKicks, 1),

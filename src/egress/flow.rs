@@ -331,6 +331,11 @@ impl Flow {
         }
     }
 
+    /// How long the flow has existed.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// The phase, for the flow table.
     pub fn state(&self) -> &'static str {
         match self.phase {

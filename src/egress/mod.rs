@@ -772,6 +772,8 @@ impl Flows {
                 status = ?matches!(end, End::ProxyRefused(_)).then_some(end),
                 bytes_up = flow.bytes_up,
                 bytes_down = flow.bytes_down,
+                duration_ms = flow.age().as_millis() as u64,
+                rule = flow.route.rule,
                 "flow closed"
             );
         }
