@@ -59,11 +59,6 @@ impl GuestMemory {
         })
     }
 
-    #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
     /// The regions as the memory table describes them (same memfd, consecutive offsets).
     pub fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
         let chunk = self.len / self.regions;

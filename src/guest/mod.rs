@@ -1,11 +1,21 @@
 //! The simulated guest: a vhost-user frontend with a minimal virtio-net driver.
 //!
-//! It connects to moat's real socket (or accepts moat's connection in `--client` mode),
-//! hands over memfd-backed guest memory, drives the RX and TX split virtqueues as a guest
-//! kernel would (EVENT_IDX and MRG_RXBUF aware), and exposes `send_frame` / `recv_frame`.
-//! It can also post malformed descriptor chains, for the security tests. It lives in the
-//! library because integration tests, the canary and the benchmarks all drive moat with it.
+//! It connects to a vhost-user-net backend (moat's socket, or accepts moat's connection in
+//! `--client` mode), hands over memfd-backed guest memory, drives the RX and TX split
+//! virtqueues as a guest kernel would (EVENT_IDX and MRG_RXBUF aware), and exposes
+//! `send_frame` / `recv_frame`. It can also post malformed descriptor chains, for the
+//! security tests. It lives in the library because integration tests, the canary and the
+//! benchmarks all drive moat with it, so it depends on nothing dev-only.
+//!
+//! Guest memory (guest-physical addresses from [`GPA_BASE`]):
+//!
+//! ```text
+//! RX ring | TX ring | RX buffers (queue_size x rx_buffer_size) | TX slots (queue_size x 16 KiB) | scratch
+//! ```
+//!
+//! RX descriptor `i` always points at RX buffer `i`; TX descriptor `i` at TX slot `i`.
 
+mod frontend;
 mod memory;
 mod net;
 mod ring;
@@ -17,32 +27,31 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
-use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-};
-use virtio_bindings::bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
+use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
-use memory::{GuestMemory, GPA_BASE};
+use frontend::Negotiated;
+use memory::GuestMemory;
+pub use memory::GPA_BASE;
 pub use net::GuestNet;
 use ring::SplitRing;
 pub use ring::{RawDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 
 const RX: usize = 0;
 const TX: usize = 1;
-/// Bytes reserved per TX slot (header + frame).
-const TX_SLOT: u64 = 16 * 1024;
-/// How long `connect` keeps trying while moat's socket does not exist yet.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(5);
+/// Bytes behind each TX descriptor; a longer frame takes several chained descriptors.
+pub const TX_SLOT: usize = 16 * 1024;
+/// Guest memory kept free for tests after the rings and buffers (see [`SimGuest::scratch_gpa`]).
+const MIN_SCRATCH: u64 = 64 * 1024;
+/// How long a send waits for the device to return TX descriptors when all are in flight.
+const TX_PATIENCE: Duration = Duration::from_secs(2);
+/// A frame being assembled is handed over once this long, whatever `num_buffers` claimed
+/// (a GSO frame is at most 64 KiB plus header; this only bounds a confused device).
+const MAX_RX_FRAME: usize = 1 << 20;
 
 #[derive(Debug, Error)]
 pub enum GuestError {
@@ -51,14 +60,20 @@ pub enum GuestError {
         path: String,
         source: std::io::Error,
     },
+    #[error("vhost-user socket: {0}")]
+    Socket(std::io::Error),
     #[error("vhost-user: {0}")]
     Protocol(#[from] vhost::Error),
+    #[error("backend unusable: {0}")]
+    Unsupported(&'static str),
     #[error("guest memory: {0}")]
     Memory(std::io::Error),
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
-    #[error("frame of {0} bytes does not fit a TX slot")]
+    #[error("frame of {0} bytes needs more TX descriptors than the queue has")]
     FrameTooLong(usize),
+    #[error("a chain of {len} descriptors cannot be posted on a queue of {queue_size}")]
+    ChainLength { len: usize, queue_size: u16 },
     #[error("no free TX descriptor: the device is not returning them")]
     TxStalled,
 }
@@ -66,13 +81,26 @@ pub enum GuestError {
 /// How the simulated guest sets itself up.
 #[derive(Clone, Debug)]
 pub struct GuestOptions {
+    /// Entries per virtqueue (both queues).
     pub queue_size: u16,
+    /// Guest memory; grown if the rings and buffers need more (plus 64 KiB of scratch).
     pub mem_size: usize,
-    /// Split guest memory into this many regions of the memory table.
+    /// Split guest memory into this many equal regions of the memory table (contiguous
+    /// guest-physical addresses, separate mappings on the backend's side).
     pub regions: usize,
+    /// Ask for VIRTIO_RING_F_EVENT_IDX.
     pub event_idx: bool,
+    /// Ask for VIRTIO_NET_F_MRG_RXBUF.
     pub mrg_rxbuf: bool,
+    /// Bytes per RX buffer (one descriptor each).
     pub rx_buffer_size: u32,
+    /// Ack every virtio feature the backend offers (offloads included, as QEMU passes them
+    /// to a guest that takes them), except those that change the ring or header layout this
+    /// driver speaks (packed ring, IN_ORDER, NOTIFICATION_DATA, ACCESS_PLATFORM,
+    /// HASH_REPORT, LOG_ALL). `event_idx` and `mrg_rxbuf` still decide those two bits.
+    pub ack_all_offered: bool,
+    /// How long `connect` retries while the socket is missing, and `accept` waits.
+    pub connect_timeout: Duration,
 }
 
 impl Default for GuestOptions {
@@ -84,6 +112,8 @@ impl Default for GuestOptions {
             event_idx: true,
             mrg_rxbuf: true,
             rx_buffer_size: 2048,
+            ack_all_offered: false,
+            connect_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -91,13 +121,19 @@ impl Default for GuestOptions {
 /// A received frame with its virtio-net header.
 pub type RxFrame = ([u8; VIRTIO_NET_HDR_LEN], Vec<u8>);
 
-/// What the device's config space says.
+/// What the device's config space says (`struct virtio_net_config` up to `mtu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     pub mac: [u8; 6],
     pub status: u16,
     pub max_virtqueue_pairs: u16,
     pub mtu: u16,
+}
+
+/// A frame being assembled from several used RX buffers (MRG_RXBUF).
+struct PartialRx {
+    data: Vec<u8>,
+    buffers_left: u16,
 }
 
 /// A guest attached to a vhost-user-net backend.
@@ -107,10 +143,10 @@ pub struct SimGuest {
     rings: [SplitRing; 2],
     kicks: [EventFd; 2],
     calls: [EventFd; 2],
-    features: u64,
-    protocol_features: VhostUserProtocolFeatures,
+    negotiated: Negotiated,
     rx_base: u64,
     rx_buffer_size: u32,
+    rx_partial: Option<PartialRx>,
     tx_base: u64,
     tx_free: Vec<u16>,
     /// Head -> descriptors of chains the device still holds.
@@ -119,71 +155,41 @@ pub struct SimGuest {
 }
 
 impl SimGuest {
-    /// Connect to a backend listening on `socket` (`moat serve`), waiting for it to appear.
+    /// Connect to a backend listening on `socket` (`moat serve`), retrying for up to
+    /// `opts.connect_timeout` while the socket does not exist yet.
     pub fn connect(socket: &Path, opts: GuestOptions) -> Result<SimGuest, GuestError> {
-        let deadline = Instant::now() + CONNECT_PATIENCE;
-        let stream = loop {
-            match UnixStream::connect(socket) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(source) => {
-                    return Err(GuestError::Connect {
-                        path: socket.display().to_string(),
-                        source,
-                    })
-                }
-            }
-        };
+        let stream = frontend::dial(socket, opts.connect_timeout)?;
         SimGuest::attach(stream, opts)
     }
 
-    /// Accept a backend that dials in (`moat serve --client`).
+    /// Accept a backend that dials in (`moat serve --client`), waiting up to
+    /// `opts.connect_timeout`.
     pub fn accept(listener: &UnixListener, opts: GuestOptions) -> Result<SimGuest, GuestError> {
-        let (stream, _) = listener.accept().map_err(|source| GuestError::Connect {
-            path: "listener".into(),
-            source,
-        })?;
+        let stream = frontend::answer(listener, opts.connect_timeout)?;
         SimGuest::attach(stream, opts)
     }
 
+    /// Bring the device up over a connected stream, as QEMU does.
     fn attach(stream: UnixStream, opts: GuestOptions) -> Result<SimGuest, GuestError> {
-        let mut frontend = Frontend::from_stream(stream, 2);
         let qsize = opts.queue_size;
+        if qsize == 0 || !qsize.is_power_of_two() || qsize > 32768 {
+            return Err(GuestError::Unsupported(
+                "queue_size must be a power of two up to 32768",
+            ));
+        }
+        if opts.rx_buffer_size == 0 {
+            return Err(GuestError::Unsupported("rx_buffer_size must not be 0"));
+        }
         let ring_bytes = SplitRing::footprint(qsize);
         let rx_base = GPA_BASE + 2 * ring_bytes;
         let tx_base = rx_base + u64::from(qsize) * u64::from(opts.rx_buffer_size);
-        let needed = (tx_base + u64::from(qsize) * TX_SLOT - GPA_BASE) as usize;
+        let tx_end = tx_base + u64::from(qsize) * TX_SLOT as u64;
+        let needed = (tx_end + MIN_SCRATCH - GPA_BASE) as usize;
         let mem = GuestMemory::new(opts.mem_size.max(needed), opts.regions)?;
 
-        frontend.set_owner()?;
-        let offered = frontend.get_features()?;
-        let mut wanted = (1 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_NET_F_MAC)
-            | (1 << VIRTIO_NET_F_STATUS)
-            | (1 << VIRTIO_NET_F_MTU)
-            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if opts.mrg_rxbuf {
-            wanted |= 1 << VIRTIO_NET_F_MRG_RXBUF;
-        }
-        if opts.event_idx {
-            wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
-        }
-        let features = offered & wanted;
-        let mut protocol_features = VhostUserProtocolFeatures::empty();
-        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let pf = frontend.get_protocol_features()?;
-            protocol_features =
-                pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ);
-            frontend.set_protocol_features(protocol_features)?;
-        }
-        frontend.set_features(features)?;
-        frontend.set_mem_table(&mem.regions())?;
-
-        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut frontend = frontend::frontend(stream)?;
+        let negotiated = frontend::negotiate(&mut frontend, &mem, &opts)?;
+        let event_idx = negotiated.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let rings = [
             SplitRing::new(GPA_BASE, qsize, event_idx),
             SplitRing::new(GPA_BASE + ring_bytes, qsize, event_idx),
@@ -197,10 +203,10 @@ impl SimGuest {
             rings,
             kicks,
             calls,
-            features,
-            protocol_features,
+            negotiated,
             rx_base,
             rx_buffer_size: opts.rx_buffer_size,
+            rx_partial: None,
             tx_base,
             tx_free: (0..qsize).rev().collect(),
             tx_inflight: HashMap::new(),
@@ -211,38 +217,25 @@ impl SimGuest {
             guest.post_rx(i);
         }
         for q in [RX, TX] {
-            let ring = &guest.rings[q];
-            guest.frontend.set_vring_num(q, qsize)?;
-            guest.frontend.set_vring_addr(
+            frontend::setup_vring(
+                &mut guest.frontend,
+                &guest.mem,
                 q,
-                &VringConfigData {
-                    queue_max_size: qsize,
-                    queue_size: qsize,
-                    flags: 0,
-                    desc_table_addr: guest.mem.va(ring.desc),
-                    used_ring_addr: guest.mem.va(ring.used),
-                    avail_ring_addr: guest.mem.va(ring.avail),
-                    log_addr: None,
-                },
+                &guest.rings[q],
+                &guest.calls[q],
+                &guest.kicks[q],
             )?;
-            guest.frontend.set_vring_base(q, 0)?;
-            guest.frontend.set_vring_call(q, &guest.calls[q])?;
-            guest.frontend.set_vring_kick(q, &guest.kicks[q])?;
         }
-        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            for q in [RX, TX] {
-                guest.frontend.set_vring_enable(q, true)?;
-            }
-        }
+        frontend::enable_vrings(&mut guest.frontend, guest.negotiated.features)?;
         guest.kick(RX);
         Ok(guest)
     }
 
-    /// The device's config space (needs the CONFIG protocol feature).
-    pub fn config(&mut self) -> Result<NetConfig, GuestError> {
-        let (_, bytes) =
-            self.frontend
-                .get_config(0, 12, VhostUserConfigFlags::empty(), &[0u8; 12])?;
+    /// The device's config space, read with GET_CONFIG (needs the CONFIG protocol feature).
+    pub fn config(&self) -> Result<NetConfig, GuestError> {
+        // `Frontend` is a shared handle (Arc<Mutex<..>>) whose requests take `&mut self`.
+        let mut frontend = self.frontend.clone();
+        let (_, bytes) = frontend.get_config(0, 12, VhostUserConfigFlags::empty(), &[0u8; 12])?;
         let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&bytes[..6]);
@@ -254,18 +247,26 @@ impl SimGuest {
         })
     }
 
+    /// The virtio feature bits acked with SET_FEATURES.
     pub fn negotiated_features(&self) -> u64 {
-        self.features
+        self.negotiated.features
     }
 
+    /// The vhost-user protocol features acked with SET_PROTOCOL_FEATURES.
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        self.protocol_features
+        self.negotiated.protocol_features
+    }
+
+    fn has_feature(&self, bit: u32) -> bool {
+        self.negotiated.features & (1 << bit) != 0
     }
 
     fn kick(&self, q: usize) {
+        // Only fails if the counter would overflow, and then the device is signalled anyway.
         let _ = self.kicks[q].write(1);
     }
 
+    /// Post RX buffer `i` (descriptor `i`); returns whether the device wants a kick.
     fn post_rx(&mut self, i: u16) -> bool {
         let desc = RawDesc {
             addr: self.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
@@ -277,50 +278,85 @@ impl SimGuest {
         self.rings[RX].publish(&self.mem, i)
     }
 
-    /// Send a frame with an all-zero virtio-net header.
+    /// Send a frame behind an all-zero virtio-net header.
     pub fn send_frame(&mut self, frame: &[u8]) -> Result<(), GuestError> {
         self.send_frame_with_hdr(&[0u8; VIRTIO_NET_HDR_LEN], frame)
     }
 
-    /// Send a frame behind the given virtio-net header, in one descriptor.
+    /// Send a frame behind the given virtio-net header: one descriptor holding both, or a
+    /// chain of 16 KiB descriptors when the frame is longer.
     pub fn send_frame_with_hdr(
         &mut self,
         hdr: &[u8; VIRTIO_NET_HDR_LEN],
         frame: &[u8],
     ) -> Result<(), GuestError> {
-        let total = VIRTIO_NET_HDR_LEN + frame.len();
-        if total as u64 > TX_SLOT {
-            return Err(GuestError::FrameTooLong(frame.len()));
+        let mut data = Vec::with_capacity(VIRTIO_NET_HDR_LEN + frame.len());
+        data.extend_from_slice(hdr);
+        data.extend_from_slice(frame);
+        let pieces: Vec<&[u8]> = data.chunks(TX_SLOT).collect();
+        self.post_tx(&pieces, frame.len())
+    }
+
+    /// Send a frame as a scatter-gather chain, as a guest kernel often does: the header in
+    /// its own descriptor, then one descriptor per non-empty segment (segments longer than
+    /// 16 KiB take several).
+    pub fn send_frame_sg(
+        &mut self,
+        hdr: &[u8; VIRTIO_NET_HDR_LEN],
+        segments: &[&[u8]],
+    ) -> Result<(), GuestError> {
+        let mut pieces: Vec<&[u8]> = vec![hdr];
+        for s in segments {
+            pieces.extend(s.chunks(TX_SLOT));
         }
-        let id = self.take_tx_descs(1)?[0];
-        let addr = self.tx_base + u64::from(id) * TX_SLOT;
-        self.mem.write(addr, hdr);
-        self.mem.write(addr + VIRTIO_NET_HDR_LEN as u64, frame);
-        self.rings[TX].write_desc(
-            &self.mem,
-            id,
-            RawDesc {
+        let len = segments.iter().map(|s| s.len()).sum();
+        self.post_tx(&pieces, len)
+    }
+
+    /// Post `pieces` (each at most one TX slot) as one device-readable chain.
+    fn post_tx(&mut self, pieces: &[&[u8]], frame_len: usize) -> Result<(), GuestError> {
+        if pieces.len() > usize::from(self.rings[TX].size) {
+            return Err(GuestError::FrameTooLong(frame_len));
+        }
+        let ids = self.take_tx_descs(pieces.len())?;
+        for (i, (&id, piece)) in ids.iter().zip(pieces).enumerate() {
+            let addr = self.tx_base + u64::from(id) * TX_SLOT as u64;
+            self.mem.write(addr, piece);
+            let last = i + 1 == ids.len();
+            let desc = RawDesc {
                 addr,
-                len: total as u32,
-                flags: 0,
-                next: 0,
-            },
-        );
-        self.tx_inflight.insert(id, vec![id]);
-        if self.rings[TX].publish(&self.mem, id) {
+                len: piece.len() as u32,
+                flags: if last { 0 } else { VIRTQ_DESC_F_NEXT },
+                next: if last { 0 } else { ids[i + 1] },
+            };
+            self.rings[TX].write_desc(&self.mem, id, desc);
+        }
+        let head = ids[0];
+        self.tx_inflight.insert(head, ids);
+        if self.rings[TX].publish(&self.mem, head) {
             self.kick(TX);
         }
         Ok(())
     }
 
-    /// Post an arbitrary (possibly malformed) chain on TX. Descriptors go into free slots in
-    /// order; a `next` below the chain's length names a descriptor of this chain (relative),
-    /// anything else is written verbatim (out of range, or a loop on purpose).
+    /// Post an arbitrary, possibly malformed, chain on TX and kick. Descriptors go into
+    /// free descriptor slots in order, the first one is the head. A `next` below
+    /// `chain.len()` names an element of this chain (its slot is filled in); any other
+    /// `next` is written verbatim (out of range, or into someone else's slot, on purpose).
+    /// Addresses, lengths and flags are written as given. A chain longer than the queue
+    /// cannot be posted (use a loop or an indirect table for that).
     pub fn send_raw_chain(&mut self, chain: &[RawDesc]) -> Result<(), GuestError> {
-        let ids = self.take_tx_descs(chain.len().max(1))?;
-        for (i, d) in chain.iter().enumerate() {
+        let queue_size = self.rings[TX].size;
+        if chain.is_empty() || chain.len() > usize::from(queue_size) {
+            return Err(GuestError::ChainLength {
+                len: chain.len(),
+                queue_size,
+            });
+        }
+        let ids = self.take_tx_descs(chain.len())?;
+        for (d, &id) in chain.iter().zip(&ids) {
             let next = ids.get(usize::from(d.next)).copied().unwrap_or(d.next);
-            self.rings[TX].write_desc(&self.mem, ids[i], RawDesc { next, ..*d });
+            self.rings[TX].write_desc(&self.mem, id, RawDesc { next, ..*d });
         }
         let head = ids[0];
         self.tx_inflight.insert(head, ids);
@@ -331,7 +367,7 @@ impl SimGuest {
 
     /// Take `n` free TX descriptors, reclaiming used ones (and waiting a little) if needed.
     fn take_tx_descs(&mut self, n: usize) -> Result<Vec<u16>, GuestError> {
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + TX_PATIENCE;
         loop {
             self.reclaim_tx();
             if self.tx_free.len() >= n {
@@ -344,10 +380,11 @@ impl SimGuest {
                 return Err(GuestError::TxStalled);
             }
             self.kick(TX);
-            let _ = wait_readable(&self.calls[TX], Duration::from_millis(10));
+            wait_readable(&self.calls[TX], Duration::from_millis(10));
         }
     }
 
+    /// Return the descriptors of every chain the device has used to the free list.
     fn reclaim_tx(&mut self) {
         let _ = self.calls[TX].read();
         while let Some((head, _)) = self.rings[TX].pop_used(&self.mem) {
@@ -358,10 +395,14 @@ impl SimGuest {
         }
     }
 
-    /// TX chains the device has returned so far.
-    pub fn tx_completed(&mut self) -> u64 {
-        self.reclaim_tx();
-        self.tx_completed
+    /// TX chains (used elements) the device has returned so far.
+    pub fn tx_completed(&self) -> u64 {
+        self.tx_completed + u64::from(self.rings[TX].pending_used(&self.mem))
+    }
+
+    /// TX chains posted and not returned yet.
+    pub fn tx_in_flight(&self) -> usize {
+        self.tx_inflight.len()
     }
 
     /// Receive one frame (virtio-net header stripped), waiting up to `timeout`.
@@ -369,56 +410,68 @@ impl SimGuest {
         Ok(self.recv_frame_with_hdr(timeout)?.map(|(_, f)| f))
     }
 
-    /// Receive one frame and its virtio-net header, assembling MRG_RXBUF buffers.
+    /// Receive one frame and its virtio-net header, assembling MRG_RXBUF buffers
+    /// (`num_buffers` in the header). `Ok(None)` when nothing complete arrived in `timeout`;
+    /// a frame whose buffers are still coming is kept and finished by the next call.
     pub fn recv_frame_with_hdr(
         &mut self,
         timeout: Duration,
     ) -> Result<Option<RxFrame>, GuestError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(first) = self.rings[RX].pop_used(&self.mem) {
-                let mut data = self.read_rx(first);
-                let mut hdr = [0u8; VIRTIO_NET_HDR_LEN];
-                let n = data.len().min(VIRTIO_NET_HDR_LEN);
-                hdr[..n].copy_from_slice(&data[..n]);
-                let mrg = self.features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
-                let buffers = if mrg {
-                    u16::from_le_bytes([hdr[10], hdr[11]]).max(1)
-                } else {
-                    1
-                };
-                for _ in 1..buffers {
-                    let more = loop {
-                        if let Some(u) = self.rings[RX].pop_used(&self.mem) {
-                            break u;
-                        }
-                        if Instant::now() > deadline {
-                            return Ok(None);
-                        }
-                        wait_readable(&self.calls[RX], Duration::from_millis(5));
-                    };
-                    data.extend(self.read_rx(more));
+            while let Some(used) = self.rings[RX].pop_used(&self.mem) {
+                let buf = self.take_rx(used);
+                if let Some(frame) = self.assemble(buf) {
+                    return Ok(Some(frame));
                 }
-                let frame = data.get(VIRTIO_NET_HDR_LEN..).unwrap_or_default().to_vec();
-                return Ok(Some((hdr, frame)));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(None);
             }
+            // Re-check the ring at least every 50 ms even if a notification goes missing.
             wait_readable(&self.calls[RX], left.min(Duration::from_millis(50)));
             let _ = self.calls[RX].read();
         }
     }
 
+    /// Add one used RX buffer to the frame being assembled; the frame once complete.
+    fn assemble(&mut self, buf: Vec<u8>) -> Option<RxFrame> {
+        let mut partial = match self.rx_partial.take() {
+            Some(mut p) => {
+                p.data.extend_from_slice(&buf);
+                p.buffers_left -= 1;
+                p
+            }
+            None => {
+                let buffers = if self.has_feature(VIRTIO_NET_F_MRG_RXBUF) && buf.len() >= 12 {
+                    u16::from_le_bytes([buf[10], buf[11]]).max(1)
+                } else {
+                    1
+                };
+                PartialRx {
+                    data: buf,
+                    buffers_left: buffers - 1,
+                }
+            }
+        };
+        if partial.buffers_left > 0 && partial.data.len() < MAX_RX_FRAME {
+            self.rx_partial = Some(partial);
+            return None;
+        }
+        let mut hdr = [0u8; VIRTIO_NET_HDR_LEN];
+        let n = partial.data.len().min(VIRTIO_NET_HDR_LEN);
+        hdr[..n].copy_from_slice(&partial.data[..n]);
+        partial.data.drain(..n);
+        Some((hdr, partial.data))
+    }
+
     /// Copy one used RX buffer out and give it back to the device.
-    fn read_rx(&mut self, (id, len): (u16, u32)) -> Vec<u8> {
+    fn take_rx(&mut self, (id, len): (u16, u32)) -> Vec<u8> {
         let len = len.min(self.rx_buffer_size) as usize;
         let mut buf = vec![0u8; len];
-        self.mem.read(
-            self.rx_base + u64::from(id) * u64::from(self.rx_buffer_size),
-            &mut buf,
-        );
+        let addr = self.rx_base + u64::from(id) * u64::from(self.rx_buffer_size);
+        self.mem.read(addr, &mut buf);
         if self.post_rx(id) {
             self.kick(RX);
         }
@@ -426,23 +479,30 @@ impl SimGuest {
     }
 
     /// Write into guest memory (to build raw chains or indirect tables).
+    ///
+    /// # Panics
+    /// If `[gpa, gpa + data.len())` is not inside guest memory (a bug in the caller).
     pub fn write_guest_mem(&mut self, gpa: u64, data: &[u8]) {
         self.mem.write(gpa, data);
     }
 
-    /// (guest-physical address, length) of each memory region.
+    /// Read guest memory.
+    ///
+    /// # Panics
+    /// If `[gpa, gpa + out.len())` is not inside guest memory.
+    pub fn read_guest_mem(&self, gpa: u64, out: &mut [u8]) {
+        self.mem.read(gpa, out);
+    }
+
+    /// (guest-physical address, length) of each memory region, in address order.
     pub fn guest_mem_layout(&self) -> Vec<(u64, usize)> {
         self.mem.layout()
     }
 
-    /// A scratch area of guest memory that the rings and buffers do not use.
+    /// Start of guest memory the rings and buffers do not use (at least 64 KiB, up to the
+    /// end of guest memory), for raw chains and indirect tables.
     pub fn scratch_gpa(&self) -> u64 {
-        let used_end = self.tx_base + u64::from(self.rings[TX].size) * TX_SLOT;
-        assert!(
-            used_end < GPA_BASE + self.mem.len() as u64,
-            "no scratch space left"
-        );
-        used_end
+        self.tx_base + u64::from(self.rings[TX].size) * TX_SLOT as u64
     }
 
     /// Close the connection, as a VMM that goes away.
