@@ -5,6 +5,7 @@
 //! answer ([`services`]) | flow (later: `stack`, `egress`) | drop (counted in [`telemetry`]),
 //! and back: answer -> frame -> queue.
 
+pub mod canary;
 pub mod control;
 pub mod datapath;
 pub mod device;

@@ -62,6 +62,21 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
     },
+    /// Isolation self-test: an in-process moat for the policy, a simulated guest making the
+    /// forbidden attempts (must fail) and the allowed ones (must work). Exit 0 if all passed.
+    Canary {
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// One JSON object per attempt instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Repeat forever at this interval (30s, 5m, 1h).
+        #[arg(long, value_name = "DUR")]
+        every: Option<String>,
+        /// On a failed run, run this command (sh -c) with the failures as JSON lines on stdin.
+        #[arg(long, value_name = "CMD")]
+        alert_cmd: Option<String>,
+    },
     /// Add, remove or list host -> guest forwards of a running moat (run-time `[[forward]]`).
     Forward {
         #[arg(long, value_name = "PATH")]
@@ -115,6 +130,12 @@ fn main() -> ExitCode {
             ask(&control, if json { "stats json" } else { "stats" })
         }
         Command::Reload { control } => ask(&control, "reload"),
+        Command::Canary {
+            policy,
+            json,
+            every,
+            alert_cmd,
+        } => canary(&policy, json, every.as_deref(), alert_cmd.as_deref()),
         Command::Forward { control, action } => match action {
             ForwardAction::Add { listen, guest_port } => {
                 ask(&control, &format!("forward add {listen} {guest_port}"))
@@ -147,6 +168,82 @@ fn check(file: &Path) -> ExitCode {
             eprintln!("{e}");
             ExitCode::from(EXIT_USAGE)
         }
+    }
+}
+
+fn canary(path: &Path, json: bool, every: Option<&str>, alert: Option<&str>) -> ExitCode {
+    let policy = match Policy::load(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let interval = match every.map(moat::canary::parse_duration) {
+        None => None,
+        Some(Some(d)) => Some(d),
+        Some(None) => {
+            eprintln!(
+                "moat: --every {}: give a duration like 30s, 5m or 1h",
+                every.unwrap_or_default()
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    loop {
+        let passed = match moat::canary::run(&policy) {
+            Ok(outcomes) => {
+                if json {
+                    print!("{}", moat::canary::json_lines(&outcomes));
+                } else {
+                    print!("{}", moat::canary::table(&outcomes));
+                }
+                let failures: Vec<_> = outcomes.into_iter().filter(|o| !o.passed()).collect();
+                if let (false, Some(cmd)) = (failures.is_empty(), alert) {
+                    alert_with(cmd, &moat::canary::json_lines(&failures));
+                }
+                failures.is_empty()
+            }
+            Err(e) => {
+                eprintln!("moat: {e}");
+                if let Some(cmd) = alert {
+                    alert_with(
+                        cmd,
+                        &format!("{}\n", serde_json::json!({"error": e.to_string()})),
+                    );
+                }
+                false
+            }
+        };
+        match interval {
+            Some(d) => std::thread::sleep(d),
+            None => {
+                return if passed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+    }
+}
+
+/// Run the operator's alert command with `input` on its stdin.
+fn alert_with(cmd: &str, input: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::piped())
+        .spawn();
+    match child {
+        Ok(mut child) => {
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(input.as_bytes());
+            }
+            let _ = child.wait();
+        }
+        Err(e) => eprintln!("moat: --alert-cmd failed to start: {e}"),
     }
 }
 

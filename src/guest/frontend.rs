@@ -31,9 +31,6 @@ use super::{GuestError, GuestOptions};
 /// Number of virtqueues: one RX/TX pair.
 pub const NUM_QUEUES: usize = 2;
 
-/// How long one request may wait for the backend's answer before the guest gives up.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// What the two sides agreed on.
 pub struct Negotiated {
     pub features: u64,
@@ -91,10 +88,11 @@ pub fn answer(listener: &UnixListener, patience: Duration) -> Result<UnixStream,
 
 /// Wrap a connected stream; a backend that stops answering fails the call instead of
 /// hanging the guest.
-pub fn frontend(stream: UnixStream) -> Result<Frontend, GuestError> {
+pub fn frontend(stream: UnixStream, timeout: Duration) -> Result<Frontend, GuestError> {
+    let timeout = Some(timeout).filter(|t| !t.is_zero());
     stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
         .map_err(GuestError::Socket)?;
     Ok(Frontend::from_stream(stream, NUM_QUEUES as u64))
 }

@@ -101,6 +101,9 @@ pub struct GuestOptions {
     pub ack_all_offered: bool,
     /// How long `connect` retries while the socket is missing, and `accept` waits.
     pub connect_timeout: Duration,
+    /// How long one vhost-user request waits for the backend's answer (a backend that
+    /// stops answering fails the call instead of hanging the guest; zero waits forever).
+    pub reply_timeout: Duration,
 }
 
 impl Default for GuestOptions {
@@ -114,6 +117,7 @@ impl Default for GuestOptions {
             rx_buffer_size: 2048,
             ack_all_offered: false,
             connect_timeout: Duration::from_secs(5),
+            reply_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -152,6 +156,7 @@ pub struct SimGuest {
     /// Head -> descriptors of chains the device still holds.
     tx_inflight: HashMap<u16, Vec<u16>>,
     tx_completed: u64,
+    tx_posted: u64,
 }
 
 impl SimGuest {
@@ -187,7 +192,7 @@ impl SimGuest {
         let needed = (tx_end + MIN_SCRATCH - GPA_BASE) as usize;
         let mem = GuestMemory::new(opts.mem_size.max(needed), opts.regions)?;
 
-        let mut frontend = frontend::frontend(stream)?;
+        let mut frontend = frontend::frontend(stream, opts.reply_timeout)?;
         let negotiated = frontend::negotiate(&mut frontend, &mem, &opts)?;
         let event_idx = negotiated.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let rings = [
@@ -211,6 +216,7 @@ impl SimGuest {
             tx_free: (0..qsize).rev().collect(),
             tx_inflight: HashMap::new(),
             tx_completed: 0,
+            tx_posted: 0,
         };
         // Post every RX buffer before the device starts, as a driver does at probe time.
         for i in 0..qsize {
@@ -333,6 +339,7 @@ impl SimGuest {
         }
         let head = ids[0];
         self.tx_inflight.insert(head, ids);
+        self.tx_posted += 1;
         if self.rings[TX].publish(&self.mem, head) {
             self.kick(TX);
         }
@@ -360,6 +367,7 @@ impl SimGuest {
         }
         let head = ids[0];
         self.tx_inflight.insert(head, ids);
+        self.tx_posted += 1;
         self.rings[TX].publish(&self.mem, head);
         self.kick(TX);
         Ok(())
@@ -401,8 +409,8 @@ impl SimGuest {
     }
 
     /// TX chains posted and not returned yet.
-    pub fn tx_in_flight(&self) -> usize {
-        self.tx_inflight.len()
+    pub fn tx_in_flight(&self) -> u64 {
+        self.tx_posted.saturating_sub(self.tx_completed())
     }
 
     /// Receive one frame (virtio-net header stripped), waiting up to `timeout`.

@@ -1,0 +1,504 @@
+//! The attempts: raw frames first (read straight off the RX queue), then TCP and DNS through
+//! the guest-side stack.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use dhcproto::v4::MessageType;
+use etherparse::{ArpOperation, PacketBuilder};
+use smoltcp::socket::tcp::State;
+
+use super::{Expect, Outcome};
+use crate::frame::{self, craft, Network, Transport};
+use crate::guest::{GuestNet, SimGuest};
+use crate::policy::{Destination, MacAddr, NamePattern, Policy, Protocol, GATEWAY_MAC};
+use crate::telemetry::{Counters, DropReason};
+
+const QUIET: Duration = Duration::from_millis(600);
+const TCP_WAIT: Duration = Duration::from_millis(1500);
+const STRANGER_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0xde, 0xad, 0x01]);
+
+fn outcome(
+    attempt: impl Into<String>,
+    expected: Expect,
+    got_through: bool,
+    detail: impl Into<String>,
+) -> Outcome {
+    Outcome {
+        attempt: attempt.into(),
+        expected,
+        got_through,
+        detail: detail.into(),
+    }
+}
+
+/// Whether any frame matching `pred` arrives within `wait`.
+fn reply(sim: &mut SimGuest, wait: Duration, pred: impl Fn(&frame::Frame<'_>) -> bool) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        match sim.recv_frame(left) {
+            Ok(Some(bytes)) => {
+                if frame::parse(&bytes).is_ok_and(|f| pred(&f)) {
+                    return true;
+                }
+            }
+            Ok(None) | Err(_) => return false,
+        }
+    }
+}
+
+/// Another address in the guest's /24 that is neither the guest, the gateway nor broadcast.
+fn neighbour(policy: &Policy) -> Ipv4Addr {
+    let base = u32::from(policy.vm.address) & 0xffff_ff00;
+    (0x42..0xfe)
+        .map(|h| Ipv4Addr::from(base | h))
+        .find(|a| *a != policy.vm.address && *a != policy.vm.gateway && *a != policy.vm.broadcast())
+        .unwrap_or(Ipv4Addr::new(10, 0, 0, 66))
+}
+
+pub fn all(net: &mut GuestNet, policy: &Policy, counters: &Counters) -> Vec<Outcome> {
+    let mut out = raw(net.sim(), policy, counters);
+    out.extend(through_the_stack(net, policy));
+    out
+}
+
+fn raw(sim: &mut SimGuest, policy: &Policy, counters: &Counters) -> Vec<Outcome> {
+    let vm = &policy.vm;
+    let (me, mac, gw) = (vm.address, vm.mac, vm.gateway);
+    let near = neighbour(policy);
+    let other_subnet = if vm.subnet().contains(&Ipv4Addr::new(10, 99, 0, 1)) {
+        Ipv4Addr::new(10, 98, 0, 1)
+    } else {
+        Ipv4Addr::new(10, 99, 0, 1)
+    };
+    let mut out = Vec::new();
+    let send = |sim: &mut SimGuest, f: &[u8]| {
+        let _ = sim.send_frame(f);
+    };
+    let echo_reply_from = |src: Ipv4Addr| move |f: &frame::Frame<'_>| matches!(&f.net, Network::Ipv4(ip) if ip.src == src && matches!(&ip.transport, Transport::Icmp(i) if i.icmp_type == frame::ICMP_ECHO_REPLY));
+
+    // Controls first: the gateway must answer at all, or every "blocked" below means nothing.
+    send(
+        sim,
+        &craft::dhcp(
+            mac,
+            MessageType::Discover,
+            0xca11,
+            Ipv4Addr::UNSPECIFIED,
+            None,
+            None,
+            GATEWAY_MAC,
+        ),
+    );
+    let offered = reply(
+        sim,
+        QUIET * 2,
+        |f| matches!(&f.net, Network::Ipv4(ip) if matches!(&ip.transport, Transport::Udp(u) if u.src_port == 67)),
+    );
+    out.push(outcome(
+        "control: dhcp offer",
+        Expect::Works,
+        offered,
+        format!("DISCOVER from {mac}"),
+    ));
+    send(
+        sim,
+        &craft::icmp_echo(mac, GATEWAY_MAC, me, gw, 7, 1, b"moat-canary"),
+    );
+    out.push(outcome(
+        "control: ping gateway",
+        Expect::Works,
+        reply(sim, QUIET, echo_reply_from(gw)),
+        format!("{me} -> {gw}"),
+    ));
+
+    // Other VMs, by ARP and by IP.
+    send(sim, &craft::arp_request(mac, me, near));
+    let arp_answered = reply(
+        sim,
+        QUIET,
+        |f| matches!(&f.net, Network::Arp(a) if a.sender_ip == near),
+    );
+    out.push(outcome(
+        "arp for another address",
+        Expect::Blocked,
+        arp_answered,
+        format!("who-has {near}"),
+    ));
+    for (name, dst) in [
+        ("ping another vm (same /24)", near),
+        ("ping another 10/8 subnet", other_subnet),
+    ] {
+        send(
+            sim,
+            &craft::icmp_echo(mac, GATEWAY_MAC, me, dst, 7, 2, b"moat-canary"),
+        );
+        out.push(outcome(
+            name,
+            Expect::Blocked,
+            reply(sim, QUIET, echo_reply_from(dst)),
+            format!("{me} -> {dst}"),
+        ));
+    }
+
+    // Spoofing.
+    let spoofs =
+        counters.drops(DropReason::ArpSpoofed) + counters.drops(DropReason::ArpUnsolicited);
+    send(
+        sim,
+        &craft::arp(
+            ArpOperation::REPLY,
+            craft::BROADCAST_MAC,
+            mac,
+            gw,
+            craft::BROADCAST_MAC,
+            gw,
+        ),
+    );
+    send(sim, &craft::arp_request(mac, me, gw));
+    let gateway_mac_intact = reply(
+        sim,
+        QUIET,
+        |f| matches!(&f.net, Network::Arp(a) if a.sender_ip == gw && a.sender_mac == GATEWAY_MAC),
+    );
+    let spoof_dropped = counters.drops(DropReason::ArpSpoofed)
+        + counters.drops(DropReason::ArpUnsolicited)
+        > spoofs;
+    out.push(outcome(
+        "arp spoofing of the gateway",
+        Expect::Blocked,
+        !(gateway_mac_intact && spoof_dropped),
+        format!("gratuitous reply claiming {gw}"),
+    ));
+    send(
+        sim,
+        &craft::icmp_echo(STRANGER_MAC, GATEWAY_MAC, me, gw, 7, 3, b"moat-canary"),
+    );
+    out.push(outcome(
+        "spoofed source mac",
+        Expect::Blocked,
+        reply(sim, QUIET, echo_reply_from(gw)),
+        format!("from {STRANGER_MAC}"),
+    ));
+    send(
+        sim,
+        &craft::icmp_echo(mac, GATEWAY_MAC, near, gw, 7, 4, b"moat-canary"),
+    );
+    out.push(outcome(
+        "spoofed source ip",
+        Expect::Blocked,
+        reply(sim, QUIET, echo_reply_from(gw)),
+        format!("from {near}"),
+    ));
+
+    // IPv6 of any kind: nothing answers.
+    let link_local = [
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x50, 0x54, 0, 0xff, 0xfe, 0x12, 0x34, 0x56,
+    ];
+    let all_routers = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let solicited_gw = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 1];
+    let v6 = |dst_mac: [u8; 6], dst: [u8; 16], kind: etherparse::Icmpv6Type| {
+        let mut f = Vec::new();
+        let _ = PacketBuilder::ethernet2(mac.0, dst_mac)
+            .ipv6(link_local, dst, 255)
+            .icmpv6(kind)
+            .write(&mut f, &[0u8; 16]);
+        f
+    };
+    let ipv6_reply = |f: &frame::Frame<'_>| f.eth.ethertype == 0x86dd;
+    send(
+        sim,
+        &v6(
+            [0x33, 0x33, 0, 0, 0, 2],
+            all_routers,
+            etherparse::Icmpv6Type::RouterSolicitation,
+        ),
+    );
+    out.push(outcome(
+        "ipv6 router solicitation",
+        Expect::Blocked,
+        reply(sim, QUIET, ipv6_reply),
+        "expect no RA",
+    ));
+    send(
+        sim,
+        &v6(
+            [0x33, 0x33, 0xff, 0, 0, 1],
+            solicited_gw,
+            etherparse::Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            },
+        ),
+    );
+    out.push(outcome(
+        "ipv6 neighbour solicitation",
+        Expect::Blocked,
+        reply(sim, QUIET, ipv6_reply),
+        "expect no NA",
+    ));
+    let mut syn6 = Vec::new();
+    let _ = PacketBuilder::ethernet2(mac.0, GATEWAY_MAC.0)
+        .ipv6(
+            link_local,
+            [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            64,
+        )
+        .tcp(40000, 443, 1, 64240)
+        .syn()
+        .write(&mut syn6, &[]);
+    send(sim, &syn6);
+    out.push(outcome(
+        "ipv6 tcp syn",
+        Expect::Blocked,
+        reply(sim, QUIET, ipv6_reply),
+        "to 2001:db8::1:443",
+    ));
+
+    // DNS elsewhere, UDP to the internet.
+    let query = dns_query("example.com.");
+    let dns_reply = |src: Ipv4Addr| move |f: &frame::Frame<'_>| matches!(&f.net, Network::Ipv4(ip) if ip.src == src);
+    let resolver = Ipv4Addr::new(198, 51, 100, 53);
+    send(
+        sim,
+        &craft::udp(mac, GATEWAY_MAC, (me, 53000), (resolver, 53), &query),
+    );
+    out.push(outcome(
+        "dns to another resolver",
+        Expect::Blocked,
+        reply(sim, QUIET, dns_reply(resolver)),
+        format!("{resolver}:53"),
+    ));
+    let internet = internet_address(policy);
+    let udp_port = closed_port(policy, Protocol::Udp);
+    send(
+        sim,
+        &craft::udp(
+            mac,
+            GATEWAY_MAC,
+            (me, 53001),
+            (internet, udp_port),
+            b"moat-canary",
+        ),
+    );
+    out.push(outcome(
+        "udp to the internet (ip literal)",
+        Expect::Blocked,
+        reply(sim, QUIET, dns_reply(internet)),
+        format!("{internet}:{udp_port}"),
+    ));
+    out
+}
+
+fn dns_query(name: &str) -> Vec<u8> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut m = Message::query();
+    m.metadata.id = 0xca11;
+    if let Ok(n) = Name::from_ascii(name) {
+        m.add_query(Query::query(n, RecordType::A));
+    }
+    m.to_vec().unwrap_or_default()
+}
+
+/// A documentation-range address no rule's CIDR covers (so it is an IP literal to moat).
+fn internet_address(policy: &Policy) -> Ipv4Addr {
+    let covered = |ip: Ipv4Addr| policy.outbound.iter().any(|r| r.allows_ip(ip));
+    [
+        Ipv4Addr::new(203, 0, 113, 10),
+        Ipv4Addr::new(198, 51, 100, 10),
+        Ipv4Addr::new(192, 0, 2, 10),
+    ]
+    .into_iter()
+    .find(|ip| !covered(*ip))
+    .unwrap_or(Ipv4Addr::new(192, 0, 2, 10))
+}
+
+/// A port no rule of `protocol` allows.
+fn closed_port(policy: &Policy, protocol: Protocol) -> u16 {
+    [9u16, 7, 19, 65000, 31337]
+        .into_iter()
+        .find(|p| {
+            !policy
+                .outbound
+                .iter()
+                .any(|r| r.protocol == protocol && r.allows_port(*p))
+        })
+        .unwrap_or(9)
+}
+
+/// A name the policy lets the guest resolve, if any.
+fn resolvable(policy: &Policy) -> Option<String> {
+    policy.dns.records.keys().next().cloned().or_else(|| {
+        policy.dns.allow.iter().find_map(|p| match p {
+            NamePattern::Exact(n) => Some(n.clone()),
+            NamePattern::Wildcard(s) => Some(format!("canary.{s}")),
+        })
+    })
+}
+
+/// An allowed TCP destination by name: (name, port), resolvable and allowed by a rule.
+fn allowed_flow(policy: &Policy) -> Option<(String, u16)> {
+    policy
+        .outbound
+        .iter()
+        .filter(|r| r.protocol == Protocol::Tcp)
+        .find_map(|r| {
+            let port = r.ports.first()?.lo;
+            let name = match &r.to {
+                None => resolvable(policy)?,
+                Some(to) => to.iter().find_map(|d| match d {
+                    Destination::Name(NamePattern::Exact(n)) => Some(n.clone()),
+                    Destination::Name(NamePattern::Wildcard(s)) => Some(format!("canary.{s}")),
+                    Destination::Cidr(_) => None,
+                })?,
+            };
+            (policy.dns.allows(&name)
+                && r.allows_name(&name)
+                && !policy.dns.records.contains_key(&name))
+            .then_some((name, port))
+        })
+}
+
+/// Connect, send a line, and see whether it comes back (the stand-in proxies echo).
+fn exchange(net: &mut GuestNet, dst: Ipv4Addr, port: u16) -> (bool, bool) {
+    let h = net.tcp_connect(dst, port);
+    let established = net
+        .run_until(TCP_WAIT, |n| n.tcp(h).state() == State::Established)
+        .unwrap_or(false);
+    let mut echoed = false;
+    if established {
+        let _ = net.tcp(h).send_slice(b"moat-canary\n");
+        let mut got = Vec::new();
+        echoed = net
+            .run_until(TCP_WAIT, |n| {
+                let s = n.tcp(h);
+                while s.can_recv() {
+                    let _ = s.recv(|d| {
+                        got.extend_from_slice(d);
+                        (d.len(), ())
+                    });
+                }
+                got.ends_with(b"moat-canary\n")
+            })
+            .unwrap_or(false);
+    }
+    net.tcp(h).abort();
+    let _ = net.poll(Duration::from_millis(5));
+    net.remove(h);
+    (established, echoed)
+}
+
+fn through_the_stack(net: &mut GuestNet, policy: &Policy) -> Vec<Outcome> {
+    let vm = &policy.vm;
+    let near = neighbour(policy);
+    let mut out = Vec::new();
+    for (name, dst) in [
+        ("tcp to another vm :22", near),
+        (
+            "tcp to another 10/8 subnet :22",
+            Ipv4Addr::new(10, 99, 0, 1),
+        ),
+    ] {
+        let (established, _) = exchange(net, dst, 22);
+        out.push(outcome(
+            name,
+            Expect::Blocked,
+            established,
+            format!("{dst}:22"),
+        ));
+    }
+    for port in [22u16, 2375, 2376, 10250, 8080] {
+        if Some(port) == policy.proxy.explicit_port {
+            continue; // the policy's own explicit proxy port, spliced by design
+        }
+        let (established, _) = exchange(net, vm.gateway, port);
+        out.push(outcome(
+            format!("tcp to gateway :{port}"),
+            Expect::Blocked,
+            established,
+            format!("{}:{port}", vm.gateway),
+        ));
+    }
+    let metadata = Ipv4Addr::new(169, 254, 169, 254);
+    let (established, echoed) = exchange(net, metadata, 80);
+    out.push(outcome(
+        "tcp to cloud metadata :80",
+        Expect::Blocked,
+        established || echoed,
+        "169.254.169.254:80",
+    ));
+    let forbidden = "canary-forbidden.invalid";
+    let resolved = net.resolve(forbidden, QUIET * 2).ok().flatten();
+    out.push(outcome(
+        "dns for a non-allowlisted name",
+        Expect::Blocked,
+        resolved.is_some(),
+        format!("{forbidden} -> {resolved:?}"),
+    ));
+    let internet = internet_address(policy);
+    let open_port = policy
+        .outbound
+        .iter()
+        .find(|r| r.protocol == Protocol::Tcp)
+        .and_then(|r| r.ports.first())
+        .map_or(443, |p| p.lo);
+    let (_, echoed) = exchange(net, internet, open_port);
+    out.push(outcome(
+        "tcp to the internet (ip literal)",
+        Expect::Blocked,
+        echoed,
+        format!("{internet}:{open_port}, allowed port, no name"),
+    ));
+    let closed = closed_port(policy, Protocol::Tcp);
+    let (established, echoed) = exchange(net, internet, closed);
+    out.push(outcome(
+        "tcp to the internet, other port",
+        Expect::Blocked,
+        established || echoed,
+        format!("{internet}:{closed}"),
+    ));
+
+    // Controls: names the policy allows resolve, and an allowed flow carries bytes.
+    match resolvable(policy) {
+        Some(name) => {
+            let got = net.resolve(&name, QUIET * 2).ok().flatten();
+            out.push(outcome(
+                "control: resolve an allowed name",
+                Expect::Works,
+                got.is_some(),
+                format!("{name} -> {got:?}"),
+            ));
+        }
+        None => out.push(outcome(
+            "control: resolve an allowed name",
+            Expect::Works,
+            true,
+            "policy allows no names: not applicable",
+        )),
+    }
+    match allowed_flow(policy) {
+        Some((name, port)) => {
+            let addr = net.resolve(&name, QUIET * 2).ok().flatten();
+            let echoed = addr.is_some_and(|a| exchange(net, a, port).1);
+            out.push(outcome(
+                "control: allowed flow via proxy",
+                Expect::Works,
+                echoed,
+                format!("{name}:{port} through a loopback stand-in proxy"),
+            ));
+        }
+        None => out.push(outcome(
+            "control: allowed flow via proxy",
+            Expect::Works,
+            true,
+            "policy allows no named TCP flow: not applicable",
+        )),
+    }
+    out
+}

@@ -1,0 +1,182 @@
+//! `moat canary`: continuous proof of isolation. An in-process moat serves the policy (its
+//! proxies replaced by stand-ins on loopback that echo instead of connecting anywhere), the
+//! simulated guest attaches and makes the forbidden attempts — which must all fail — and the
+//! allowed ones, which must work, so that "everything blocked because nothing works" is
+//! caught too.
+
+mod attempts;
+pub mod stub;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::control::VmState;
+use crate::device::server::{self, ServeOptions};
+use crate::guest::{GuestNet, GuestOptions, SimGuest};
+use crate::policy::{DnsMode, Policy};
+use crate::telemetry::Counters;
+
+#[derive(Debug, Error)]
+pub enum CanaryError {
+    #[error("canary setup: {0}")]
+    Setup(String),
+}
+
+/// What an attempt must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
+    /// A forbidden attempt: must fail.
+    Blocked,
+    /// A control: must work.
+    Works,
+}
+
+/// One attempt and what happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub attempt: String,
+    pub expected: Expect,
+    /// Whether the attempt got through (a reply, a connection that carried bytes, an answer).
+    pub got_through: bool,
+    pub detail: String,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        match self.expected {
+            Expect::Blocked => !self.got_through,
+            Expect::Works => self.got_through,
+        }
+    }
+}
+
+/// The policy as the canary runs it: proxies are loopback stand-ins, no host listeners,
+/// names answered by moat itself.
+fn canary_policy(policy: &Policy) -> Result<Policy, CanaryError> {
+    let mut p = policy.clone();
+    let setup = |e: std::io::Error| {
+        CanaryError::Setup(format!("cannot start a stand-in proxy on loopback: {e}"))
+    };
+    p.proxy.http = Some(stub::start(false).map_err(setup)?);
+    p.proxy.socks5 = Some(stub::start(true).map_err(setup)?);
+    p.forward.clear();
+    if p.dns.mode == DnsMode::Upstream {
+        // Never ask the real resolver from a canary: moat's own synthetic answers instead.
+        p.dns.mode = DnsMode::Proxy;
+        p.dns.upstream = None;
+    }
+    Ok(p)
+}
+
+/// Run every attempt once against a fresh in-process moat.
+pub fn run(policy: &Policy) -> Result<Vec<Outcome>, CanaryError> {
+    let policy = canary_policy(policy)?;
+    let dir = tempfile_dir()?;
+    let socket = dir.join("canary.sock");
+    let listener = server::bind(&socket).map_err(|e| CanaryError::Setup(e.to_string()))?;
+    let counters = Arc::new(Counters::default());
+    let vm = Arc::new(VmState::new(
+        dir.join("canary.toml"),
+        policy.clone(),
+        Arc::clone(&counters),
+    ));
+    let opts = ServeOptions {
+        socket: socket.clone(),
+        client: false,
+        once: true,
+    };
+    let serving = std::thread::spawn(move || server::serve(vm, &opts, Some(listener)));
+    let sim = SimGuest::connect(&socket, GuestOptions::default())
+        .map_err(|e| CanaryError::Setup(e.to_string()))?;
+    let mut net = GuestNet::new(
+        sim,
+        policy.vm.mac.0,
+        policy.vm.address,
+        policy.vm.prefix_len,
+        policy.vm.gateway,
+        policy.vm.mtu,
+    );
+    let outcomes = attempts::all(&mut net, &policy, &counters);
+    drop(net);
+    let _ = serving.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(outcomes)
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf, CanaryError> {
+    let dir = std::env::temp_dir().join(format!(
+        "moat-canary-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| CanaryError::Setup(format!("cannot create {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+/// The results as a table for a person.
+pub fn table(outcomes: &[Outcome]) -> String {
+    let mut out = format!(
+        "{:<34} {:<9} {:<9} {:<7} {}\n",
+        "attempt", "expected", "observed", "verdict", "detail"
+    );
+    for o in outcomes {
+        let observed = if o.got_through { "through" } else { "blocked" };
+        let expected = match o.expected {
+            Expect::Blocked => "blocked",
+            Expect::Works => "through",
+        };
+        let verdict = if o.passed() { "PASS" } else { "FAIL" };
+        out.push_str(&format!(
+            "{:<34} {:<9} {:<9} {:<7} {}\n",
+            o.attempt, expected, observed, verdict, o.detail
+        ));
+    }
+    let failed = outcomes.iter().filter(|o| !o.passed()).count();
+    out.push_str(&format!(
+        "{} passed, {} failed\n",
+        outcomes.len() - failed,
+        failed
+    ));
+    out
+}
+
+/// JSON lines, one object per attempt.
+pub fn json_lines(outcomes: &[Outcome]) -> String {
+    outcomes
+        .iter()
+        .map(|o| {
+            let mut v = serde_json::to_value(o).unwrap_or_default();
+            v["verdict"] = if o.passed() { "pass" } else { "fail" }.into();
+            v.to_string() + "\n"
+        })
+        .collect()
+}
+
+/// `--every 5m`, `30s`, `1h`, `500ms`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return None,
+    };
+    (!d.is_zero()).then_some(d)
+}
+
+/// Whether a policy file exists and loads; for `moat canary` errors.
+pub fn load(path: &Path) -> Result<Policy, crate::policy::PolicyError> {
+    Policy::load(path)
+}
