@@ -335,9 +335,9 @@ fn closed_port(policy: &Policy, protocol: Protocol) -> u16 {
 /// A name the policy lets the guest resolve, if any.
 fn resolvable(policy: &Policy) -> Option<String> {
     policy.dns.records.keys().next().cloned().or_else(|| {
-        policy.dns.allow.iter().find_map(|p| match p {
-            NamePattern::Exact(n) => Some(n.clone()),
-            NamePattern::Wildcard(s) => Some(format!("canary.{s}")),
+        policy.dns.allow.first().map(|p| match p {
+            NamePattern::Exact(n) => n.clone(),
+            NamePattern::Wildcard(s) => format!("canary.{s}"),
         })
     })
 }
