@@ -15,7 +15,7 @@ use support::*;
 #[test]
 fn config_space_carries_policy_mac_mtu_and_link_up() {
     let served = Served::start(POLICY, true);
-    let mut guest = served.guest();
+    let guest = served.guest();
     let config = guest.config().expect("config space");
     assert_eq!(config.mac, GUEST_MAC.0);
     assert_eq!(config.status & 1, 1, "link up");
