@@ -52,7 +52,7 @@ fn counter(table: &str, name: &str) -> Option<u64> {
     table
         .lines()
         .find(|l| l.split_whitespace().any(|w| w == name))
-        .and_then(|l| l.split_whitespace().filter_map(|w| w.parse().ok()).last())
+        .and_then(|l| l.split_whitespace().rev().find_map(|w| w.parse().ok()))
 }
 
 /// Every line of moat's output that mentions drops and carries a number above zero.
