@@ -149,9 +149,12 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log that cannot be written (stderr is a closed pipe) must not panic the writing
+    // thread: tracing-subscriber would report it with eprintln!, which panics on EPIPE.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -328,7 +331,7 @@ fn serve(
     for path in &cleanup {
         let _ = std::fs::remove_file(path);
     }
-    eprint!("{}", counters.table());
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), counters.table().as_bytes());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -357,7 +360,11 @@ fn handle_signals(vm: Arc<VmState>, cleanup: Vec<PathBuf>) -> std::io::Result<()
                 for path in &cleanup {
                     let _ = std::fs::remove_file(path);
                 }
-                eprint!("{}", vm.counters.table());
+                // stderr may be a pipe nobody reads any more: never let that stop the exit.
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    vm.counters.table().as_bytes(),
+                );
                 std::process::exit(0);
             }
         })?;

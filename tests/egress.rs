@@ -481,3 +481,33 @@ fn upstream_mode_resolves_allowed_names_and_names_their_flows() {
         1
     );
 }
+
+#[test]
+fn resets_propagate_both_ways() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&policy(proxy.addr, 64), true);
+    let mut net = guest_net(&served);
+    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    // The far side resets: the guest's connection is reset, not closed cleanly.
+    let h = established(&mut net, addr, 80);
+    send_all(&mut net, h, b"Rxxxx");
+    let mut saw_fin = false;
+    assert!(net
+        .run_until(T, |n| {
+            saw_fin |= matches!(n.tcp(h).state(), State::CloseWait | State::LastAck);
+            n.tcp(h).state() == State::Closed
+        })
+        .unwrap());
+    assert!(!saw_fin, "a reset upstream arrives as a reset, not a FIN");
+    // The guest resets: the far side sees a reset, not an end of stream.
+    let g = established(&mut net, addr, 80);
+    send_all(&mut net, g, b"W");
+    net.run_until(Duration::from_millis(200), |_| false)
+        .unwrap();
+    net.tcp(g).abort();
+    net.poll(Duration::from_millis(10)).unwrap();
+    assert!(net
+        .run_until(T, |_| !support::proxy::PEER_END.lock().unwrap().is_empty())
+        .unwrap());
+    assert_eq!(support::proxy::PEER_END.lock().unwrap()[0], "reset");
+}

@@ -376,3 +376,26 @@ fn cpu_ns(pid: u32) -> u64 {
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// Regression: with stderr a pipe whose reader is gone, printing the exit table panicked the
+/// signal thread and SIGTERM no longer stopped moat.
+#[test]
+fn sigterm_stops_moat_even_when_stderr_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("moat.sock");
+    let policy = dir.path().join("vm.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let mut child = Command::new(moat_bin())
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .arg("--policy")
+        .arg(&policy)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("socket", || socket.exists());
+    drop(child.stderr.take());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_with_timeout(&mut child, Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+}

@@ -241,14 +241,20 @@ impl Flow {
 
     fn finish(&mut self, stack: &mut Stack, end: End) {
         match end {
-            End::Closed => {}
+            End::Closed => {
+                let _ = self.stream.shutdown(Shutdown::Both);
+            }
             End::GuestReset => {
-                // Tell the proxy side as loudly: a reset, not a clean close.
+                // Tell the proxy side as loudly: a reset, not a clean close. No shutdown
+                // (that would send a FIN first): closing the socket when the flow is reaped
+                // sends the RST.
                 let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
             }
-            _ => stack.socket(self.handle).abort(),
+            _ => {
+                stack.socket(self.handle).abort();
+                let _ = self.stream.shutdown(Shutdown::Both);
+            }
         }
-        let _ = self.stream.shutdown(Shutdown::Both);
         self.phase = Phase::Done(end);
     }
 

@@ -40,6 +40,8 @@ pub const DOWNLOAD_LEN: u64 = 16 << 20;
 
 /// Bytes the origin has written in 'B' mode and read in 'S' mode, for backpressure tests.
 pub static BULK_WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// How 'W' mode connections ended, in order.
+pub static PEER_END: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 /// 'S' mode waits until this is set before it reads anything.
 pub static SLOW_RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -102,6 +104,24 @@ fn serve_origin(mut conn: TcpStream) {
             }
             let _ = conn
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+        b'R' => {
+            // Read a little, then reset the connection (SO_LINGER 0) instead of closing it.
+            let mut some = [0u8; 4];
+            let _ = conn.read_exact(&mut some);
+            let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        }
+        b'W' => {
+            // Wait for the peer: report how the connection ended ("eof" or "reset").
+            let mut rest = Vec::new();
+            let end = match conn.read_to_end(&mut rest) {
+                Ok(_) => "eof",
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+                Err(_) => "error",
+            };
+            PEER_END.lock().unwrap().push(end.to_string());
+            return;
         }
         b'B' => {
             // Bulk download: an 8-byte big-endian length, then that many pattern bytes.
@@ -239,11 +259,24 @@ fn proxy_conn(conn: TcpStream, mode: ProxyMode, origin: SocketAddr, log: Arc<Mut
     }
     let mut down = upstream;
     let mut client_rd = client.try_clone().unwrap();
+    // A reset on one side is passed on as a reset (SO_LINGER 0), an end of stream as a FIN.
     let t = thread::spawn(move || {
-        let _ = std::io::copy(&mut client_rd, &mut up);
+        if std::io::copy(&mut client_rd, &mut up).is_err() {
+            // Wake the other direction; the last close of `up` then sends the RST.
+            let _ = socket2::SockRef::from(&up).set_linger(Some(std::time::Duration::ZERO));
+            let _ = up.shutdown(Shutdown::Read);
+            return;
+        }
         let _ = up.shutdown(Shutdown::Write);
     });
-    let _ = std::io::copy(&mut down, &mut client);
+    if std::io::copy(&mut down, &mut client).is_err() {
+        // Wake the other direction, then let the last close of the socket send the RST.
+        let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+        let _ = client.shutdown(Shutdown::Read);
+        let _ = t.join();
+        drop(client);
+        return;
+    }
     let _ = client.shutdown(Shutdown::Write);
     let _ = t.join();
 }
