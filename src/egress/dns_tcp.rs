@@ -20,15 +20,23 @@ const MAX_MESSAGE: usize = 65_535;
 /// One guest connection to gateway:53.
 #[derive(Debug)]
 pub struct DnsConn {
+    pub id: u64,
     pub handle: SocketHandle,
+    /// `mode = "upstream"`: queries to send to the resolver (message, name).
+    pub to_upstream: Vec<(Vec<u8>, String)>,
+    /// Queries sent to the resolver and not answered yet.
+    pub awaiting: usize,
     inbox: Vec<u8>,
     outbox: Vec<u8>,
     last: Instant,
 }
 
 impl DnsConn {
-    pub fn new(handle: SocketHandle) -> DnsConn {
+    pub fn new(id: u64, handle: SocketHandle) -> DnsConn {
         DnsConn {
+            id,
+            to_upstream: Vec::new(),
+            awaiting: 0,
             handle,
             inbox: Vec::new(),
             outbox: Vec::new(),
@@ -68,6 +76,10 @@ impl DnsConn {
                 break;
             }
             let query: Vec<u8> = self.inbox.drain(..2 + len).skip(2).collect();
+            if let Some(name) = dns::upstream_name(policy, &query) {
+                self.to_upstream.push((query, name));
+                continue;
+            }
             let answer = {
                 let mut names = names.lock().unwrap_or_else(|e| e.into_inner());
                 dns::answer(policy, &mut names, &query)
@@ -87,12 +99,30 @@ impl DnsConn {
                 }
             }
         }
+        self.send_pending(stack)
+    }
+
+    /// An answer for this connection (from the upstream resolver).
+    pub fn reply(&mut self, message: &[u8]) {
+        let len = message.len().min(MAX_MESSAGE);
+        self.outbox.extend_from_slice(&(len as u16).to_be_bytes());
+        self.outbox.extend_from_slice(&message[..len]);
+        self.last = Instant::now();
+        self.awaiting = self.awaiting.saturating_sub(1);
+    }
+
+    fn send_pending(&mut self, stack: &mut Stack) -> bool {
+        let socket = stack.socket(self.handle);
         if !self.outbox.is_empty() {
             if let Ok(n) = socket.send_slice(&self.outbox) {
                 self.outbox.drain(..n);
             }
         }
-        if socket.state() == State::CloseWait && self.outbox.is_empty() {
+        if socket.state() == State::CloseWait
+            && self.outbox.is_empty()
+            && self.awaiting == 0
+            && self.to_upstream.is_empty()
+        {
             // The guest has said all it will: finish our side too.
             socket.close();
         }

@@ -17,9 +17,18 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Queries in flight at most (a flooding guest cannot grow the table).
 const MAX_PENDING: usize = 1024;
 
+/// Where an upstream answer goes back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyTo {
+    /// A UDP query from this guest port.
+    Udp(u16),
+    /// A DNS-over-TCP connection of the guest (by its id).
+    Tcp(u64),
+}
+
 #[derive(Debug)]
 struct Pending {
-    guest_port: u16,
+    reply_to: ReplyTo,
     guest_id: u16,
     name: String,
     sent: Instant,
@@ -54,7 +63,7 @@ impl Upstream {
     /// Send the guest's query upstream under a fresh id.
     pub fn forward(
         &mut self,
-        guest_port: u16,
+        reply_to: ReplyTo,
         query: &[u8],
         name: String,
     ) -> Result<(), DropReason> {
@@ -76,7 +85,7 @@ impl Upstream {
         self.pending.insert(
             id,
             Pending {
-                guest_port,
+                reply_to,
                 guest_id,
                 name,
                 sent: Instant::now(),
@@ -85,7 +94,8 @@ impl Upstream {
         Ok(())
     }
 
-    /// Relay the resolver's answers to the guest (as IP packets from the gateway's port 53).
+    /// Relay the resolver's answers to the guest: UDP ones as IP packets from the gateway's
+    /// port 53 into `out`, DNS-over-TCP ones as (connection id, message) into `tcp`.
     pub fn receive(
         &mut self,
         names: &mut NamePool,
@@ -93,6 +103,7 @@ impl Upstream {
         guest: Ipv4Addr,
         counters: &Counters,
         out: &mut Vec<Vec<u8>>,
+        tcp: &mut Vec<(u64, Vec<u8>)>,
     ) {
         let mut buf = [0u8; 4096];
         while let Ok((n, from)) = self.socket.recv_from(&mut buf) {
@@ -109,8 +120,15 @@ impl Upstream {
                 names.remember(addr, &p.name);
             }
             counters.dns_answered(DnsOutcome::Forwarded);
+            let guest_port = match p.reply_to {
+                ReplyTo::Udp(port) => port,
+                ReplyTo::Tcp(conn) => {
+                    tcp.push((conn, reply));
+                    continue;
+                }
+            };
             let builder =
-                PacketBuilder::ipv4(gateway.octets(), guest.octets(), 64).udp(53, p.guest_port);
+                PacketBuilder::ipv4(gateway.octets(), guest.octets(), 64).udp(53, guest_port);
             let mut packet = Vec::with_capacity(builder.size(reply.len()));
             if builder.write(&mut packet, &reply).is_ok() {
                 out.push(packet);

@@ -78,6 +78,7 @@ pub struct Flows {
     runtime_forwards: Vec<Forward>,
     /// Guest connections to the gateway's DNS over TCP.
     dns_conns: Vec<dns_tcp::DnsConn>,
+    next_dns_conn: u64,
     /// Flows to IP literals waiting for their first bytes to name them.
     sniffing: HashMap<FlowKey, (SocketHandle, Instant)>,
     /// `[[forward]]` listeners while a frontend is connected.
@@ -108,6 +109,7 @@ impl Flows {
             listeners: Vec::new(),
             sniffing: HashMap::new(),
             dns_conns: Vec::new(),
+            next_dns_conn: 0,
             runtime_forwards: Vec::new(),
             udp: HashMap::new(),
             upstream: None,
@@ -412,7 +414,9 @@ impl Flows {
                 .stack
                 .listen(key.dst, key.dst_port, false)
                 .ok_or(DropReason::TcpNoFlow)?;
-            self.dns_conns.push(dns_tcp::DnsConn::new(handle));
+            self.next_dns_conn += 1;
+            self.dns_conns
+                .push(dns_tcp::DnsConn::new(self.next_dns_conn, handle));
             return Ok(());
         }
         let route = match route::explicit_proxy(&self.policy, key.dst, key.dst_port) {
@@ -578,6 +582,12 @@ impl Flows {
         query: &[u8],
         name: String,
     ) -> Result<(), DropReason> {
+        self.upstream()?
+            .forward(dns_upstream::ReplyTo::Udp(guest_port), query, name)
+    }
+
+    /// The upstream resolver's socket, opened (and registered) on first use.
+    fn upstream(&mut self) -> Result<&mut dns_upstream::Upstream, DropReason> {
         if self.upstream.is_none() {
             let server = self.policy.dns.upstream.ok_or(DropReason::DnsMalformed)?;
             let upstream =
@@ -594,10 +604,7 @@ impl Flows {
             self.by_token.insert(token, Owner::Udp);
             self.upstream = Some(upstream);
         }
-        match self.upstream.as_mut() {
-            Some(u) => u.forward(guest_port, query, name),
-            None => Err(DropReason::ProxyUnreachable),
-        }
+        self.upstream.as_mut().ok_or(DropReason::ProxyUnreachable)
     }
 
     /// Run UDP associations; retire finished ones. Packets for the guest go to `out`.
@@ -652,6 +659,27 @@ impl Flows {
             }
             alive
         });
+        // mode = "upstream": what the connections could not answer goes to the resolver.
+        let queued: Vec<(u64, Vec<u8>, String)> = self
+            .dns_conns
+            .iter_mut()
+            .flat_map(|c| {
+                let id = c.id;
+                c.awaiting += c.to_upstream.len();
+                c.to_upstream.drain(..).map(move |(q, n)| (id, q, n))
+            })
+            .collect();
+        for (id, query, name) in queued {
+            let sent = self
+                .upstream()
+                .and_then(|u| u.forward(dns_upstream::ReplyTo::Tcp(id), &query, name));
+            if let Err(reason) = sent {
+                self.counters.drop_frame(
+                    reason,
+                    format_args!("dns over tcp: upstream query not sent"),
+                );
+            }
+        }
     }
 
     /// Name sniffed flows whose first bytes have arrived; refuse those that cannot be named.
@@ -721,14 +749,29 @@ impl Flows {
             .flows_open
             .store(open as u64, std::sync::atomic::Ordering::Relaxed);
         if let Some(upstream) = self.upstream.as_mut() {
-            let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-            upstream.receive(
-                &mut names,
-                self.policy.vm.gateway,
-                self.policy.vm.address,
-                &self.counters,
-                &mut out,
-            );
+            let mut tcp = Vec::new();
+            {
+                let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+                upstream.receive(
+                    &mut names,
+                    self.policy.vm.gateway,
+                    self.policy.vm.address,
+                    &self.counters,
+                    &mut out,
+                    &mut tcp,
+                );
+            }
+            if !tcp.is_empty() {
+                // Answers for DNS-over-TCP connections: into their streams, out at once.
+                for (id, reply) in tcp {
+                    if let Some(conn) = self.dns_conns.iter_mut().find(|c| c.id == id) {
+                        conn.reply(&reply);
+                    }
+                }
+                self.answer_dns();
+                self.stack.poll();
+                out.extend(self.stack.take_egress());
+            }
         }
         out
     }
