@@ -1,9 +1,12 @@
 //! The vhost-user side of the simulated guest: reaching the backend, and the message
 //! sequence QEMU sends to bring up a virtio-net device (features, memory table, vrings).
 
+use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -86,15 +89,55 @@ pub fn answer(listener: &UnixListener, patience: Duration) -> Result<UnixStream,
     Ok(stream)
 }
 
-/// Wrap a connected stream; a backend that stops answering fails the call instead of
-/// hanging the guest.
-pub fn frontend(stream: UnixStream, timeout: Duration) -> Result<Frontend, GuestError> {
-    let timeout = Some(timeout).filter(|t| !t.is_zero());
-    stream
-        .set_read_timeout(timeout)
-        .and_then(|()| stream.set_write_timeout(timeout))
-        .map_err(GuestError::Socket)?;
-    Ok(Frontend::from_stream(stream, NUM_QUEUES as u64))
+/// Bounds how long requests to the backend may take, by shutting the socket down when they
+/// take longer: the blocked call then fails (the vhost crate's endpoint retries EAGAIN
+/// forever, so a socket read timeout cannot bound a call).
+pub struct Watchdog {
+    done: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<bool>>,
+}
+
+impl Watchdog {
+    /// Start watching `socket`; a zero `timeout` watches nothing.
+    pub fn arm(socket: &UnixStream, timeout: Duration) -> Result<Watchdog, GuestError> {
+        if timeout.is_zero() {
+            return Ok(Watchdog {
+                done: None,
+                thread: None,
+            });
+        }
+        let socket = socket.try_clone().map_err(GuestError::Socket)?;
+        let (done, finished) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("guest-watchdog".into())
+            .spawn(move || match finished.recv_timeout(timeout) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = socket.shutdown(Shutdown::Both);
+                    true
+                }
+                _ => false,
+            })
+            .map_err(GuestError::Socket)?;
+        Ok(Watchdog {
+            done: Some(done),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop watching; whether the time ran out (and the socket was shut down).
+    pub fn disarm(mut self) -> bool {
+        drop(self.done.take());
+        self.thread
+            .take()
+            .is_some_and(|t| t.join().unwrap_or(false))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Dropping the sender wakes the thread, which then ends without firing.
+        drop(self.done.take());
+    }
 }
 
 /// The virtio features the driver asks for, from what the backend offers.

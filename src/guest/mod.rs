@@ -34,7 +34,7 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
-use frontend::Negotiated;
+use frontend::{Negotiated, Watchdog};
 use memory::GuestMemory;
 pub use memory::GPA_BASE;
 pub use net::GuestNet;
@@ -64,6 +64,8 @@ pub enum GuestError {
     Socket(std::io::Error),
     #[error("vhost-user: {0}")]
     Protocol(#[from] vhost::Error),
+    #[error("the backend did not answer within {0:?} (connection shut down)")]
+    Timeout(Duration),
     #[error("backend unusable: {0}")]
     Unsupported(&'static str),
     #[error("guest memory: {0}")]
@@ -143,6 +145,9 @@ struct PartialRx {
 /// A guest attached to a vhost-user-net backend.
 pub struct SimGuest {
     frontend: Frontend,
+    /// The same connection, for the watchdog and for hanging up.
+    socket: UnixStream,
+    reply_timeout: Duration,
     mem: GuestMemory,
     rings: [SplitRing; 2],
     kicks: [EventFd; 2],
@@ -174,8 +179,23 @@ impl SimGuest {
         SimGuest::attach(stream, opts)
     }
 
-    /// Bring the device up over a connected stream, as QEMU does.
+    /// Bring the device up over a connected stream, within `opts.reply_timeout`.
     fn attach(stream: UnixStream, opts: GuestOptions) -> Result<SimGuest, GuestError> {
+        let socket = stream.try_clone().map_err(GuestError::Socket)?;
+        let watchdog = Watchdog::arm(&socket, opts.reply_timeout)?;
+        let guest = SimGuest::bring_up(stream, socket, &opts);
+        if watchdog.disarm() {
+            return Err(GuestError::Timeout(opts.reply_timeout));
+        }
+        guest
+    }
+
+    /// The message sequence QEMU sends, then RX buffers posted and the device kicked.
+    fn bring_up(
+        stream: UnixStream,
+        socket: UnixStream,
+        opts: &GuestOptions,
+    ) -> Result<SimGuest, GuestError> {
         let qsize = opts.queue_size;
         if qsize == 0 || !qsize.is_power_of_two() || qsize > 32768 {
             return Err(GuestError::Unsupported(
@@ -192,8 +212,8 @@ impl SimGuest {
         let needed = (tx_end + MIN_SCRATCH - GPA_BASE) as usize;
         let mem = GuestMemory::new(opts.mem_size.max(needed), opts.regions)?;
 
-        let mut frontend = frontend::frontend(stream, opts.reply_timeout)?;
-        let negotiated = frontend::negotiate(&mut frontend, &mem, &opts)?;
+        let mut frontend = Frontend::from_stream(stream, frontend::NUM_QUEUES as u64);
+        let negotiated = frontend::negotiate(&mut frontend, &mem, opts)?;
         let event_idx = negotiated.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let rings = [
             SplitRing::new(GPA_BASE, qsize, event_idx),
@@ -204,6 +224,8 @@ impl SimGuest {
         let calls = [eventfd()?, eventfd()?];
         let mut guest = SimGuest {
             frontend,
+            socket,
+            reply_timeout: opts.reply_timeout,
             mem,
             rings,
             kicks,
@@ -241,7 +263,12 @@ impl SimGuest {
     pub fn config(&self) -> Result<NetConfig, GuestError> {
         // `Frontend` is a shared handle (Arc<Mutex<..>>) whose requests take `&mut self`.
         let mut frontend = self.frontend.clone();
-        let (_, bytes) = frontend.get_config(0, 12, VhostUserConfigFlags::empty(), &[0u8; 12])?;
+        let watchdog = Watchdog::arm(&self.socket, self.reply_timeout)?;
+        let reply = frontend.get_config(0, 12, VhostUserConfigFlags::empty(), &[0u8; 12]);
+        if watchdog.disarm() {
+            return Err(GuestError::Timeout(self.reply_timeout));
+        }
+        let (_, bytes) = reply?;
         let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&bytes[..6]);
@@ -515,6 +542,7 @@ impl SimGuest {
 
     /// Close the connection, as a VMM that goes away.
     pub fn disconnect(self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
         drop(self);
     }
 }
