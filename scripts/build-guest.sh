@@ -39,11 +39,11 @@ key=$(
     echo "kernel $kernel $(stat -c '%s %Y' "$kernel")"
     echo "busybox $busybox $(stat -c '%s %Y' "$busybox")"
     find "/lib/modules/$kver" -name 'virtio*.ko*' -o -name '*failover.ko*' | sort | xargs -r stat -c '%n %s %Y'
-    sha256sum "$self" "$here"/guest/*
+    sha256sum "$self" "$here"/guest/* "$here/canary-guest.sh"
   } | sha256sum | cut -d' ' -f1
 )
 if [ -s "$out/vmlinux" ] && [ -s "$out/initramfs.cpio.gz" ] && [ "$(cat "$out/.key" 2>/dev/null)" = "$key" ] &&
-  [ -z "$(find "$kernel" "$busybox" "$self" "$here/guest" -newer "$out/.key" 2>/dev/null | head -n 1)" ]; then
+  [ -z "$(find "$kernel" "$busybox" "$self" "$here/guest" "$here/canary-guest.sh" -newer "$out/.key" 2>/dev/null | head -n 1)" ]; then
   echo "build-guest: up to date: $out"
   exit 0
 fi
@@ -98,7 +98,8 @@ done
 cp "$here/guest/init" "$root/init"
 cp "$here/guest/udhcpc.script" "$root/etc/udhcpc/default.script"
 cp "$here/guest/checks.sh" "$root/bin/checks.sh"
-chmod +x "$root/init" "$root/etc/udhcpc/default.script" "$root/bin/checks.sh"
+cp "$here/canary-guest.sh" "$root/bin/canary-guest.sh"
+chmod +x "$root/init" "$root/etc/udhcpc/default.script" "$root/bin/checks.sh" "$root/bin/canary-guest.sh"
 tmp="$out/initramfs.cpio.gz.tmp.$$"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 >"$tmp")
 mv "$tmp" "$out/initramfs.cpio.gz"
