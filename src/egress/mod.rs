@@ -360,6 +360,9 @@ impl Flows {
             let _ = flow.stream.shutdown(std::net::Shutdown::Both);
         }
         self.listeners.clear();
+        self.counters
+            .flows_open
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.sniffing.clear();
         self.dns_conns.clear();
         self.udp.clear();
