@@ -22,6 +22,7 @@ while [ $# -gt 0 ]; do
     --workdir) workdir=${2:?$usage}; shift 2 ;;
     --guest-dir) guest_dir=${2:?$usage}; shift 2 ;;
     --egress-port) egress_port=${2:?$usage}; shift 2 ;; # origin port for the guest's egress checks
+    --kill-moat) kill_moat=1; shift ;;                  # SIGKILL moat mid-run, restart it, expect the network back
     --forward) forward=${2:?$usage}; shift 2 ;;         # host addr:port of a [[forward]] to fetch from
     -h|--help) echo "$usage"; exit 0 ;;
     *) echo "qemu-e2e: unknown argument $1" >&2; echo "$usage" >&2; exit 2 ;;
@@ -47,9 +48,9 @@ if [ -z "$gateway" ]; then # a /30's other host address
   net=$(( last & ~3 )); gateway="$base.$(( last == net + 1 ? net + 2 : net + 1 ))"
 fi
 
-moat_pid="" qemu_pid="" fetch_pid=""
+moat_pid="" qemu_pid="" fetch_pid="" killer_pid=""
 cleanup() {
-  for p in $qemu_pid $fetch_pid $moat_pid; do kill "$p" 2>/dev/null || true; done
+  for p in $qemu_pid $fetch_pid $killer_pid $moat_pid $(cat "$workdir/moat2.pid" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -66,11 +67,11 @@ start=$(date +%s)
 timeout -k 5 "$boot_timeout" qemu-system-x86_64 \
   -machine q35,accel=tcg -cpu max -smp 1 -m 256 \
   -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
-  -chardev socket,id=net0,path="$sock" \
+  -chardev socket,id=net0,path="$sock"${kill_moat:+,reconnect=1} \
   -netdev vhost-user,id=net0,chardev=net0 \
   -device virtio-net-pci,netdev=net0,mac="$mac",vectors=0,romfile= \
   -kernel "$guest_dir/vmlinux" -initrd "$guest_dir/initramfs.cpio.gz" \
-  -append "console=ttyS0 quiet panic=-1 moat.expect_ip=$address moat.gateway=$gateway${egress_port:+ moat.egress=$egress_port}" \
+  -append "console=ttyS0 quiet panic=-1 moat.expect_ip=$address moat.gateway=$gateway${egress_port:+ moat.egress=$egress_port}${kill_moat:+ moat.run=/bin/restart.sh}" \
   -display none -serial "file:$serial" -monitor none -nodefaults -no-user-config -no-reboot \
   >"$workdir/qemu.log" 2>&1 </dev/null &
 qemu_pid=$!
@@ -84,8 +85,25 @@ if [ -n "$forward" ]; then
   ) &
   fetch_pid=$!
 fi
+if [ -n "${kill_moat:-}" ]; then
+  # When the guest is up, SIGKILL moat, then start a new one on the same socket.
+  (
+    for _ in $(seq 1200); do grep -q MOAT-READY-FOR-KILL "$serial" 2>/dev/null && break; sleep 0.1; done
+    kill -KILL "$moat_pid" 2>/dev/null
+    sleep 1
+    "$moat" serve --socket "$sock" --policy "$policy" >>"$moat_log" 2>&1 &
+    echo $! >"$workdir/moat2.pid"
+  ) &
+  killer_pid=$!
+fi
 qemu_status=0
 wait "$qemu_pid" || qemu_status=$?
+if [ -n "$killer_pid" ]; then
+  wait "$killer_pid" 2>/dev/null || true
+  killer_pid=""
+  wait "$moat_pid" 2>/dev/null || true  # the killed one
+  moat_pid=$(cat "$workdir/moat2.pid" 2>/dev/null)
+fi
 qemu_pid=""
 elapsed=$(( $(date +%s) - start ))
 [ -n "$fetch_pid" ] && { wait "$fetch_pid" 2>/dev/null || true; fetch_pid=""; }
@@ -102,7 +120,9 @@ else
     kill -KILL "$moat_pid" 2>/dev/null || true
     moat_problem="moat did not stop within 5 s of SIGTERM"
   fi
-  moat_status=0; wait "$moat_pid" || moat_status=$?
+  # The restarted moat (--kill-moat) is not this shell's child: its status is not ours to read.
+  moat_status=0
+  [ -n "${kill_moat:-}" ] || { wait "$moat_pid" || moat_status=$?; }
   [ -n "$moat_problem" ] || [ "$moat_status" = 0 ] || moat_problem="moat exited with status $moat_status on SIGTERM"
 fi
 moat_pid=""

@@ -206,3 +206,37 @@ fn real_guest_egress_through_tinyproxy_and_a_forward() {
         ],
     );
 }
+
+/// moat is SIGKILLed while the guest runs with QEMU's reconnecting chardev, then restarted on
+/// the same socket: the guest's network comes back without a reboot.
+#[test]
+fn a_killed_and_restarted_moat_gets_the_running_guest_back() {
+    if !required("qemu-system-x86_64") {
+        return;
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workdir = tempfile::tempdir().unwrap();
+    let out = Command::new(repo.join("scripts/qemu-e2e.sh"))
+        .arg("--moat")
+        .arg(env!("CARGO_BIN_EXE_moat"))
+        .arg("--policy")
+        .arg(repo.join("policy/deny-all.toml"))
+        .arg("--workdir")
+        .arg(workdir.path())
+        .arg("--kill-moat")
+        .output()
+        .expect("run scripts/qemu-e2e.sh --kill-moat");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qemu-e2e --kill-moat failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for check in ["ping-before-kill", "outage-seen", "ping-after-restart"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(check))
+            .unwrap_or_else(|| panic!("no {check} line in\n{stdout}"));
+        assert!(line.contains("PASS"), "{line}\n{stdout}");
+    }
+}
