@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::iface::SocketHandle;
-use smoltcp::socket::tcp::State;
 
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -97,25 +96,11 @@ fn guest(socket: &Path) -> GuestNet {
 }
 
 fn connect(net: &mut GuestNet, addr: Ipv4Addr) -> SocketHandle {
-    let h = net.tcp_connect(addr, 80);
-    assert!(
-        net.run_until(T, |n| n.tcp(h).state() == State::Established)
-            .unwrap(),
-        "connect"
-    );
-    h
+    net.tcp_established(addr, 80, T).unwrap().expect("connect")
 }
 
 fn send(net: &mut GuestNet, h: SocketHandle, data: &[u8]) {
-    let mut off = 0;
-    assert!(net
-        .run_until(T, |n| {
-            if let Ok(k) = n.tcp(h).send_slice(&data[off..]) {
-                off += k;
-            }
-            off == data.len()
-        })
-        .unwrap());
+    assert!(net.tcp_send_all(h, data, T).unwrap());
 }
 
 struct Row {

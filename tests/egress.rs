@@ -43,16 +43,9 @@ fn guest_net(served: &Served) -> GuestNet {
 
 /// Connect and wait for the handshake; returns the socket once established.
 fn established(net: &mut GuestNet, dst: Ipv4Addr, port: u16) -> smoltcp::iface::SocketHandle {
-    let h = net.tcp_connect(dst, port);
-    let ok = net
-        .run_until(T, |n| n.tcp(h).state() == State::Established)
-        .unwrap();
-    assert!(
-        ok,
-        "connection to {dst}:{port} not established: {:?}",
-        net.tcp(h).state()
-    );
-    h
+    net.tcp_established(dst, port, T)
+        .unwrap()
+        .unwrap_or_else(|| panic!("connection to {dst}:{port} not established"))
 }
 
 /// The connection never opens: it is reset (proxy failure) or left unanswered (dropped).
@@ -71,16 +64,11 @@ fn never_established(net: &mut GuestNet, dst: Ipv4Addr, port: u16, within: Durat
 }
 
 fn send_all(net: &mut GuestNet, h: smoltcp::iface::SocketHandle, data: &[u8]) {
-    let mut off = 0;
-    let ok = net
-        .run_until(T, |n| {
-            if let Ok(k) = n.tcp(h).send_slice(&data[off..]) {
-                off += k;
-            }
-            off == data.len()
-        })
-        .unwrap();
-    assert!(ok, "sent only {off} of {} bytes", data.len());
+    assert!(
+        net.tcp_send_all(h, data, T).unwrap(),
+        "could not send {} bytes",
+        data.len()
+    );
 }
 
 fn recv_until_closed(
@@ -89,15 +77,9 @@ fn recv_until_closed(
     mut sink: impl FnMut(&[u8]),
 ) {
     let ok = net
-        .run_until(Duration::from_secs(60), |n| {
-            let s = n.tcp(h);
-            while s.can_recv() {
-                let _ = s.recv(|d| {
-                    sink(d);
-                    (d.len(), ())
-                });
-            }
-            !s.may_recv()
+        .tcp_recv(h, Duration::from_secs(60), |d| {
+            sink(d);
+            false
         })
         .unwrap();
     assert!(ok, "stream did not finish: {:?}", net.tcp(h).state());

@@ -41,36 +41,19 @@ allow = ["localhost"]
 }
 
 fn established(net: &mut GuestNet, dst: Ipv4Addr, port: u16) -> SocketHandle {
-    let h = net.tcp_connect(dst, port);
-    let ok = net
-        .run_until(T, |n| n.tcp(h).state() == State::Established)
-        .unwrap();
-    assert!(ok, "not established: {:?}", net.tcp(h).state());
-    h
+    net.tcp_established(dst, port, T)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{dst}:{port} not established"))
 }
 
 fn send_all(net: &mut GuestNet, h: SocketHandle, data: &[u8]) {
-    let mut off = 0;
-    assert!(net
-        .run_until(T, |n| {
-            if let Ok(k) = n.tcp(h).send_slice(&data[off..]) {
-                off += k;
-            }
-            off == data.len()
-        })
-        .unwrap());
+    assert!(net.tcp_send_all(h, data, T).unwrap());
 }
 
 fn recv_exact(net: &mut GuestNet, h: SocketHandle, len: usize) -> Vec<u8> {
     let mut got = Vec::new();
-    net.run_until(T, |n| {
-        let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+    net.tcp_recv(h, T, |d| {
+        got.extend_from_slice(d);
         got.len() >= len
     })
     .unwrap();

@@ -186,6 +186,56 @@ impl GuestNet {
         self.sockets.add(socket)
     }
 
+    /// Connect to `dst:port` and wait for the handshake; `None` if it does not complete in
+    /// `timeout` (the socket is left for the caller to inspect or remove).
+    pub fn tcp_established(
+        &mut self,
+        dst: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Option<SocketHandle>, GuestError> {
+        let h = self.tcp_connect(dst, port);
+        let ok = self.run_until(timeout, |n| n.tcp(h).state() == tcp::State::Established)?;
+        Ok(ok.then_some(h))
+    }
+
+    /// Send all of `data` on `h`, running the stack; false if it did not all go in `timeout`.
+    pub fn tcp_send_all(
+        &mut self,
+        h: SocketHandle,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<bool, GuestError> {
+        let mut off = 0;
+        self.run_until(timeout, |n| {
+            if let Ok(k) = n.tcp(h).send_slice(&data[off..]) {
+                off += k;
+            }
+            off == data.len()
+        })
+    }
+
+    /// Hand everything that arrives on `h` to `sink` until it returns true (done) or the
+    /// stream ends; false on timeout.
+    pub fn tcp_recv(
+        &mut self,
+        h: SocketHandle,
+        timeout: Duration,
+        mut sink: impl FnMut(&[u8]) -> bool,
+    ) -> Result<bool, GuestError> {
+        let mut done = false;
+        self.run_until(timeout, |n| {
+            let s = n.tcp(h);
+            while !done && s.can_recv() {
+                let _ = s.recv(|d| {
+                    done = sink(d);
+                    (d.len(), ())
+                });
+            }
+            done || !s.may_recv()
+        })
+    }
+
     /// A socket listening on `port` (for connections forwarded from the host).
     pub fn tcp_listen(&mut self, port: u16) -> SocketHandle {
         let mut socket = tcp::Socket::new(
