@@ -181,8 +181,9 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A flood of invalid frames, SYNs and UDP next to one legitimate 32 MiB stream, against the
-/// real binary: it stays up, its RSS stays under 64 MiB, and the stream is byte-exact.
+/// A 60 s flood (MOAT_FLOOD_SECS) of invalid frames, SYNs, UDP and spoofed packets next to
+/// legitimate streams, against the real binary: it stays up, its RSS stays under 64 MiB, and
+/// every stream is byte-exact.
 #[test]
 fn a_flood_next_to_a_legitimate_stream() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
@@ -213,14 +214,14 @@ fn a_flood_next_to_a_legitimate_stream() {
         1500,
     );
     let addr = net.resolve("data.example", T).unwrap().unwrap();
-    let h = net.tcp_connect(addr, 80);
-    assert!(net
-        .run_until(T, |n| n.tcp(h).state() == State::Established)
-        .unwrap());
-    let len: u64 = 32 << 20;
-    let mut req = b"B".to_vec();
-    req.extend_from_slice(&len.to_be_bytes());
-    net.tcp(h).send_slice(&req).unwrap();
+    // Streams of 8 MiB, one after the other, for the whole flood; each must be byte-exact.
+    let len: u64 = 8 << 20;
+    let flood_for = Duration::from_secs(
+        std::env::var("MOAT_FLOOD_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60),
+    );
     let floods: Vec<Vec<u8>> = vec![
         vec![0xff; 40],
         craft::udp(
@@ -246,11 +247,13 @@ fn a_flood_next_to_a_legitimate_stream() {
             b"spoof",
         ),
     ];
-    let (mut got, mut hash) = (0u64, Fnv::default());
-    let (mut sent, mut peak) = (0u64, 0u64);
+    let want = expected_hash(len);
+    let mut h = net.tcp_connect(addr, 80);
+    let (mut requested, mut got, mut hash) = (false, 0u64, Fnv::default());
+    let (mut sent, mut peak, mut streams) = (0u64, 0u64, 0u32);
     let start = Instant::now();
     let done = net
-        .run_until(Duration::from_secs(90), |n| {
+        .run_until(flood_for + Duration::from_secs(90), |n| {
             // As fast as the simulated guest can post them, between reads of the stream.
             for _ in 0..16 {
                 for f in &floods {
@@ -259,6 +262,11 @@ fn a_flood_next_to_a_legitimate_stream() {
                 }
             }
             let s = n.tcp(h);
+            if !requested && s.state() == State::Established {
+                let mut req = b"B".to_vec();
+                req.extend_from_slice(&len.to_be_bytes());
+                requested = s.send_slice(&req).is_ok();
+            }
             while s.can_recv() {
                 let _ = s.recv(|d| {
                     got += d.len() as u64;
@@ -267,17 +275,31 @@ fn a_flood_next_to_a_legitimate_stream() {
                 });
             }
             peak = peak.max(rss_kib(child.id()));
-            got >= len
+            if got < len {
+                return false;
+            }
+            assert_eq!(
+                (got, hash.0),
+                (len, want),
+                "stream {streams} byte-exact under flood"
+            );
+            streams += 1;
+            n.tcp(h).abort();
+            if start.elapsed() >= flood_for {
+                return true;
+            }
+            h = n.tcp_connect(addr, 80);
+            (requested, got, hash) = (false, 0, Fnv::default());
+            false
         })
         .unwrap();
     let took = start.elapsed();
     assert!(
         done,
-        "stream finished under flood ({got} of {len} bytes in {took:?})"
+        "streams stalled under flood ({streams} done, {got} bytes of the next, {took:?})"
     );
-    assert_eq!(hash.0, expected_hash(len), "byte-exact under flood");
     assert!(child.try_wait().unwrap().is_none(), "moat still up");
-    eprintln!("flood: {sent} hostile frames during {took:?}, peak RSS {peak} KiB");
+    eprintln!("flood: {sent} hostile frames during {took:?} next to {streams} byte-exact streams of 8 MiB, peak RSS {peak} KiB");
     assert!(peak < 64 * 1024, "RSS {peak} KiB");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let mut table = String::new();
