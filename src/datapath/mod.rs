@@ -98,8 +98,8 @@ impl Datapath {
         }
     }
 
-    fn decide(&mut self, buf: &[u8]) -> Result<Option<Vec<u8>>, (DropReason, String)> {
-        let no_summary = |reason| (reason, format!("{} bytes", buf.len()));
+    fn decide(&mut self, buf: &[u8]) -> Result<Option<Vec<u8>>, (DropReason, Summary)> {
+        let no_summary = |reason| (reason, Summary::Bytes(buf.len()));
         let hdr = VirtioNetHdr::parse(buf).map_err(no_summary)?;
         hdr.check_tx().map_err(no_summary)?;
         let bytes = &buf[VIRTIO_NET_HDR_LEN..];
@@ -135,7 +135,7 @@ impl Datapath {
         &mut self,
         frame: &Frame<'_>,
         name: String,
-    ) -> Result<Option<Vec<u8>>, (DropReason, String)> {
+    ) -> Result<Option<Vec<u8>>, (DropReason, Summary)> {
         let Network::Ipv4(ip) = &frame.net else {
             return Err((DropReason::DnsMalformed, summarize(frame)));
         };
@@ -153,7 +153,7 @@ impl Datapath {
         &mut self,
         service: Service,
         frame: &Frame<'_>,
-    ) -> Result<Option<Vec<u8>>, (DropReason, String)> {
+    ) -> Result<Option<Vec<u8>>, (DropReason, Summary)> {
         match self.gateway.answer(service, frame) {
             Ok(answer) => {
                 self.counters.answered(service);
@@ -164,26 +164,95 @@ impl Datapath {
     }
 }
 
-/// A one-line description of a frame for drop logs: addresses, protocol, ports.
-pub fn summarize(frame: &Frame<'_>) -> String {
+/// What a drop log line says about a frame: built without allocating (drops are the hot
+/// path of a flooding guest) and formatted only when the line is actually logged.
+#[derive(Clone, Copy, Debug)]
+pub enum Summary {
+    /// Not parsed that far: just its size.
+    Bytes(usize),
+    Arp {
+        op: crate::frame::ArpOp,
+        sender_ip: std::net::Ipv4Addr,
+        target_ip: std::net::Ipv4Addr,
+        src: MacAddr,
+    },
+    Ip {
+        proto: &'static str,
+        src: std::net::Ipv4Addr,
+        sport: u16,
+        dst: std::net::Ipv4Addr,
+        dport: u16,
+        mac: MacAddr,
+    },
+    Icmp {
+        icmp_type: u8,
+        src: std::net::Ipv4Addr,
+        dst: std::net::Ipv4Addr,
+        mac: MacAddr,
+    },
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Summary::Bytes(n) => write!(f, "{n} bytes"),
+            Summary::Arp {
+                op,
+                sender_ip,
+                target_ip,
+                src,
+            } => write!(f, "arp {op:?} {sender_ip} -> {target_ip} (from {src})"),
+            Summary::Ip {
+                proto,
+                src,
+                sport,
+                dst,
+                dport,
+                mac,
+            } => write!(f, "{proto} {src}:{sport} -> {dst}:{dport} (from {mac})"),
+            Summary::Icmp {
+                icmp_type,
+                src,
+                dst,
+                mac,
+            } => write!(f, "icmp type {icmp_type} {src} -> {dst} (from {mac})"),
+        }
+    }
+}
+
+/// The drop-log description of a parsed frame: addresses, protocol, ports.
+pub fn summarize(frame: &Frame<'_>) -> Summary {
+    let mac = frame.eth.src;
     match &frame.net {
-        Network::Arp(arp) => format!(
-            "arp {:?} {} {} -> {} (from {})",
-            arp.op, arp.sender_mac, arp.sender_ip, arp.target_ip, frame.eth.src
-        ),
+        Network::Arp(arp) => Summary::Arp {
+            op: arp.op,
+            sender_ip: arp.sender_ip,
+            target_ip: arp.target_ip,
+            src: mac,
+        },
         Network::Ipv4(ip) => match &ip.transport {
-            Transport::Tcp(t) => format!(
-                "tcp {}:{} -> {}:{} (from {})",
-                ip.src, t.src_port, ip.dst, t.dst_port, frame.eth.src
-            ),
-            Transport::Udp(u) => format!(
-                "udp {}:{} -> {}:{} (from {})",
-                ip.src, u.src_port, ip.dst, u.dst_port, frame.eth.src
-            ),
-            Transport::Icmp(i) => format!(
-                "icmp type {} {} -> {} (from {})",
-                i.icmp_type, ip.src, ip.dst, frame.eth.src
-            ),
+            Transport::Tcp(t) => Summary::Ip {
+                proto: "tcp",
+                src: ip.src,
+                sport: t.src_port,
+                dst: ip.dst,
+                dport: t.dst_port,
+                mac,
+            },
+            Transport::Udp(u) => Summary::Ip {
+                proto: "udp",
+                src: ip.src,
+                sport: u.src_port,
+                dst: ip.dst,
+                dport: u.dst_port,
+                mac,
+            },
+            Transport::Icmp(i) => Summary::Icmp {
+                icmp_type: i.icmp_type,
+                src: ip.src,
+                dst: ip.dst,
+                mac,
+            },
         },
     }
 }
