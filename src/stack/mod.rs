@@ -30,7 +30,8 @@ struct Queues {
     mtu: usize,
 }
 
-struct Rx(Vec<u8>);
+/// A received packet as a smoltcp RX token (also used by the simulated guest's stack).
+pub struct Rx(pub Vec<u8>);
 struct Tx<'a>(&'a mut Vec<Vec<u8>>);
 
 impl RxToken for Rx {
