@@ -4,8 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-/// Burst: this much traffic at the full rate may pass at once (and at least 64 KiB).
-const BURST_TIME: Duration = Duration::from_millis(20);
+/// Burst: this much traffic at the full rate may pass at once (and at least 64 KiB). Large
+/// enough that a consumer stalled by the host scheduler for a few tens of milliseconds does
+/// not lose its share (over 10 s, a 50 ms burst lets the rate overshoot by 0.5% at most).
+const BURST_TIME: Duration = Duration::from_millis(50);
 const MIN_BURST: f64 = 64.0 * 1024.0;
 
 /// A token bucket in bytes.
