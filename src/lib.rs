@@ -14,6 +14,7 @@ pub mod firewall;
 pub mod frame;
 pub mod guest;
 pub mod policy;
+pub mod sandbox;
 pub mod services;
 pub mod stack;
 pub mod telemetry;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use moat::control::{self, VmState};
 use moat::device::server::{self, ServeOptions};
 use moat::policy::Policy;
+use moat::sandbox;
 use moat::telemetry::{metrics, Counters};
 
 #[derive(Parser)]
@@ -44,7 +45,12 @@ enum Command {
         control: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Serve without the seccomp filter and Landlock ruleset (for strace, gdb, debugging).
+        #[arg(long)]
+        no_sandbox: bool,
     },
+    /// Print the sandbox `moat serve` applies: the system calls it allows and why.
+    Sandbox,
     /// Validate a policy file: exit 0 if valid, 2 if not.
     Check {
         #[arg(value_name = "FILE")]
@@ -117,6 +123,7 @@ fn main() -> ExitCode {
             metrics,
             control,
             log_format,
+            no_sandbox,
         } => {
             init_logging(log_format);
             let opts = ServeOptions {
@@ -124,7 +131,16 @@ fn main() -> ExitCode {
                 client,
                 once,
             };
-            serve(&policy, &opts, metrics.as_deref(), control.as_deref())
+            let endpoints = Endpoints {
+                metrics: metrics.as_deref(),
+                control: control.as_deref(),
+                sandbox: !no_sandbox,
+            };
+            serve(&policy, &opts, &endpoints)
+        }
+        Command::Sandbox => {
+            print!("{}", sandbox::seccomp::listing());
+            ExitCode::SUCCESS
         }
         Command::Stats { control, json } => {
             ask(&control, if json { "stats json" } else { "stats" })
@@ -271,12 +287,41 @@ fn ask(socket: &Path, request: &str) -> ExitCode {
     }
 }
 
-fn serve(
+/// What `serve` opens besides the vhost-user socket, and whether it sandboxes itself.
+struct Endpoints<'a> {
+    metrics: Option<&'a str>,
+    control: Option<&'a Path>,
+    sandbox: bool,
+}
+
+/// Landlock first, before any thread exists (every thread inherits it): the policy's
+/// directory stays readable, the sockets' directories writable, TCP connects limited to
+/// the policy's proxy and upstream ports.
+fn enter_landlock(
     policy_path: &Path,
+    policy: &Policy,
     opts: &ServeOptions,
-    metrics_addr: Option<&str>,
-    control_path: Option<&Path>,
-) -> ExitCode {
+    ep: &Endpoints,
+) -> Result<(), String> {
+    let mut sockets: Vec<PathBuf> = ep.control.map(Path::to_path_buf).into_iter().collect();
+    if !opts.client {
+        sockets.push(opts.socket.clone());
+    }
+    if let Some(m) = ep.metrics.filter(|m| m.starts_with('/')) {
+        sockets.push(PathBuf::from(m));
+    }
+    let needs = sandbox::Needs {
+        reads: vec![policy_path.to_path_buf()],
+        sockets,
+        connect_ports: policy.connect_ports(),
+    };
+    let enforced = sandbox::landlock::restrict(&needs).map_err(|e| e.to_string())?;
+    tracing::info!(landlock = %enforced, connect_ports = ?needs.connect_ports, "sandbox: filesystem and TCP connects restricted");
+    Ok(())
+}
+
+fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
+    let (metrics_addr, control_path) = (ep.metrics, ep.control);
     let policy = match Policy::load(policy_path) {
         Ok(p) => p,
         Err(e) => {
@@ -284,6 +329,13 @@ fn serve(
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if ep.sandbox {
+        if let Err(e) = enter_landlock(policy_path, &policy, opts, ep) {
+            eprintln!("moat: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    }
+    let connect_ports = policy.connect_ports();
     let counters = Arc::new(Counters::default());
     let vm_name = policy.vm.name.clone();
     let vm = Arc::new(VmState::new(
@@ -324,6 +376,17 @@ fn serve(
     if let Err(e) = handle_signals(Arc::clone(&vm), cleanup.clone()) {
         eprintln!("moat: cannot install signal handlers: {e}");
         return ExitCode::from(EXIT_RUNTIME);
+    }
+    if ep.sandbox {
+        // Setup is over: from here on only the calls the data path makes.
+        if let Err(e) = sandbox::seccomp::install() {
+            eprintln!("moat: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        vm.pin_connect_ports(connect_ports);
+        tracing::info!("sandbox: seccomp allow-list installed");
+    } else {
+        tracing::warn!("serving without the sandbox (--no-sandbox)");
     }
     let policy = vm.policy();
     tracing::info!(vm = %policy.vm.name, mac = %policy.vm.mac, address = %policy.vm.address, "moat serving");

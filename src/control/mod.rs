@@ -21,6 +21,12 @@ pub enum ReloadError {
     Invalid(#[from] PolicyError),
     #[error("{0}")]
     Forward(String),
+    #[error("{file}: the sandbox lets moat connect only to TCP ports {pinned:?}, fixed at start, and the new policy needs {port}: restart moat to change proxy or upstream ports (or serve with --no-sandbox)")]
+    SandboxPort {
+        file: PathBuf,
+        port: u16,
+        pinned: Vec<u16>,
+    },
     #[error("{file}: vm.{key} changed ({old} -> {new}); a VM's identity cannot change on reload: restart moat for it")]
     Identity {
         file: PathBuf,
@@ -45,6 +51,8 @@ pub struct VmState {
     pub counters: Arc<Counters>,
     device: Mutex<Weak<Mutex<NetDevice>>>,
     forwards: Mutex<Vec<Forward>>,
+    /// TCP ports the sandbox still lets moat connect to (None: no sandbox).
+    connect_ports: Mutex<Option<Vec<u16>>>,
 }
 
 impl VmState {
@@ -55,7 +63,14 @@ impl VmState {
             counters,
             device: Mutex::new(Weak::new()),
             forwards: Mutex::new(Vec::new()),
+            connect_ports: Mutex::new(None),
         }
+    }
+
+    /// The sandbox now allows TCP connects only to these ports: reloads that need others
+    /// are refused rather than left to fail flow by flow.
+    pub fn pin_connect_ports(&self, ports: Vec<u16>) {
+        *self.connect_ports.lock().unwrap_or_else(|e| e.into_inner()) = Some(ports);
     }
 
     /// The policy in force.
@@ -119,6 +134,24 @@ impl VmState {
                 old,
                 new,
             });
+        }
+        if let Some(pinned) = self
+            .connect_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            if let Some(port) = new
+                .connect_ports()
+                .into_iter()
+                .find(|p| !pinned.contains(p))
+            {
+                return Err(ReloadError::SandboxPort {
+                    file: self.path.clone(),
+                    port,
+                    pinned: pinned.clone(),
+                });
+            }
         }
         let new = Arc::new(new);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&new);

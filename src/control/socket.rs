@@ -54,6 +54,8 @@ fn answer(conn: UnixStream, vm: &VmState) -> std::io::Result<()> {
             Err(e) => format!("error {e}\n"),
         },
         ["forward", "list"] => format!("ok\n{}", vm.list_forwards()),
+        #[cfg(debug_assertions)]
+        ["debug", probe @ ..] => debug_probe(probe),
         _ => format!(
             "error unknown request {:?}; use stats, stats json, reload, forward add LISTEN PORT, forward remove LISTEN, forward list\n",
             line.trim()
@@ -61,6 +63,37 @@ fn answer(conn: UnixStream, vm: &VmState) -> std::io::Result<()> {
     };
     let mut conn = conn;
     conn.write_all(reply.as_bytes())
+}
+
+/// Debug builds only: do what the sandbox must stop, so tests can prove it does.
+/// `debug exec` calls execve (seccomp kills the process; without the sandbox it fails with
+/// ENOENT), `debug read PATH` reads a file (Landlock refuses paths outside moat's own),
+/// `debug connect IP:PORT` opens a TCP connection (Landlock refuses ports other than the
+/// policy's proxies and upstream).
+#[cfg(debug_assertions)]
+fn debug_probe(probe: &[&str]) -> String {
+    match probe {
+        ["exec"] => {
+            let path = c"/nonexistent/moat-sandbox-probe";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: NUL-terminated path, NULL-terminated argv and envp that outlive the call.
+            unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+            format!("ok execve returned: {}\n", std::io::Error::last_os_error())
+        }
+        ["read", path] => match std::fs::read(path) {
+            Ok(bytes) => format!("ok read {} bytes\n", bytes.len()),
+            Err(e) => format!("error {e}\n"),
+        },
+        ["connect", addr] => match addr.parse::<std::net::SocketAddr>() {
+            Ok(a) => match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
+                Ok(_) => format!("ok connected to {a}\n"),
+                Err(e) => format!("error {e}\n"),
+            },
+            Err(e) => format!("error {addr}: {e}\n"),
+        },
+        _ => "error debug probes: exec, read PATH, connect IP:PORT\n".to_string(),
+    }
 }
 
 /// Client side: send one request, return (ok, answer without the status word).

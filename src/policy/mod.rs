@@ -28,6 +28,19 @@ impl Policy {
     pub fn parse(text: &str, source: &Path) -> Result<Policy, PolicyError> {
         parse::parse(text, source)
     }
+
+    /// The TCP ports moat connects to on the host for this policy: the proxies and the DNS
+    /// upstream (which it also uses over TCP). Sorted, without duplicates.
+    pub fn connect_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = [self.proxy.http, self.proxy.socks5, self.dns.upstream]
+            .into_iter()
+            .flatten()
+            .map(|a| a.port())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
 }
 
 #[cfg(test)]
