@@ -187,6 +187,8 @@ impl NetDevice {
         let max = self.datapath.max_tx_len();
         let mut used = 0u32;
         self.tx_paused = false;
+        // One lock of the TX vring for the whole batch, not two per frame.
+        let mut state = vring.get_mut();
         loop {
             if let Some(pacer) = self.egress.as_mut() {
                 if !pacer.ready() {
@@ -195,11 +197,9 @@ impl NetDevice {
                     break;
                 }
             }
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
+                break;
+            };
             let head = chain.head_index();
             let read = read_tx_chain(chain, &mem, &mut self.tx_buf, max);
             if let Some(pacer) = self.egress.as_mut() {
@@ -218,13 +218,13 @@ impl NetDevice {
                     .datapath
                     .reject(DropReason::Oversized, self.tx_buf.len()),
             }
-            if vring.add_used(head, 0).is_err() {
+            if state.add_used(head, 0).is_err() {
                 self.datapath.reject(DropReason::BadDescriptor, 0);
             }
             used += 1;
         }
-        if used > 0 && vring.needs_notification().unwrap_or(true) {
-            vring.signal_used_queue()?;
+        if used > 0 && state.needs_notification().unwrap_or(true) {
+            state.signal_used_queue()?;
             self.datapath.counters().add(Traffic::Notifications, 1);
         }
         Ok(())

@@ -34,8 +34,8 @@ pub enum ChainError {
 }
 
 /// Read every descriptor of a TX chain into `buf` (cleared first), at most `max` bytes.
-pub fn read_tx_chain(
-    chain: DescriptorChain<Mem>,
+pub fn read_tx_chain<M: std::ops::Deref<Target = GuestMemoryMmap>>(
+    chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap,
     buf: &mut Vec<u8>,
     max: usize,
