@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU8, Ordering};
 
 use vhost::VhostUserMemoryRegionInfo;
 
@@ -127,6 +127,12 @@ impl GuestMemory {
         u16::from_le(v)
     }
 
+    /// A second, independent shared mapping of this memory that another thread may write
+    /// into while the backend reads (as another vCPU would). See [`GuestMemWriter`].
+    pub fn writer(&self) -> Result<GuestMemWriter, GuestError> {
+        GuestMemWriter::map(&self.file, self.len)
+    }
+
     pub fn read_u32(&self, gpa: u64) -> u32 {
         let mut b = [0u8; 4];
         fence(Ordering::SeqCst);
@@ -138,6 +144,71 @@ impl GuestMemory {
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A thread-safe writer over guest memory: its own shared mapping of the guest memfd (so it
+/// stays valid however long it lives, even after the guest is dropped), written one byte at
+/// a time with atomic stores. For tests that rewrite a buffer the device may be reading.
+pub struct GuestMemWriter {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by the writer and only ever written through atomic byte
+// stores, which are sound from any number of threads at once.
+unsafe impl Send for GuestMemWriter {}
+// SAFETY: as above; `&self` methods only do atomic stores into the owned mapping.
+unsafe impl Sync for GuestMemWriter {}
+
+impl GuestMemWriter {
+    fn map(file: &File, len: usize) -> Result<GuestMemWriter, GuestError> {
+        // SAFETY: mapping a memfd we hold open, shared, no longer than the file.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(GuestError::Memory(std::io::Error::last_os_error()));
+        }
+        Ok(GuestMemWriter {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Store `data` at `gpa`, byte by byte in address order (relaxed atomic stores: a
+    /// concurrent reader may see any mix of old and new bytes, never a torn byte).
+    ///
+    /// # Panics
+    /// If `[gpa, gpa + data.len())` is not inside guest memory.
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        let off = gpa
+            .checked_sub(GPA_BASE)
+            .and_then(|o| usize::try_from(o).ok())
+            .filter(|o| o.checked_add(data.len()).is_some_and(|end| end <= self.len));
+        let Some(off) = off else {
+            panic!("write {gpa:#x}+{} outside guest memory", data.len());
+        };
+        for (i, &b) in data.iter().enumerate() {
+            // SAFETY: in bounds (checked above) of a live mapping; AtomicU8 has the
+            // alignment and size of u8.
+            let cell = unsafe { &*self.ptr.add(off + i).cast::<AtomicU8>() };
+            cell.store(b, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for GuestMemWriter {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what map() mapped.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }

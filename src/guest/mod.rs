@@ -35,6 +35,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use frontend::{Negotiated, Watchdog};
+pub use memory::GuestMemWriter;
 use memory::GuestMemory;
 pub use memory::GPA_BASE;
 pub use net::GuestNet;
@@ -527,6 +528,13 @@ impl SimGuest {
     /// If `[gpa, gpa + out.len())` is not inside guest memory.
     pub fn read_guest_mem(&self, gpa: u64, out: &mut [u8]) {
         self.mem.read(gpa, out);
+    }
+
+    /// A writer over guest memory that another thread can use while this guest keeps
+    /// running (its own mapping of the same memory): to rewrite a posted buffer under the
+    /// device, as a hostile guest's other vCPU would.
+    pub fn guest_mem_writer(&self) -> Result<GuestMemWriter, GuestError> {
+        self.mem.writer()
     }
 
     /// (guest-physical address, length) of each memory region, in address order.
