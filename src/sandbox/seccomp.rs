@@ -281,10 +281,8 @@ fn prctl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
 /// The allow-list as BPF: match = allow, anything else kills the process.
 pub fn allow_list() -> Result<BpfProgram, SandboxError> {
     let build = || -> Result<BpfProgram, seccompiler::Error> {
-        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
-            .iter()
-            .map(|&(nr, _, _)| (nr, Vec::new()))
-            .collect();
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+            ALLOWED.iter().map(|&(nr, _, _)| (nr, Vec::new())).collect();
         rules.insert(libc::SYS_socket, socket_rules()?);
         rules.insert(libc::SYS_clone, clone_rules()?);
         rules.insert(libc::SYS_prctl, prctl_rules()?);
