@@ -6,7 +6,6 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use moat::guest::{GuestOptions, SimGuest};
 use support::*;
@@ -53,7 +52,7 @@ fn the_units_command_lines_serve_reload_and_stop() {
     assert!(status.status.success(), "ExecStartPre: {status:?}");
 
     let start = argv(&directive("ExecStart"), root.path());
-    let mut child = Command::new(&start[0])
+    let child = Command::new(&start[0])
         .args(&start[1..])
         .stderr(Stdio::piped())
         .spawn()

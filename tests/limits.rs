@@ -44,6 +44,16 @@ fn measure(
     net: &mut GuestNet,
     served: &Served,
     what: Traffic,
+    drive: impl FnMut(&mut GuestNet),
+) -> f64 {
+    measure_over(net, served, what, WINDOW, drive)
+}
+
+fn measure_over(
+    net: &mut GuestNet,
+    served: &Served,
+    what: Traffic,
+    window: Duration,
     mut drive: impl FnMut(&mut GuestNet),
 ) -> f64 {
     let warm = Instant::now() + Duration::from_secs(1);
@@ -53,9 +63,9 @@ fn measure(
     })
     .unwrap();
     let (b0, t0) = (served.counters.traffic(what), Instant::now());
-    net.run_until(WINDOW + Duration::from_secs(1), |n| {
+    net.run_until(window + Duration::from_secs(1), |n| {
         drive(n);
-        t0.elapsed() >= WINDOW
+        t0.elapsed() >= window
     })
     .unwrap();
     (served.counters.traffic(what) - b0) as f64 * 8.0 / t0.elapsed().as_secs_f64()
@@ -121,12 +131,38 @@ fn ingress_limit_paces_the_host_to_100_mbit() {
     let mut req = b"B".to_vec();
     req.extend_from_slice(&(10u64 << 30).to_be_bytes());
     net.tcp(h).send_slice(&req).unwrap();
-    let rate = measure(&mut net, &served, Traffic::RxBytes, |n| {
+    let drain = |n: &mut GuestNet| {
         let s = n.tcp(h);
         while s.can_recv() {
             let _ = s.recv(|d| (d.len(), ()));
         }
-    });
+    };
+    let rate = measure(&mut net, &served, Traffic::RxBytes, drain);
     assert_within(rate, "proxy -> guest with ingress_bps = 100 Mbit/s");
     assert_eq!(served.counters.total_drops(), 0, "paced, not dropped");
+
+    // A reload that halves the limit applies to the running flow at once.
+    std::fs::write(
+        served.dir.path().join("vm.toml"),
+        policy(proxy.addr, &format!("ingress_bps = {}", LIMIT / 2)),
+    )
+    .unwrap();
+    served.vm.reload().unwrap();
+    let rate = measure_over(
+        &mut net,
+        &served,
+        Traffic::RxBytes,
+        Duration::from_secs(3),
+        drain,
+    );
+    eprintln!(
+        "after a reload to ingress_bps = 50 Mbit/s: {:.1} Mbit/s",
+        rate / 1e6
+    );
+    let ratio = rate / (LIMIT / 2) as f64;
+    assert!(
+        (0.9..=1.05).contains(&ratio),
+        "after the reload to 50 Mbit/s: {:.1} Mbit/s",
+        rate / 1e6
+    );
 }

@@ -48,6 +48,8 @@ pub struct NetDevice {
     timer: Option<TimerFd>,
     /// `limits.egress_bps`: paces the TX queue (guest -> moat).
     egress: Option<pacer::Pacer>,
+    /// The limits the pacers were built from (a reload that changes them rebuilds them).
+    limits: crate::policy::Limits,
     /// TX descriptors wait for the egress bucket.
     tx_paused: bool,
     /// Every log line of this device carries the VM's name.
@@ -112,8 +114,12 @@ impl NetDevice {
     ) -> NetDevice {
         NetDevice {
             config_space: config::config_space(&policy.vm),
-            egress: pacer::Pacer::new(policy.limits.egress_bps),
-            rx: RxQueue::paced(pacer::Pacer::new(policy.limits.ingress_bps)),
+            egress: pacer::Pacer::new(policy.limits.egress_bps, policy.limits.burst_bytes),
+            limits: policy.limits.clone(),
+            rx: RxQueue::paced(pacer::Pacer::new(
+                policy.limits.ingress_bps,
+                policy.limits.burst_bytes,
+            )),
             span: tracing::info_span!("vm", vm = %policy.vm.name),
             datapath: Datapath::new(policy, names, counters),
             timer: None,
@@ -127,6 +133,19 @@ impl NetDevice {
 
     /// Swap in a reloaded policy (same VM identity); returns how many flows were reset.
     pub fn reload(&mut self, policy: Arc<Policy>) -> usize {
+        let new = &policy.limits;
+        if (
+            self.limits.egress_bps,
+            self.limits.ingress_bps,
+            self.limits.burst_bytes,
+        ) != (new.egress_bps, new.ingress_bps, new.burst_bytes)
+        {
+            self.limits = new.clone();
+            // New limits apply at once, from a full bucket.
+            self.egress = pacer::Pacer::new(new.egress_bps, new.burst_bytes);
+            self.rx
+                .set_pacer(pacer::Pacer::new(new.ingress_bps, new.burst_bytes));
+        }
         let reset = self.datapath.reload(policy);
         // Wake the queue's loop at once so the resets reach the guest and the proxies.
         if let Some(timer) = self.timer.as_mut() {

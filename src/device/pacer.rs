@@ -20,13 +20,17 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    /// `None` for 0 bits per second (unlimited).
-    pub fn new(bits_per_second: u64) -> Option<Pacer> {
+    /// `None` for 0 bits per second (unlimited). `burst_bytes` 0 = the default depth.
+    pub fn new(bits_per_second: u64, burst_bytes: u64) -> Option<Pacer> {
         if bits_per_second == 0 {
             return None;
         }
         let rate = bits_per_second as f64 / 8.0;
-        let burst = (rate * BURST_TIME.as_secs_f64()).max(MIN_BURST);
+        let burst = if burst_bytes > 0 {
+            burst_bytes as f64
+        } else {
+            (rate * BURST_TIME.as_secs_f64()).max(MIN_BURST)
+        };
         Some(Pacer {
             rate,
             burst,
@@ -70,8 +74,8 @@ mod tests {
 
     #[test]
     fn overdraft_waits_until_repaid() {
-        assert!(Pacer::new(0).is_none(), "0 = unlimited");
-        let mut p = Pacer::new(8_000_000).unwrap(); // 1 MB/s, burst 64 KiB
+        assert!(Pacer::new(0, 0).is_none(), "0 = unlimited");
+        let mut p = Pacer::new(8_000_000, 0).unwrap(); // 1 MB/s, burst 64 KiB
         assert!(p.ready());
         p.spend(64 * 1024 + 100_000);
         assert!(!p.ready());
@@ -80,5 +84,17 @@ mod tests {
             w > Duration::from_millis(90) && w < Duration::from_millis(110),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn burst_bytes_sets_the_depth() {
+        let mut p = Pacer::new(8_000_000, 1_000_000).unwrap();
+        p.spend(999_000);
+        assert!(p.ready(), "a full 1 MB bucket still has tokens");
+        p.spend(2_000);
+        assert!(!p.ready());
+        let mut q = Pacer::new(8_000_000, 0).unwrap();
+        q.spend(999_000);
+        assert!(!q.ready(), "the default depth is 64 KiB at 1 MB/s");
     }
 }

@@ -100,6 +100,10 @@ pub struct RxQueue {
 }
 
 impl RxQueue {
+    pub fn set_pacer(&mut self, pacer: Option<Pacer>) {
+        self.pacer = pacer;
+    }
+
     pub fn paced(pacer: Option<Pacer>) -> RxQueue {
         RxQueue {
             pacer,

@@ -290,6 +290,8 @@ pub struct Limits {
     pub max_flows: usize,
     pub egress_bps: u64,
     pub ingress_bps: u64,
+    /// Token-bucket depth of both limits, bytes; 0 = 50 ms at the rate, at least 64 KiB.
+    pub burst_bytes: u64,
 }
 
 pub const DEFAULT_MAX_FLOWS: usize = 4096;
@@ -306,6 +308,7 @@ impl Default for Limits {
             max_flows: DEFAULT_MAX_FLOWS,
             egress_bps: 0,
             ingress_bps: 0,
+            burst_bytes: 0,
         }
     }
 }

@@ -105,12 +105,15 @@ struct RawForward {
     from: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
+const RATE_HINT: &str = "0 for unlimited or a rate in bits per second";
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_flows: Option<Spanned<i64>>,
     egress_bps: Option<Spanned<i64>>,
     ingress_bps: Option<Spanned<i64>>,
+    burst_bytes: Option<Spanned<i64>>,
 }
 
 /// The gateway answers DNS on this port (UDP and TCP): the explicit proxy cannot have it.
@@ -1161,24 +1164,21 @@ fn limits(ctx: &Ctx<'_>, raw: Option<&RawLimits>) -> Result<Limits, PolicyError>
             }
         },
     };
-    let bps = |v: &Option<Spanned<i64>>, key: &str| -> Result<u64, PolicyError> {
+    let amount = |v: &Option<Spanned<i64>>, key: &str, hint: &str| -> Result<u64, PolicyError> {
         match v {
             None => Ok(0),
-            Some(v) => u64::try_from(*v.get_ref()).map_err(|_| {
-                ctx.at(
-                    v,
-                    key,
-                    format!(
-                        "{} is negative; use 0 for unlimited or a rate in bits per second",
-                        v.get_ref()
-                    ),
-                )
-            }),
+            Some(v) => u64::try_from(*v.get_ref())
+                .map_err(|_| ctx.at(v, key, format!("{} is negative; use {hint}", v.get_ref()))),
         }
     };
     Ok(Limits {
         max_flows,
-        egress_bps: bps(&raw.egress_bps, "limits.egress_bps")?,
-        ingress_bps: bps(&raw.ingress_bps, "limits.ingress_bps")?,
+        egress_bps: amount(&raw.egress_bps, "limits.egress_bps", RATE_HINT)?,
+        ingress_bps: amount(&raw.ingress_bps, "limits.ingress_bps", RATE_HINT)?,
+        burst_bytes: amount(
+            &raw.burst_bytes,
+            "limits.burst_bytes",
+            "0 for the default depth (50 ms at the rate) or a size in bytes",
+        )?,
     })
 }

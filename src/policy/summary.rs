@@ -122,11 +122,15 @@ impl Policy {
         };
         writeln!(
             s,
-            "  {:SECTION$}max_flows {}  egress {}  ingress {}",
+            "  {:SECTION$}max_flows {}  egress {}  ingress {}{}",
             "limits",
             self.limits.max_flows,
             rate(self.limits.egress_bps),
-            rate(self.limits.ingress_bps)
+            rate(self.limits.ingress_bps),
+            match self.limits.burst_bytes {
+                0 => String::new(),
+                b => format!("  burst {b} B"),
+            }
         )
     }
 }

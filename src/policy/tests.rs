@@ -907,17 +907,24 @@ fn limits_rules() {
         (6, 15),
         "is negative",
     );
+    fails(
+        &format!("{VM}[limits]\nburst_bytes = -1\n"),
+        "limits.burst_bytes",
+        (6, 15),
+        "-1 is negative; use 0 for the default depth",
+    );
     let p = parse(&format!(
-        "{VM}[limits]\nmax_flows = 1000000\negress_bps = 125000000\n"
+        "{VM}[limits]\nmax_flows = 1000000\negress_bps = 125000000\nburst_bytes = 262144\n"
     ))
     .unwrap();
     assert_eq!(
         (
             p.limits.max_flows,
             p.limits.egress_bps,
-            p.limits.ingress_bps
+            p.limits.ingress_bps,
+            p.limits.burst_bytes
         ),
-        (1_000_000, 125_000_000, 0)
+        (1_000_000, 125_000_000, 0, 262_144)
     );
 }
 

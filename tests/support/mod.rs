@@ -39,6 +39,8 @@ pub struct Served {
     pub socket: PathBuf,
     pub counters: Arc<Counters>,
     pub policy: Arc<Policy>,
+    /// The running VM (policy file `dir/vm.toml`: rewrite it and call `vm.reload()`).
+    pub vm: Arc<moat::control::VmState>,
     pub thread: Option<JoinHandle<Result<(), server::ServeError>>>,
 }
 
@@ -56,18 +58,21 @@ impl Served {
             client: false,
             once,
         };
-        let (p, c) = (Arc::clone(&policy), Arc::clone(&counters));
+        let file = dir.path().join("vm.toml");
+        std::fs::write(&file, policy_text).expect("write the policy");
         let vm = Arc::new(moat::control::VmState::new(
-            PathBuf::from("test.toml"),
-            (*p).clone(),
-            c,
+            file,
+            (*policy).clone(),
+            Arc::clone(&counters),
         ));
-        let thread = std::thread::spawn(move || server::serve(vm, &opts, Some(listener)));
+        let served_vm = Arc::clone(&vm);
+        let thread = std::thread::spawn(move || server::serve(served_vm, &opts, Some(listener)));
         Served {
             dir,
             socket,
             counters,
             policy,
+            vm,
             thread: Some(thread),
         }
     }
