@@ -1,0 +1,294 @@
+#!/usr/bin/env bash
+# Packet rate into moat, against a peer measured in the same run.
+#
+# dpdk-testpmd is the guest side: a virtio-user frontend in txonly mode (pinned to CPU 1),
+# sending as fast as it can. The receiver (pinned to CPU 0) is one of:
+#   ceiling       DPDK's own vhost PMD in rxonly mode (receives and frees: the upper bound of
+#                 a vhost-user backend on this machine)
+#   moat-drop     moat serve --policy policy/deny-all.toml, testpmd's default frames (dst MAC
+#                 not the gateway): dropped after the Ethernet header
+#   moat-drop-ip  the same moat, frames addressed to the gateway MAC from the guest's IP to
+#                 gateway UDP port 9: parsed through IPv4/UDP and the firewall, dropped as
+#                 gateway_port_closed
+#   moat-answer   UDP to the gateway's DNS port (testpmd's payload is zeros: a DNS header
+#                 with no question), the answer path: moat parses it and builds a reply.
+#                 testpmd's txonly mode does not generate ICMP echo; this is the nearest answer
+#                 path it can drive. txonly does not read its RX ring, so once the ring is full
+#                 moat's replies are counted and dropped as no RX buffer.
+#   passt         passt --vhost-user (only with PASST=/path/to/passt)
+# for 64 B and 1518 B frames (--txpkts). Note: deny-all.toml has mtu 1500, so moat takes
+# at most 1514-byte frames: for 1518 B frames moat runs with deny-all.toml plus `mtu = 1504`,
+# so they are parsed and dropped (or answered) like the 64 B ones, not dropped as oversized.
+#
+# Mpps is the receiver's own counter over a measured wall time: moat's traffic.tx_frames
+# through its control socket (`moat stats --json`), the vhost PMD's RX-packets from its
+# periodic statistics (timestamped as they are printed); passt has no counter, so its figure
+# is the frames testpmd got into the ring (TX-packets), which passt had to consume. CPU is
+# the receiver's, from /proc/PID/task/*/schedstat (ns on CPU).
+#
+# Env: MOAT_PPS_SECS (default 10; 3 with MOAT_BENCH_QUICK=1), PASST, MOAT_PPS_SIZES
+# (default "64 1518"). Prints a table; appends raw numbers to target/bench/pps.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=${MOAT_BENCH_QUICK:-0}
+[ "$quick" = 0 ] && quick=""
+secs=${MOAT_PPS_SECS:-$([ -n "$quick" ] && echo 3 || echo 10)}
+sizes=${MOAT_PPS_SIZES:-"64 1518"}
+moat=target/release/moat
+out=target/bench
+mkdir -p "$out"
+raw="$out/pps.txt"
+
+if ! command -v dpdk-testpmd >/dev/null; then
+  echo "bench-pps: dpdk-testpmd missing (apt-get install dpdk-dev); skipped" >&2
+  echo "# $(date -u +%FT%TZ) skipped: dpdk-testpmd missing" >>"$raw"
+  exit 0
+fi
+[ -x "$moat" ] || cargo build --release --quiet
+
+work=$(mktemp -d /tmp/moat-pps.XXXXXX)
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do
+    kill -INT "$p" 2>/dev/null || true
+  done
+  sleep 0.5
+  for p in "${pids[@]}"; do
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+cpu_ns() { # ns on CPU, all threads of $1
+  cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'
+}
+
+stamp() { # prefix each line with the wall time it was read at
+  local line
+  while IFS= read -r line; do
+    printf '%s %s\n' "$EPOCHREALTIME" "$line"
+  done
+}
+
+now() { printf '%s\n' "$EPOCHREALTIME"; }
+
+wait_for() { # wait_for SECONDS CMD...: until CMD succeeds
+  local until=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    [ $SECONDS -lt $until ] || return 1
+    sleep 0.1
+  done
+}
+
+# The last value of `key` (e.g. RX-packets:) in a stamped testpmd log at or before time $3,
+# printed as "stamp value".
+stat_at() { # stat_at FILE KEY TIME
+  awk -v key="$2" -v t="$3" '
+    { for (i = 2; i < NF; i++) if ($i == key && $1 <= t) { s = $1; v = $(i + 1) } }
+    END { if (s != "") print s, v }' "$1"
+}
+
+# The first value of `key` in a stamped testpmd log at or after time $3.
+stat_after() { # stat_after FILE KEY TIME
+  awk -v key="$2" -v t="$3" '
+    s == "" { for (i = 2; i < NF; i++) if ($i == key && $1 >= t) { s = $1; v = $(i + 1) } }
+    END { if (s != "") print s, v }' "$1"
+}
+
+sending() { # the txonly side has put frames in the ring
+  [ -f "$1" ] || return 1
+  awk '{ for (i = 2; i < NF; i++) if ($i == "TX-packets:" && $(i + 1) > 0) found = 1 }
+       END { exit !found }' "$1"
+}
+
+moat_frames() { # moat's traffic.tx_frames through its control socket
+  "$moat" stats --control "$1" --json | jq '.counters["traffic.tx_frames"]'
+}
+
+# The txonly frontend. Extra testpmd options (addresses) in the remaining arguments.
+start_tx() { # start_tx NAME SOCKET SIZE [testpmd options...]
+  local name=$1 sock=$2 size=$3
+  shift 3
+  taskset -c 1 dpdk-testpmd --no-huge -m 1024 --no-shconf --file-prefix "moat-pps-tx-$$-$name" \
+    --lcores '0@1,1@1' --no-pci \
+    --vdev "net_virtio_user0,path=$sock,mac=52:54:00:12:34:56" \
+    -- --forward-mode=txonly --total-num-mbufs=16384 --stats-period 1 --txpkts="$size" "$@" \
+    </dev/null > >(stamp >"$work/$name.tx") 2>"$work/$name.tx.err" &
+  tx_pid=$!
+  pids+=("$tx_pid")
+}
+
+stop() { # stop PID SIGNAL: signal and wait (up to 20 s)
+  kill -"$2" "$1" 2>/dev/null || return 0
+  local i
+  for i in $(seq 200); do
+    kill -0 "$1" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+results=()
+
+# One measurement. The receiver is already up (pid $rx_pid); measure() starts the sender,
+# waits for it to send, then counts for $secs seconds.
+measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
+  local case=$1 size=$2 kind=$3
+  shift 3
+  local name="$case-$size"
+  if ! kill -0 "$rx_pid" 2>/dev/null; then
+    echo "bench-pps: $name: the receiver is not running" >&2
+    results+=("$case $size - - - failed")
+    return
+  fi
+  start_tx "$name" "$sock" "$size" "$@"
+  if ! wait_for 90 sending "$work/$name.tx"; then
+    echo "bench-pps: $name: testpmd sent nothing" >&2
+    sed -n '1,40p' "$work/$name.tx.err" >&2 || true
+    stop "$tx_pid" INT
+    results+=("$case $size - - - failed")
+    return
+  fi
+  sleep 1 # ramp up
+  local c0 c1 t0 t1 cpu0 cpu1 n0 n1
+  case $kind in
+    moat)
+      t0=$(now); c0=$(moat_frames "$ctl"); cpu0=$(cpu_ns "$rx_pid")
+      sleep "$secs"
+      t1=$(now); c1=$(moat_frames "$ctl"); cpu1=$(cpu_ns "$rx_pid")
+      ;;
+    vhost)
+      t0=$(now); cpu0=$(cpu_ns "$rx_pid")
+      sleep "$secs"
+      t1=$(now); cpu1=$(cpu_ns "$rx_pid")
+      sleep 1.2 # the statistics printed within the window, first and last
+      read -r t0 c0 < <(stat_after "$work/$case-$size.rx" RX-packets: "$t0") || true
+      read -r t1 c1 < <(stat_at "$work/$case-$size.rx" RX-packets: "$t1") || true
+      ;;
+    passt)
+      t0=$(now); cpu0=$(cpu_ns "$rx_pid")
+      sleep "$secs"
+      t1=$(now); cpu1=$(cpu_ns "$rx_pid")
+      sleep 1.2 # the statistics printed within the window, first and last
+      read -r t0 c0 < <(stat_after "$work/$name.tx" TX-packets: "$t0") || true
+      read -r t1 c1 < <(stat_at "$work/$name.tx" TX-packets: "$t1") || true
+      ;;
+  esac
+  # What the sender offered over the same time, for reference.
+  read -r _ n1 < <(stat_at "$work/$name.tx" TX-packets: "$(now)") || n1=0
+  stop "$tx_pid" INT
+  if [ -z "${c0:-}" ] || [ -z "${c1:-}" ] || [ "$c0" = null ] || [ -z "${t0:-}" ]; then
+    echo "bench-pps: $name: no receiver counters" >&2
+    results+=("$case $size - - - failed")
+    return
+  fi
+  local mpps cpu wall
+  wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')
+  mpps=$(awk -v a="$c0" -v b="$c1" -v w="$wall" 'BEGIN {printf "%.3f", (b - a) / w / 1e6}')
+  cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN {printf "%.2f", (b - a) / 1e9}')
+  results+=("$case $size $mpps $cpu $wall ok")
+  printf '%s case=%s size=%s frames=%s wall_s=%s mpps=%s rx_cpu_s=%s tx_sent_total=%s\n' \
+    "$(date -u +%FT%TZ)" "$case" "$size" "$((c1 - c0))" "$wall" "$mpps" "$cpu" "${n1:-0}" >>"$raw"
+}
+
+start_moat() { # start_moat FRAME_SIZE
+  sock="$work/moat.sock"
+  ctl="$work/moat.ctl"
+  rm -f "$sock" "$ctl"
+  policy=policy/deny-all.toml
+  if [ "$1" -gt 1514 ]; then
+    # deny-all has mtu 1500 (frames up to 1514 B): larger frames would be dropped as
+    # oversized before parsing. Same policy with an MTU that admits them.
+    policy="$work/deny-all-mtu.toml"
+    sed "s/^\[vm\]\$/[vm]\nmtu = $(($1 - 14))/" policy/deny-all.toml >"$policy"
+  fi
+  MOAT_LOG=warn taskset -c 0 "$moat" serve --socket "$sock" --policy "$policy" \
+    --control "$ctl" </dev/null >/dev/null 2>>"$work/moat.log" &
+  rx_pid=$!
+  pids+=("$rx_pid")
+  wait_for 10 test -S "$sock" && wait_for 10 test -S "$ctl"
+}
+
+start_vhost() { # start_vhost NAME
+  sock="$work/vhost.sock"
+  rm -f "$sock"
+  taskset -c 0 dpdk-testpmd --no-huge -m 1024 --no-shconf --file-prefix "moat-pps-rx-$$-$1" \
+    --lcores '0@0,1@0' --no-pci --vdev "net_vhost0,iface=$sock,queues=1" \
+    -- --forward-mode=rxonly --total-num-mbufs=16384 --stats-period 1 \
+    </dev/null > >(stamp >"$work/$1.rx") 2>"$work/$1.rx.err" &
+  rx_pid=$!
+  pids+=("$rx_pid")
+  wait_for 90 test -S "$sock" || {
+    echo "bench-pps: the vhost PMD did not create its socket" >&2
+    cat "$work/$1.rx.err" >&2
+    return 1
+  }
+}
+
+echo "# $(date -u +%FT%TZ) bench-pps secs=$secs sizes=\"$sizes\" $(nproc) CPUs, dpdk $(dpkg-query -W -f '${Version}' dpdk-dev 2>/dev/null || echo unknown)" >>"$raw"
+gw_mac=02:6d:6f:61:74:01
+for size in $sizes; do
+  echo "bench-pps: ${size} B frames, ${secs} s each ..." >&2
+  if start_vhost "ceiling-$size"; then
+    measure ceiling "$size" vhost
+  else
+    results+=("ceiling $size - - - failed")
+  fi
+  stop "$rx_pid" INT
+
+  if start_moat "$size"; then
+    measure moat-drop "$size" moat
+    measure moat-drop-ip "$size" moat --eth-peer=0,$gw_mac --tx-ip=10.0.0.2,10.0.0.1 --tx-udp=40000,9
+    measure moat-answer "$size" moat --eth-peer=0,$gw_mac --tx-ip=10.0.0.2,10.0.0.1 --tx-udp=40000,53
+  else
+    echo "bench-pps: moat did not start:" >&2
+    cat "$work/moat.log" >&2
+    results+=("moat-drop $size - - - failed" "moat-drop-ip $size - - - failed" "moat-answer $size - - - failed")
+  fi
+  stop "$rx_pid" TERM
+  { echo "## moat counters after the ${size} B cases"; cat "$work/moat.log"; } >>"$raw"
+  cp "$work/moat.log" "$work/moat-$size.log"
+  : >"$work/moat.log"
+
+  if [ -n "${PASST:-}" ]; then
+    sock="$work/passt.sock"
+    rm -f "$sock"
+    taskset -c 0 "$PASST" --vhost-user --socket "$sock" -f </dev/null >"$work/passt.log" 2>&1 &
+    rx_pid=$!
+    pids+=("$rx_pid")
+    if wait_for 10 test -S "$sock"; then
+      measure passt "$size" passt
+    else
+      echo "bench-pps: passt did not create $sock" >&2
+      results+=("passt $size - - - failed")
+    fi
+    stop "$rx_pid" TERM
+  fi
+done
+
+[ -n "${PASST:-}" ] || echo "bench-pps: passt skipped (set PASST=/path/to/passt to measure it)" >&2
+
+# The table: every case against the ceiling at the same frame size.
+{
+  printf '%-14s %6s %9s %9s %8s %14s\n' case bytes Mpps "CPU s" "wall s" "ratio/ceiling"
+  for r in "${results[@]}"; do
+    read -r c s m cpu w st <<<"$r"
+    ceil=$(printf '%s\n' "${results[@]}" | awk -v s="$s" '$1 == "ceiling" && $2 == s && $6 == "ok" {print $3}')
+    ratio=$(awk -v m="$m" -v c="${ceil:-0}" 'BEGIN { if (c > 0 && m != "-") printf "%.3f", m / c; else print "-" }')
+    printf '%-14s %6s %9s %9s %8s %14s\n' "$c" "$s" "$m" "$cpu" "$w" "$ratio"
+  done
+} | tee "$work/table"
+echo "(1518 B moat cases: deny-all.toml + mtu = 1504, else they would be dropped as oversized unparsed)"
+echo "(Mpps from the receiver's counters; CPU s = receiver CPU over the window; the vhost PMD polls, so its CPU is its whole window; answer path = UDP DNS to the gateway, not ICMP: testpmd txonly cannot send ICMP)"
+for size in $sizes; do
+  [ -f "$work/moat-$size.log" ] || continue
+  echo "moat drop reasons, ${size} B cases:"
+  grep -E '^drop|^answered|^traffic' "$work/moat-$size.log" | sed 's/^/  /' || true
+done
+{ echo "## table"; cat "$work/table"; } >>"$raw"
