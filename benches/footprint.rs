@@ -449,12 +449,12 @@ fn main() {
     drop(fleet);
 
     let mut table = format!(
-        "{:<36} | {:<26} | {:<52} | {}\n",
+        "{:<36} | {:<31} | {:<52} | {}\n",
         "figure", "target (peer)", "measured", "measured/target"
     );
     for r in &rows {
         table.push_str(&format!(
-            "{:<36} | {:<26} | {:<52} | {}\n",
+            "{:<36} | {:<31} | {:<52} | {}\n",
             r.figure, r.target, r.measured, r.ratio
         ));
     }

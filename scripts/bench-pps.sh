@@ -20,14 +20,15 @@
 # at most 1514-byte frames: for 1518 B frames moat runs with deny-all.toml plus `mtu = 1504`,
 # so they are parsed and dropped (or answered) like the 64 B ones, not dropped as oversized.
 #
-# Mpps is the receiver's own counter over a measured wall time: moat's traffic.tx_frames
-# through its control socket (`moat stats --json`), the vhost PMD's RX-packets from its
-# periodic statistics (timestamped as they are printed); passt has no counter, so its figure
-# is the frames testpmd got into the ring (TX-packets), which passt had to consume. CPU is
+# Mpps is the receiver's own counter over a measured time: moat's traffic.tx_frames through
+# its control socket (`moat stats --json`) over the wall time between the two reads; the vhost
+# PMD's RX-packets from its periodic statistics within the window, over the periods testpmd
+# itself measured (TSC); passt has no counter, so its figure is the frames testpmd got into
+# the ring (TX-packets, same method), which passt had to consume. CPU is
 # the receiver's, from /proc/PID/task/*/schedstat (ns on CPU).
 #
 # Env: MOAT_PPS_SECS (default 10; 3 with MOAT_BENCH_QUICK=1), PASST, MOAT_PPS_SIZES
-# (default "64 1518"). Prints a table; appends raw numbers to target/bench/pps.txt.
+# (default "64 1518"), MOAT_PPS_KEEP=1 keeps the testpmd and moat logs. Prints a table; appends raw numbers to target/bench/pps.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,7 +59,11 @@ cleanup() {
   for p in "${pids[@]}"; do
     kill -KILL "$p" 2>/dev/null || true
   done
-  rm -rf "$work"
+  if [ -n "${MOAT_PPS_KEEP:-}" ]; then
+    echo "bench-pps: logs kept in $work" >&2
+  else
+    rm -rf "$work"
+  fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -93,11 +98,19 @@ stat_at() { # stat_at FILE KEY TIME
     END { if (s != "") print s, v }' "$1"
 }
 
-# The first value of `key` in a stamped testpmd log at or after time $3.
-stat_after() { # stat_after FILE KEY TIME
-  awk -v key="$2" -v t="$3" '
-    s == "" { for (i = 2; i < NF; i++) if ($i == key && $1 >= t) { s = $1; v = $(i + 1) } }
-    END { if (s != "") print s, v }' "$1"
+# Frames and seconds within [T0, T1] from testpmd's periodic statistics: each block's
+# counter delta, and its own period from that delta and the rate testpmd measured (TSC), so
+# the figure does not depend on when the lines were read (a starved reader stamps late).
+pmd_window() { # pmd_window FILE COUNT_KEY PPS_KEY T0 T1 -> "frames seconds"
+  awk -v ck="$2" -v pk="$3" -v t0="$4" -v t1="$5" '
+    { for (i = 2; i < NF; i++) {
+        if ($i == ck && $(i + 2) != "RX-dropped:" && $(i + 2) != "TX-dropped:") { stamp = $1; cnt = $(i + 1) }
+        if ($i == pk) {
+          d = cnt - prev; prev = cnt
+          if (stamp >= t0 && stamp <= t1 && $(i + 1) > 0) { n += d; t += d / $(i + 1) }
+        }
+    } }
+    END { printf "%.0f %.6f\n", n, t }' "$1"
 }
 
 sending() { # the txonly side has put frames in the ring
@@ -156,34 +169,39 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
     return
   fi
   sleep 1 # ramp up
-  local c0 c1 t0 t1 cpu0 cpu1 n0 n1
+  local c0 c1 t0 t1 cpu0 cpu1 n1 n w
   case $kind in
     moat)
-      t0=$(now); c0=$(moat_frames "$ctl"); cpu0=$(cpu_ns "$rx_pid")
+      # Each counter read is stamped at the middle of the control-socket round trip.
+      local a b
+      a=$(now); c0=$(moat_frames "$ctl"); b=$(now); cpu0=$(cpu_ns "$rx_pid")
+      t0=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
       sleep "$secs"
-      t1=$(now); c1=$(moat_frames "$ctl"); cpu1=$(cpu_ns "$rx_pid")
+      a=$(now); c1=$(moat_frames "$ctl"); b=$(now); cpu1=$(cpu_ns "$rx_pid")
+      t1=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
       ;;
     vhost)
       t0=$(now); cpu0=$(cpu_ns "$rx_pid")
       sleep "$secs"
       t1=$(now); cpu1=$(cpu_ns "$rx_pid")
       sleep 1.2 # the statistics printed within the window, first and last
-      read -r t0 c0 < <(stat_after "$work/$case-$size.rx" RX-packets: "$t0") || true
-      read -r t1 c1 < <(stat_at "$work/$case-$size.rx" RX-packets: "$t1") || true
+      read -r n w < <(pmd_window "$work/$case-$size.rx" RX-packets: Rx-pps: "$t0" "$t1") || true
+      c0=0 c1=$n t0=0 t1=$w
       ;;
     passt)
       t0=$(now); cpu0=$(cpu_ns "$rx_pid")
       sleep "$secs"
       t1=$(now); cpu1=$(cpu_ns "$rx_pid")
       sleep 1.2 # the statistics printed within the window, first and last
-      read -r t0 c0 < <(stat_after "$work/$name.tx" TX-packets: "$t0") || true
-      read -r t1 c1 < <(stat_at "$work/$name.tx" TX-packets: "$t1") || true
+      read -r n w < <(pmd_window "$work/$name.tx" TX-packets: Tx-pps: "$t0" "$t1") || true
+      c0=0 c1=$n t0=0 t1=$w
       ;;
   esac
   # What the sender offered over the same time, for reference.
   read -r _ n1 < <(stat_at "$work/$name.tx" TX-packets: "$(now)") || n1=0
   stop "$tx_pid" INT
-  if [ -z "${c0:-}" ] || [ -z "${c1:-}" ] || [ "$c0" = null ] || [ -z "${t0:-}" ]; then
+  if [ -z "${c0:-}" ] || [ -z "${c1:-}" ] || [ "$c0" = null ] || [ -z "${t0:-}" ] ||
+    ! awk -v a="$t0" -v b="$t1" 'BEGIN { exit !(b - a > 0.5) }'; then
     echo "bench-pps: $name: no receiver counters" >&2
     results+=("$case $size - - - failed")
     return

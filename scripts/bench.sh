@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Every performance figure of moat in one run, each against a peer measured in the same run:
+#   scripts/bench-pps.sh             packet rate (dpdk-testpmd txonly) vs DPDK's vhost PMD
+#   cargo bench --bench egress_tcp   TCP through moat (no peer yet: figures only)
+#   cargo bench --bench verdict      parse + verdict ns/frame vs etherparse's bare parse
+#   cargo bench --bench footprint    RSS and idle CPU vs the issue's targets
+# then ONE summary table (peer, figure, moat, peer value, ratio) in target/bench/summary.txt.
+# Each step's full output is in target/bench/<step>.log.
+#
+# MOAT_BENCH_QUICK=1: a smoke run (3 s per packet-rate case, 32 MiB / 50 connections, short
+# criterion runs, 3 s idle, 1000 flows, 10 moats).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out=target/bench
+mkdir -p "$out"
+quick=${MOAT_BENCH_QUICK:-0}
+if [ "$quick" != 0 ] && [ -n "$quick" ]; then
+  export MOAT_BENCH_QUICK=1
+  export MOAT_BENCH_MB=${MOAT_BENCH_MB:-32} MOAT_BENCH_CONNS=${MOAT_BENCH_CONNS:-50}
+fi
+
+cargo build --release || {
+  echo "bench: cargo build --release failed" >&2
+  exit 1
+}
+
+status=()
+step() { # step NAME CMD...: run, log, remember the exit status
+  local name=$1
+  shift
+  echo "=== $name: $*" >&2
+  local start=$SECONDS
+  "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  status+=("$name rc=$rc $((SECONDS - start))s")
+  [ "$rc" = 0 ] || echo "bench: $name failed (exit $rc); see $out/$name.log" >&2
+}
+
+rm -f "$out"/{egress_tcp,verdict,footprint}.txt
+pps_mark=$(wc -l <"$out/pps.txt" 2>/dev/null || echo 0)
+step pps scripts/bench-pps.sh
+step egress_tcp cargo bench --bench egress_tcp
+step verdict cargo bench --bench verdict
+step footprint cargo bench --bench footprint
+
+summary() {
+  printf '%-30s %-34s %24s %24s %9s\n' peer figure moat "peer value" ratio
+  # Packet rate: this run's table at the end of pps.txt.
+  if [ -f "$out/pps.txt" ]; then
+    tail -n +"$((pps_mark + 1))" "$out/pps.txt" | awk '
+      /^## table/ { t = 1; next }
+      /^#/ { t = 0 }
+      t && $1 != "case" { mpps[$1 " " $2] = $3; order[++n] = $1 " " $2 }
+      END {
+        for (i = 1; i <= n; i++) {
+          split(order[i], k, " ")
+          if (k[1] == "ceiling") continue
+          c = mpps["ceiling " k[2]]; m = mpps[order[i]]
+          r = (c + 0 > 0 && m != "-") ? sprintf("%.3f", m / c) : "-"
+          printf "%-30s %-34s %24s %24s %9s\n", "DPDK vhost PMD rxonly", k[1] " " k[2] "B Mpps", m, c, r
+        }
+      }'
+  fi
+  if [ -f "$out/egress_tcp.txt" ]; then
+    # Rows are "{name:<24} {value:>10.3} {unit:<8} {cpu:>12.3} {cost}": the name may have spaces.
+    awk 'NR > 1 {
+      name = substr($0, 1, 24); sub(/ +$/, "", name)
+      split(substr($0, 26), f, " ")
+      printf "%-30s %-34s %24s %24s %9s\n", "(none measured yet)", name " " f[2], f[1], "-", "-"
+    }' "$out/egress_tcp.txt"
+  fi
+  if [ -f "$out/verdict.txt" ]; then
+    awk 'NR > 1 { printf "%-30s %-34s %24s %24s %9s\n", "etherparse SlicedPacket", $1 " ns/frame", $3, $4, $5 }' \
+      "$out/verdict.txt"
+  fi
+  if [ -f "$out/footprint.txt" ]; then
+    awk -F' *[|] *' '/^raw / || NR == 1 { next }
+      {
+        split($3, m, " "); split($2, t, " ")
+        tv = ($2 ~ /^~0/) ? $2 : t[2] " " t[3]
+        printf "%-30s %-34s %24s %24s %9s\n", "issue target", substr($1, 1, 34), m[1] " " m[2], tv, $4
+      }' "$out/footprint.txt"
+  fi
+}
+
+{
+  echo "# moat bench summary, $(date -u +%FT%TZ), $(nproc) CPUs$([ "$quick" != 0 ] && [ -n "$quick" ] && echo ', QUICK')"
+  summary
+  echo
+  echo "ratio = moat / peer (packet rate: higher is better; ns/frame, RSS, CPU: lower is better)"
+  echo "steps: ${status[*]}"
+} | tee "$out/summary.txt"
