@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::egress::Flows;
 use crate::firewall::{Firewall, Verdict};
-use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
+use crate::frame::checksum::{self, L4Layout};
+use crate::frame::virtio_hdr::{Offloads, RxHdr, TxOffload, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
 use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN};
 use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
 use crate::services::dns::NamePool;
@@ -24,6 +25,8 @@ pub struct Datapath {
     counters: Arc<Counters>,
     max_frame_len: usize,
     guest_mac: MacAddr,
+    /// What the driver acked: partial checksums and 64 KiB TCP segments each way.
+    offloads: Offloads,
 }
 
 impl Datapath {
@@ -37,6 +40,7 @@ impl Datapath {
             gateway: Gateway::new(&policy, Arc::clone(&names), Arc::clone(&counters)),
             max_frame_len: ETH_HDR_LEN + usize::from(policy.vm.mtu),
             guest_mac: policy.vm.mac,
+            offloads: Offloads::default(),
             flows: Flows::new(policy, names, Arc::clone(&counters)),
             counters,
         }
@@ -54,15 +58,43 @@ impl Datapath {
         &mut self.flows
     }
 
-    /// Run the flows; every IP packet they have for the guest becomes a frame for `out`.
-    pub fn pump(&mut self, mut out: impl FnMut(Vec<u8>)) {
+    /// The driver acked its features: from now on, frames may use these offloads.
+    pub fn set_offloads(&mut self, offloads: Offloads) {
+        self.offloads = offloads;
+        self.flows
+            .set_large_segments(offloads.host_tso4, offloads.guest_tso4);
+    }
+
+    /// Run the flows; every IP packet they have for the guest becomes a frame for `out`,
+    /// with what its virtio-net header must say.
+    pub fn pump(&mut self, mut out: impl FnMut(Vec<u8>, RxHdr)) {
+        let mtu = self.max_frame_len - ETH_HDR_LEN;
         for packet in self.flows.pump() {
             let mut frame = Vec::with_capacity(ETH_HDR_LEN + packet.len());
             frame.extend_from_slice(&self.guest_mac.0);
             frame.extend_from_slice(&GATEWAY_MAC.0);
             frame.extend_from_slice(&0x0800u16.to_be_bytes());
             frame.extend_from_slice(&packet);
-            out(frame);
+            let hdr = if packet.len() > mtu {
+                // Only smoltcp's TCP makes packets over the MTU, and only for a guest that
+                // takes 64 KiB segments (GUEST_TSO4): hand it one with a partial checksum.
+                match tso_header(&mut frame[ETH_HDR_LEN..], mtu) {
+                    Some(hdr) => hdr,
+                    None => {
+                        self.counters.drop_frame(
+                            DropReason::Oversized,
+                            format_args!("stack packet of {} bytes", packet.len()),
+                        );
+                        continue;
+                    }
+                }
+            } else if self.offloads.guest_csum {
+                // smoltcp computed every checksum: the guest need not verify them again.
+                RxHdr::DataValid
+            } else {
+                RxHdr::Plain
+            };
+            out(frame, hdr);
         }
     }
 
@@ -73,7 +105,12 @@ impl Datapath {
     /// The largest TX buffer (header + frame) worth reading; anything longer is dropped
     /// as oversized without being copied.
     pub fn max_tx_len(&self) -> usize {
-        VIRTIO_NET_HDR_LEN + self.max_frame_len
+        VIRTIO_NET_HDR_LEN
+            + if self.offloads.host_tso4 {
+                MAX_GSO_FRAME
+            } else {
+                self.max_frame_len
+            }
     }
 
     /// Count a TX buffer that never made it to parsing (bad descriptors, too long).
@@ -86,7 +123,7 @@ impl Datapath {
 
     /// Handle one TX buffer: the virtio-net header followed by the frame.
     /// Returns the frame to send back to the guest, if any.
-    pub fn guest_frame(&mut self, buf: &[u8]) -> Option<Vec<u8>> {
+    pub fn guest_frame(&mut self, buf: &mut [u8]) -> Option<Vec<u8>> {
         self.counters.add(Traffic::TxFrames, 1);
         self.counters.add(Traffic::TxBytes, buf.len() as u64);
         match self.decide(buf) {
@@ -98,14 +135,20 @@ impl Datapath {
         }
     }
 
-    fn decide(&mut self, buf: &[u8]) -> Result<Option<Vec<u8>>, (DropReason, Summary)> {
-        let no_summary = |reason| (reason, Summary::Bytes(buf.len()));
+    fn decide(&mut self, buf: &mut [u8]) -> Result<Option<Vec<u8>>, (DropReason, Summary)> {
+        let len = buf.len();
+        let no_summary = |reason| (reason, Summary::Bytes(len));
         let hdr = VirtioNetHdr::parse(buf).map_err(no_summary)?;
-        hdr.check_tx().map_err(no_summary)?;
-        let bytes = &buf[VIRTIO_NET_HDR_LEN..];
-        if bytes.len() > self.max_frame_len {
+        let offload = hdr.check_tx(self.offloads).map_err(no_summary)?;
+        let bytes = &mut buf[VIRTIO_NET_HDR_LEN..];
+        let max = match offload {
+            TxOffload::Tso { .. } => MAX_GSO_FRAME,
+            _ => self.max_frame_len,
+        };
+        if bytes.len() > max {
             return Err(no_summary(DropReason::Oversized));
         }
+        complete_checksum(bytes, offload).map_err(no_summary)?;
         let frame = frame::parse(bytes).map_err(no_summary)?;
         match self.firewall.verdict(&frame) {
             Verdict::Drop(reason) => Err((reason, summarize(&frame))),
@@ -162,6 +205,45 @@ impl Datapath {
             Err(reason) => Err((reason, summarize(frame))),
         }
     }
+}
+
+/// A guest's partial checksum (NEEDS_CSUM), completed in moat's copy before anything looks
+/// at the frame, so the firewall, the services and smoltcp all see an ordinary frame and
+/// verify it as such. The offsets the guest gave must be where the frame's own IPv4 and
+/// TCP/UDP headers put the field; the checksum is computed from the frame alone.
+fn complete_checksum(frame: &mut [u8], offload: TxOffload) -> Result<(), DropReason> {
+    let (start, offset, tso) = match offload {
+        TxOffload::None => return Ok(()),
+        TxOffload::Csum { start, offset } => (start, offset, false),
+        TxOffload::Tso { start, offset, .. } => (start, offset, true),
+    };
+    if frame.get(12..14) != Some(&[0x08, 0x00][..]) {
+        return Err(DropReason::BadVirtioHeader);
+    }
+    let ip = &mut frame[ETH_HDR_LEN..];
+    let l4 = L4Layout::of(ip).ok_or(DropReason::BadVirtioHeader)?;
+    if usize::from(start) != ETH_HDR_LEN + l4.start || offset != l4.field || tso && l4.protocol != 6
+    {
+        return Err(DropReason::BadVirtioHeader);
+    }
+    checksum::fill(ip)
+}
+
+/// The RX header of a TCP segment over the MTU, its checksum left partial; `None` if the
+/// packet is not TCP over IPv4 (smoltcp makes no other large packets).
+fn tso_header(ip: &mut [u8], mtu: usize) -> Option<RxHdr> {
+    let l4 = checksum::leave_partial(ip)?;
+    if l4.protocol != 6 {
+        return None;
+    }
+    let tcp_hdr_len = usize::from(ip.get(l4.start + 12)? >> 4) * 4;
+    let headers = l4.start + tcp_hdr_len;
+    Some(RxHdr::Tso {
+        hdr_len: (ETH_HDR_LEN + headers) as u16,
+        mss: mtu.checked_sub(headers).filter(|&m| m > 0)? as u16,
+        csum_start: (ETH_HDR_LEN + l4.start) as u16,
+        csum_offset: l4.field,
+    })
 }
 
 /// What a drop log line says about a frame: built without allocating (drops are the hot

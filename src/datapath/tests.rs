@@ -67,7 +67,7 @@ fn dhcp_handshake_offers_the_policy_address() {
         None,
         GATEWAY_MAC,
     );
-    let offer = dp.guest_frame(&with_hdr(&discover)).expect("an offer");
+    let offer = dp.guest_frame(&mut with_hdr(&discover)).expect("an offer");
     let (_, offer) = dhcp_reply(&offer);
     assert_eq!(offer.xid(), 0x1234);
     assert_eq!(offer.yiaddr(), GUEST);
@@ -106,7 +106,7 @@ fn dhcp_handshake_offers_the_policy_address() {
         Some(GW),
         GATEWAY_MAC,
     );
-    let (_, ack) = dhcp_reply(&dp.guest_frame(&with_hdr(&request)).expect("an ack"));
+    let (_, ack) = dhcp_reply(&dp.guest_frame(&mut with_hdr(&request)).expect("an ack"));
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(ack.yiaddr(), GUEST);
 
@@ -119,7 +119,7 @@ fn dhcp_handshake_offers_the_policy_address() {
         Some(GW),
         GATEWAY_MAC,
     );
-    let (dst, nak) = dhcp_reply(&dp.guest_frame(&with_hdr(&wrong)).expect("a nak"));
+    let (dst, nak) = dhcp_reply(&dp.guest_frame(&mut with_hdr(&wrong)).expect("a nak"));
     assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
     assert_eq!(dst, Ipv4Addr::BROADCAST);
 
@@ -132,7 +132,10 @@ fn dhcp_handshake_offers_the_policy_address() {
         Some(GW),
         GATEWAY_MAC,
     );
-    let (dst, ack) = dhcp_reply(&dp.guest_frame(&with_hdr(&renew)).expect("a renewal ack"));
+    let (dst, ack) = dhcp_reply(
+        &dp.guest_frame(&mut with_hdr(&renew))
+            .expect("a renewal ack"),
+    );
     assert_eq!(
         (dst, ack.opts().msg_type()),
         (GUEST, Some(MessageType::Ack))
@@ -147,7 +150,10 @@ fn dhcp_handshake_offers_the_policy_address() {
         Some(GW),
         GATEWAY_MAC,
     );
-    let (_, ack) = dhcp_reply(&dp.guest_frame(&with_hdr(&inform)).expect("an inform ack"));
+    let (_, ack) = dhcp_reply(
+        &dp.guest_frame(&mut with_hdr(&inform))
+            .expect("an inform ack"),
+    );
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
     assert!(
         ack.opts().get(OptionCode::AddressLeaseTime).is_none(),
@@ -163,7 +169,7 @@ fn dhcp_handshake_offers_the_policy_address() {
         Some(GW),
         GATEWAY_MAC,
     );
-    assert!(dp.guest_frame(&with_hdr(&release)).is_none());
+    assert!(dp.guest_frame(&mut with_hdr(&release)).is_none());
     assert_eq!(dp.counters().answers(Service::Dhcp), 6);
     assert_eq!(dp.counters().total_drops(), 0);
 }
@@ -183,7 +189,7 @@ fn dhcp_with_a_bogus_hardware_length_is_dropped_not_panicking() {
     // hlen lives at byte 2 of the BOOTP header: eth 14 + ip 20 + udp 8.
     discover[14 + 20 + 8 + 2] = 200;
     discover[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]); // no UDP checksum
-    assert!(dp.guest_frame(&with_hdr(&discover)).is_none());
+    assert!(dp.guest_frame(&mut with_hdr(&discover)).is_none());
     assert_eq!(dp.counters().drops(DropReason::DhcpMalformed), 1);
 }
 
@@ -191,7 +197,7 @@ fn dhcp_with_a_bogus_hardware_length_is_dropped_not_panicking() {
 fn arp_reply_names_the_gateway_mac() {
     let mut dp = datapath();
     let reply = dp
-        .guest_frame(&with_hdr(&craft::arp_request(GUEST_MAC, GUEST, GW)))
+        .guest_frame(&mut with_hdr(&craft::arp_request(GUEST_MAC, GUEST, GW)))
         .expect("arp reply");
     let frame = frame::parse(&reply).unwrap();
     assert_eq!(frame.eth.dst, GUEST_MAC);
@@ -215,7 +221,7 @@ fn echo_reply_mirrors_the_request() {
         7,
         b"ping payload",
     );
-    let reply = dp.guest_frame(&with_hdr(&req)).expect("echo reply");
+    let reply = dp.guest_frame(&mut with_hdr(&req)).expect("echo reply");
     let frame = frame::parse(&reply).unwrap();
     let Network::Ipv4(ip) = frame.net else {
         panic!()
@@ -235,7 +241,7 @@ fn echo_reply_mirrors_the_request() {
     let mut bad = req.clone();
     let last = bad.len() - 1;
     bad[last] ^= 0xff;
-    assert!(dp.guest_frame(&with_hdr(&bad)).is_none());
+    assert!(dp.guest_frame(&mut with_hdr(&bad)).is_none());
     assert_eq!(dp.counters().drops(DropReason::L4BadChecksum), 1);
 }
 
@@ -243,7 +249,7 @@ fn echo_reply_mirrors_the_request() {
 fn oversized_frames_are_dropped() {
     let mut dp = datapath();
     let big = craft::icmp_echo(GUEST_MAC, GATEWAY_MAC, GUEST, GW, 1, 1, &[0u8; 1400]);
-    assert!(dp.guest_frame(&with_hdr(&big)).is_none());
+    assert!(dp.guest_frame(&mut with_hdr(&big)).is_none());
     assert_eq!(dp.counters().drops(DropReason::Oversized), 1);
 }
 
@@ -286,9 +292,21 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     #[test]
-    fn arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..1600)) {
+    fn arbitrary_bytes_never_panic(
+        mut buf in proptest::collection::vec(any::<u8>(), 0..1600),
+        offloads in any::<bool>(),
+    ) {
         let mut dp = datapath();
-        let answered = dp.guest_frame(&buf).is_some();
+        if offloads {
+            // Every offload acked: headers asking for checksum completion and TSO are taken.
+            dp.set_offloads(crate::frame::virtio_hdr::Offloads {
+                csum: true,
+                host_tso4: true,
+                guest_csum: true,
+                guest_tso4: true,
+            });
+        }
+        let answered = dp.guest_frame(&mut buf).is_some();
         let c = dp.counters();
         let answers: u64 = Service::ALL.iter().map(|s| c.answers(*s)).sum();
         // Every frame is either answered, handled silently (RELEASE) or dropped and counted.
@@ -308,7 +326,7 @@ proptest! {
         }
         frame.truncate(cut % (frame.len() + 1));
         let mut dp = datapath();
-        let answer = dp.guest_frame(&with_hdr(&frame));
+        let answer = dp.guest_frame(&mut with_hdr(&frame));
         if let Some(answer) = answer {
             // Whatever moat answers is itself a well-formed frame addressed to the guest.
             let parsed = frame::parse(&answer);

@@ -3,6 +3,7 @@
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
@@ -26,6 +27,12 @@ pub fn virtio_features() -> u64 {
         | (1 << VIRTIO_NET_F_STATUS)
         | (1 << VIRTIO_NET_F_MTU)
         | (1 << VIRTIO_NET_F_MRG_RXBUF)
+        // Offloads: partial checksums and 64 KiB TCPv4 segments, both ways (see
+        // frame::virtio_hdr::Offloads and datapath::complete_checksum).
+        | (1 << VIRTIO_NET_F_CSUM)
+        | (1 << VIRTIO_NET_F_GUEST_CSUM)
+        | (1 << VIRTIO_NET_F_HOST_TSO4)
+        | (1 << VIRTIO_NET_F_GUEST_TSO4)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()

@@ -9,6 +9,7 @@ pub mod pacer;
 pub mod queues;
 pub mod server;
 
+use crate::frame::virtio_hdr::{Offloads, RxHdr};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -226,8 +227,8 @@ impl NetDevice {
             }
             match read {
                 Ok(_) => {
-                    if let Some(answer) = self.datapath.guest_frame(&self.tx_buf) {
-                        self.rx.push(answer, self.datapath.counters());
+                    if let Some(answer) = self.datapath.guest_frame(&mut self.tx_buf) {
+                        self.rx.push(answer, RxHdr::Plain, self.datapath.counters());
                     }
                 }
                 Err(ChainError::Bad) => self
@@ -290,6 +291,8 @@ impl VhostUserBackendMut for NetDevice {
 
     fn acked_features(&mut self, features: u64) {
         self.acked_features = features;
+        self.datapath
+            .set_offloads(Offloads::from_features(features));
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -299,6 +302,7 @@ impl VhostUserBackendMut for NetDevice {
     fn reset_device(&mut self) {
         self.rx.clear();
         self.acked_features = 0;
+        self.datapath.set_offloads(Offloads::default());
         self.event_idx = false;
     }
 
@@ -356,7 +360,8 @@ impl VhostUserBackendMut for NetDevice {
             token => self.datapath.flows().host_event(u64::from(token), evset),
         }
         let rx = &mut self.rx;
-        self.datapath.pump(|frame| rx.push(frame, &counters));
+        self.datapath
+            .pump(|frame, hdr| rx.push(frame, hdr, &counters));
         self.arm_timer();
         let mrg = self.mrg_rxbuf();
         self.rx.flush(rx_vring, &mem, mrg, &counters)

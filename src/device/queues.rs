@@ -13,8 +13,7 @@ use vm_memory::{
     Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 
-use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
-use crate::frame::VirtioNetHdr;
+use crate::frame::virtio_hdr::{RxHdr, VIRTIO_NET_HDR_LEN};
 use crate::telemetry::{Counters, DropReason, Traffic};
 
 use super::pacer::Pacer;
@@ -91,7 +90,7 @@ fn write_chain(
 /// The RX side of one queue pair: answers waiting for guest buffers.
 #[derive(Debug, Default)]
 pub struct RxQueue {
-    pending: VecDeque<Vec<u8>>,
+    pending: VecDeque<(Vec<u8>, RxHdr)>,
     /// `limits.ingress_bps`: frames wait for the bucket instead of being dropped.
     pacer: Option<Pacer>,
     paced: bool,
@@ -120,7 +119,7 @@ impl RxQueue {
     }
 
     /// Queue a frame for the guest; drops (counted) when too many are already waiting.
-    pub fn push(&mut self, frame: Vec<u8>, counters: &Counters) {
+    pub fn push(&mut self, frame: Vec<u8>, hdr: RxHdr, counters: &Counters) {
         if self.pending.len() >= MAX_PENDING_RX {
             counters.drop_frame(
                 DropReason::RxQueueFull,
@@ -128,7 +127,7 @@ impl RxQueue {
             );
             return;
         }
-        self.pending.push_back(frame);
+        self.pending.push_back((frame, hdr));
     }
 
     pub fn pending(&self) -> usize {
@@ -153,7 +152,7 @@ impl RxQueue {
         let mem = mem.memory();
         let mut delivered = false;
         self.paced = false;
-        while let Some(frame) = self.pending.front() {
+        while let Some((frame, hdr)) = self.pending.front() {
             if let Some(pacer) = self.pacer.as_mut() {
                 if !pacer.ready() {
                     self.paced = true;
@@ -164,7 +163,7 @@ impl RxQueue {
             self.scratch.clear();
             self.scratch.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
             self.scratch.extend_from_slice(frame);
-            match place_frame(vring, &mem, &mut self.scratch, mrg_rxbuf) {
+            match place_frame(vring, &mem, &mut self.scratch, *hdr, mrg_rxbuf) {
                 Placed::Done => {
                     counters.add(Traffic::RxFrames, 1);
                     counters.add(Traffic::RxBytes, frame.len() as u64);
@@ -203,7 +202,13 @@ enum Placed {
 }
 
 /// Write one header+frame into as many RX chains as it needs.
-fn place_frame(vring: &VringRwLock, mem: &Mem, data: &mut [u8], mrg_rxbuf: bool) -> Placed {
+fn place_frame(
+    vring: &VringRwLock,
+    mem: &Mem,
+    data: &mut [u8],
+    hdr: RxHdr,
+    mrg_rxbuf: bool,
+) -> Placed {
     let mut state = vring.get_mut();
     let queue = state.get_queue_mut();
     let mut chains = Vec::new();
@@ -237,7 +242,7 @@ fn place_frame(vring: &VringRwLock, mem: &Mem, data: &mut [u8], mrg_rxbuf: bool)
         return Placed::Dropped(DropReason::RxBufferTooSmall);
     }
     let num_buffers = chains.len() as u16;
-    data[..VIRTIO_NET_HDR_LEN].copy_from_slice(&VirtioNetHdr::rx_bytes(num_buffers));
+    data[..VIRTIO_NET_HDR_LEN].copy_from_slice(&hdr.bytes(num_buffers));
     let mut off = 0;
     let mut failed = false;
     for (chain, cap) in chains {

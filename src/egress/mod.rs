@@ -177,6 +177,11 @@ impl Flows {
         }
     }
 
+    /// The guest acked segmentation offloads (HOST_TSO4 / GUEST_TSO4).
+    pub fn set_large_segments(&mut self, from_guest: bool, to_guest: bool) {
+        self.stack.set_large_segments(from_guest, to_guest);
+    }
+
     /// Follow a reloaded policy: reset the flows it no longer allows, listen for its forwards.
     /// Returns how many flows were reset.
     pub fn reload(&mut self, policy: Arc<Policy>) -> usize {

@@ -6,6 +6,7 @@
 //! rejected here with the [`DropReason`] that says why. The wire formats come from etherparse;
 //! only the checks moat needs on top of it (checksums, lengths, fragments) are written here.
 
+pub mod checksum;
 pub mod craft;
 pub mod virtio_hdr;
 

@@ -7,7 +7,56 @@ use crate::telemetry::DropReason;
 pub const VIRTIO_NET_HDR_LEN: usize = 12;
 
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+
+/// The largest IPv4 packet, hence the largest TSO frame: Ethernet header + 64 KiB - 1.
+pub const MAX_GSO_FRAME: usize = 14 + 65535;
+
+/// The offloads the driver acked (virtio-net feature bits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// VIRTIO_NET_F_CSUM: the guest may send partial checksums (NEEDS_CSUM).
+    pub csum: bool,
+    /// VIRTIO_NET_F_HOST_TSO4: the guest may send TCPv4 segments of up to 64 KiB.
+    pub host_tso4: bool,
+    /// VIRTIO_NET_F_GUEST_CSUM: moat may send partial checksums and mark full ones valid.
+    pub guest_csum: bool,
+    /// VIRTIO_NET_F_GUEST_TSO4: moat may send TCPv4 segments of up to 64 KiB.
+    pub guest_tso4: bool,
+}
+
+impl Offloads {
+    pub fn from_features(features: u64) -> Offloads {
+        use virtio_bindings::bindings::virtio_net::{
+            VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_HOST_TSO4,
+        };
+        let has = |bit: u32| features & (1 << bit) != 0;
+        let csum = has(VIRTIO_NET_F_CSUM);
+        let guest_csum = has(VIRTIO_NET_F_GUEST_CSUM);
+        Offloads {
+            csum,
+            // Segmentation offloads need the checksum offload of the same direction.
+            host_tso4: csum && has(VIRTIO_NET_F_HOST_TSO4),
+            guest_csum,
+            guest_tso4: guest_csum && has(VIRTIO_NET_F_GUEST_TSO4),
+        }
+    }
+}
+
+/// What a TX header asks of moat, once checked against the acked offloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxOffload {
+    /// A complete frame with complete checksums.
+    None,
+    /// The L4 checksum at `start + offset` is partial: moat computes it.
+    Csum { start: u16, offset: u16 },
+    /// A TCPv4 segment of up to 64 KiB (partial checksum too); `mss` is what the guest asked
+    /// to cut it into, which moat does not need: it terminates TCP.
+    Tso { start: u16, offset: u16, mss: u16 },
+}
 
 /// The fields of a virtio-net header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,19 +89,73 @@ impl VirtioNetHdr {
         })
     }
 
-    /// Check a TX header against what was negotiated. No offloads are negotiated yet, so a
-    /// guest asking for checksum completion or segmentation is misbehaving.
-    pub fn check_tx(&self) -> Result<(), DropReason> {
-        if self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || self.gso_type != VIRTIO_NET_HDR_GSO_NONE
-        {
+    /// Check a TX header against the acked offloads: a guest asking for an offload it did
+    /// not negotiate (or for GSO without a partial checksum, or ECN, or UDP/IPv6 GSO, none
+    /// of which moat offers) is misbehaving. The offsets are checked against the frame later.
+    pub fn check_tx(&self, offloads: Offloads) -> Result<TxOffload, DropReason> {
+        let needs_csum = self.flags == VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        if self.flags != 0 && !needs_csum || needs_csum && !offloads.csum {
             return Err(DropReason::BadVirtioHeader);
         }
-        Ok(())
+        let (start, offset) = (self.csum_start, self.csum_offset);
+        match self.gso_type {
+            VIRTIO_NET_HDR_GSO_NONE if needs_csum => Ok(TxOffload::Csum { start, offset }),
+            VIRTIO_NET_HDR_GSO_NONE => Ok(TxOffload::None),
+            VIRTIO_NET_HDR_GSO_TCPV4 if offloads.host_tso4 && needs_csum && self.gso_size > 0 => {
+                Ok(TxOffload::Tso {
+                    start,
+                    offset,
+                    mss: self.gso_size,
+                })
+            }
+            _ => Err(DropReason::BadVirtioHeader),
+        }
     }
 
     /// The header bytes for an RX frame that uses `num_buffers` descriptor chains.
     pub fn rx_bytes(num_buffers: u16) -> [u8; VIRTIO_NET_HDR_LEN] {
+        RxHdr::Plain.bytes(num_buffers)
+    }
+}
+
+/// What moat tells the guest about an RX frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RxHdr {
+    /// Nothing: a complete frame (the guest verifies checksums as it likes).
+    #[default]
+    Plain,
+    /// The checksums are known good (GUEST_CSUM: the guest may skip verifying them).
+    DataValid,
+    /// A TCPv4 segment of up to 64 KiB with a partial checksum (GUEST_TSO4): the L4 header
+    /// starts at `csum_start`, headers end at `hdr_len`, `mss` is the segment size.
+    Tso {
+        hdr_len: u16,
+        mss: u16,
+        csum_start: u16,
+        csum_offset: u16,
+    },
+}
+
+impl RxHdr {
+    pub fn bytes(self, num_buffers: u16) -> [u8; VIRTIO_NET_HDR_LEN] {
         let mut b = [0u8; VIRTIO_NET_HDR_LEN];
+        match self {
+            RxHdr::Plain => {}
+            RxHdr::DataValid => b[0] = VIRTIO_NET_HDR_F_DATA_VALID,
+            RxHdr::Tso {
+                hdr_len,
+                mss,
+                csum_start,
+                csum_offset,
+            } => {
+                b[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+                b[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+                b[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+                b[4..6].copy_from_slice(&mss.to_le_bytes());
+                b[6..8].copy_from_slice(&csum_start.to_le_bytes());
+                b[8..10].copy_from_slice(&csum_offset.to_le_bytes());
+            }
+        }
         b[10..12].copy_from_slice(&num_buffers.to_le_bytes());
         b
     }

@@ -19,7 +19,8 @@ use virtio_bindings::bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::bindings::virtio_net::{
-    VIRTIO_NET_F_HASH_REPORT, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HASH_REPORT,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::bindings::virtio_ring::{
@@ -160,6 +161,12 @@ fn wanted_features(offered: u64, opts: &GuestOptions) -> u64 {
             | bit(VIRTIO_NET_F_HASH_REPORT)
             | VhostUserVirtioFeatures::LOG_ALL.bits();
         wanted |= !cannot;
+    }
+    if opts.offloads {
+        wanted |= bit(VIRTIO_NET_F_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_CSUM)
+            | bit(VIRTIO_NET_F_HOST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO4);
     }
     wanted &= !(bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_EVENT_IDX));
     if opts.mrg_rxbuf {

@@ -102,6 +102,9 @@ pub struct GuestOptions {
     /// driver speaks (packed ring, IN_ORDER, NOTIFICATION_DATA, ACCESS_PLATFORM,
     /// HASH_REPORT, LOG_ALL). `event_idx` and `mrg_rxbuf` still decide those two bits.
     pub ack_all_offered: bool,
+    /// Ack the checksum and TCPv4 segmentation offloads (CSUM, GUEST_CSUM, HOST_TSO4,
+    /// GUEST_TSO4) when offered: `GuestNet` then sends and takes 64 KiB TCP segments.
+    pub offloads: bool,
     /// How long `connect` retries while the socket is missing, and `accept` waits.
     pub connect_timeout: Duration,
     /// How long one vhost-user request waits for the backend's answer (a backend that
@@ -119,6 +122,7 @@ impl Default for GuestOptions {
             mrg_rxbuf: true,
             rx_buffer_size: 2048,
             ack_all_offered: false,
+            offloads: false,
             connect_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(10),
         }

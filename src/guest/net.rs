@@ -21,16 +21,39 @@ const BUFFER: usize = 256 * 1024;
 struct Link<'a> {
     guest: &'a mut SimGuest,
     inbox: &'a mut VecDeque<Vec<u8>>,
+    /// The stack's MTU (Ethernet frame): 64 KiB with TSO, else the VM's.
     mtu: usize,
+    /// The VM's frame size: larger frames go out as TSO segments.
+    wire_mtu: usize,
 }
 
-struct Tx<'a>(&'a mut SimGuest);
+struct Tx<'a> {
+    guest: &'a mut SimGuest,
+    wire_mtu: usize,
+}
 
 impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut buf = vec![0u8; len];
         let r = f(&mut buf);
-        if let Err(e) = self.0.send_frame(&buf) {
+        let sent = if len > self.wire_mtu {
+            // Only TCP segments grow past the MTU (the stack's MTU is 64 KiB with TSO):
+            // hand them to the device as a TSO segment of MSS-sized pieces, as Linux does.
+            let ihl = usize::from(buf.get(14).map_or(5, |b| b & 0xf)) * 4;
+            let thl = usize::from(buf.get(14 + ihl + 12).map_or(5, |b| b >> 4)) * 4;
+            let mut hdr = [0u8; crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN];
+            hdr[0] = 1; // NEEDS_CSUM (the stack computed the full sum; moat recomputes)
+            hdr[1] = 1; // GSO_TCPV4
+            hdr[2..4].copy_from_slice(&((14 + ihl + thl) as u16).to_le_bytes());
+            let mss = self.wire_mtu.saturating_sub(14 + ihl + thl).max(1) as u16;
+            hdr[4..6].copy_from_slice(&mss.to_le_bytes());
+            hdr[6..8].copy_from_slice(&((14 + ihl) as u16).to_le_bytes());
+            hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
+            self.guest.send_frame_with_hdr(&hdr, &buf)
+        } else {
+            self.guest.send_frame(&buf)
+        };
+        if let Err(e) = sent {
             tracing::warn!(error = %e, "simulated guest could not send");
         }
         r
@@ -49,11 +72,18 @@ impl Device for Link<'_> {
 
     fn receive(&mut self, _now: SmolInstant) -> Option<(Rx, Tx<'_>)> {
         let frame = self.inbox.pop_front()?;
-        Some((Rx(frame), Tx(self.guest)))
+        let tx = Tx {
+            guest: self.guest,
+            wire_mtu: self.wire_mtu,
+        };
+        Some((Rx(frame), tx))
     }
 
     fn transmit(&mut self, _now: SmolInstant) -> Option<Tx<'_>> {
-        Some(Tx(self.guest))
+        Some(Tx {
+            guest: self.guest,
+            wire_mtu: self.wire_mtu,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -74,6 +104,7 @@ pub struct GuestNet {
     gateway: Ipv4Addr,
     next_port: u16,
     mtu: usize,
+    wire_mtu: usize,
 }
 
 impl GuestNet {
@@ -86,12 +117,17 @@ impl GuestNet {
         gateway: Ipv4Addr,
         mtu: u16,
     ) -> GuestNet {
-        let mtu = usize::from(mtu) + 14;
+        let wire_mtu = usize::from(mtu) + 14;
+        let tso = guest.negotiated_features()
+            & (1 << virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_HOST_TSO4)
+            != 0;
+        let mtu = if tso { 65535 + 14 } else { wire_mtu };
         let mut inbox = VecDeque::new();
         let mut link = Link {
             guest: &mut guest,
             inbox: &mut inbox,
             mtu,
+            wire_mtu,
         };
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         let mut iface = Interface::new(config, &mut link, SmolInstant::ZERO);
@@ -108,6 +144,7 @@ impl GuestNet {
             gateway,
             next_port: 49152,
             mtu,
+            wire_mtu,
         }
     }
 
@@ -133,17 +170,24 @@ impl GuestNet {
             .map(|d| Duration::from_micros(d.total_micros()))
             .unwrap_or(wait)
             .min(wait);
-        if let Some(frame) = self.guest.recv_frame(delay)? {
-            self.inbox.push_back(frame);
-            while let Some(more) = self.guest.recv_frame(Duration::ZERO)? {
-                self.inbox.push_back(more);
+        let mut wait = delay;
+        while let Some((hdr, mut frame)) = self.guest.recv_frame_with_hdr(wait)? {
+            wait = Duration::ZERO;
+            if hdr[0] & 1 != 0 {
+                // NEEDS_CSUM (GUEST_CSUM): the stack here verifies checksums, so complete it
+                // as a NIC would; a frame that cannot be completed is left to fail.
+                if let Some(ip) = frame.get_mut(14..) {
+                    let _ = crate::frame::checksum::fill(ip);
+                }
             }
+            self.inbox.push_back(frame);
         }
         let now = self.now();
         let mut link = Link {
             guest: &mut self.guest,
             inbox: &mut self.inbox,
             mtu: self.mtu,
+            wire_mtu: self.wire_mtu,
         };
         self.iface.poll(now, &mut link, &mut self.sockets);
         Ok(())

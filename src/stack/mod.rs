@@ -17,6 +17,11 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndp
 
 use crate::policy::Vm;
 
+/// The stack's MTU when the guest sends or takes 64 KiB TCP segments (TSO offloads).
+const LARGE_SEGMENT_MTU: usize = 65535;
+/// The MSS a guest that takes 64 KiB segments is made to announce (65535 - IP - TCP).
+const LARGE_SEGMENT_MSS: u16 = 65495;
+
 /// Per-flow buffer in each direction. Bounds memory per flow at about twice this.
 pub const FLOW_BUFFER: usize = 64 * 1024;
 /// Guest packets waiting for the stack, at most (bounded: the guest cannot grow it).
@@ -70,12 +75,73 @@ impl Device for Queues {
     }
 }
 
+/// In a TCP SYN, raise the MSS option to `mss` (and fix the checksum): the guest takes
+/// segments that large (GUEST_TSO4) and moat's stack then sends them. Anything else, or a
+/// SYN without a well-formed MSS option, is left as it is.
+fn raise_syn_mss(ip: &mut [u8], mss: u16) {
+    use crate::frame::checksum::{self, L4Layout};
+    let Some(l4) = L4Layout::of(ip) else { return };
+    let tcp = l4.start;
+    let (Some(&flags), Some(&offset)) = (ip.get(tcp + 13), ip.get(tcp + 12)) else {
+        return;
+    };
+    // A SYN with a bad checksum stays bad: the stack drops it, as it would without offloads.
+    if l4.protocol != 6 || flags & 0x02 == 0 || !checksum::verify(ip) {
+        return;
+    }
+    let options_end = (tcp + usize::from(offset >> 4) * 4).min(l4.end);
+    let mut at = tcp + 20;
+    while at < options_end {
+        match ip[at] {
+            0 => return,
+            1 => at += 1,
+            kind => {
+                let Some(&len) = ip.get(at + 1) else { return };
+                let len = usize::from(len);
+                if len < 2 || at + len > options_end {
+                    return;
+                }
+                if kind == 2 && len == 4 {
+                    let announced = u16::from_be_bytes([ip[at + 2], ip[at + 3]]);
+                    if announced < mss {
+                        ip[at + 2..at + 4].copy_from_slice(&mss.to_be_bytes());
+                        // The stack verifies checksums: recompute (a SYN is small).
+                        let _ = checksum::fill(ip);
+                    }
+                    return;
+                }
+                at += len;
+            }
+        }
+    }
+}
+
 /// The TCP/IP stack of one VM's flows.
 pub struct Stack {
     iface: Interface,
     queues: Queues,
     sockets: SocketSet<'static>,
     epoch: std::time::Instant,
+    /// The VM's MTU (the stack's own when no segmentation offload is on).
+    vm_mtu: usize,
+    /// The gateway address and prefix the interface owns.
+    gateway: (Ipv4Addr, u8),
+    /// GUEST_TSO4: guest SYNs announce a 64 KiB MSS to the stack, so it sends large segments.
+    raise_mss: bool,
+}
+
+/// The interface: the gateway's address, any-IP (it answers for every destination the
+/// data path hands it), a default route.
+fn interface(queues: &mut Queues, gateway: Ipv4Addr, prefix_len: u8) -> Interface {
+    let mut iface = Interface::new(Config::new(HardwareAddress::Ip), queues, SmolInstant::ZERO);
+    iface.update_ip_addrs(|addrs| {
+        let cidr = IpCidr::new(IpAddress::Ipv4(gateway), prefix_len);
+        // One address: cannot overflow the fixed-size list.
+        let _ = addrs.push(cidr);
+    });
+    let _ = iface.routes_mut().add_default_ipv4_route(gateway);
+    iface.set_any_ip(true);
+    iface
 }
 
 impl std::fmt::Debug for Stack {
@@ -93,23 +159,33 @@ impl Stack {
             ..Queues::default()
         };
         let epoch = std::time::Instant::now();
-        let mut iface = Interface::new(
-            Config::new(HardwareAddress::Ip),
-            &mut queues,
-            SmolInstant::ZERO,
-        );
-        iface.update_ip_addrs(|addrs| {
-            let cidr = IpCidr::new(IpAddress::Ipv4(vm.gateway), vm.prefix_len);
-            // One address: cannot overflow the fixed-size list.
-            let _ = addrs.push(cidr);
-        });
-        let _ = iface.routes_mut().add_default_ipv4_route(vm.gateway);
-        iface.set_any_ip(true);
+        let iface = interface(&mut queues, vm.gateway, vm.prefix_len);
         Stack {
             iface,
             queues,
             sockets: SocketSet::new(Vec::new()),
             epoch,
+            vm_mtu: usize::from(vm.mtu),
+            gateway: (vm.gateway, vm.prefix_len),
+            raise_mss: false,
+        }
+    }
+
+    /// Segmentation offloads acked by the guest: with either, the stack takes and makes
+    /// packets up to 64 KiB (a guest without GUEST_TSO4 still gets segments no larger than
+    /// the MSS it announced); with `to_guest`, guest SYNs announce a 64 KiB MSS.
+    pub fn set_large_segments(&mut self, from_guest: bool, to_guest: bool) {
+        let mtu = if from_guest || to_guest {
+            LARGE_SEGMENT_MTU
+        } else {
+            self.vm_mtu
+        };
+        self.raise_mss = to_guest;
+        if mtu != self.queues.mtu {
+            // smoltcp reads the device's MTU once, when the interface is made: make it anew
+            // (features are acked before any flow exists; sockets live apart from it).
+            self.queues.mtu = mtu;
+            self.iface = interface(&mut self.queues, self.gateway.0, self.gateway.1);
         }
     }
 
@@ -122,7 +198,11 @@ impl Stack {
         if self.queues.to_stack.len() >= MAX_QUEUED {
             return false;
         }
-        self.queues.to_stack.push_back(packet.to_vec());
+        let mut packet = packet.to_vec();
+        if self.raise_mss {
+            raise_syn_mss(&mut packet, LARGE_SEGMENT_MSS);
+        }
+        self.queues.to_stack.push_back(packet);
         true
     }
 

@@ -1,0 +1,178 @@
+//! TCP/UDP checksums of an IPv4 packet, for the checksum offloads (VIRTIO_NET_F_CSUM,
+//! VIRTIO_NET_F_GUEST_CSUM): moat completes what a guest left partial, from the packet alone,
+//! and leaves partial sums for a guest that completes them. etherparse sums the words; only
+//! where the fields are is written here.
+
+use etherparse::checksum::Sum16BitWords;
+
+use crate::telemetry::DropReason;
+
+/// Offset of the checksum field in a TCP header.
+pub const TCP_CSUM_OFFSET: u16 = 16;
+/// Offset of the checksum field in a UDP header.
+pub const UDP_CSUM_OFFSET: u16 = 6;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// Where the transport header and its checksum field are in an IPv4 packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L4Layout {
+    /// Start of the TCP/UDP header (the IPv4 header length).
+    pub start: usize,
+    /// Offset of the checksum field from `start`.
+    pub field: u16,
+    /// End of the IPv4 packet (its total length; padding after it is ignored).
+    pub end: usize,
+    pub protocol: u8,
+}
+
+impl L4Layout {
+    /// The layout of a TCP or UDP packet whose lengths are consistent with `ip`; `None`
+    /// otherwise (never trusting a length the guest wrote without checking it).
+    pub fn of(ip: &[u8]) -> Option<L4Layout> {
+        let vihl = *ip.first()?;
+        if vihl >> 4 != 4 {
+            return None;
+        }
+        let start = usize::from(vihl & 0xf) * 4;
+        let end = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+        if start < 20 || end > ip.len() {
+            return None;
+        }
+        let protocol = ip[9];
+        let (field, min_len) = match protocol {
+            TCP => (TCP_CSUM_OFFSET, 20),
+            UDP => (UDP_CSUM_OFFSET, 8),
+            _ => return None,
+        };
+        if end < start + min_len {
+            return None;
+        }
+        Some(L4Layout {
+            start,
+            field,
+            end,
+            protocol,
+        })
+    }
+
+    fn at(&self) -> usize {
+        self.start + usize::from(self.field)
+    }
+
+    /// The pseudo-header sum (addresses, protocol, L4 length).
+    fn pseudo(&self, ip: &[u8]) -> Sum16BitWords {
+        Sum16BitWords::new()
+            .add_slice(&ip[12..20])
+            .add_2bytes([0, self.protocol])
+            .add_2bytes(((self.end - self.start) as u16).to_be_bytes())
+    }
+}
+
+/// Compute the packet's full TCP/UDP checksum and store it, ignoring whatever the field held
+/// (for a guest's NEEDS_CSUM packet, a partial sum moat does not trust).
+pub fn fill(ip: &mut [u8]) -> Result<(), DropReason> {
+    let l4 = L4Layout::of(ip).ok_or(DropReason::BadVirtioHeader)?;
+    let at = l4.at();
+    ip[at..at + 2].copy_from_slice(&[0, 0]);
+    let sum = l4.pseudo(ip).add_slice(&ip[l4.start..l4.end]);
+    let csum = if l4.protocol == UDP {
+        sum.to_ones_complement_with_no_zero()
+    } else {
+        sum.ones_complement()
+    };
+    // etherparse sums native-endian words: its result goes back in native order.
+    ip[at..at + 2].copy_from_slice(&csum.to_ne_bytes());
+    Ok(())
+}
+
+/// Whether the packet's TCP/UDP checksum is right (a UDP checksum of 0 means "none").
+pub fn verify(ip: &[u8]) -> bool {
+    let Some(l4) = L4Layout::of(ip) else {
+        return false;
+    };
+    let at = l4.at();
+    if l4.protocol == UDP && ip[at..at + 2] == [0, 0] {
+        return true;
+    }
+    l4.pseudo(ip)
+        .add_slice(&ip[l4.start..l4.end])
+        .ones_complement()
+        == 0
+}
+
+/// Replace the checksum with the pseudo-header sum, as a driver that completes checksums
+/// expects (NEEDS_CSUM): it sums from the L4 header on and stores the complement. Returns
+/// the layout, for the header's csum_start and csum_offset.
+pub fn leave_partial(ip: &mut [u8]) -> Option<L4Layout> {
+    let l4 = L4Layout::of(ip)?;
+    let at = l4.at();
+    let partial = !l4.pseudo(ip).ones_complement();
+    ip[at..at + 2].copy_from_slice(&partial.to_ne_bytes());
+    Some(l4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+
+    fn tcp_packet(payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4([10, 0, 0, 2], [203, 0, 113, 7], 64)
+            .tcp(40000, 443, 7, 64240)
+            .ack(9)
+            .psh();
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    fn udp_packet(payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64).udp(5353, 53);
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    #[test]
+    fn fill_matches_etherparse_and_ignores_the_old_field() {
+        for p in [tcp_packet(b"hello, odd length"), udp_packet(b"query")] {
+            assert!(verify(&p));
+            let mut q = p.clone();
+            let at = L4Layout::of(&q).unwrap().at();
+            q[at] ^= 0x5a;
+            assert!(!verify(&q));
+            fill(&mut q).unwrap();
+            assert!(q == p, "filled checksum differs from etherparse's");
+        }
+    }
+
+    #[test]
+    fn a_partial_sum_completes_to_the_full_checksum() {
+        let full = tcp_packet(&[0xab; 3001]);
+        let mut p = full.clone();
+        let l4 = leave_partial(&mut p).unwrap();
+        // What a driver does with NEEDS_CSUM: sum from csum_start, store the complement.
+        let csum = Sum16BitWords::new()
+            .add_slice(&p[l4.start..l4.end])
+            .ones_complement();
+        p[l4.at()..l4.at() + 2].copy_from_slice(&csum.to_ne_bytes());
+        assert!(p == full, "completed partial sum differs");
+    }
+
+    #[test]
+    fn inconsistent_lengths_are_refused() {
+        let mut p = tcp_packet(b"x");
+        p[2..4].copy_from_slice(&9999u16.to_be_bytes());
+        assert_eq!(fill(&mut p), Err(DropReason::BadVirtioHeader));
+        let mut short = tcp_packet(b"");
+        short[2..4].copy_from_slice(&30u16.to_be_bytes());
+        assert!(L4Layout::of(&short).is_none(), "shorter than a TCP header");
+        assert!(L4Layout::of(&[0x45]).is_none());
+        assert!(L4Layout::of(&[]).is_none());
+        let mut icmp = tcp_packet(b"x");
+        icmp[9] = 1;
+        assert!(L4Layout::of(&icmp).is_none());
+    }
+}
