@@ -85,8 +85,9 @@ fn start_moat(proxy: std::net::SocketAddr) -> Moat {
     }
 }
 
-fn guest(socket: &Path) -> GuestNet {
+fn guest(socket: &Path, offloads: bool) -> GuestNet {
     let opts = GuestOptions {
+        offloads,
         queue_size: 1024,
         mem_size: 64 << 20,
         ..GuestOptions::default()
@@ -104,40 +105,26 @@ fn send(net: &mut GuestNet, h: SocketHandle, data: &[u8]) {
 }
 
 struct Row {
-    name: &'static str,
+    name: String,
     value: f64,
     unit: &'static str,
     moat_cpu_s: f64,
     per: String,
 }
 
-fn main() {
-    let mb: u64 = std::env::var("MOAT_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    let conns: usize = std::env::var("MOAT_BENCH_CONNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(500);
-    let bytes = mb << 20;
-    let origin = proxy::origin();
-    let tp = proxy::TestProxy::start(proxy::ProxyMode::Accept, origin);
-    let moat = start_moat(tp.addr);
-    let mut net = guest(&moat.socket);
-    let addr = net.resolve("bench.example", T).unwrap().expect("resolves");
-    let pid = moat.child.id();
-    let mut rows = Vec::new();
-
+/// Bulk TCP both ways through one moat: guest -> proxy, then proxy -> guest.
+fn bulk(net: &mut GuestNet, addr: Ipv4Addr, pid: u32, bytes: u64, label: &str) -> Vec<Row> {
+    let net = &mut *net;
+    let mut out = Vec::new();
     // Guest -> proxy bulk.
-    let h = connect(&mut net, addr);
-    send(&mut net, h, b"U");
+    let h = connect(net, addr);
+    send(net, h, b"U");
     let chunk = proxy::pattern(0, 256 * 1024);
     let (cpu0, t0) = (cpu_ns(pid), Instant::now());
     let mut sent = 0u64;
     while sent < bytes {
         let n = (bytes - sent).min(chunk.len() as u64) as usize;
-        send(&mut net, h, &chunk[..n]);
+        send(net, h, &chunk[..n]);
         sent += n as u64;
     }
     net.tcp(h).close();
@@ -163,8 +150,8 @@ fn main() {
         "the sink got every byte"
     );
     let gbit = bytes as f64 * 8.0 / secs / 1e9;
-    rows.push(Row {
-        name: "tcp guest->proxy",
+    out.push(Row {
+        name: format!("tcp guest->proxy, {label}"),
         value: gbit,
         unit: "Gbit/s",
         moat_cpu_s: cpu,
@@ -172,10 +159,10 @@ fn main() {
     });
 
     // Proxy -> guest bulk.
-    let h = connect(&mut net, addr);
+    let h = connect(net, addr);
     let mut req = b"B".to_vec();
     req.extend_from_slice(&bytes.to_be_bytes());
-    send(&mut net, h, &req);
+    send(net, h, &req);
     let (cpu0, t0) = (cpu_ns(pid), Instant::now());
     let mut got = 0u64;
     net.run_until(T, |n| {
@@ -196,13 +183,41 @@ fn main() {
     assert_eq!(got, bytes);
     net.tcp(h).abort();
     let gbit = bytes as f64 * 8.0 / secs / 1e9;
-    rows.push(Row {
-        name: "tcp proxy->guest",
+    out.push(Row {
+        name: format!("tcp proxy->guest, {label}"),
         value: gbit,
         unit: "Gbit/s",
         moat_cpu_s: cpu,
         per: format!("{:.2} CPU-s/Gbit", cpu / (bytes as f64 * 8.0 / 1e9)),
     });
+
+    out
+}
+
+fn main() {
+    let mb: u64 = std::env::var("MOAT_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let conns: usize = std::env::var("MOAT_BENCH_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let bytes = mb << 20;
+    let origin = proxy::origin();
+    let tp = proxy::TestProxy::start(proxy::ProxyMode::Accept, origin);
+    let moat = start_moat(tp.addr);
+    let mut net = guest(&moat.socket, true);
+    let addr = net.resolve("bench.example", T).unwrap().expect("resolves");
+    let pid = moat.child.id();
+    let mut rows = Vec::new();
+
+    for (offloads, label) in [(false, "1500 B frames"), (true, "TSO/CSUM")] {
+        let m = start_moat(tp.addr);
+        let mut g = guest(&m.socket, offloads);
+        let a = g.resolve("bench.example", T).unwrap().expect("resolves");
+        rows.extend(bulk(&mut g, a, m.child.id(), bytes, label));
+    }
 
     // Connection setup: SYN -> CONNECT -> 200 -> SYN-ACK -> one echo -> close.
     let (cpu0, t0) = (cpu_ns(pid), Instant::now());
@@ -240,7 +255,7 @@ fn main() {
         (cpu_ns(pid) - cpu0) as f64 / 1e9,
     );
     rows.push(Row {
-        name: "tcp connect+echo+close",
+        name: "tcp connect+echo+close".into(),
         value: conns as f64 / secs,
         unit: "conn/s",
         moat_cpu_s: cpu,
@@ -248,12 +263,12 @@ fn main() {
     });
 
     let mut table = format!(
-        "{:<24} {:>10} {:<8} {:>12} {}\n",
+        "{:<34} {:>10} {:<8} {:>12} {}\n",
         "figure", "value", "unit", "moat CPU s", "moat cost"
     );
     for r in &rows {
         table.push_str(&format!(
-            "{:<24} {:>10.3} {:<8} {:>12.3} {}\n",
+            "{:<34} {:>10.3} {:<8} {:>12.3} {}\n",
             r.name, r.value, r.unit, r.moat_cpu_s, r.per
         ));
     }

@@ -1,5 +1,5 @@
 //! Checksum and segmentation offloads (VIRTIO_NET_F_CSUM / GUEST_CSUM, HOST_TSO4 /
-//! GUEST_TSO4): a guest that acks them moves bulk TCP in segments of up to 64 KiB both ways,
+//! GUEST_TSO4): a guest that acks them moves bulk TCP in large segments both ways (up to 64 KiB in, 32 KiB out),
 //! byte-exact; moat completes partial checksums itself from the frame (never trusting the
 //! guest's offsets or lengths) and refuses headers that ask for more than was negotiated.
 
@@ -70,7 +70,7 @@ fn offloads_are_offered_and_acked() {
 }
 
 #[test]
-fn sixty_four_kib_segments_up_arrive_byte_exact() {
+fn large_segments_up_arrive_byte_exact() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&policy(proxy.addr), true);
     let mut net = guest_net(&served, true);
@@ -102,7 +102,7 @@ fn sixty_four_kib_segments_up_arrive_byte_exact() {
 }
 
 #[test]
-fn sixty_four_kib_segments_down_arrive_byte_exact() {
+fn large_segments_down_arrive_byte_exact() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&policy(proxy.addr), true);
     let mut net = guest_net(&served, true);
