@@ -304,7 +304,7 @@ fn main() {
     let cpu_s = (cpu1 - cpu0) as f64 / 1e9;
     let cpu_pct = cpu_s / secs * 100.0;
     raw.push(format!(
-        "idle_one rss={} anon={} shmem={} pss={} threads={} cpu_ns={} secs={secs:.3}",
+        "idle_one rss={} anon={} shmem={} pss={} threads={} cpu_ns={} cpu_since_start_ns={cpu1} secs={secs:.3}",
         m.rss,
         m.anon,
         m.shmem,
@@ -420,7 +420,7 @@ fn main() {
     let cpu_s = (cpu1 - cpu0) as f64 / 1e9;
     let cpu_pct = cpu_s / secs * 100.0;
     raw.push(format!(
-        "fleet moats={moats} guests={} rss_sum={rss} anon_sum={anon} pss_sum={pss} cpu_ns={} secs={secs:.3}",
+        "fleet moats={moats} guests={} rss_sum={rss} anon_sum={anon} pss_sum={pss} cpu_ns={} cpu_since_start_ns={cpu1} secs={secs:.3}",
         guests.len(),
         cpu1 - cpu0
     ));

@@ -15,7 +15,8 @@
 #                 testpmd's txonly mode does not generate ICMP echo; this is the nearest answer
 #                 path it can drive. txonly does not read its RX ring, so once the ring is full
 #                 moat's replies are counted and dropped as no RX buffer.
-#   passt         passt --vhost-user (only with PASST=/path/to/passt)
+#   passt         passt --vhost-user (only with PASST=/path/to/passt; Debian 12's passt,
+#                 0.0~git20230309, predates --vhost-user: build a 2024-11 or later passt)
 # for 64 B and 1518 B frames (--txpkts). Note: deny-all.toml has mtu 1500, so moat takes
 # at most 1514-byte frames: for 1518 B frames moat runs with deny-all.toml plus `mtu = 1504`,
 # so they are parsed and dropped (or answered) like the 64 B ones, not dropped as oversized.
@@ -290,7 +291,7 @@ for size in $sizes; do
   fi
 done
 
-[ -n "${PASST:-}" ] || echo "bench-pps: passt skipped (set PASST=/path/to/passt to measure it)" >&2
+[ -n "${PASST:-}" ] || echo "bench-pps: passt skipped (set PASST=/path/to/passt, a passt with --vhost-user, to measure it)" >&2
 
 # The table: every case against the ceiling at the same frame size.
 {
