@@ -45,7 +45,7 @@ step verdict cargo bench --bench verdict
 step footprint cargo bench --bench footprint
 
 summary() {
-  printf '%-30s %-34s %24s %24s %9s\n' peer figure moat "peer value" ratio
+  printf '%-30s %-42s %24s %24s %9s\n' peer figure moat "peer value" ratio
   # Packet rate: this run's table at the end of pps.txt.
   if [ -f "$out/pps.txt" ]; then
     tail -n +"$((pps_mark + 1))" "$out/pps.txt" | awk '
@@ -58,20 +58,22 @@ summary() {
           if (k[1] == "ceiling") continue
           c = mpps["ceiling " k[2]]; m = mpps[order[i]]
           r = (c + 0 > 0 && m != "-") ? sprintf("%.3f", m / c) : "-"
-          printf "%-30s %-34s %24s %24s %9s\n", "DPDK vhost PMD rxonly", k[1] " " k[2] "B Mpps", m, c, r
+          printf "%-30s %-42s %24s %24s %9s\n", "DPDK vhost PMD rxonly", k[1] " " k[2] "B Mpps", m, c, r
         }
       }'
   fi
   if [ -f "$out/egress_tcp.txt" ]; then
-    # Rows are "{name:<24} {value:>10.3} {unit:<8} {cpu:>12.3} {cost}": the name may have spaces.
-    awk 'NR > 1 {
-      name = substr($0, 1, 24); sub(/ +$/, "", name)
-      split(substr($0, 26), f, " ")
-      printf "%-30s %-34s %24s %24s %9s\n", "(none measured yet)", name " " f[2], f[1], "-", "-"
+    # Rows are "{name:<W} {value:>10.3} {unit:<8} {cpu:>12.3} {cost}": the name may have
+    # spaces; W from where the header's right-aligned "value" ends.
+    awk 'NR == 1 { w = index($0, "value") + 4 - 11; next }
+      {
+      name = substr($0, 1, w); sub(/ +$/, "", name)
+      split(substr($0, w + 2), f, " ")
+      printf "%-30s %-42s %24s %24s %9s\n", "(none measured yet)", name " " f[2], f[1], "-", "-"
     }' "$out/egress_tcp.txt"
   fi
   if [ -f "$out/verdict.txt" ]; then
-    awk 'NR > 1 { printf "%-30s %-34s %24s %24s %9s\n", "etherparse SlicedPacket", $1 " ns/frame", $3, $4, $5 }' \
+    awk 'NR > 1 { printf "%-30s %-42s %24s %24s %9s\n", "etherparse SlicedPacket", $1 " ns/frame", $3, $4, $5 }' \
       "$out/verdict.txt"
   fi
   if [ -f "$out/footprint.txt" ]; then
@@ -79,7 +81,7 @@ summary() {
       {
         split($3, m, " "); split($2, t, " ")
         tv = ($2 ~ /^~0/) ? $2 : t[2] " " t[3]
-        printf "%-30s %-34s %24s %24s %9s\n", "issue target", substr($1, 1, 34), m[1] " " m[2], tv, $4
+        printf "%-30s %-42s %24s %24s %9s\n", "issue target", substr($1, 1, 42), m[1] " " m[2], tv, $4
       }' "$out/footprint.txt"
   fi
 }
