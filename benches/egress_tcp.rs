@@ -85,19 +85,57 @@ fn start_moat(proxy: std::net::SocketAddr) -> Moat {
     }
 }
 
+/// passt in vhost-user mode, foreground, the guest's address and gateway given (nothing to
+/// copy from a host without a default route), the gateway mapped to the host's loopback.
+fn start_passt(passt: &Path) -> Moat {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("passt.sock");
+    let child = Command::new(passt)
+        .args(["--vhost-user", "-f", "-q", "-s"])
+        .arg(&socket)
+        .args(["-a", "10.0.0.2", "-n", "24", "-g", "10.0.0.1"])
+        .args([
+            "--map-host-loopback",
+            "10.0.0.1",
+            "-t",
+            "none",
+            "-u",
+            "none",
+        ])
+        .stderr(std::fs::File::create("/tmp/passt-bench.log").unwrap())
+        .spawn()
+        .expect("start passt");
+    let _ = 0;
+    let end = Instant::now() + T;
+    while !socket.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Moat {
+        child,
+        _dir: dir,
+        socket,
+    }
+}
+
 fn guest(socket: &Path, offloads: bool) -> GuestNet {
     let opts = GuestOptions {
         offloads,
         queue_size: 1024,
         mem_size: 64 << 20,
+        rx_buffer_size: std::env::var("MOAT_BENCH_RXBUF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2048),
         ..GuestOptions::default()
     };
     let sim = SimGuest::connect(socket, opts).expect("attach the simulated guest");
     GuestNet::new(sim, MAC, GUEST, 24, GW, 1500)
 }
 
-fn connect(net: &mut GuestNet, addr: Ipv4Addr) -> SocketHandle {
-    net.tcp_established(addr, 80, T).unwrap().expect("connect")
+fn connect(net: &mut GuestNet, addr: (Ipv4Addr, u16)) -> SocketHandle {
+    net.tcp_established(addr.0, addr.1, T)
+        .unwrap()
+        .expect("connect")
 }
 
 fn send(net: &mut GuestNet, h: SocketHandle, data: &[u8]) {
@@ -113,7 +151,7 @@ struct Row {
 }
 
 /// Bulk TCP both ways through one moat: guest -> proxy, then proxy -> guest.
-fn bulk(net: &mut GuestNet, addr: Ipv4Addr, pid: u32, bytes: u64, label: &str) -> Vec<Row> {
+fn bulk(net: &mut GuestNet, addr: (Ipv4Addr, u16), pid: u32, bytes: u64, label: &str) -> Vec<Row> {
     let net = &mut *net;
     let mut out = Vec::new();
     // Guest -> proxy bulk.
@@ -164,34 +202,91 @@ fn bulk(net: &mut GuestNet, addr: Ipv4Addr, pid: u32, bytes: u64, label: &str) -
     req.extend_from_slice(&bytes.to_be_bytes());
     send(net, h, &req);
     let (cpu0, t0) = (cpu_ns(pid), Instant::now());
-    let mut got = 0u64;
+    let (mut got, mut last) = (0u64, (t0, cpu0));
+    // Stop when everything arrived, or after 5 s without progress (a stalled peer is
+    // reported as such, its rate taken up to its last byte).
     net.run_until(T, |n| {
         let s = n.tcp(h);
+        let before = got;
         while s.can_recv() {
             let _ = s.recv(|d| {
                 got += d.len() as u64;
                 (d.len(), ())
             });
         }
-        got >= bytes
+        if got > before {
+            last = (Instant::now(), cpu_ns(pid));
+        }
+        got >= bytes || last.0.elapsed() > Duration::from_secs(5)
     })
     .unwrap();
     let (secs, cpu) = (
-        t0.elapsed().as_secs_f64(),
-        (cpu_ns(pid) - cpu0) as f64 / 1e9,
+        last.0.duration_since(t0).as_secs_f64(),
+        (last.1 - cpu0) as f64 / 1e9,
     );
-    assert_eq!(got, bytes);
     net.tcp(h).abort();
-    let gbit = bytes as f64 * 8.0 / secs / 1e9;
+    let gbit = got as f64 * 8.0 / secs / 1e9;
+    let mut name = format!("tcp proxy->guest, {label}");
+    if got < bytes {
+        name.push_str(&format!(" (STALLED {} B short)", bytes - got));
+    }
     out.push(Row {
-        name: format!("tcp proxy->guest, {label}"),
+        name,
         value: gbit,
         unit: "Gbit/s",
         moat_cpu_s: cpu,
-        per: format!("{:.2} CPU-s/Gbit", cpu / (bytes as f64 * 8.0 / 1e9)),
+        per: format!("{:.2} CPU-s/Gbit", cpu / (got as f64 * 8.0 / 1e9)),
     });
 
     out
+}
+
+/// Request/response latency on one established connection: `n` one-byte round trips to an
+/// echoing origin; (p50, p99) in microseconds.
+fn rr(net: &mut GuestNet, addr: (Ipv4Addr, u16), n: usize) -> (f64, f64) {
+    let h = connect(net, addr);
+    send(net, h, b"E");
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        send(net, h, b"x");
+        let mut echoed = false;
+        net.run_until(T, |n| {
+            let s = n.tcp(h);
+            if s.can_recv() {
+                let _ = s.recv(|d| (d.len(), ()));
+                echoed = true;
+            }
+            echoed
+        })
+        .unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    net.tcp(h).abort();
+    percentiles(lat)
+}
+
+/// The same round trips from the host straight to the origin over loopback: the floor.
+fn rr_host(origin: std::net::SocketAddr, n: usize) -> (f64, f64) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(origin).unwrap();
+    c.set_nodelay(true).unwrap();
+    c.write_all(b"E").unwrap();
+    let mut b = [0u8; 1];
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(b"x").unwrap();
+        c.read_exact(&mut b).unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    percentiles(lat)
+}
+
+fn percentiles(mut lat: Vec<f64>) -> (f64, f64) {
+    lat.sort_by(f64::total_cmp);
+    let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
+    (at(0.5), at(0.99))
 }
 
 fn main() {
@@ -216,7 +311,61 @@ fn main() {
         let m = start_moat(tp.addr);
         let mut g = guest(&m.socket, offloads);
         let a = g.resolve("bench.example", T).unwrap().expect("resolves");
-        rows.extend(bulk(&mut g, a, m.child.id(), bytes, label));
+        rows.extend(bulk(&mut g, (a, 80), m.child.id(), bytes, label));
+    }
+    // The peer: passt in vhost-user mode (PASST=/path/to/passt, built from its public
+    // source), the same simulated guest connecting straight to the origin through passt's
+    // NAT (the gateway address maps to the host's loopback) - no proxy hop.
+    if let Some(passt) = std::env::var_os("PASST") {
+        for (offloads, label) in [
+            (false, "passt, 1500 B frames"),
+            (true, "passt, its offloads"),
+        ] {
+            let p = start_passt(Path::new(&passt));
+            let mut g = guest(&p.socket, offloads);
+            rows.extend(bulk(
+                &mut g,
+                (GW, origin.port()),
+                p.child.id(),
+                bytes,
+                label,
+            ));
+        }
+    } else {
+        println!(
+            "(passt: set PASST=/path/to/passt built from its source to measure it as the peer)"
+        );
+    }
+
+    // Request/response latency: host -> origin directly (the floor), guest -> moat -> proxy
+    // -> origin, and guest -> passt -> origin when given.
+    let rounds = 2000;
+    let mut rr_rows = vec![("host -> origin, loopback", rr_host(origin, rounds))];
+    rr_rows.push((
+        "guest -> moat -> proxy -> origin",
+        rr(&mut net, (addr, 80), rounds),
+    ));
+    if let Some(passt) = std::env::var_os("PASST") {
+        let p = start_passt(Path::new(&passt));
+        let mut g = guest(&p.socket, false);
+        rr_rows.push((
+            "guest -> passt -> origin",
+            rr(&mut g, (GW, origin.port()), rounds),
+        ));
+    }
+    let floor = rr_rows[0].1;
+    for (name, (p50, p99)) in &rr_rows {
+        rows.push(Row {
+            name: format!("rr p50/p99, {name}"),
+            value: *p50,
+            unit: "us p50",
+            moat_cpu_s: 0.0,
+            per: format!(
+                "p99 {p99:.1} us, added over loopback: p50 {:.1} p99 {:.1} us",
+                p50 - floor.0,
+                p99 - floor.1
+            ),
+        });
     }
 
     // Connection setup: SYN -> CONNECT -> 200 -> SYN-ACK -> one echo -> close.
@@ -224,7 +373,7 @@ fn main() {
     let (mut t_connect, mut t_echo) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..conns {
         let c0 = Instant::now();
-        let h = connect(&mut net, addr);
+        let h = connect(&mut net, (addr, 80));
         t_connect += c0.elapsed();
         let c1 = Instant::now();
         send(&mut net, h, b"Ex");
@@ -263,12 +412,12 @@ fn main() {
     });
 
     let mut table = format!(
-        "{:<34} {:>10} {:<8} {:>12} {}\n",
+        "{:<58} {:>10} {:<8} {:>12} {}\n",
         "figure", "value", "unit", "moat CPU s", "moat cost"
     );
     for r in &rows {
         table.push_str(&format!(
-            "{:<34} {:>10.3} {:<8} {:>12.3} {}\n",
+            "{:<58} {:>10.3} {:<8} {:>12.3} {}\n",
             r.name, r.value, r.unit, r.moat_cpu_s, r.per
         ));
     }

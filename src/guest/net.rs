@@ -173,11 +173,24 @@ impl GuestNet {
         let mut wait = delay;
         while let Some((hdr, mut frame)) = self.guest.recv_frame_with_hdr(wait)? {
             wait = Duration::ZERO;
-            if hdr[0] & 1 != 0 {
-                // NEEDS_CSUM (GUEST_CSUM): the stack here verifies checksums, so complete it
-                // as a NIC would; a frame that cannot be completed is left to fail.
-                if let Some(ip) = frame.get_mut(14..) {
+            if hdr[0] & 3 != 0 {
+                // NEEDS_CSUM (GUEST_CSUM) or DATA_VALID: the stack here verifies checksums,
+                // so complete a partial one as a NIC would, and make a "valid" one so (passt
+                // sends TCP with DATA_VALID and no checksum computed, even without
+                // GUEST_CSUM); a frame that cannot be completed is left to fail.
+                let ipv4 = frame.get(12..14) == Some(&[0x08, 0x00][..]);
+                if let Some(ip) = frame.get_mut(14..).filter(|ip| ipv4 && ip.len() >= 20) {
                     let _ = crate::frame::checksum::fill(ip);
+                    if hdr[0] & 2 != 0 {
+                        let ihl = usize::from(ip[0] & 0xf) * 4;
+                        if let Some(h) = ip.get_mut(..ihl).filter(|h| h.len() >= 20) {
+                            h[10..12].copy_from_slice(&[0, 0]);
+                            let c = etherparse::checksum::Sum16BitWords::new()
+                                .add_slice(h)
+                                .ones_complement();
+                            h[10..12].copy_from_slice(&c.to_ne_bytes());
+                        }
+                    }
                 }
             }
             self.inbox.push_back(frame);
