@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every performance figure of moat in one run, each against a peer measured in the same run:
 #   scripts/bench-pps.sh             packet rate (dpdk-testpmd txonly) vs DPDK's vhost PMD
-#   cargo bench --bench egress_tcp   TCP through moat (no peer yet: figures only)
+#   cargo bench --bench egress_tcp   TCP through moat, and through passt when PASST=path is set
 #   cargo bench --bench verdict      parse + verdict ns/frame vs etherparse's bare parse
 #   cargo bench --bench footprint    RSS and idle CPU vs the issue's targets
 # then ONE summary table (peer, figure, moat, peer value, ratio) in target/bench/summary.txt.
@@ -72,7 +72,8 @@ summary() {
       {
       name = substr($0, 1, w); sub(/ +$/, "", name)
       split(substr($0, w + 2), f, " ")
-      printf "%-30s %-42s %24s %24s %9s\n", "(none measured yet)", name " " f[2], f[1], "-", "-"
+      peer = (name ~ /passt|loopback/) ? "(is the peer row)" : "egress_tcp: see passt rows"
+      printf "%-30s %-42s %24s %24s %9s\n", peer, name " " f[2], f[1], "-", "-"
     }' "$out/egress_tcp.txt"
   fi
   if [ -f "$out/verdict.txt" ]; then
