@@ -228,7 +228,10 @@ fn bulk(net: &mut GuestNet, addr: (Ipv4Addr, u16), pid: u32, bytes: u64, label: 
     let gbit = got as f64 * 8.0 / secs / 1e9;
     let mut name = format!("tcp proxy->guest, {label}");
     if got < bytes {
-        eprintln!("{label}: proxy -> guest stalled {} bytes short", bytes - got);
+        eprintln!(
+            "{label}: proxy -> guest stalled {} bytes short",
+            bytes - got
+        );
         name.push_str(" (stalled)");
     }
     out.push(Row {
