@@ -230,8 +230,6 @@ const ALLOWED: &[(libc::c_long, &str, &str)] = &[
         "recvmsg",
         "vhost-user messages with file descriptors",
     ),
-    (libc::SYS_sendmmsg, "sendmmsg", "UDP batches"),
-    (libc::SYS_recvmmsg, "recvmmsg", "UDP batches"),
 ];
 
 /// `socket()` only for unix, TCP and UDP: no raw, packet or netlink sockets.
