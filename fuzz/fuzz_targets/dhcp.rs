@@ -27,6 +27,6 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = vec![0u8; 12];
     buf.extend_from_slice(&frame);
     DP.with(|dp| {
-        let _ = dp.borrow_mut().guest_frame(&buf);
+        let _ = dp.borrow_mut().guest_frame(&mut buf);
     });
 });

@@ -40,7 +40,7 @@ impl L4Layout {
         if start < 20 || end > ip.len() {
             return None;
         }
-        let protocol = ip[9];
+        let protocol = *ip.get(9)?;
         let (field, min_len) = match protocol {
             TCP => (TCP_CSUM_OFFSET, 20),
             UDP => (UDP_CSUM_OFFSET, 8),
@@ -170,6 +170,9 @@ mod tests {
         short[2..4].copy_from_slice(&30u16.to_be_bytes());
         assert!(L4Layout::of(&short).is_none(), "shorter than a TCP header");
         assert!(L4Layout::of(&[0x45]).is_none());
+        // Found by cargo-fuzz: a total length within a buffer shorter than an IPv4 header.
+        assert!(L4Layout::of(&[0x45, 0, 0, 8, 0, 0, 0, 0]).is_none());
+        assert!(fill(&mut [0x45, 0, 0, 8, 0, 0, 0, 0]).is_err());
         assert!(L4Layout::of(&[]).is_none());
         let mut icmp = tcp_packet(b"x");
         icmp[9] = 1;
