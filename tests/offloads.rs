@@ -253,3 +253,20 @@ fn an_oversized_tso_frame_is_dropped_without_reading_it_all() {
         served.counters.drops(DropReason::Oversized) == 1
     });
 }
+
+#[test]
+fn a_tcp_segment_with_a_bad_checksum_is_counted_and_opens_nothing() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&policy(proxy.addr), true);
+    let mut net = guest_net(&served, false);
+    let addr = net.resolve("bulk.example", T).unwrap().unwrap();
+    let guest = net.sim();
+    let mut syn = craft::tcp_syn(GUEST_MAC, GW_MAC, (GUEST, 40001), (addr, 80));
+    syn[14 + 20 + 16] ^= 0x40; // the TCP checksum
+    guest.send_frame(&syn).unwrap();
+    assert_silent(guest, "a SYN with a bad checksum");
+    eventually("the drop", || {
+        served.counters.drops(DropReason::L4BadChecksum) == 1
+    });
+    assert!(proxy.requests().is_empty(), "nothing reached the proxy");
+}

@@ -157,6 +157,13 @@ impl Datapath {
                     return Err((DropReason::NotAllowed, summarize(&frame)));
                 };
                 let carried = match &ip.transport {
+                    // The stack trusts what reaches it: check the sum here, once (a partial
+                    // one was just computed from the frame, so it holds by construction).
+                    Transport::Tcp(_)
+                        if offload == TxOffload::None && !checksum::verify(ip.packet) =>
+                    {
+                        Err(DropReason::L4BadChecksum)
+                    }
                     Transport::Tcp(tcp) => self.flows.guest_tcp(ip, tcp),
                     Transport::Udp(udp) => self.flows.guest_udp(ip, udp),
                     Transport::Icmp(_) => Err(DropReason::NotAllowed),

@@ -1,11 +1,51 @@
-//! TCP/UDP checksums of an IPv4 packet, for the checksum offloads (VIRTIO_NET_F_CSUM,
+//! Internet checksums (RFC 1071): of headers and ICMP messages, of UDP datagrams, and of
+//! the TCP/UDP payload of an IPv4 packet for the checksum offloads (VIRTIO_NET_F_CSUM,
 //! VIRTIO_NET_F_GUEST_CSUM): moat completes what a guest left partial, from the packet alone,
 //! and leaves partial sums for a guest that completes them. etherparse sums the words; only
 //! where the fields are is written here.
 
+use std::net::Ipv4Addr;
+
 use etherparse::checksum::Sum16BitWords;
 
 use crate::telemetry::DropReason;
+
+/// The Internet checksum over `data`, as a number to write big-endian into a header.
+pub fn internet_checksum(data: &[u8]) -> u16 {
+    // etherparse sums native-endian words: its result is in native byte order.
+    u16::from_be_bytes(
+        Sum16BitWords::new()
+            .add_slice(data)
+            .ones_complement()
+            .to_ne_bytes(),
+    )
+}
+
+/// Whether a UDP datagram's checksum is right (a zero checksum means "none" in IPv4).
+pub fn udp_checksum_ok(src: Ipv4Addr, dst: Ipv4Addr, datagram: &[u8]) -> bool {
+    let Some(field) = datagram.get(6..8) else {
+        return false;
+    };
+    if field == [0, 0] {
+        return true;
+    }
+    let Ok(len) = u16::try_from(datagram.len()) else {
+        return false;
+    };
+    pseudo_header(src.octets(), dst.octets(), UDP, len)
+        .add_slice(datagram)
+        .ones_complement()
+        == 0
+}
+
+/// The sum of the IPv4 pseudo-header: addresses, protocol, L4 length.
+fn pseudo_header(src: [u8; 4], dst: [u8; 4], protocol: u8, l4_len: u16) -> Sum16BitWords {
+    Sum16BitWords::new()
+        .add_slice(&src)
+        .add_slice(&dst)
+        .add_2bytes([0, protocol])
+        .add_2bytes(l4_len.to_be_bytes())
+}
 
 /// Offset of the checksum field in a TCP header.
 pub const TCP_CSUM_OFFSET: u16 = 16;
@@ -61,12 +101,15 @@ impl L4Layout {
         self.start + usize::from(self.field)
     }
 
-    /// The pseudo-header sum (addresses, protocol, L4 length).
+    /// The pseudo-header sum of `ip`, the packet this layout was read from.
     fn pseudo(&self, ip: &[u8]) -> Sum16BitWords {
-        Sum16BitWords::new()
-            .add_slice(&ip[12..20])
-            .add_2bytes([0, self.protocol])
-            .add_2bytes(((self.end - self.start) as u16).to_be_bytes())
+        let addr = |at: usize| [ip[at], ip[at + 1], ip[at + 2], ip[at + 3]];
+        pseudo_header(
+            addr(12),
+            addr(16),
+            self.protocol,
+            (self.end - self.start) as u16,
+        )
     }
 }
 

@@ -20,6 +20,7 @@ use etherparse::{
 use crate::policy::MacAddr;
 use crate::telemetry::DropReason;
 
+pub use checksum::{internet_checksum, udp_checksum_ok};
 pub use virtio_hdr::VirtioNetHdr;
 
 /// Ethernet II header length.
@@ -247,50 +248,6 @@ fn parse_ipv4(payload: &[u8]) -> Result<Ipv4<'_>, DropReason> {
         identification: header.identification(),
         transport,
     })
-}
-
-/// The Internet checksum (RFC 1071) over `data`, folded, as it is written into a header.
-pub fn internet_checksum(data: &[u8]) -> u16 {
-    !fold(sum_words(data, 0))
-}
-
-/// Whether a UDP datagram's checksum is right (a zero checksum means "none" in IPv4).
-pub fn udp_checksum_ok(src: Ipv4Addr, dst: Ipv4Addr, datagram: &[u8]) -> bool {
-    let Some(field) = datagram.get(6..8) else {
-        return false;
-    };
-    if field == [0, 0] {
-        return true;
-    }
-    let Ok(len) = u16::try_from(datagram.len()) else {
-        return false;
-    };
-    let mut pseudo = [0u8; 12];
-    pseudo[..4].copy_from_slice(&src.octets());
-    pseudo[4..8].copy_from_slice(&dst.octets());
-    pseudo[9] = 17;
-    pseudo[10..12].copy_from_slice(&len.to_be_bytes());
-    fold(sum_words(datagram, sum_words(&pseudo, 0))) == 0xffff
-}
-
-fn sum_words(data: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*last) << 8);
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 #[cfg(test)]

@@ -185,10 +185,8 @@ impl GuestNet {
                         let ihl = usize::from(ip[0] & 0xf) * 4;
                         if let Some(h) = ip.get_mut(..ihl).filter(|h| h.len() >= 20) {
                             h[10..12].copy_from_slice(&[0, 0]);
-                            let c = etherparse::checksum::Sum16BitWords::new()
-                                .add_slice(h)
-                                .ones_complement();
-                            h[10..12].copy_from_slice(&c.to_ne_bytes());
+                            let c = crate::frame::internet_checksum(h);
+                            h[10..12].copy_from_slice(&c.to_be_bytes());
                         }
                     }
                 }
