@@ -6,84 +6,23 @@
 //! Run: `cargo bench --bench egress_tcp` (MOAT_BENCH_MB=256 by default). Prints a table and
 //! writes the raw numbers to target/bench/egress_tcp.txt.
 
+#[path = "common/mod.rs"]
+mod common;
+
 #[path = "../tests/support/proxy.rs"]
 #[allow(dead_code)]
 mod proxy;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::*;
 use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::iface::SocketHandle;
 
-const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
-const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const T: Duration = Duration::from_secs(120);
-
-/// Nanoseconds on CPU of every thread of `pid` (/proc/PID/task/*/schedstat: top and
-/// /proc/PID/stat read wrong in these VMs).
-fn cpu_ns(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-struct Moat {
-    child: Child,
-    _dir: tempfile::TempDir,
-    socket: std::path::PathBuf,
-}
-
-impl Drop for Moat {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_moat(proxy: std::net::SocketAddr) -> Moat {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("moat.sock");
-    let policy = dir.path().join("bench.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            "[vm]\nname = \"bench\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n\
-             [proxy]\nhttp = \"{proxy}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [80]\nto = [\"bench.example\"]\n\
-             [dns]\nallow = [\"bench.example\"]\n[limits]\nmax_flows = 8192\n"
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_moat"))
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .env(
-            "MOAT_LOG",
-            std::env::var("MOAT_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stderr(if std::env::var("MOAT_BENCH_DEBUG").is_ok() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .expect("start moat");
-    Moat {
-        child,
-        _dir: dir,
-        socket,
-    }
-}
 
 /// passt in vhost-user mode, foreground, the guest's address and gateway given (nothing to
 /// copy from a host without a default route), the gateway mapped to the host's loopback.
@@ -102,10 +41,9 @@ fn start_passt(passt: &Path) -> Moat {
             "-u",
             "none",
         ])
-        .stderr(std::fs::File::create("/tmp/passt-bench.log").unwrap())
+        .stderr(Stdio::null())
         .spawn()
         .expect("start passt");
-    let _ = 0;
     let end = Instant::now() + T;
     while !socket.exists() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
@@ -136,6 +74,20 @@ fn connect(net: &mut GuestNet, addr: (Ipv4Addr, u16)) -> SocketHandle {
     net.tcp_established(addr.0, addr.1, T)
         .unwrap()
         .expect("connect")
+}
+
+/// Wait until the echo of what was just sent arrives (any bytes), and consume it.
+fn await_echo(net: &mut GuestNet, h: SocketHandle) {
+    let mut echoed = false;
+    net.run_until(T, |n| {
+        let s = n.tcp(h);
+        if s.can_recv() {
+            let _ = s.recv(|d| (d.len(), ()));
+            echoed = true;
+        }
+        echoed
+    })
+    .unwrap();
 }
 
 fn send(net: &mut GuestNet, h: SocketHandle, data: &[u8]) {
@@ -254,16 +206,7 @@ fn rr(net: &mut GuestNet, addr: (Ipv4Addr, u16), n: usize) -> (f64, f64) {
     for _ in 0..n {
         let t = Instant::now();
         send(net, h, b"x");
-        let mut echoed = false;
-        net.run_until(T, |n| {
-            let s = n.tcp(h);
-            if s.can_recv() {
-                let _ = s.recv(|d| (d.len(), ()));
-                echoed = true;
-            }
-            echoed
-        })
-        .unwrap();
+        await_echo(net, h);
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
     net.tcp(h).abort();
@@ -305,14 +248,14 @@ fn main() {
     let bytes = mb << 20;
     let origin = proxy::origin();
     let tp = proxy::TestProxy::start(proxy::ProxyMode::Accept, origin);
-    let moat = start_moat(tp.addr);
+    let moat = start_moat(tp.addr, 8192);
     let mut net = guest(&moat.socket, true);
     let addr = net.resolve("bench.example", T).unwrap().expect("resolves");
     let pid = moat.child.id();
     let mut rows = Vec::new();
 
     for (offloads, label) in [(false, "1500 B frames"), (true, "TSO/CSUM")] {
-        let m = start_moat(tp.addr);
+        let m = start_moat(tp.addr, 8192);
         let mut g = guest(&m.socket, offloads);
         let a = g.resolve("bench.example", T).unwrap().expect("resolves");
         rows.extend(bulk(&mut g, (a, 80), m.child.id(), bytes, label));
@@ -381,16 +324,7 @@ fn main() {
         t_connect += c0.elapsed();
         let c1 = Instant::now();
         send(&mut net, h, b"Ex");
-        let mut echoed = false;
-        net.run_until(T, |n| {
-            let s = n.tcp(h);
-            if s.can_recv() {
-                let _ = s.recv(|d| (d.len(), ()));
-                echoed = true;
-            }
-            echoed
-        })
-        .unwrap();
+        await_echo(&mut net, h);
         t_echo += c1.elapsed();
         net.tcp(h).abort();
         net.poll(Duration::ZERO).unwrap();

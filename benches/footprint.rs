@@ -12,47 +12,27 @@
 //! target/bench/footprint.txt. Run: `cargo bench --bench footprint` (MOAT_BENCH_QUICK=1:
 //! 3 s idle, 1000 flows, 10 moats).
 
+#[path = "common/mod.rs"]
+mod common;
+
 #[path = "../tests/support/proxy.rs"]
 #[allow(dead_code)]
 mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::*;
 use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 
-const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
-const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const T: Duration = Duration::from_secs(60);
 const MIB: f64 = 1024.0 * 1024.0;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Nanoseconds on CPU of every thread of `pid` (/proc/PID/task/*/schedstat: top and
-/// /proc/PID/stat read wrong in these VMs).
-fn cpu_ns(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                .sum()
-        })
-        .unwrap_or(0)
-}
 
 /// Memory of `pid` in bytes: VmRSS, RssAnon, RssShmem (from status) and Pss (smaps_rollup).
 #[derive(Clone, Copy, Debug, Default)]
@@ -118,62 +98,6 @@ fn raise_nofile(want: u64) -> u64 {
     }
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     lim.rlim_cur
-}
-
-struct Moat {
-    child: Child,
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl Drop for Moat {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moat {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-fn start_moat(proxy: SocketAddr, max_flows: usize) -> Moat {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("moat.sock");
-    let policy = dir.path().join("bench.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            "[vm]\nname = \"bench\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n\
-             [proxy]\nhttp = \"{proxy}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [80]\nto = [\"bench.example\"]\n\
-             [dns]\nallow = [\"bench.example\"]\n[limits]\nmax_flows = {max_flows}\n"
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_moat"))
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .env(
-            "MOAT_LOG",
-            std::env::var("MOAT_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stderr(if std::env::var("MOAT_BENCH_DEBUG").is_ok() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .expect("start moat");
-    Moat {
-        child,
-        _dir: dir,
-        socket,
-    }
 }
 
 fn guest(socket: &Path) -> GuestNet {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::egress::Flows;
 use crate::firewall::{Firewall, Verdict};
 use crate::frame::checksum::{self, L4Layout};
-use crate::frame::virtio_hdr::{Offloads, RxHdr, TxOffload, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
+use crate::frame::virtio_hdr::{Offloads, OutHdr, TxOffload, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
 use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN};
 use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
 use crate::services::dns::NamePool;
@@ -67,7 +67,7 @@ impl Datapath {
 
     /// Run the flows; every IP packet they have for the guest becomes a frame for `out`,
     /// with what its virtio-net header must say.
-    pub fn pump(&mut self, mut out: impl FnMut(Vec<u8>, RxHdr)) {
+    pub fn pump(&mut self, mut out: impl FnMut(Vec<u8>, OutHdr)) {
         let mtu = self.max_frame_len - ETH_HDR_LEN;
         for packet in self.flows.pump() {
             let mut frame = Vec::with_capacity(ETH_HDR_LEN + packet.len());
@@ -90,9 +90,9 @@ impl Datapath {
                 }
             } else if self.offloads.guest_csum {
                 // smoltcp computed every checksum: the guest need not verify them again.
-                RxHdr::DataValid
+                OutHdr::DataValid
             } else {
-                RxHdr::Plain
+                OutHdr::Plain
             };
             out(frame, hdr);
         }
@@ -238,14 +238,14 @@ fn complete_checksum(frame: &mut [u8], offload: TxOffload) -> Result<(), DropRea
 
 /// The RX header of a TCP segment over the MTU, its checksum left partial; `None` if the
 /// packet is not TCP over IPv4 (smoltcp makes no other large packets).
-fn tso_header(ip: &mut [u8], mtu: usize) -> Option<RxHdr> {
+fn tso_header(ip: &mut [u8], mtu: usize) -> Option<OutHdr> {
     let l4 = checksum::leave_partial(ip)?;
     if l4.protocol != 6 {
         return None;
     }
     let tcp_hdr_len = usize::from(ip.get(l4.start + 12)? >> 4) * 4;
     let headers = l4.start + tcp_hdr_len;
-    Some(RxHdr::Tso {
+    Some(OutHdr::Tso {
         hdr_len: (ETH_HDR_LEN + headers) as u16,
         mss: mtu.checked_sub(headers).filter(|&m| m > 0)? as u16,
         csum_start: (ETH_HDR_LEN + l4.start) as u16,

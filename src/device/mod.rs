@@ -9,7 +9,7 @@ pub mod pacer;
 pub mod queues;
 pub mod server;
 
-use crate::frame::virtio_hdr::{Offloads, RxHdr};
+use crate::frame::virtio_hdr::{Offloads, OutHdr};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -49,8 +49,6 @@ pub struct NetDevice {
     timer: Option<TimerFd>,
     /// `limits.egress_bps`: paces the TX queue (guest -> moat).
     egress: Option<pacer::Pacer>,
-    /// The limits the pacers were built from (a reload that changes them rebuilds them).
-    limits: crate::policy::Limits,
     /// TX descriptors wait for the egress bucket.
     tx_paused: bool,
     /// Every log line of this device carries the VM's name.
@@ -116,7 +114,6 @@ impl NetDevice {
         NetDevice {
             config_space: config::config_space(&policy.vm),
             egress: pacer::Pacer::new(policy.limits.egress_bps, policy.limits.burst_bytes),
-            limits: policy.limits.clone(),
             rx: RxQueue::paced(pacer::Pacer::new(
                 policy.limits.ingress_bps,
                 policy.limits.burst_bytes,
@@ -134,14 +131,10 @@ impl NetDevice {
 
     /// Swap in a reloaded policy (same VM identity); returns how many flows were reset.
     pub fn reload(&mut self, policy: Arc<Policy>) -> usize {
-        let new = &policy.limits;
-        if (
-            self.limits.egress_bps,
-            self.limits.ingress_bps,
-            self.limits.burst_bytes,
-        ) != (new.egress_bps, new.ingress_bps, new.burst_bytes)
+        let (old, new) = (&self.datapath.flows().policy().limits, &policy.limits);
+        if (old.egress_bps, old.ingress_bps, old.burst_bytes)
+            != (new.egress_bps, new.ingress_bps, new.burst_bytes)
         {
-            self.limits = new.clone();
             // New limits apply at once, from a full bucket.
             self.egress = pacer::Pacer::new(new.egress_bps, new.burst_bytes);
             self.rx
@@ -228,7 +221,8 @@ impl NetDevice {
             match read {
                 Ok(_) => {
                     if let Some(answer) = self.datapath.guest_frame(&mut self.tx_buf) {
-                        self.rx.push(answer, RxHdr::Plain, self.datapath.counters());
+                        self.rx
+                            .push(answer, OutHdr::Plain, self.datapath.counters());
                     }
                 }
                 Err(ChainError::Bad) => self

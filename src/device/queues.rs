@@ -13,7 +13,7 @@ use vm_memory::{
     Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 
-use crate::frame::virtio_hdr::{RxHdr, VIRTIO_NET_HDR_LEN};
+use crate::frame::virtio_hdr::{OutHdr, VIRTIO_NET_HDR_LEN};
 use crate::telemetry::{Counters, DropReason, Traffic};
 
 use super::pacer::Pacer;
@@ -90,7 +90,7 @@ fn write_chain(
 /// The RX side of one queue pair: answers waiting for guest buffers.
 #[derive(Debug, Default)]
 pub struct RxQueue {
-    pending: VecDeque<(Vec<u8>, RxHdr)>,
+    pending: VecDeque<(Vec<u8>, OutHdr)>,
     /// `limits.ingress_bps`: frames wait for the bucket instead of being dropped.
     pacer: Option<Pacer>,
     paced: bool,
@@ -119,7 +119,7 @@ impl RxQueue {
     }
 
     /// Queue a frame for the guest; drops (counted) when too many are already waiting.
-    pub fn push(&mut self, frame: Vec<u8>, hdr: RxHdr, counters: &Counters) {
+    pub fn push(&mut self, frame: Vec<u8>, hdr: OutHdr, counters: &Counters) {
         if self.pending.len() >= MAX_PENDING_RX {
             counters.drop_frame(
                 DropReason::RxQueueFull,
@@ -206,7 +206,7 @@ fn place_frame(
     vring: &VringRwLock,
     mem: &Mem,
     data: &mut [u8],
-    hdr: RxHdr,
+    hdr: OutHdr,
     mrg_rxbuf: bool,
 ) -> Placed {
     let mut state = vring.get_mut();

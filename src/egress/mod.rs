@@ -177,6 +177,11 @@ impl Flows {
         }
     }
 
+    /// The policy in force.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
     /// The guest acked segmentation offloads (HOST_TSO4 / GUEST_TSO4).
     pub fn set_large_segments(&mut self, from_guest: bool, to_guest: bool) {
         self.stack.set_large_segments(from_guest, to_guest);

@@ -114,13 +114,14 @@ impl VirtioNetHdr {
 
     /// The header bytes for an RX frame that uses `num_buffers` descriptor chains.
     pub fn rx_bytes(num_buffers: u16) -> [u8; VIRTIO_NET_HDR_LEN] {
-        RxHdr::Plain.bytes(num_buffers)
+        OutHdr::Plain.bytes(num_buffers)
     }
 }
 
-/// What moat tells the guest about an RX frame.
+/// What the sender of a frame tells the receiver in its virtio-net header: moat for the
+/// frames it puts on the RX queue, the simulated guest for its TX frames.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum RxHdr {
+pub enum OutHdr {
     /// Nothing: a complete frame (the guest verifies checksums as it likes).
     #[default]
     Plain,
@@ -136,13 +137,13 @@ pub enum RxHdr {
     },
 }
 
-impl RxHdr {
+impl OutHdr {
     pub fn bytes(self, num_buffers: u16) -> [u8; VIRTIO_NET_HDR_LEN] {
         let mut b = [0u8; VIRTIO_NET_HDR_LEN];
         match self {
-            RxHdr::Plain => {}
-            RxHdr::DataValid => b[0] = VIRTIO_NET_HDR_F_DATA_VALID,
-            RxHdr::Tso {
+            OutHdr::Plain => {}
+            OutHdr::DataValid => b[0] = VIRTIO_NET_HDR_F_DATA_VALID,
+            OutHdr::Tso {
                 hdr_len,
                 mss,
                 csum_start,

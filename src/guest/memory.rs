@@ -20,6 +20,25 @@ pub struct GuestMemory {
     regions: usize,
 }
 
+/// Map `len` bytes of `file` (at least that long), shared, readable and writable.
+fn map_shared(file: &File, len: usize) -> Result<*mut libc::c_void, GuestError> {
+    // SAFETY: mapping a file descriptor we hold open, shared, no longer than the file.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(GuestError::Memory(std::io::Error::last_os_error()));
+    }
+    Ok(ptr)
+}
+
 // SAFETY: the mapping lives as long as the struct; all access goes through bounds-checked
 // volatile copies, and the other side (the backend) only sees it through its own mapping.
 unsafe impl Send for GuestMemory {}
@@ -37,20 +56,7 @@ impl GuestMemory {
         // SAFETY: fd was just created and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len as u64).map_err(GuestError::Memory)?;
-        // SAFETY: mapping a file we own, shared, of the length we just set.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(GuestError::Memory(std::io::Error::last_os_error()));
-        }
+        let ptr = map_shared(&file, len)?;
         Ok(GuestMemory {
             file,
             ptr: ptr.cast(),
@@ -164,20 +170,7 @@ unsafe impl Sync for GuestMemWriter {}
 
 impl GuestMemWriter {
     fn map(file: &File, len: usize) -> Result<GuestMemWriter, GuestError> {
-        // SAFETY: mapping a memfd we hold open, shared, no longer than the file.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(GuestError::Memory(std::io::Error::last_os_error()));
-        }
+        let ptr = map_shared(file, len)?;
         Ok(GuestMemWriter {
             ptr: ptr.cast(),
             len,

@@ -41,14 +41,14 @@ impl TxToken for Tx<'_> {
             // hand them to the device as a TSO segment of MSS-sized pieces, as Linux does.
             let ihl = usize::from(buf.get(14).map_or(5, |b| b & 0xf)) * 4;
             let thl = usize::from(buf.get(14 + ihl + 12).map_or(5, |b| b >> 4)) * 4;
-            let mut hdr = [0u8; crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN];
-            hdr[0] = 1; // NEEDS_CSUM (the stack computed the full sum; moat recomputes)
-            hdr[1] = 1; // GSO_TCPV4
-            hdr[2..4].copy_from_slice(&((14 + ihl + thl) as u16).to_le_bytes());
-            let mss = self.wire_mtu.saturating_sub(14 + ihl + thl).max(1) as u16;
-            hdr[4..6].copy_from_slice(&mss.to_le_bytes());
-            hdr[6..8].copy_from_slice(&((14 + ihl) as u16).to_le_bytes());
-            hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
+            let hdr = crate::frame::virtio_hdr::OutHdr::Tso {
+                hdr_len: (14 + ihl + thl) as u16,
+                mss: self.wire_mtu.saturating_sub(14 + ihl + thl).max(1) as u16,
+                csum_start: (14 + ihl) as u16,
+                csum_offset: crate::frame::checksum::TCP_CSUM_OFFSET,
+            }
+            // The stack computed the full sum where a partial one belongs: moat recomputes.
+            .bytes(1);
             self.guest.send_frame_with_hdr(&hdr, &buf)
         } else {
             self.guest.send_frame(&buf)

@@ -1,0 +1,90 @@
+//! What the benchmarks share: the simulated guest's addresses, the moat child process, and
+//! CPU time read from schedstat. Included with `#[path = "common/mod.rs"] mod common;`.
+
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+pub const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Nanoseconds on CPU of every thread of `pid` (/proc/PID/task/*/schedstat: top and
+/// /proc/PID/stat read wrong in these VMs).
+pub fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A child process (moat, or a peer) serving a vhost-user socket; killed when dropped.
+pub struct Moat {
+    pub child: Child,
+    pub _dir: tempfile::TempDir,
+    pub socket: PathBuf,
+}
+
+impl Drop for Moat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moat {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The release moat serving a policy that allows TCP to bench.example:80 through `proxy`.
+pub fn start_moat(proxy: SocketAddr, max_flows: usize) -> Moat {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("moat.sock");
+    let policy = dir.path().join("bench.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[vm]\nname = \"bench\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n\
+             [proxy]\nhttp = \"{proxy}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [80]\nto = [\"bench.example\"]\n\
+             [dns]\nallow = [\"bench.example\"]\n[limits]\nmax_flows = {max_flows}\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .arg("--policy")
+        .arg(&policy)
+        .env(
+            "MOAT_LOG",
+            std::env::var("MOAT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stderr(if std::env::var("MOAT_BENCH_DEBUG").is_ok() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .expect("start moat");
+    Moat {
+        child,
+        _dir: dir,
+        socket,
+    }
+}
