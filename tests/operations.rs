@@ -6,8 +6,8 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use moat::frame::craft;
@@ -18,24 +18,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(10);
 
-struct Moat {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Moat {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for Moat {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -44,24 +26,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(policy: &str, extra: &[&str], stderr: Stdio) -> Moat {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("vm.toml"), policy).unwrap();
-    let child = Command::new(moat_bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(dir.path().join("moat.sock"))
-        .arg("--policy")
-        .arg(dir.path().join("vm.toml"))
-        .arg("--control")
-        .arg(dir.path().join("control.sock"))
-        .args(extra)
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let m = Moat { child, dir };
-    eventually("control socket", || m.path("control.sock").exists());
-    m
+fn start(policy: &str, extra: &[&str], stderr: Stdio) -> MoatProcess {
+    MoatProcess::start(policy, extra, stderr)
 }
 
 fn moat(args: &[&str], control: &Path) -> (i32, String, String) {

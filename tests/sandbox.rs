@@ -9,30 +9,20 @@ mod support;
 
 use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use moat::guest::{GuestOptions, SimGuest};
 use support::*;
 
-struct Moat {
-    child: Child,
-    dir: tempfile::TempDir,
+/// The control-socket probes and the exit watch these tests use on a running moat.
+trait Probe {
+    fn ask(&self, request: &str) -> (bool, String);
+    fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus>;
 }
 
-impl Drop for Moat {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moat {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
+impl Probe for MoatProcess {
     fn ask(&self, request: &str) -> (bool, String) {
         moat::control::socket::request(&self.path("control.sock"), request)
             .unwrap_or((false, "no answer".into()))
@@ -59,24 +49,9 @@ fn policy(proxy_port: u16) -> String {
     )
 }
 
-fn start(extra: &[&str], proxy_port: u16) -> Moat {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("vm.toml"), policy(proxy_port)).unwrap();
-    std::fs::write(dir.path().join("notes.txt"), "beside the policy").unwrap();
-    let child = Command::new(moat_bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(dir.path().join("moat.sock"))
-        .arg("--policy")
-        .arg(dir.path().join("vm.toml"))
-        .arg("--control")
-        .arg(dir.path().join("control.sock"))
-        .args(extra)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let m = Moat { child, dir };
-    eventually("control socket", || m.path("control.sock").exists());
+fn start(extra: &[&str], proxy_port: u16) -> MoatProcess {
+    let m = MoatProcess::start(&policy(proxy_port), extra, Stdio::null());
+    std::fs::write(m.path("notes.txt"), "beside the policy").unwrap();
     eventually("vhost-user socket", || m.path("moat.sock").exists());
     m
 }

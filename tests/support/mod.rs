@@ -133,3 +133,45 @@ pub fn assert_silent(guest: &mut SimGuest, what: &str) {
 pub fn moat_bin() -> &'static str {
     env!("CARGO_BIN_EXE_moat")
 }
+
+/// The moat binary serving `vm.toml` in a temp dir, with `moat.sock` and `control.sock`
+/// there too; killed when dropped.
+pub struct MoatProcess {
+    pub child: std::process::Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl MoatProcess {
+    /// Write `policy` as vm.toml, start `moat serve` with `extra` arguments, and wait for
+    /// its control socket.
+    pub fn start(policy: &str, extra: &[&str], stderr: std::process::Stdio) -> MoatProcess {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vm.toml"), policy).unwrap();
+        let child = std::process::Command::new(moat_bin())
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.path().join("moat.sock"))
+            .arg("--policy")
+            .arg(dir.path().join("vm.toml"))
+            .arg("--control")
+            .arg(dir.path().join("control.sock"))
+            .args(extra)
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let m = MoatProcess { child, dir };
+        eventually("control socket", || m.path("control.sock").exists());
+        m
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for MoatProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
