@@ -66,11 +66,13 @@ impl Datapath {
     }
 
     /// Run the flows; every IP packet they have for the guest becomes a frame for `out`,
-    /// with what its virtio-net header must say.
+    /// behind room for its virtio-net header, with what that header must say.
     pub fn pump(&mut self, mut out: impl FnMut(Vec<u8>, OutHdr)) {
         let mtu = self.max_frame_len - ETH_HDR_LEN;
+        const L2: usize = VIRTIO_NET_HDR_LEN + ETH_HDR_LEN;
         for packet in self.flows.pump() {
-            let mut frame = Vec::with_capacity(ETH_HDR_LEN + packet.len());
+            let mut frame = Vec::with_capacity(L2 + packet.len());
+            frame.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
             frame.extend_from_slice(&self.guest_mac.0);
             frame.extend_from_slice(&GATEWAY_MAC.0);
             frame.extend_from_slice(&0x0800u16.to_be_bytes());
@@ -78,7 +80,7 @@ impl Datapath {
             let hdr = if packet.len() > mtu {
                 // Only smoltcp's TCP makes packets over the MTU, and only for a guest that
                 // takes 64 KiB segments (GUEST_TSO4): hand it one with a partial checksum.
-                match tso_header(&mut frame[ETH_HDR_LEN..], mtu) {
+                match tso_header(&mut frame[L2..], mtu) {
                     Some(hdr) => hdr,
                     None => {
                         self.counters.drop_frame(

@@ -222,7 +222,7 @@ impl NetDevice {
                 Ok(_) => {
                     if let Some(answer) = self.datapath.guest_frame(&mut self.tx_buf) {
                         self.rx
-                            .push(answer, OutHdr::Plain, self.datapath.counters());
+                            .push_copy(&answer, OutHdr::Plain, self.datapath.counters());
                     }
                 }
                 Err(ChainError::Bad) => self

@@ -90,12 +90,11 @@ fn write_chain(
 /// The RX side of one queue pair: answers waiting for guest buffers.
 #[derive(Debug, Default)]
 pub struct RxQueue {
+    /// Each frame behind room for its virtio-net header, written in place when delivered.
     pending: VecDeque<(Vec<u8>, OutHdr)>,
     /// `limits.ingress_bps`: frames wait for the bucket instead of being dropped.
     pacer: Option<Pacer>,
     paced: bool,
-    /// Scratch buffer: virtio-net header + frame.
-    scratch: Vec<u8>,
 }
 
 impl RxQueue {
@@ -119,6 +118,16 @@ impl RxQueue {
     }
 
     /// Queue a frame for the guest; drops (counted) when too many are already waiting.
+    /// Queue a frame built without room for the header (the gateway's answers): copied once
+    /// behind the room.
+    pub fn push_copy(&mut self, frame: &[u8], hdr: OutHdr, counters: &Counters) {
+        let mut buf = Vec::with_capacity(VIRTIO_NET_HDR_LEN + frame.len());
+        buf.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
+        buf.extend_from_slice(frame);
+        self.push(buf, hdr, counters);
+    }
+
+    /// Queue a frame whose first VIRTIO_NET_HDR_LEN bytes are room for its header.
     pub fn push(&mut self, frame: Vec<u8>, hdr: OutHdr, counters: &Counters) {
         if self.pending.len() >= MAX_PENDING_RX {
             counters.drop_frame(
@@ -152,27 +161,25 @@ impl RxQueue {
         let mem = mem.memory();
         let mut delivered = false;
         self.paced = false;
-        while let Some((frame, hdr)) = self.pending.front() {
+        while let Some((buf, hdr)) = self.pending.front_mut() {
+            let len = buf.len() - VIRTIO_NET_HDR_LEN;
             if let Some(pacer) = self.pacer.as_mut() {
                 if !pacer.ready() {
                     self.paced = true;
                     break;
                 }
-                pacer.spend(frame.len());
+                pacer.spend(len);
             }
-            self.scratch.clear();
-            self.scratch.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
-            self.scratch.extend_from_slice(frame);
-            match place_frame(vring, &mem, &mut self.scratch, *hdr, mrg_rxbuf) {
+            match place_frame(vring, &mem, buf, *hdr, mrg_rxbuf) {
                 Placed::Done => {
                     counters.add(Traffic::RxFrames, 1);
-                    counters.add(Traffic::RxBytes, frame.len() as u64);
+                    counters.add(Traffic::RxBytes, len as u64);
                     delivered = true;
                     self.pending.pop_front();
                 }
                 Placed::Dropped(reason) => {
                     delivered = true;
-                    counters.drop_frame(reason, format_args!("rx frame of {} bytes", frame.len()));
+                    counters.drop_frame(reason, format_args!("rx frame of {len} bytes"));
                     self.pending.pop_front();
                 }
                 Placed::NoBuffers => {
