@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use moat::control::{self, VmState};
 use moat::device::server::{self, ServeOptions};
+use moat::device::Tuning;
 use moat::policy::Policy;
 use moat::sandbox;
 use moat::telemetry::{metrics, Counters};
@@ -48,6 +49,16 @@ enum Command {
         /// Serve without the seccomp filter and Landlock ruleset (for strace, gdb, debugging).
         #[arg(long)]
         no_sandbox: bool,
+        /// Queue pairs to offer (VIRTIO_NET_F_MQ when more than 1; one thread each).
+        /// The VMM must ask for as many (QEMU `-netdev vhost-user,queues=N`).
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..=moat::device::MAX_QUEUE_PAIRS as i64))]
+        queues: u16,
+        /// After draining the guest's TX queue, look for more for this many microseconds
+        /// before sleeping (0: sleep at once). Trades CPU for packet rate and latency.
+        #[arg(long, value_name = "US", default_value_t = 0,
+              value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        busy_poll_us: u64,
     },
     /// Print the sandbox `moat serve` applies: the system calls it allows and why.
     Sandbox,
@@ -124,12 +135,18 @@ fn main() -> ExitCode {
             control,
             log_format,
             no_sandbox,
+            queues,
+            busy_poll_us,
         } => {
             init_logging(log_format);
             let opts = ServeOptions {
                 socket,
                 client,
                 once,
+                tuning: Tuning {
+                    queue_pairs: usize::from(queues),
+                    busy_poll: std::time::Duration::from_micros(busy_poll_us),
+                },
             };
             let endpoints = Endpoints {
                 metrics: metrics.as_deref(),

@@ -89,6 +89,7 @@ pub fn run(policy: &Policy) -> Result<Vec<Outcome>, CanaryError> {
         socket: socket.clone(),
         client: false,
         once: true,
+        tuning: crate::device::Tuning::default(),
     };
     let serving = std::thread::spawn(move || server::serve(vm, &opts, Some(listener)));
     let sim = SimGuest::connect(&socket, GuestOptions::default())

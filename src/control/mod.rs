@@ -49,7 +49,7 @@ pub struct VmState {
     pub path: PathBuf,
     policy: RwLock<Arc<Policy>>,
     pub counters: Arc<Counters>,
-    device: Mutex<Weak<Mutex<NetDevice>>>,
+    device: Mutex<Weak<NetDevice>>,
     forwards: Mutex<Vec<Forward>>,
     /// TCP ports the sandbox still lets moat connect to (None: no sandbox).
     connect_ports: Mutex<Option<Vec<u16>>>,
@@ -79,11 +79,11 @@ impl VmState {
     }
 
     /// The device of the frontend connection now being served (reloads reach its flows).
-    pub fn set_device(&self, device: &Arc<Mutex<NetDevice>>) {
+    pub fn set_device(&self, device: &Arc<NetDevice>) {
         *self.device.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(device);
     }
 
-    pub fn device(&self) -> Option<Arc<Mutex<NetDevice>>> {
+    pub fn device(&self) -> Option<Arc<NetDevice>> {
         self.device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -156,7 +156,7 @@ impl VmState {
         let new = Arc::new(new);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&new);
         let flows_reset = match self.device() {
-            Some(device) => device.lock().unwrap_or_else(|e| e.into_inner()).reload(new),
+            Some(device) => device.reload(new),
             None => 0,
         };
         self.counters.reloads.fetch_add(1, Ordering::Relaxed);
@@ -265,19 +265,13 @@ impl VmState {
 
     fn apply_forwards(&self, forwards: Vec<Forward>) {
         if let Some(device) = self.device() {
-            device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_runtime_forwards(forwards);
+            device.set_runtime_forwards(forwards);
         }
     }
 
     /// Counters and the flow table, as a table or as JSON.
     pub fn stats(&self, json: bool) -> String {
-        let flows = self
-            .device()
-            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).flow_table())
-            .unwrap_or_default();
+        let flows = self.device().map(|d| d.flow_table()).unwrap_or_default();
         if json {
             let counters: serde_json::Map<String, serde_json::Value> = self
                 .counters

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::egress::Flows;
+use crate::egress::{Carried, Flows};
 use crate::firewall::{Firewall, Verdict};
 use crate::frame::checksum::{self, L4Layout};
 use crate::frame::virtio_hdr::{Offloads, OutHdr, TxOffload, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
@@ -16,7 +16,27 @@ use crate::services::dns::NamePool;
 use crate::services::Gateway;
 use crate::telemetry::{Counters, DropReason, Service, Traffic};
 
-/// The guest-facing data path of one VM.
+/// Where a TX buffer comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Read from this pair's TX queue (counted as TX traffic here).
+    Queue,
+    /// Read by another pair, whose flow table said the flow is this pair's.
+    Handoff,
+}
+
+/// What became of a TX buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Dropped (counted), or carried into a flow.
+    Consumed,
+    /// The gateway's answer, for this pair's RX queue.
+    Answer(Vec<u8>),
+    /// A frame of a flow another queue pair owns: hand the buffer to that pair.
+    Handoff(usize),
+}
+
+/// The guest-facing data path of one queue pair of a VM.
 #[derive(Debug)]
 pub struct Datapath {
     firewall: Firewall,
@@ -124,20 +144,39 @@ impl Datapath {
     }
 
     /// Handle one TX buffer: the virtio-net header followed by the frame.
-    /// Returns the frame to send back to the guest, if any.
+    /// Returns the frame to send back to the guest, if any (one queue pair: no handoffs).
     pub fn guest_frame(&mut self, buf: &mut [u8]) -> Option<Vec<u8>> {
-        self.counters.add(Traffic::TxFrames, 1);
-        self.counters.add(Traffic::TxBytes, buf.len() as u64);
+        match self.handle(buf, Origin::Queue) {
+            Outcome::Answer(answer) => Some(answer),
+            Outcome::Consumed | Outcome::Handoff(_) => None,
+        }
+    }
+
+    /// Handle one TX buffer read from this pair's queue, or handed over by another pair.
+    pub fn handle(&mut self, buf: &mut [u8], origin: Origin) -> Outcome {
+        if origin == Origin::Queue {
+            self.counters.add(Traffic::TxFrames, 1);
+            self.counters.add(Traffic::TxBytes, buf.len() as u64);
+        }
         match self.decide(buf) {
-            Ok(answer) => answer,
+            Ok(Outcome::Handoff(_)) if origin == Origin::Handoff => {
+                // The flow moved again while the frame was on its way: give up on it (the
+                // guest's TCP retransmits).
+                self.counters.drop_frame(
+                    DropReason::HandoffFailed,
+                    format_args!("{} bytes handed over twice", buf.len()),
+                );
+                Outcome::Consumed
+            }
+            Ok(outcome) => outcome,
             Err((reason, summary)) => {
                 self.counters.drop_frame(reason, format_args!("{summary}"));
-                None
+                Outcome::Consumed
             }
         }
     }
 
-    fn decide(&mut self, buf: &mut [u8]) -> Result<Option<Vec<u8>>, (DropReason, Summary)> {
+    fn decide(&mut self, buf: &mut [u8]) -> Result<Outcome, (DropReason, Summary)> {
         let len = buf.len();
         let no_summary = |reason| (reason, Summary::Bytes(len));
         let hdr = VirtioNetHdr::parse(buf).map_err(no_summary)?;
@@ -170,9 +209,11 @@ impl Datapath {
                     Transport::Udp(udp) => self.flows.guest_udp(ip, udp),
                     Transport::Icmp(_) => Err(DropReason::NotAllowed),
                 };
-                carried
-                    .map(|()| None)
-                    .map_err(|reason| (reason, summarize(&frame)))
+                match carried {
+                    Ok(Carried::Here) => Ok(Outcome::Consumed),
+                    Ok(Carried::Elsewhere(pair)) => Ok(Outcome::Handoff(pair)),
+                    Err(reason) => Err((reason, summarize(&frame))),
+                }
             }
             Verdict::Answer(Service::Dns) => match self.gateway.upstream_query(&frame) {
                 // mode = "upstream": allowed names are asked of the resolver, asynchronously.
@@ -187,7 +228,7 @@ impl Datapath {
         &mut self,
         frame: &Frame<'_>,
         name: String,
-    ) -> Result<Option<Vec<u8>>, (DropReason, Summary)> {
+    ) -> Result<Outcome, (DropReason, Summary)> {
         let Network::Ipv4(ip) = &frame.net else {
             return Err((DropReason::DnsMalformed, summarize(frame)));
         };
@@ -197,7 +238,7 @@ impl Datapath {
         self.counters.answered(Service::Dns);
         self.flows
             .forward_dns(udp.src_port, udp.payload, name)
-            .map(|()| None)
+            .map(|()| Outcome::Consumed)
             .map_err(|reason| (reason, summarize(frame)))
     }
 
@@ -205,11 +246,11 @@ impl Datapath {
         &mut self,
         service: Service,
         frame: &Frame<'_>,
-    ) -> Result<Option<Vec<u8>>, (DropReason, Summary)> {
+    ) -> Result<Outcome, (DropReason, Summary)> {
         match self.gateway.answer(service, frame) {
             Ok(answer) => {
                 self.counters.answered(service);
-                Ok(answer)
+                Ok(answer.map_or(Outcome::Consumed, Outcome::Answer))
             }
             Err(reason) => Err((reason, summarize(frame))),
         }

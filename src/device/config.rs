@@ -4,8 +4,8 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -13,16 +13,21 @@ use virtio_bindings::bindings::virtio_ring::{
 
 use crate::policy::Vm;
 
-/// Queue 0 receives (moat -> guest), queue 1 transmits (guest -> moat).
+/// Within a pair (and in the event ids of its worker): queue 0 receives (moat -> guest),
+/// queue 1 transmits (guest -> moat). Pair i is virtqueues 2i and 2i+1.
 pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
-pub const NUM_QUEUES: usize = 2;
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
 /// The virtio feature bits moat offers. No checksum or segmentation offloads yet: every
 /// frame the guest sends is complete and checksummed, so the firewall sees what goes out.
-pub fn virtio_features() -> u64 {
-    (1 << VIRTIO_F_VERSION_1)
+pub fn virtio_features(queue_pairs: usize) -> u64 {
+    let mq = if queue_pairs > 1 {
+        1 << VIRTIO_NET_F_MQ
+    } else {
+        0
+    };
+    mq | (1 << VIRTIO_F_VERSION_1)
         | (1 << VIRTIO_NET_F_MAC)
         | (1 << VIRTIO_NET_F_STATUS)
         | (1 << VIRTIO_NET_F_MTU)
@@ -54,11 +59,11 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 }
 
 /// `struct virtio_net_config` up to and including `mtu` (virtio 1.2, 5.1.4).
-pub fn config_space(vm: &Vm) -> [u8; 12] {
+pub fn config_space(vm: &Vm, queue_pairs: u16) -> [u8; 12] {
     let mut c = [0u8; 12];
     c[0..6].copy_from_slice(&vm.mac.0);
     c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-    c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+    c[8..10].copy_from_slice(&queue_pairs.to_le_bytes()); // max_virtqueue_pairs
     c[10..12].copy_from_slice(&vm.mtu.to_le_bytes());
     c
 }

@@ -68,6 +68,35 @@ impl Pacer {
     }
 }
 
+/// One VM's bucket, shared by its queue pairs (a limit is per VM, whatever queue a frame
+/// takes). Locked only when the policy sets a limit.
+#[derive(Clone, Debug)]
+pub struct SharedPacer(std::sync::Arc<std::sync::Mutex<Pacer>>);
+
+impl SharedPacer {
+    /// `None` for 0 bits per second (unlimited).
+    pub fn new(bits_per_second: u64, burst_bytes: u64) -> Option<SharedPacer> {
+        Pacer::new(bits_per_second, burst_bytes)
+            .map(|p| SharedPacer(std::sync::Arc::new(std::sync::Mutex::new(p))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pacer> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn ready(&self) -> bool {
+        self.lock().ready()
+    }
+
+    pub fn spend(&self, bytes: usize) {
+        self.lock().spend(bytes);
+    }
+
+    pub fn wait(&self) -> Duration {
+        self.lock().wait()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

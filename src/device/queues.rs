@@ -16,7 +16,7 @@ use vm_memory::{
 use crate::frame::virtio_hdr::{OutHdr, VIRTIO_NET_HDR_LEN};
 use crate::telemetry::{Counters, DropReason, Traffic};
 
-use super::pacer::Pacer;
+use super::pacer::SharedPacer;
 
 type Mem = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
@@ -93,16 +93,16 @@ pub struct RxQueue {
     /// Each frame behind room for its virtio-net header, written in place when delivered.
     pending: VecDeque<(Vec<u8>, OutHdr)>,
     /// `limits.ingress_bps`: frames wait for the bucket instead of being dropped.
-    pacer: Option<Pacer>,
+    pacer: Option<SharedPacer>,
     paced: bool,
 }
 
 impl RxQueue {
-    pub fn set_pacer(&mut self, pacer: Option<Pacer>) {
+    pub fn set_pacer(&mut self, pacer: Option<SharedPacer>) {
         self.pacer = pacer;
     }
 
-    pub fn paced(pacer: Option<Pacer>) -> RxQueue {
+    pub fn paced(pacer: Option<SharedPacer>) -> RxQueue {
         RxQueue {
             pacer,
             ..RxQueue::default()
@@ -114,7 +114,7 @@ impl RxQueue {
         if !self.paced {
             return None;
         }
-        self.pacer.as_mut().map(Pacer::wait)
+        self.pacer.as_ref().map(SharedPacer::wait)
     }
 
     /// Queue a frame for the guest; drops (counted) when too many are already waiting.
@@ -163,7 +163,7 @@ impl RxQueue {
         self.paced = false;
         while let Some((buf, hdr)) = self.pending.front_mut() {
             let len = buf.len() - VIRTIO_NET_HDR_LEN;
-            if let Some(pacer) = self.pacer.as_mut() {
+            if let Some(pacer) = self.pacer.as_ref() {
                 if !pacer.ready() {
                     self.paced = true;
                     break;

@@ -12,7 +12,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::control::VmState;
-use crate::device::{self, NetDevice};
+use crate::device::{self, NetDevice, Tuning};
 use crate::services::dns::NamePool;
 
 /// How long `--client` waits between attempts to reach the VMM's socket.
@@ -39,6 +39,8 @@ pub struct ServeOptions {
     pub client: bool,
     /// Return after the first frontend disconnects.
     pub once: bool,
+    /// Queue pairs and polling.
+    pub tuning: Tuning,
 }
 
 /// Where the socket is bound, so a signal handler can remove it.
@@ -60,28 +62,24 @@ pub fn serve(
     loop {
         // Each connection starts from the policy in force (reloads included).
         let policy = vm.policy();
-        let device = Arc::new(Mutex::new(NetDevice::new(
+        let device = NetDevice::new(
             Arc::clone(&policy),
             Arc::clone(&names),
             Arc::clone(&vm.counters),
-        )));
-        device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_runtime_forwards(vm.runtime_forwards());
+            opts.tuning,
+        )
+        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let device = Arc::new(device);
+        device.set_runtime_forwards(vm.runtime_forwards());
         vm.set_device(&device);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon =
             VhostUserDaemon::new(format!("moat-{}", policy.vm.name), Arc::clone(&device), mem)
                 .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        // One event loop per queue pair: the vring worker also watches proxy sockets and
-        // the stack's timer.
-        let handler = daemon
-            .get_epoll_handlers()
-            .into_iter()
-            .next()
-            .ok_or_else(|| ServeError::Daemon("no vring worker".into()))?;
-        device::attach(&device, handler).map_err(|e| ServeError::Daemon(e.to_string()))?;
+        // One event loop per queue pair: each vring worker also watches its pair's proxy
+        // sockets, timer and handed frames.
+        device::attach(&device, daemon.get_epoll_handlers())
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
         let started = match listener.as_mut() {
             Some(listener) => {
                 tracing::info!(socket = %opts.socket.display(), "waiting for a vhost-user frontend");
@@ -95,7 +93,7 @@ pub fn serve(
                 reason: e.to_string(),
             });
         }
-        tracing::info!(vm = %policy.vm.name, "frontend connected");
+        tracing::info!(vm = %policy.vm.name, queue_pairs = device.queue_pairs(), "frontend connected");
         match daemon.wait() {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
@@ -116,7 +114,7 @@ pub fn serve(
 }
 
 fn connect(
-    daemon: &mut VhostUserDaemon<Arc<Mutex<NetDevice>>>,
+    daemon: &mut VhostUserDaemon<Arc<NetDevice>>,
     socket: &Path,
 ) -> vhost_user_backend::Result<()> {
     let path = socket.to_string_lossy().into_owned();

@@ -21,6 +21,8 @@ const MAX_MESSAGE: usize = 65_535;
 #[derive(Debug)]
 pub struct DnsConn {
     pub id: u64,
+    /// The guest's connection (to the gateway's port 53).
+    pub key: super::flow::FlowKey,
     pub handle: SocketHandle,
     /// `mode = "upstream"`: queries to send to the resolver (message, name).
     pub to_upstream: Vec<(Vec<u8>, String)>,
@@ -32,9 +34,10 @@ pub struct DnsConn {
 }
 
 impl DnsConn {
-    pub fn new(id: u64, handle: SocketHandle) -> DnsConn {
+    pub fn new(id: u64, key: super::flow::FlowKey, handle: SocketHandle) -> DnsConn {
         DnsConn {
             id,
+            key,
             to_upstream: Vec::new(),
             awaiting: 0,
             handle,

@@ -12,6 +12,7 @@ pub mod flow;
 pub mod route;
 pub mod sniff;
 pub mod socks5;
+pub mod steering;
 pub mod udp;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use crate::services::dns::NamePool;
 use crate::stack::Stack;
 use crate::telemetry::{Counters, DropReason, FlowEvent};
 use flow::{End, Flow, FlowKey, Negotiation, Phase};
+use steering::{PairOwnership, SteerKey};
 
 /// How the flow table asks the event loop to watch proxy sockets.
 pub trait Registrar: Send + Sync {
@@ -49,8 +51,6 @@ enum Owner {
 /// Gateway-side ports of forwarded connections, as the guest sees them.
 const FORWARD_PORTS: std::ops::Range<u16> = 20000..60000;
 
-/// The first token handed to proxy sockets (below are queues, the loop's own events, timer).
-pub const FIRST_FLOW_TOKEN: u64 = 4;
 /// Event ids reach the backend as u16, so that is the last token.
 const LAST_FLOW_TOKEN: u64 = u16::MAX as u64;
 const DNS_PORT: u16 = 53;
@@ -59,7 +59,16 @@ const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rounds of stack <-> proxy progress per pump, at most (bounded work per event).
 const MAX_ROUNDS: usize = 64;
 
-/// All flows of one VM.
+/// Where a guest packet of a flow went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carried {
+    /// Into this pair's stack or association.
+    Here,
+    /// The flow belongs to another queue pair: hand the frame to that pair.
+    Elsewhere(usize),
+}
+
+/// All flows of one queue pair of a VM (all of the VM's with one pair).
 pub struct Flows {
     stack: Stack,
     policy: Arc<Policy>,
@@ -85,7 +94,11 @@ pub struct Flows {
     listeners: Vec<(TcpListener, u64, Forward)>,
     next_forward_port: u16,
     next_token: u64,
+    /// Tokens below this belong to the event loop (queues, its own events, timer).
+    first_token: u64,
     free_tokens: Vec<u64>,
+    /// With several queue pairs: which pair this is, and the VM's flow owners.
+    ownership: Option<PairOwnership>,
 }
 
 impl std::fmt::Debug for Flows {
@@ -115,9 +128,47 @@ impl Flows {
             upstream: None,
             idle: idle_timeout(),
             next_forward_port: FORWARD_PORTS.start,
-            next_token: FIRST_FLOW_TOKEN,
+            next_token: u64::MAX,
+            first_token: u64::MAX,
             free_tokens: Vec::new(),
+            ownership: None,
         }
+    }
+
+    /// Where this flow table sits: the first event token it may hand out (those below
+    /// belong to its event loop) and, with several queue pairs, its pair and the VM's flow
+    /// owners. Only pair 0 listens for `[[forward]]`s.
+    pub fn place(&mut self, first_token: u64, ownership: Option<PairOwnership>) {
+        self.first_token = first_token;
+        self.next_token = first_token;
+        self.ownership = ownership;
+    }
+
+    fn forwards_here(&self) -> bool {
+        self.ownership.as_ref().is_none_or(|o| o.pair == 0)
+    }
+
+    fn claim(&self, key: SteerKey) {
+        if let Some(o) = &self.ownership {
+            o.claim(key);
+        }
+    }
+
+    fn release(&self, key: SteerKey) {
+        if let Some(o) = &self.ownership {
+            o.release(key);
+        }
+    }
+
+    /// Flows open in the VM, what `limits.max_flows` caps: `local` (this table's count)
+    /// with one queue pair, every pair's with several.
+    fn open_flows(&self, local: usize) -> usize {
+        self.ownership.as_ref().map_or(local, |o| o.owners.len())
+    }
+
+    /// The other pair that owns a flow this pair does not have.
+    fn elsewhere(&self, key: SteerKey) -> Option<usize> {
+        self.ownership.as_ref().and_then(|o| o.elsewhere(key))
     }
 
     /// Give the flow table the event loop it registers proxy sockets with, and open the
@@ -135,6 +186,9 @@ impl Flows {
                 let _ = r.unregister(listener.as_raw_fd(), token);
             }
             self.free_tokens.push(token);
+        }
+        if !self.forwards_here() {
+            return;
         }
         let forwards: Vec<Forward> = self
             .policy
@@ -286,7 +340,7 @@ impl Flows {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
-            if self.flows.len() >= self.policy.limits.max_flows {
+            if self.open_flows(self.flows.len()) >= self.policy.limits.max_flows {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
@@ -361,13 +415,24 @@ impl Flows {
         flow.writable = true;
         flow.set_idle_timeout(self.idle);
         self.flows.insert(key, flow);
+        self.claim(SteerKey::Tcp(key));
         Ok(())
     }
 
     /// Forget the event loop (its connection ended) and close every flow.
     pub fn detach(&mut self) {
-        for (_, flow) in self.flows.drain() {
+        for (key, flow) in self.flows.drain() {
             let _ = flow.stream.shutdown(std::net::Shutdown::Both);
+            if let Some(o) = &self.ownership {
+                o.release(SteerKey::Tcp(key));
+            }
+        }
+        if let Some(o) = &self.ownership {
+            let keys = self.sniffing.keys().copied().map(SteerKey::Tcp);
+            let keys = keys.chain(self.dns_conns.iter().map(|c| SteerKey::Tcp(c.key)));
+            for key in keys.chain(self.udp.keys().map(|k| SteerKey::Udp(k.flow_key()))) {
+                o.release(key);
+            }
         }
         self.listeners.clear();
         self.counters
@@ -379,7 +444,7 @@ impl Flows {
         self.upstream = None;
         self.by_token.clear();
         self.free_tokens.clear();
-        self.next_token = FIRST_FLOW_TOKEN;
+        self.next_token = self.first_token;
         self.registrar = None;
     }
 
@@ -392,14 +457,21 @@ impl Flows {
     }
 
     /// A guest TCP segment to a non-gateway address (the firewall checked addresses).
-    pub fn guest_tcp(&mut self, ip: &Ipv4<'_>, tcp: &Tcp<'_>) -> Result<(), DropReason> {
+    pub fn guest_tcp(&mut self, ip: &Ipv4<'_>, tcp: &Tcp<'_>) -> Result<Carried, DropReason> {
         let key = FlowKey {
             guest_port: tcp.src_port,
             dst: ip.dst,
             dst_port: tcp.dst_port,
         };
-        let known = self.flows.contains_key(&key)
+        let local = self.flows.contains_key(&key)
             || self.sniffing.contains_key(&key)
+            || (self.ownership.is_some() && self.dns_conns.iter().any(|c| c.key == key));
+        if !local {
+            if let Some(pair) = self.elsewhere(SteerKey::Tcp(key)) {
+                return Ok(Carried::Elsewhere(pair));
+            }
+        }
+        let known = local
             || (key.dst == self.policy.vm.gateway && key.dst_port == DNS_PORT && tcp.flags.ack);
         if !known {
             if !tcp.flags.syn || tcp.flags.ack {
@@ -413,11 +485,11 @@ impl Flows {
         if !self.stack.ingress(ip.packet) {
             return Err(DropReason::StackQueueFull);
         }
-        Ok(())
+        Ok(Carried::Here)
     }
 
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
-        if self.flows.len() + self.sniffing.len() + self.dns_conns.len()
+        if self.open_flows(self.flows.len() + self.sniffing.len() + self.dns_conns.len())
             >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
@@ -429,7 +501,8 @@ impl Flows {
                 .ok_or(DropReason::TcpNoFlow)?;
             self.next_dns_conn += 1;
             self.dns_conns
-                .push(dns_tcp::DnsConn::new(self.next_dns_conn, handle));
+                .push(dns_tcp::DnsConn::new(self.next_dns_conn, key, handle));
+            self.claim(SteerKey::Tcp(key));
             return Ok(());
         }
         let route = match route::explicit_proxy(&self.policy, key.dst, key.dst_port) {
@@ -448,6 +521,7 @@ impl Flows {
                             .listen(key.dst, key.dst_port, false)
                             .ok_or(DropReason::TcpNoFlow)?;
                         self.sniffing.insert(key, (handle, Instant::now()));
+                        self.claim(SteerKey::Tcp(key));
                         return Ok(());
                     }
                     Err(reason) => return Err(reason),
@@ -503,6 +577,7 @@ impl Flows {
         let mut flow = Flow::new(key, route, negotiation, handle, stream, token);
         flow.set_idle_timeout(self.idle);
         self.flows.insert(key, flow);
+        self.claim(SteerKey::Tcp(key));
         Ok(())
     }
 
@@ -529,24 +604,28 @@ impl Flows {
     }
 
     /// A guest UDP datagram to a non-gateway address: carried by a SOCKS5 association.
-    pub fn guest_udp(&mut self, ip: &Ipv4<'_>, udp: &Udp<'_>) -> Result<(), DropReason> {
+    pub fn guest_udp(&mut self, ip: &Ipv4<'_>, udp: &Udp<'_>) -> Result<Carried, DropReason> {
         let key = udp::UdpKey {
             guest_port: udp.src_port,
             dst: ip.dst,
             dst_port: udp.dst_port,
         };
         if !self.udp.contains_key(&key) {
+            if let Some(pair) = self.elsewhere(SteerKey::Udp(key.flow_key())) {
+                return Ok(Carried::Elsewhere(pair));
+            }
             self.open_udp(key)?;
         }
         if let Some(assoc) = self.udp.get_mut(&key) {
             assoc.send(udp.payload);
         }
-        Ok(())
+        Ok(Carried::Here)
     }
 
     fn open_udp(&mut self, key: udp::UdpKey) -> Result<(), DropReason> {
-        if self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len()
-            >= self.policy.limits.max_flows
+        if self.open_flows(
+            self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len(),
+        ) >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
         }
@@ -585,6 +664,7 @@ impl Flows {
         tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "udp association requested");
         self.udp
             .insert(key, udp::Assoc::new(key, route, control, relay, ct, rt));
+        self.claim(SteerKey::Udp(key.flow_key()));
         Ok(())
     }
 
@@ -637,6 +717,7 @@ impl Flows {
             let Some(assoc) = self.udp.remove(&key) else {
                 continue;
             };
+            self.release(SteerKey::Udp(key.flow_key()));
             for (fd, token) in [
                 (assoc.control.as_raw_fd(), assoc.control_token),
                 (assoc.relay.as_raw_fd(), assoc.relay_token),
@@ -658,17 +739,21 @@ impl Flows {
 
     /// Serve DNS-over-TCP connections; forget finished ones.
     fn answer_dns(&mut self) {
-        let (stack, dns, names, counters) = (
+        let (stack, dns, names, counters, ownership) = (
             &mut self.stack,
             &self.policy.dns,
             &self.names,
             &self.counters,
+            &self.ownership,
         );
         self.dns_conns.retain_mut(|conn| {
             let alive = conn.step(stack, dns, names, counters);
             if !alive {
                 stack.poll();
                 stack.remove(conn.handle);
+                if let Some(o) = ownership {
+                    o.release(SteerKey::Tcp(conn.key));
+                }
             }
             alive
         });
@@ -720,6 +805,7 @@ impl Flows {
             };
             let Some(verdict) = verdict else { continue };
             self.sniffing.remove(&key);
+            self.release(SteerKey::Tcp(key));
             let result = verdict.and_then(|route| {
                 tracing::debug!(flow = %key, target = %route.target, "named by its first bytes");
                 self.connect_proxy(key, route, Some(handle))
@@ -800,6 +886,7 @@ impl Flows {
             let Some(flow) = self.flows.remove(&key) else {
                 continue;
             };
+            self.release(SteerKey::Tcp(key));
             self.by_token.remove(&flow.token);
             if let Some(r) = &self.registrar {
                 let _ = r.unregister(flow.stream.as_raw_fd(), flow.token);

@@ -111,6 +111,9 @@ reasons! {
     ProxyUnreachable => "proxy_unreachable",
     /// The stack's inbound queue is full.
     StackQueueFull => "stack_queue_full",
+    /// A frame of a flow owned by another queue pair could not be handed to it (its inbox
+    /// was full, or the flow moved again meanwhile).
+    HandoffFailed => "handoff_failed",
     /// An answer for the guest found no RX buffer and the pending queue was full.
     RxQueueFull => "rx_queue_full",
     /// An answer for the guest did not fit the RX buffers it posted.
@@ -185,6 +188,8 @@ pub enum Traffic {
     RxKicks,
     /// Interrupts (used-buffer notifications) sent to the guest.
     Notifications,
+    /// Frames read on one queue pair and handed to the pair that owns their flow.
+    HandedOff,
 }
 
 impl Traffic {
@@ -196,6 +201,7 @@ impl Traffic {
         Traffic::TxKicks,
         Traffic::RxKicks,
         Traffic::Notifications,
+        Traffic::HandedOff,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -207,6 +213,7 @@ impl Traffic {
             Traffic::TxKicks => "tx_kicks",
             Traffic::RxKicks => "rx_kicks",
             Traffic::Notifications => "notifications",
+            Traffic::HandedOff => "handed_off",
         }
     }
 }
@@ -379,7 +386,7 @@ mod tests {
         assert_eq!(FlowEvent::ALL.last(), Some(&FlowEvent::ForwardRefused));
         assert_eq!(Service::ALL.last(), Some(&Service::Dns));
         assert_eq!(DnsOutcome::ALL.last(), Some(&DnsOutcome::Forwarded));
-        assert_eq!(Traffic::ALL.last(), Some(&Traffic::Notifications));
+        assert_eq!(Traffic::ALL.last(), Some(&Traffic::HandedOff));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use moat::device::server::{self, ServeOptions};
+use moat::device::Tuning;
 use moat::guest::{GuestOptions, SimGuest};
 use moat::policy::{MacAddr, Policy, GATEWAY_MAC};
 use moat::telemetry::Counters;
@@ -47,6 +48,11 @@ pub struct Served {
 impl Served {
     /// Serve `policy_text` until the first frontend disconnects (`once`) or forever.
     pub fn start(policy_text: &str, once: bool) -> Served {
+        Served::start_tuned(policy_text, once, Tuning::default())
+    }
+
+    /// `start` with queue pairs and polling set.
+    pub fn start_tuned(policy_text: &str, once: bool, tuning: Tuning) -> Served {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("moat.sock");
         let policy =
@@ -57,6 +63,7 @@ impl Served {
             socket: socket.clone(),
             client: false,
             once,
+            tuning,
         };
         let file = dir.path().join("vm.toml");
         std::fs::write(&file, policy_text).expect("write the policy");
