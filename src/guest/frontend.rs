@@ -20,8 +20,8 @@ use virtio_bindings::bindings::virtio_config::{
 };
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HASH_REPORT,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -31,9 +31,6 @@ use vmm_sys_util::eventfd::EventFd;
 use super::memory::GuestMemory;
 use super::ring::SplitRing;
 use super::{GuestError, GuestOptions};
-
-/// Number of virtqueues: one RX/TX pair.
-pub const NUM_QUEUES: usize = 2;
 
 /// What the two sides agreed on.
 pub struct Negotiated {
@@ -175,6 +172,9 @@ fn wanted_features(offered: u64, opts: &GuestOptions) -> u64 {
     if opts.event_idx {
         wanted |= bit(VIRTIO_RING_F_EVENT_IDX);
     }
+    if opts.queue_pairs > 1 {
+        wanted |= bit(VIRTIO_NET_F_MQ);
+    }
     offered & wanted
 }
 
@@ -186,6 +186,8 @@ fn supported_protocol_features() -> VhostUserProtocolFeatures {
 }
 
 /// SET_OWNER, feature and protocol-feature negotiation, SET_FEATURES, SET_MEM_TABLE.
+/// With `opts.queue_pairs` above 1 the backend must offer VIRTIO_NET_F_MQ and the MQ
+/// protocol feature, and GET_QUEUE_NUM must report at least two queues per pair.
 pub fn negotiate(
     frontend: &mut Frontend,
     mem: &GuestMemory,
@@ -210,11 +212,25 @@ pub fn negotiate(
         }
         if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
             let queues = frontend.get_queue_num()?;
-            if queues < NUM_QUEUES as u64 {
-                return Err(GuestError::Unsupported(
-                    "the backend has fewer than 2 queues",
-                ));
+            if queues < num_queues(opts) {
+                return Err(GuestError::Unsupported(if opts.queue_pairs > 1 {
+                    "the backend has fewer queues than 2 x queue_pairs"
+                } else {
+                    "the backend has fewer than 2 queues"
+                }));
             }
+        }
+    }
+    if opts.queue_pairs > 1 {
+        if features & (1 << VIRTIO_NET_F_MQ) == 0 {
+            return Err(GuestError::Unsupported(
+                "queue_pairs > 1 but the backend does not offer VIRTIO_NET_F_MQ",
+            ));
+        }
+        if !protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+            return Err(GuestError::Unsupported(
+                "queue_pairs > 1 but the backend does not offer the MQ protocol feature",
+            ));
         }
     }
     frontend.set_features(features)?;
@@ -254,11 +270,21 @@ pub fn setup_vring(
     Ok(())
 }
 
-/// SET_VRING_ENABLE for every queue (only exists with VHOST_USER_F_PROTOCOL_FEATURES;
-/// without it rings start as soon as they are kicked).
-pub fn enable_vrings(frontend: &mut Frontend, features: u64) -> Result<(), GuestError> {
+/// Number of virtqueues: an RX/TX pair per `opts.queue_pairs` (no control queue: QEMU
+/// keeps that one to itself).
+pub fn num_queues(opts: &GuestOptions) -> u64 {
+    2 * u64::from(opts.queue_pairs)
+}
+
+/// SET_VRING_ENABLE for each of the `queues` queues (only exists with
+/// VHOST_USER_F_PROTOCOL_FEATURES; without it rings start as soon as they are kicked).
+pub fn enable_vrings(
+    frontend: &mut Frontend,
+    features: u64,
+    queues: usize,
+) -> Result<(), GuestError> {
     if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-        for q in 0..NUM_QUEUES {
+        for q in 0..queues {
             frontend.set_vring_enable(q, true)?;
         }
     }

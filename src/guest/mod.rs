@@ -7,13 +7,22 @@
 //! security tests. It lives in the library because integration tests, the canary and the
 //! benchmarks all drive moat with it, so it depends on nothing dev-only.
 //!
-//! Guest memory (guest-physical addresses from [`GPA_BASE`]):
+//! With [`GuestOptions::queue_pairs`] above 1 it negotiates VIRTIO_NET_F_MQ and drives one
+//! RX/TX pair per queue pair (vring `2i` is RX of pair `i`, `2i + 1` its TX): sends go out on
+//! the pair chosen with [`SimGuest::set_tx_pair`], receives take frames from every pair.
+//!
+//! Guest memory (guest-physical addresses from [`GPA_BASE`]), for `N` queue pairs:
 //!
 //! ```text
-//! RX ring | TX ring | RX buffers (queue_size x rx_buffer_size) | TX slots (queue_size x 16 KiB) | scratch
+//! RX ring 0 | TX ring 0 | ... | RX ring N-1 | TX ring N-1
+//!   | pair 0: RX buffers (queue_size x rx_buffer_size) | TX slots (queue_size x 16 KiB)
+//!   | ...
+//!   | pair N-1: RX buffers | TX slots
+//!   | scratch
 //! ```
 //!
-//! RX descriptor `i` always points at RX buffer `i`; TX descriptor `i` at TX slot `i`.
+//! (With one pair: RX ring, TX ring, RX buffers, TX slots, scratch.) In each pair, RX
+//! descriptor `i` always points at RX buffer `i`; TX descriptor `i` at TX slot `i`.
 
 mod frontend;
 mod memory;
@@ -48,6 +57,8 @@ const TX: usize = 1;
 pub const TX_SLOT: usize = 16 * 1024;
 /// Guest memory kept free for tests after the rings and buffers (see [`SimGuest::scratch_gpa`]).
 const MIN_SCRATCH: u64 = 64 * 1024;
+/// Most queue pairs a guest may ask for (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX).
+const MAX_QUEUE_PAIRS: u16 = 0x8000;
 /// How long a send waits for the device to return TX descriptors when all are in flight.
 const TX_PATIENCE: Duration = Duration::from_secs(2);
 /// A frame being assembled is handed over once this long, whatever `num_buffers` claimed
@@ -84,8 +95,11 @@ pub enum GuestError {
 /// How the simulated guest sets itself up.
 #[derive(Clone, Debug)]
 pub struct GuestOptions {
-    /// Entries per virtqueue (both queues).
+    /// Entries per virtqueue (every queue).
     pub queue_size: u16,
+    /// RX/TX queue pairs. Above 1, VIRTIO_NET_F_MQ (and the MQ protocol feature) must be
+    /// offered and GET_QUEUE_NUM must report at least `2 * queue_pairs` queues.
+    pub queue_pairs: u16,
     /// Guest memory; grown if the rings and buffers need more (plus 64 KiB of scratch).
     pub mem_size: usize,
     /// Split guest memory into this many equal regions of the memory table (contiguous
@@ -116,6 +130,7 @@ impl Default for GuestOptions {
     fn default() -> Self {
         GuestOptions {
             queue_size: 256,
+            queue_pairs: 1,
             mem_size: 8 << 20,
             regions: 1,
             event_idx: true,
@@ -147,6 +162,38 @@ struct PartialRx {
     buffers_left: u16,
 }
 
+/// One RX/TX queue pair: its rings (indexed by [`RX`] and [`TX`]), eventfds, buffers and
+/// the driver's bookkeeping for it.
+struct QueuePair {
+    rings: [SplitRing; 2],
+    kicks: [EventFd; 2],
+    calls: [EventFd; 2],
+    /// First RX buffer (buffer `i` at `rx_base + i * rx_buffer_size`).
+    rx_base: u64,
+    rx_partial: Option<PartialRx>,
+    /// Complete frames received on this pair's RX queue.
+    rx_frames: u64,
+    /// First TX slot (slot `i` at `tx_base + i * TX_SLOT`).
+    tx_base: u64,
+    tx_free: Vec<u16>,
+    /// Head -> descriptors of chains the device still holds.
+    tx_inflight: HashMap<u16, Vec<u16>>,
+    tx_completed: u64,
+    tx_posted: u64,
+}
+
+impl QueuePair {
+    fn kick(&self, q: usize) {
+        // Only fails if the counter would overflow, and then the device is signalled anyway.
+        let _ = self.kicks[q].write(1);
+    }
+
+    /// TX chains (used elements) the device has returned on this pair so far.
+    fn tx_completed(&self, mem: &GuestMemory) -> u64 {
+        self.tx_completed + u64::from(self.rings[TX].pending_used(mem))
+    }
+}
+
 /// A guest attached to a vhost-user-net backend.
 pub struct SimGuest {
     frontend: Frontend,
@@ -154,19 +201,16 @@ pub struct SimGuest {
     socket: UnixStream,
     reply_timeout: Duration,
     mem: GuestMemory,
-    rings: [SplitRing; 2],
-    kicks: [EventFd; 2],
-    calls: [EventFd; 2],
     negotiated: Negotiated,
-    rx_base: u64,
     rx_buffer_size: u32,
-    rx_partial: Option<PartialRx>,
-    tx_base: u64,
-    tx_free: Vec<u16>,
-    /// Head -> descriptors of chains the device still holds.
-    tx_inflight: HashMap<u16, Vec<u16>>,
-    tx_completed: u64,
-    tx_posted: u64,
+    /// Queue pair `i` drives vrings `2i` (RX) and `2i + 1` (TX).
+    pairs: Vec<QueuePair>,
+    /// The pair every send goes out on.
+    active_tx: usize,
+    /// The pair whose RX queue is looked at first by the next receive (round-robin).
+    rx_next: usize,
+    /// Start of the memory no ring or buffer uses.
+    scratch: u64,
 }
 
 impl SimGuest {
@@ -210,58 +254,116 @@ impl SimGuest {
         if opts.rx_buffer_size == 0 {
             return Err(GuestError::Unsupported("rx_buffer_size must not be 0"));
         }
+        if opts.queue_pairs == 0 || opts.queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(GuestError::Unsupported(
+                "queue_pairs must be between 1 and 32768",
+            ));
+        }
+        let npairs = u64::from(opts.queue_pairs);
         let ring_bytes = SplitRing::footprint(qsize);
-        let rx_base = GPA_BASE + 2 * ring_bytes;
-        let tx_base = rx_base + u64::from(qsize) * u64::from(opts.rx_buffer_size);
-        let tx_end = tx_base + u64::from(qsize) * TX_SLOT as u64;
-        let needed = (tx_end + MIN_SCRATCH - GPA_BASE) as usize;
+        let rx_bytes = u64::from(qsize) * u64::from(opts.rx_buffer_size);
+        let tx_bytes = u64::from(qsize) * TX_SLOT as u64;
+        let buffers = GPA_BASE + 2 * npairs * ring_bytes;
+        let pair_bytes = rx_bytes + tx_bytes;
+        let scratch = buffers + npairs * pair_bytes;
+        let needed = usize::try_from(scratch + MIN_SCRATCH - GPA_BASE)
+            .map_err(|_| GuestError::Unsupported("guest memory layout too large"))?;
         let mem = GuestMemory::new(opts.mem_size.max(needed), opts.regions)?;
 
-        let mut frontend = Frontend::from_stream(stream, frontend::NUM_QUEUES as u64);
+        let num_queues = frontend::num_queues(opts);
+        let mut frontend = Frontend::from_stream(stream, num_queues);
         let negotiated = frontend::negotiate(&mut frontend, &mem, opts)?;
         let event_idx = negotiated.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let rings = [
-            SplitRing::new(GPA_BASE, qsize, event_idx),
-            SplitRing::new(GPA_BASE + ring_bytes, qsize, event_idx),
-        ];
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(GuestError::EventFd);
-        let kicks = [eventfd()?, eventfd()?];
-        let calls = [eventfd()?, eventfd()?];
+        let mut pairs = Vec::with_capacity(usize::from(opts.queue_pairs));
+        for p in 0..npairs {
+            let rings_at = GPA_BASE + 2 * p * ring_bytes;
+            let rx_base = buffers + p * pair_bytes;
+            pairs.push(QueuePair {
+                rings: [
+                    SplitRing::new(rings_at, qsize, event_idx),
+                    SplitRing::new(rings_at + ring_bytes, qsize, event_idx),
+                ],
+                kicks: [eventfd()?, eventfd()?],
+                calls: [eventfd()?, eventfd()?],
+                rx_base,
+                rx_partial: None,
+                rx_frames: 0,
+                tx_base: rx_base + rx_bytes,
+                tx_free: (0..qsize).rev().collect(),
+                tx_inflight: HashMap::new(),
+                tx_completed: 0,
+                tx_posted: 0,
+            });
+        }
         let mut guest = SimGuest {
             frontend,
             socket,
             reply_timeout: opts.reply_timeout,
             mem,
-            rings,
-            kicks,
-            calls,
             negotiated,
-            rx_base,
             rx_buffer_size: opts.rx_buffer_size,
-            rx_partial: None,
-            tx_base,
-            tx_free: (0..qsize).rev().collect(),
-            tx_inflight: HashMap::new(),
-            tx_completed: 0,
-            tx_posted: 0,
+            pairs,
+            active_tx: 0,
+            rx_next: 0,
+            scratch,
         };
         // Post every RX buffer before the device starts, as a driver does at probe time.
-        for i in 0..qsize {
-            guest.post_rx(i);
+        for p in 0..guest.pairs.len() {
+            for i in 0..qsize {
+                guest.post_rx(p, i);
+            }
         }
-        for q in [RX, TX] {
-            frontend::setup_vring(
-                &mut guest.frontend,
-                &guest.mem,
-                q,
-                &guest.rings[q],
-                &guest.calls[q],
-                &guest.kicks[q],
-            )?;
+        for (p, pair) in guest.pairs.iter().enumerate() {
+            for q in [RX, TX] {
+                frontend::setup_vring(
+                    &mut guest.frontend,
+                    &guest.mem,
+                    2 * p + q,
+                    &pair.rings[q],
+                    &pair.calls[q],
+                    &pair.kicks[q],
+                )?;
+            }
         }
-        frontend::enable_vrings(&mut guest.frontend, guest.negotiated.features)?;
-        guest.kick(RX);
+        frontend::enable_vrings(
+            &mut guest.frontend,
+            guest.negotiated.features,
+            2 * guest.pairs.len(),
+        )?;
+        for pair in &guest.pairs {
+            pair.kick(RX);
+        }
         Ok(guest)
+    }
+
+    /// Number of RX/TX queue pairs this guest drives ([`GuestOptions::queue_pairs`]).
+    pub fn queue_pairs(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Send every later frame (and raw chain) on the TX queue of queue pair `pair`; the
+    /// TX-side accessors (`scratch_gpa` aside) then speak of that pair too.
+    ///
+    /// # Panics
+    /// If `pair` is not below [`SimGuest::queue_pairs`] (a bug in the caller).
+    pub fn set_tx_pair(&mut self, pair: usize) {
+        assert!(
+            pair < self.pairs.len(),
+            "TX pair {pair} out of range: the guest has {} queue pairs",
+            self.pairs.len()
+        );
+        self.active_tx = pair;
+    }
+
+    /// The queue pair sends currently go out on (see [`SimGuest::set_tx_pair`]).
+    pub fn tx_pair(&self) -> usize {
+        self.active_tx
+    }
+
+    /// Complete frames received so far on each queue pair's RX queue, by pair.
+    pub fn rx_frames_per_pair(&self) -> Vec<u64> {
+        self.pairs.iter().map(|p| p.rx_frames).collect()
     }
 
     /// The device's config space, read with GET_CONFIG (needs the CONFIG protocol feature).
@@ -299,21 +401,18 @@ impl SimGuest {
         self.negotiated.features & (1 << bit) != 0
     }
 
-    fn kick(&self, q: usize) {
-        // Only fails if the counter would overflow, and then the device is signalled anyway.
-        let _ = self.kicks[q].write(1);
-    }
-
-    /// Post RX buffer `i` (descriptor `i`); returns whether the device wants a kick.
-    fn post_rx(&mut self, i: u16) -> bool {
+    /// Post RX buffer `i` (descriptor `i`) of queue pair `p`; returns whether the device
+    /// wants a kick.
+    fn post_rx(&mut self, p: usize, i: u16) -> bool {
+        let pair = &mut self.pairs[p];
         let desc = RawDesc {
-            addr: self.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
+            addr: pair.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
             len: self.rx_buffer_size,
             flags: VIRTQ_DESC_F_WRITE,
             next: 0,
         };
-        self.rings[RX].write_desc(&self.mem, i, desc);
-        self.rings[RX].publish(&self.mem, i)
+        pair.rings[RX].write_desc(&self.mem, i, desc);
+        pair.rings[RX].publish(&self.mem, i)
     }
 
     /// Send a frame behind an all-zero virtio-net header.
@@ -351,14 +450,16 @@ impl SimGuest {
         self.post_tx(&pieces, len)
     }
 
-    /// Post `pieces` (each at most one TX slot) as one device-readable chain.
+    /// Post `pieces` (each at most one TX slot) as one device-readable chain on the
+    /// active TX pair.
     fn post_tx(&mut self, pieces: &[&[u8]], frame_len: usize) -> Result<(), GuestError> {
-        if pieces.len() > usize::from(self.rings[TX].size) {
+        if pieces.len() > usize::from(self.pairs[self.active_tx].rings[TX].size) {
             return Err(GuestError::FrameTooLong(frame_len));
         }
         let ids = self.take_tx_descs(pieces.len())?;
+        let pair = &mut self.pairs[self.active_tx];
         for (i, (&id, piece)) in ids.iter().zip(pieces).enumerate() {
-            let addr = self.tx_base + u64::from(id) * TX_SLOT as u64;
+            let addr = pair.tx_base + u64::from(id) * TX_SLOT as u64;
             self.mem.write(addr, piece);
             let last = i + 1 == ids.len();
             let desc = RawDesc {
@@ -367,25 +468,25 @@ impl SimGuest {
                 flags: if last { 0 } else { VIRTQ_DESC_F_NEXT },
                 next: if last { 0 } else { ids[i + 1] },
             };
-            self.rings[TX].write_desc(&self.mem, id, desc);
+            pair.rings[TX].write_desc(&self.mem, id, desc);
         }
         let head = ids[0];
-        self.tx_inflight.insert(head, ids);
-        self.tx_posted += 1;
-        if self.rings[TX].publish(&self.mem, head) {
-            self.kick(TX);
+        pair.tx_inflight.insert(head, ids);
+        pair.tx_posted += 1;
+        if pair.rings[TX].publish(&self.mem, head) {
+            pair.kick(TX);
         }
         Ok(())
     }
 
-    /// Post an arbitrary, possibly malformed, chain on TX and kick. Descriptors go into
+    /// Post an arbitrary, possibly malformed, chain on the active TX queue and kick. Descriptors go into
     /// free descriptor slots in order, the first one is the head. A `next` below
     /// `chain.len()` names an element of this chain (its slot is filled in); any other
     /// `next` is written verbatim (out of range, or into someone else's slot, on purpose).
     /// Addresses, lengths and flags are written as given. A chain longer than the queue
     /// cannot be posted (use a loop or an indirect table for that).
     pub fn send_raw_chain(&mut self, chain: &[RawDesc]) -> Result<(), GuestError> {
-        let queue_size = self.rings[TX].size;
+        let queue_size = self.pairs[self.active_tx].rings[TX].size;
         if chain.is_empty() || chain.len() > usize::from(queue_size) {
             return Err(GuestError::ChainLength {
                 len: chain.len(),
@@ -393,56 +494,64 @@ impl SimGuest {
             });
         }
         let ids = self.take_tx_descs(chain.len())?;
+        let pair = &mut self.pairs[self.active_tx];
         for (d, &id) in chain.iter().zip(&ids) {
             let next = ids.get(usize::from(d.next)).copied().unwrap_or(d.next);
-            self.rings[TX].write_desc(&self.mem, id, RawDesc { next, ..*d });
+            pair.rings[TX].write_desc(&self.mem, id, RawDesc { next, ..*d });
         }
         let head = ids[0];
-        self.tx_inflight.insert(head, ids);
-        self.tx_posted += 1;
-        self.rings[TX].publish(&self.mem, head);
-        self.kick(TX);
+        pair.tx_inflight.insert(head, ids);
+        pair.tx_posted += 1;
+        pair.rings[TX].publish(&self.mem, head);
+        pair.kick(TX);
         Ok(())
     }
 
-    /// Take `n` free TX descriptors, reclaiming used ones (and waiting a little) if needed.
+    /// Take `n` free descriptors of the active TX queue, reclaiming used ones (and waiting
+    /// a little) if needed.
     fn take_tx_descs(&mut self, n: usize) -> Result<Vec<u16>, GuestError> {
         let deadline = Instant::now() + TX_PATIENCE;
         loop {
             self.reclaim_tx();
-            if self.tx_free.len() >= n {
-                let at = self.tx_free.len() - n;
-                let mut ids = self.tx_free.split_off(at);
+            let pair = &mut self.pairs[self.active_tx];
+            if pair.tx_free.len() >= n {
+                let at = pair.tx_free.len() - n;
+                let mut ids = pair.tx_free.split_off(at);
                 ids.reverse();
                 return Ok(ids);
             }
             if Instant::now() > deadline {
                 return Err(GuestError::TxStalled);
             }
-            self.kick(TX);
-            wait_readable(&self.calls[TX], Duration::from_millis(10));
+            pair.kick(TX);
+            wait_any(&[&pair.calls[TX]], Duration::from_millis(10));
         }
     }
 
-    /// Return the descriptors of every chain the device has used to the free list.
+    /// Return the descriptors of every chain the device has used on the active TX queue to
+    /// its free list.
     fn reclaim_tx(&mut self) {
-        let _ = self.calls[TX].read();
-        while let Some((head, _)) = self.rings[TX].pop_used(&self.mem) {
-            if let Some(ids) = self.tx_inflight.remove(&head) {
-                self.tx_free.extend(ids);
+        let pair = &mut self.pairs[self.active_tx];
+        let _ = pair.calls[TX].read();
+        while let Some((head, _)) = pair.rings[TX].pop_used(&self.mem) {
+            if let Some(ids) = pair.tx_inflight.remove(&head) {
+                pair.tx_free.extend(ids);
             }
-            self.tx_completed += 1;
+            pair.tx_completed += 1;
         }
     }
 
-    /// TX chains (used elements) the device has returned so far.
+    /// TX chains (used elements) the device has returned so far, over all pairs.
     pub fn tx_completed(&self) -> u64 {
-        self.tx_completed + u64::from(self.rings[TX].pending_used(&self.mem))
+        self.pairs.iter().map(|p| p.tx_completed(&self.mem)).sum()
     }
 
-    /// TX chains posted and not returned yet.
+    /// TX chains posted and not returned yet, over all pairs.
     pub fn tx_in_flight(&self) -> u64 {
-        self.tx_posted.saturating_sub(self.tx_completed())
+        self.pairs
+            .iter()
+            .map(|p| p.tx_posted.saturating_sub(p.tx_completed(&self.mem)))
+            .sum()
     }
 
     /// Receive one frame (virtio-net header stripped), waiting up to `timeout`.
@@ -453,38 +562,51 @@ impl SimGuest {
     /// Receive one frame and its virtio-net header, assembling MRG_RXBUF buffers
     /// (`num_buffers` in the header). `Ok(None)` when nothing complete arrived in `timeout`;
     /// a frame whose buffers are still coming is kept and finished by the next call.
+    /// With several queue pairs, frames are taken from every pair's RX queue, round-robin
+    /// (each pair assembles its own frames).
     pub fn recv_frame_with_hdr(
         &mut self,
         timeout: Duration,
     ) -> Result<Option<RxFrame>, GuestError> {
         let deadline = Instant::now() + timeout;
         loop {
-            while let Some(used) = self.rings[RX].pop_used(&self.mem) {
-                let buf = self.take_rx(used);
-                if let Some(frame) = self.assemble(buf) {
-                    return Ok(Some(frame));
+            let n = self.pairs.len();
+            for k in 0..n {
+                let p = (self.rx_next + k) % n;
+                while let Some(used) = self.pairs[p].rings[RX].pop_used(&self.mem) {
+                    let buf = self.take_rx(p, used);
+                    if let Some(frame) = self.assemble(p, buf) {
+                        self.rx_next = (p + 1) % n;
+                        return Ok(Some(frame));
+                    }
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(None);
             }
-            // Re-check the ring at least every 50 ms even if a notification goes missing.
-            wait_readable(&self.calls[RX], left.min(Duration::from_millis(50)));
-            let _ = self.calls[RX].read();
+            // Re-check the rings at least every 50 ms even if a notification goes missing.
+            let calls: Vec<&EventFd> = self.pairs.iter().map(|p| &p.calls[RX]).collect();
+            wait_any(&calls, left.min(Duration::from_millis(50)));
+            for call in calls {
+                let _ = call.read();
+            }
         }
     }
 
-    /// Add one used RX buffer to the frame being assembled; the frame once complete.
-    fn assemble(&mut self, buf: Vec<u8>) -> Option<RxFrame> {
-        let mut partial = match self.rx_partial.take() {
+    /// Add one used RX buffer of pair `p` to the frame being assembled there; the frame
+    /// once complete.
+    fn assemble(&mut self, p: usize, buf: Vec<u8>) -> Option<RxFrame> {
+        let mrg_rxbuf = self.has_feature(VIRTIO_NET_F_MRG_RXBUF);
+        let pair = &mut self.pairs[p];
+        let mut partial = match pair.rx_partial.take() {
             Some(mut p) => {
                 p.data.extend_from_slice(&buf);
                 p.buffers_left -= 1;
                 p
             }
             None => {
-                let buffers = if self.has_feature(VIRTIO_NET_F_MRG_RXBUF) && buf.len() >= 12 {
+                let buffers = if mrg_rxbuf && buf.len() >= 12 {
                     u16::from_le_bytes([buf[10], buf[11]]).max(1)
                 } else {
                     1
@@ -496,9 +618,10 @@ impl SimGuest {
             }
         };
         if partial.buffers_left > 0 && partial.data.len() < MAX_RX_FRAME {
-            self.rx_partial = Some(partial);
+            pair.rx_partial = Some(partial);
             return None;
         }
+        pair.rx_frames += 1;
         let mut hdr = [0u8; VIRTIO_NET_HDR_LEN];
         let n = partial.data.len().min(VIRTIO_NET_HDR_LEN);
         hdr[..n].copy_from_slice(&partial.data[..n]);
@@ -506,14 +629,14 @@ impl SimGuest {
         Some((hdr, partial.data))
     }
 
-    /// Copy one used RX buffer out and give it back to the device.
-    fn take_rx(&mut self, (id, len): (u16, u32)) -> Vec<u8> {
+    /// Copy one used RX buffer of pair `p` out and give it back to the device.
+    fn take_rx(&mut self, p: usize, (id, len): (u16, u32)) -> Vec<u8> {
         let len = len.min(self.rx_buffer_size) as usize;
         let mut buf = vec![0u8; len];
-        let addr = self.rx_base + u64::from(id) * u64::from(self.rx_buffer_size);
+        let addr = self.pairs[p].rx_base + u64::from(id) * u64::from(self.rx_buffer_size);
         self.mem.read(addr, &mut buf);
-        if self.post_rx(id) {
-            self.kick(RX);
+        if self.post_rx(p, id) {
+            self.pairs[p].kick(RX);
         }
         buf
     }
@@ -546,10 +669,10 @@ impl SimGuest {
         self.mem.layout()
     }
 
-    /// Start of guest memory the rings and buffers do not use (at least 64 KiB, up to the
-    /// end of guest memory), for raw chains and indirect tables.
+    /// Start of guest memory the rings and buffers (of every pair) do not use (at least
+    /// 64 KiB, up to the end of guest memory), for raw chains and indirect tables.
     pub fn scratch_gpa(&self) -> u64 {
-        self.tx_base + u64::from(self.rings[TX].size) * TX_SLOT as u64
+        self.scratch
     }
 
     /// Close the connection, as a VMM that goes away.
@@ -559,14 +682,17 @@ impl SimGuest {
     }
 }
 
-/// Wait until the eventfd is readable or the timeout passes.
-fn wait_readable(fd: &EventFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+/// Wait until one of the eventfds is readable or the timeout passes.
+fn wait_any(fds: &[&EventFd], timeout: Duration) -> bool {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+    // SAFETY: `pfds.len()` valid pollfds, alive for the duration of the call.
+    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) > 0 }
 }
