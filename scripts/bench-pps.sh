@@ -212,30 +212,32 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
     "$(date -u +%FT%TZ)" "$case" "$size" "$((c1 - c0))" "$wall" "$mpps" "$cpu" "${n1:-0}" >>"$raw"
 }
 
-start_moat() { # start_moat FRAME_SIZE
+start_moat() { # start_moat FRAME_SIZE [moat serve options...]
+  local size=$1
+  shift
   sock="$work/moat.sock"
   ctl="$work/moat.ctl"
   rm -f "$sock" "$ctl"
   policy=policy/deny-all.toml
-  if [ "$1" -gt 1514 ]; then
+  if [ "$size" -gt 1514 ]; then
     # deny-all has mtu 1500 (frames up to 1514 B): larger frames would be dropped as
     # oversized before parsing. Same policy with an MTU that admits them.
     policy="$work/deny-all-mtu.toml"
-    sed "s/^\[vm\]\$/[vm]\nmtu = $(($1 - 14))/" policy/deny-all.toml >"$policy"
+    sed "s/^\[vm\]\$/[vm]\nmtu = $((size - 14))/" policy/deny-all.toml >"$policy"
   fi
   MOAT_LOG=warn taskset -c 0 "$moat" serve --socket "$sock" --policy "$policy" \
-    --control "$ctl" </dev/null >/dev/null 2>>"$work/moat.log" &
+    --control "$ctl" "$@" </dev/null >/dev/null 2>>"$work/moat.log" &
   rx_pid=$!
   pids+=("$rx_pid")
   wait_for 10 test -S "$sock" && wait_for 10 test -S "$ctl"
 }
 
-start_vhost() { # start_vhost NAME
+start_vhost() { # start_vhost NAME [FORWARD_MODE]
   sock="$work/vhost.sock"
   rm -f "$sock"
   taskset -c 0 dpdk-testpmd --no-huge -m 1024 --no-shconf --file-prefix "moat-pps-rx-$$-$1" \
     --lcores '0@0,1@0' --no-pci --vdev "net_vhost0,iface=$sock,queues=1" \
-    -- --forward-mode=rxonly --total-num-mbufs=16384 --stats-period 1 \
+    -- --forward-mode="${2:-rxonly}" --total-num-mbufs=16384 --stats-period 1 \
     </dev/null > >(stamp >"$work/$1.rx") 2>"$work/$1.rx.err" &
   rx_pid=$!
   pids+=("$rx_pid")
@@ -256,6 +258,14 @@ for size in $sizes; do
     results+=("ceiling $size - - - failed")
   fi
   stop "$rx_pid" INT
+  # The answer path's peer: the vhost PMD swapping MACs and sending every frame back into
+  # the frontend's RX ring (which txonly does not read either: both answer into a full ring).
+  if start_vhost "ceiling-macswap-$size" macswap; then
+    measure ceiling-macswap "$size" vhost
+  else
+    results+=("ceiling-macswap $size - - - failed")
+  fi
+  stop "$rx_pid" INT
 
   if start_moat "$size"; then
     measure moat-drop "$size" moat
@@ -265,6 +275,15 @@ for size in $sizes; do
     echo "bench-pps: moat did not start:" >&2
     cat "$work/moat.log" >&2
     results+=("moat-drop $size - - - failed" "moat-drop-ip $size - - - failed" "moat-answer $size - - - failed")
+  fi
+  stop "$rx_pid" TERM
+  # The same cases with busy polling: moat looks for more TX buffers for 50 us before it
+  # sleeps, so a sending guest never needs to kick it.
+  if start_moat "$size" --busy-poll-us 50; then
+    measure moat-drop-poll "$size" moat
+    measure moat-answer-poll "$size" moat --eth-peer=0,$gw_mac --tx-ip=10.0.0.2,10.0.0.1 --tx-udp=40000,53
+  else
+    results+=("moat-drop-poll $size - - - failed" "moat-answer-poll $size - - - failed")
   fi
   stop "$rx_pid" TERM
   { echo "## moat counters after the ${size} B cases"; cat "$work/moat.log"; } >>"$raw"
@@ -289,20 +308,24 @@ done
 
 [ -n "${PASST:-}" ] || echo "bench-pps: passt skipped (set PASST=/path/to/passt, a passt with --vhost-user, to measure it)" >&2
 
-# The table: every case against the ceiling at the same frame size. Mpps/CPU-s is frames per
-# second of the receiver's own CPU time: on a shared machine a starved receiver (less than a
-# whole core) shows a lower Mpps but the same Mpps/CPU-s, so that ratio is the steadier one.
+# The table: every case against its peer at the same frame size: the vhost PMD in rxonly
+# mode (ceiling) for receiving and dropping, in macswap mode (ceiling-macswap) for the
+# answer cases. Mpps/CPU-s is frames per second of the receiver's own CPU time: on a shared
+# machine a starved receiver (less than a whole core) shows a lower Mpps but the same
+# Mpps/CPU-s, so that ratio is the steadier one.
 {
-  printf '%-14s %6s %9s %9s %8s %10s %14s %14s\n' case bytes Mpps "CPU s" "wall s" "Mpps/CPU-s" "ratio/ceiling" "ratio/CPU-s"
+  printf '%-17s %6s %9s %9s %8s %10s %-16s %11s %11s\n' case bytes Mpps "CPU s" "wall s" "Mpps/CPU-s" peer "ratio" "ratio/CPU-s"
   for r in "${results[@]}"; do
     read -r c s m cpu w st <<<"$r"
-    ceil=$(printf '%s\n' "${results[@]}" | awk -v s="$s" '$1 == "ceiling" && $2 == s && $6 == "ok" {print $3, $4, $5}')
+    peer=ceiling
+    case $c in *answer*) peer=ceiling-macswap ;; ceiling*) peer=- ;; esac
+    ceil=$(printf '%s\n' "${results[@]}" | awk -v s="$s" -v p="$peer" '$1 == p && $2 == s && $6 == "ok" {print $3, $4, $5}')
     read -r cm ccpu cw <<<"${ceil:-0 0 0}"
     percpu=$(awk -v m="$m" -v c="$cpu" -v w="$w" 'BEGIN { if (m != "-" && c > 0) printf "%.3f", m * w / c; else print "-" }')
     cpercpu=$(awk -v m="$cm" -v c="$ccpu" -v w="$cw" 'BEGIN { if (c > 0) printf "%.3f", m * w / c; else print 0 }')
     ratio=$(awk -v m="$m" -v c="$cm" 'BEGIN { if (c > 0 && m != "-") printf "%.3f", m / c; else print "-" }')
     ratio_cpu=$(awk -v m="$percpu" -v c="$cpercpu" 'BEGIN { if (c > 0 && m != "-") printf "%.3f", m / c; else print "-" }')
-    printf '%-14s %6s %9s %9s %8s %10s %14s %14s\n' "$c" "$s" "$m" "$cpu" "$w" "$percpu" "$ratio" "$ratio_cpu"
+    printf '%-17s %6s %9s %9s %8s %10s %-16s %11s %11s\n' "$c" "$s" "$m" "$cpu" "$w" "$percpu" "$peer" "$ratio" "$ratio_cpu"
   done
 } | tee "$work/table"
 echo "(1518 B moat cases: deny-all.toml + mtu = 1504, else they would be dropped as oversized unparsed)"

@@ -51,17 +51,19 @@ summary() {
     tail -n +"$((pps_mark + 1))" "$out/pps.txt" | awk '
       /^## table/ { t = 1; next }
       /^#/ { t = 0 }
-      t && $1 != "case" { mpps[$1 " " $2] = $3; percpu[$1 " " $2] = $6; order[++n] = $1 " " $2 }
+      t && $1 != "case" { mpps[$1 " " $2] = $3; percpu[$1 " " $2] = $6; peer[$1 " " $2] = $7; order[++n] = $1 " " $2 }
       END {
         for (i = 1; i <= n; i++) {
           split(order[i], k, " ")
-          if (k[1] == "ceiling") continue
-          c = mpps["ceiling " k[2]]; m = mpps[order[i]]
+          p = peer[order[i]]
+          if (p == "-" || p == "") continue
+          name = (p == "ceiling") ? "DPDK vhost PMD rxonly" : "DPDK vhost PMD macswap"
+          c = mpps[p " " k[2]]; m = mpps[order[i]]
           r = (c + 0 > 0 && m != "-") ? sprintf("%.3f", m / c) : "-"
-          printf "%-30s %-42s %24s %24s %9s\n", "DPDK vhost PMD rxonly", k[1] " " k[2] "B Mpps", m, c, r
-          c = percpu["ceiling " k[2]]; m = percpu[order[i]]
+          printf "%-30s %-42s %24s %24s %9s\n", name, k[1] " " k[2] "B Mpps", m, c, r
+          c = percpu[p " " k[2]]; m = percpu[order[i]]
           r = (c + 0 > 0 && m != "-") ? sprintf("%.3f", m / c) : "-"
-          printf "%-30s %-42s %24s %24s %9s\n", "DPDK vhost PMD rxonly", k[1] " " k[2] "B Mpps per CPU-s", m, c, r
+          printf "%-30s %-42s %24s %24s %9s\n", name, k[1] " " k[2] "B Mpps per CPU-s", m, c, r
         }
       }'
   fi

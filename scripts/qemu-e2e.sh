@@ -2,7 +2,7 @@
 # Boot a real Linux guest (QEMU, TCG) behind `moat serve` and check from inside it that it
 # gets its address by DHCP, reaches its gateway, and reaches nothing else.
 # Usage: scripts/qemu-e2e.sh --moat BIN --policy FILE [--workdir DIR] [--guest-dir DIR]
-#                            [--egress-port PORT --forward ADDR:PORT]
+#                            [--egress-port PORT --forward ADDR:PORT] [--queues N]
 # Prints a table (check | expected | observed | verdict), then moat's counters; exit 0 iff
 # every check matched its expectation, the guest printed MOAT-DONE and moat stayed up and
 # stopped cleanly. Logs (serial.log, moat.log, qemu.log) stay in --workdir; a temporary
@@ -13,8 +13,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 moat="" policy="" workdir="" guest_dir="$repo/target/guest" boot_timeout=${MOAT_E2E_TIMEOUT:-150}
-egress_port="" forward=""
-usage="usage: qemu-e2e.sh --moat BIN --policy FILE [--workdir DIR] [--guest-dir DIR] [--egress-port PORT --forward ADDR:PORT]"
+egress_port="" forward="" queues=1
+usage="usage: qemu-e2e.sh --moat BIN --policy FILE [--workdir DIR] [--guest-dir DIR] [--egress-port PORT --forward ADDR:PORT] [--queues N]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --moat) moat=${2:?$usage}; shift 2 ;;
@@ -24,6 +24,7 @@ while [ $# -gt 0 ]; do
     --egress-port) egress_port=${2:?$usage}; shift 2 ;; # origin port for the guest's egress checks
     --kill-moat) kill_moat=1; shift ;;                  # SIGKILL moat mid-run, restart it, expect the network back
     --forward) forward=${2:?$usage}; shift 2 ;;         # host addr:port of a [[forward]] to fetch from
+    --queues) queues=${2:?$usage}; shift 2 ;;           # queue pairs (moat --queues, QEMU mq=on, N vCPUs)
     -h|--help) echo "$usage"; exit 0 ;;
     *) echo "qemu-e2e: unknown argument $1" >&2; echo "$usage" >&2; exit 2 ;;
   esac
@@ -56,7 +57,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-"$moat" serve --socket "$sock" --policy "$policy" >"$moat_log" 2>&1 &
+"$moat" serve --socket "$sock" --policy "$policy" --queues "$queues" >"$moat_log" 2>&1 &
 moat_pid=$!
 for _ in $(seq 200); do [ -S "$sock" ] && break; kill -0 "$moat_pid" 2>/dev/null || break; sleep 0.05; done
 [ -S "$sock" ] || { echo "qemu-e2e: moat did not create $sock"; cat "$moat_log"; exit 1; }
@@ -64,12 +65,15 @@ for _ in $(seq 200); do [ -S "$sock" ] && break; kill -0 "$moat_pid" 2>/dev/null
 start=$(date +%s)
 # vectors=0: with MSI-X QEMU 7.2 under TCG crashes when vhost-user starts. romfile=: no iPXE.
 # share=on guest RAM: without it the link comes up but no frame ever flows.
+# With --queues N: N vCPUs, so Linux's virtio-net uses all N pairs (one per CPU).
+mq=""
+[ "$queues" = 1 ] || mq=",mq=on"
 timeout -k 5 "$boot_timeout" qemu-system-x86_64 \
-  -machine q35,accel=tcg -cpu max -smp 1 -m 256 \
+  -machine q35,accel=tcg -cpu max -smp "$queues" -m 256 \
   -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
   -chardev socket,id=net0,path="$sock"${kill_moat:+,reconnect=1} \
-  -netdev vhost-user,id=net0,chardev=net0 \
-  -device virtio-net-pci,netdev=net0,mac="$mac",vectors=0,romfile= \
+  -netdev vhost-user,id=net0,chardev=net0,queues="$queues" \
+  -device virtio-net-pci,netdev=net0,mac="$mac",vectors=0,romfile=$mq \
   -kernel "$guest_dir/vmlinux" -initrd "$guest_dir/initramfs.cpio.gz" \
   -append "console=ttyS0 quiet panic=-1 moat.expect_ip=$address moat.gateway=$gateway${egress_port:+ moat.egress=$egress_port}${kill_moat:+ moat.run=/bin/restart.sh}" \
   -display none -serial "file:$serial" -monitor none -nodefaults -no-user-config -no-reboot \
@@ -91,7 +95,7 @@ if [ -n "${kill_moat:-}" ]; then
     for _ in $(seq 1200); do grep -q MOAT-READY-FOR-KILL "$serial" 2>/dev/null && break; sleep 0.1; done
     kill -KILL "$moat_pid" 2>/dev/null
     sleep 1
-    "$moat" serve --socket "$sock" --policy "$policy" >>"$moat_log" 2>&1 &
+    "$moat" serve --socket "$sock" --policy "$policy" --queues "$queues" >>"$moat_log" 2>&1 &
     echo $! >"$workdir/moat2.pid"
   ) &
   killer_pid=$!

@@ -149,6 +149,17 @@ fn real_guest_gets_dhcp_pings_gateway_and_reaches_nothing_else() {
 /// busybox httpd in the guest through a `[[forward]]`.
 #[test]
 fn real_guest_egress_through_tinyproxy_and_a_forward() {
+    egress_and_forward(1);
+}
+
+/// The same with `moat serve --queues 2` and a 2-vCPU guest: Linux's virtio-net drives both
+/// queue pairs (VIRTIO_NET_F_MQ) and every check holds.
+#[test]
+fn real_guest_with_two_queue_pairs_egress_through_tinyproxy_and_a_forward() {
+    egress_and_forward(2);
+}
+
+fn egress_and_forward(queues: u16) {
     if !required("qemu-system-x86_64") || !support::peers::available("tinyproxy", "tinyproxy") {
         return;
     }
@@ -186,6 +197,8 @@ fn real_guest_egress_through_tinyproxy_and_a_forward() {
         .arg(origin.port().to_string())
         .arg("--forward")
         .arg(forward.to_string())
+        .arg("--queues")
+        .arg(queues.to_string())
         .output()
         .expect("run scripts/qemu-e2e.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -51,11 +51,19 @@ pub fn has_feature(acked: u64, bit: u32) -> bool {
 /// vhost-user protocol features: CONFIG (config space reads carry the policy's MAC and MTU),
 /// MQ (QEMU and Cloud Hypervisor ask for the queue count), REPLY_ACK and
 /// CONFIGURE_MEM_SLOTS (Cloud Hypervisor adds memory with them).
-pub fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::CONFIG
+///
+/// CONFIGURE_MEM_SLOTS only with one queue pair: QEMU (7.2) opens one vhost device per pair
+/// on the same connection and each adds every memory region with ADD_MEM_REG, which the
+/// backend refuses as overlapping; without the feature QEMU sends SET_MEM_TABLE once.
+pub fn protocol_features(queue_pairs: usize) -> VhostUserProtocolFeatures {
+    let features = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::REPLY_ACK;
+    if queue_pairs == 1 {
+        features | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    } else {
+        features
+    }
 }
 
 /// `struct virtio_net_config` up to and including `mtu` (virtio 1.2, 5.1.4).

@@ -254,7 +254,7 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        config::protocol_features()
+        config::protocol_features(self.pairs.len())
     }
 
     fn reset_device(&self) {
