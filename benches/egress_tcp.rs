@@ -213,11 +213,22 @@ fn rr(net: &mut GuestNet, addr: (Ipv4Addr, u16), n: usize) -> (f64, f64) {
     percentiles(lat)
 }
 
-/// The same round trips from the host straight to the origin over loopback: the floor.
-fn rr_host(origin: std::net::SocketAddr, n: usize) -> (f64, f64) {
-    use std::io::{Read, Write};
+/// The same round trips from the host over loopback, without moat or passt: straight to the
+/// origin (passt's floor), or through the same CONNECT proxy moat uses (moat's floor).
+fn rr_host(origin: std::net::SocketAddr, via_proxy: bool, n: usize) -> (f64, f64) {
+    use std::io::{BufRead, Read, Write};
     let mut c = std::net::TcpStream::connect(origin).unwrap();
     c.set_nodelay(true).unwrap();
+    if via_proxy {
+        c.write_all(b"CONNECT bench.example:80 HTTP/1.1\r\nHost: bench.example:80\r\n\r\n")
+            .unwrap();
+        let mut reply = std::io::BufReader::new(c.try_clone().unwrap());
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            assert!(reply.read_line(&mut line).unwrap() > 0, "the proxy hung up");
+        }
+    }
     c.write_all(b"E").unwrap();
     let mut b = [0u8; 1];
     let mut lat = Vec::with_capacity(n);
@@ -284,31 +295,50 @@ fn main() {
         );
     }
 
-    // Request/response latency: host -> origin directly (the floor), guest -> moat -> proxy
-    // -> origin, and guest -> passt -> origin when given.
+    // Request/response latency. Each path against the same path from the host without the
+    // backend: guest -> moat -> proxy -> origin against host -> proxy -> origin; guest ->
+    // passt -> origin against host -> origin. "added" is what the backend (and the simulated
+    // guest, the same for both) adds.
     let rounds = 2000;
-    let mut rr_rows = vec![("host -> origin, loopback", rr_host(origin, rounds))];
-    rr_rows.push((
-        "guest -> moat -> proxy -> origin",
-        rr(&mut net, (addr, 80), rounds),
-    ));
+    let direct = rr_host(origin, false, rounds);
+    let proxied = rr_host(tp.addr, true, rounds);
+    let mut rr_rows = vec![
+        ("host -> origin, loopback", direct, direct),
+        ("host -> proxy -> origin, loopback", proxied, proxied),
+        (
+            "guest -> moat -> proxy -> origin",
+            rr(&mut net, (addr, 80), rounds),
+            proxied,
+        ),
+    ];
+    // The same with busy polling: moat's thread stays awake 200 us after each event.
+    {
+        let m = start_moat_with(tp.addr, 64, &["--busy-poll-us", "200"]);
+        let mut g = guest(&m.socket, false);
+        let a = g.resolve("bench.example", T).unwrap().expect("resolves");
+        rr_rows.push((
+            "guest -> moat --busy-poll-us 200 -> proxy -> origin",
+            rr(&mut g, (a, 80), rounds),
+            proxied,
+        ));
+    }
     if let Some(passt) = std::env::var_os("PASST") {
         let p = start_passt(Path::new(&passt));
         let mut g = guest(&p.socket, false);
         rr_rows.push((
             "guest -> passt -> origin",
             rr(&mut g, (GW, origin.port()), rounds),
+            direct,
         ));
     }
-    let floor = rr_rows[0].1;
-    for (name, (p50, p99)) in &rr_rows {
+    for (name, (p50, p99), floor) in &rr_rows {
         rows.push(Row {
             name: format!("rr p50/p99, {name}"),
             value: *p50,
             unit: "us p50",
             moat_cpu_s: 0.0,
             per: format!(
-                "p99 {p99:.1} us, added over loopback: p50 {:.1} p99 {:.1} us",
+                "p99 {p99:.1} us, added over the host path: p50 {:.1} p99 {:.1} us",
                 p50 - floor.0,
                 p99 - floor.1
             ),

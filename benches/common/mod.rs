@@ -53,6 +53,11 @@ impl Moat {
 
 /// The release moat serving a policy that allows TCP to bench.example:80 through `proxy`.
 pub fn start_moat(proxy: SocketAddr, max_flows: usize) -> Moat {
+    start_moat_with(proxy, max_flows, &[])
+}
+
+/// `start_moat` with more `moat serve` options (`--busy-poll-us 200`, `--queues 2`).
+pub fn start_moat_with(proxy: SocketAddr, max_flows: usize, options: &[&str]) -> Moat {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("bench.toml");
@@ -70,6 +75,7 @@ pub fn start_moat(proxy: SocketAddr, max_flows: usize) -> Moat {
         .arg(&socket)
         .arg("--policy")
         .arg(&policy)
+        .args(options)
         .env(
             "MOAT_LOG",
             std::env::var("MOAT_LOG").unwrap_or_else(|_| "warn".into()),

@@ -19,7 +19,7 @@ use crate::telemetry::{Counters, DropReason, Service, Traffic};
 /// Where a TX buffer comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
-    /// Read from this pair's TX queue (counted as TX traffic here).
+    /// Read from this pair's TX queue.
     Queue,
     /// Read by another pair, whose flow table said the flow is this pair's.
     Handoff,
@@ -135,10 +135,9 @@ impl Datapath {
             }
     }
 
-    /// Count a TX buffer that never made it to parsing (bad descriptors, too long).
+    /// Count the drop of a TX buffer that never made it to parsing (bad descriptors, too
+    /// long). Its TX traffic is counted by the caller, with the rest of its batch.
     pub fn reject(&self, reason: DropReason, len: usize) {
-        self.counters.add(Traffic::TxFrames, 1);
-        self.counters.add(Traffic::TxBytes, len as u64);
         self.counters
             .drop_frame(reason, format_args!("tx buffer of {len} bytes"));
     }
@@ -146,6 +145,8 @@ impl Datapath {
     /// Handle one TX buffer: the virtio-net header followed by the frame.
     /// Returns the frame to send back to the guest, if any (one queue pair: no handoffs).
     pub fn guest_frame(&mut self, buf: &mut [u8]) -> Option<Vec<u8>> {
+        self.counters.add(Traffic::TxFrames, 1);
+        self.counters.add(Traffic::TxBytes, buf.len() as u64);
         match self.handle(buf, Origin::Queue) {
             Outcome::Answer(answer) => Some(answer),
             Outcome::Consumed | Outcome::Handoff(_) => None,
@@ -153,11 +154,8 @@ impl Datapath {
     }
 
     /// Handle one TX buffer read from this pair's queue, or handed over by another pair.
+    /// The caller counts TX traffic (per batch: one atomic add, not two per frame).
     pub fn handle(&mut self, buf: &mut [u8], origin: Origin) -> Outcome {
-        if origin == Origin::Queue {
-            self.counters.add(Traffic::TxFrames, 1);
-            self.counters.add(Traffic::TxBytes, buf.len() as u64);
-        }
         match self.decide(buf) {
             Ok(Outcome::Handoff(_)) if origin == Origin::Handoff => {
                 // The flow moved again while the frame was on its way: give up on it (the
@@ -189,6 +187,22 @@ impl Datapath {
         if bytes.len() > max {
             return Err(no_summary(DropReason::Oversized));
         }
+        // The link rules first for what moat parses further (IPv4, ARP), so a frame to
+        // another MAC costs no IPv4 parse; other ethertypes keep their own drop reason.
+        let eth = frame::parse_ethernet(bytes).map_err(no_summary)?;
+        let parsed_further = matches!(eth.ethertype, frame::ETHERTYPE_IPV4 | frame::ETHERTYPE_ARP);
+        let link = self.firewall.link(&eth).or_else(|r| match parsed_further {
+            true => Err(r),
+            false => Ok(()),
+        });
+        link.map_err(|reason| {
+            let summary = Summary::Eth {
+                src: eth.src,
+                dst: eth.dst,
+                ethertype: eth.ethertype,
+            };
+            (reason, summary)
+        })?;
         complete_checksum(bytes, offload).map_err(no_summary)?;
         let frame = frame::parse(bytes).map_err(no_summary)?;
         match self.firewall.verdict(&frame) {
@@ -302,6 +316,12 @@ fn tso_header(ip: &mut [u8], mtu: usize) -> Option<OutHdr> {
 pub enum Summary {
     /// Not parsed that far: just its size.
     Bytes(usize),
+    /// Dropped on its Ethernet header.
+    Eth {
+        src: MacAddr,
+        dst: MacAddr,
+        ethertype: u16,
+    },
     Arp {
         op: crate::frame::ArpOp,
         sender_ip: std::net::Ipv4Addr,
@@ -328,6 +348,11 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Summary::Bytes(n) => write!(f, "{n} bytes"),
+            Summary::Eth {
+                src,
+                dst,
+                ethertype,
+            } => write!(f, "ethertype {ethertype:#06x} {src} -> {dst}"),
             Summary::Arp {
                 op,
                 sender_ip,

@@ -115,6 +115,7 @@ pub fn attach(
         )?;
         let mut pair = lock(pair);
         pair.timer = Some(timer);
+        pair.loop_fd = Some(handler.as_raw_fd());
         pair.datapath
             .flows()
             .attach(Box::new(EpollRegistrar(handler)));
@@ -128,6 +129,7 @@ pub fn detach(device: &Arc<NetDevice>) {
         let mut pair = lock(pair);
         pair.datapath.flows().detach();
         pair.timer = None;
+        pair.loop_fd = None;
     }
 }
 

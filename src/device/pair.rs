@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,13 +22,24 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::datapath::{Datapath, Origin, Outcome};
-use crate::frame::virtio_hdr::{Offloads, OutHdr};
+use crate::frame::virtio_hdr::{Offloads, OutHdr, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
 use crate::policy::Policy;
 use crate::telemetry::{DropReason, Traffic};
 
 use super::config::{self, RX_QUEUE, TX_QUEUE};
 use super::pacer::SharedPacer;
-use super::queues::{read_tx_chain, ChainError, RxQueue};
+use super::queues::{read_tx_chain, ChainError, GuestReader, RxQueue};
+
+/// How busy polling ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Linger {
+    /// The guest made TX buffers available.
+    TxReady,
+    /// Another event is pending in the loop.
+    Event,
+    /// Nothing came within the budget (or polling is off).
+    Timeout,
+}
 
 /// Frames handed to a pair and not taken yet, at most (then they are dropped, counted).
 const MAX_HANDOFF: usize = 4096;
@@ -90,16 +102,20 @@ pub struct QueuePair {
     acked_features: u64,
     event_idx: bool,
     rx: RxQueue,
-    /// Reused TX copy buffer: no allocation per frame.
-    tx_buf: Vec<u8>,
+    /// Reused TX copy buffer, as large as the largest frame: no allocation (and no zeroing)
+    /// per frame.
+    tx_buf: Box<[u8]>,
     /// Wakes the event loop when the stack's timers are due.
     pub(super) timer: Option<TimerFd>,
     /// `limits.egress_bps`: paces the TX queue (guest -> moat), shared by the VM's pairs.
     egress: Option<SharedPacer>,
     /// TX descriptors wait for the egress bucket.
     tx_paused: bool,
-    /// After a batch, look for more TX buffers this long before sleeping (0: never).
+    /// After an event, stay awake this long for more TX buffers or another event before
+    /// going back to sleep in epoll (0: sleep at once).
     busy_poll: Duration,
+    /// The pair's event loop (its epoll set): readable when another event is pending.
+    pub(super) loop_fd: Option<RawFd>,
     /// Every pair's inbox (this pair's is `inboxes[index]`).
     inboxes: Arc<[Inbox]>,
     /// Pairs handed frames in the current batch (woken once each at its end).
@@ -128,11 +144,12 @@ impl QueuePair {
             acked_features: 0,
             event_idx: false,
             rx: RxQueue::paced(setup.ingress),
-            tx_buf: Vec::with_capacity(2048),
+            tx_buf: vec![0; VIRTIO_NET_HDR_LEN + MAX_GSO_FRAME].into_boxed_slice(),
             timer: None,
             egress: setup.egress,
             tx_paused: false,
             busy_poll: setup.busy_poll,
+            loop_fd: None,
             inboxes: setup.inboxes,
             handed: 0,
             tokens: setup.tokens,
@@ -212,7 +229,11 @@ impl QueuePair {
             t if t == self.tokens.handoff => self.take_handoffs(),
             token => self.datapath.flows().host_event(u64::from(token), evset),
         }
-        self.deliver(rx_vring, &mem)
+        self.deliver(rx_vring, &mem)?;
+        if self.linger(tx_vring, &mem) == Linger::TxReady {
+            return self.drain(rx_vring, tx_vring, &mem);
+        }
+        Ok(())
     }
 
     /// Run the flows and put what waits for the guest into the RX queue.
@@ -269,7 +290,7 @@ impl QueuePair {
                 // Paced: the timer resumes; no kick is needed meanwhile.
                 return Ok(());
             }
-            if self.poll_tx(tx_vring, mem) {
+            if self.linger(tx_vring, mem) == Linger::TxReady {
                 continue;
             }
             if !tx_vring.enable_notification().map_err(io::Error::other)? {
@@ -278,26 +299,40 @@ impl QueuePair {
         }
     }
 
-    /// Spin up to `busy_poll` for the guest to make more TX buffers available: a busy guest
-    /// then never has to kick, and this thread never sleeps between its batches.
-    fn poll_tx(&self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> bool {
+    /// Busy polling: spin up to `busy_poll` until the guest makes TX buffers available
+    /// (handled here, without a kick) or another event is pending (left to the loop, which
+    /// then finds it without sleeping). A thread that never sleeps between a guest's frames,
+    /// or between a request and its reply, saves the wake-up each time.
+    fn linger(&self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> Linger {
         if self.busy_poll.is_zero() {
-            return false;
+            return Linger::Timeout;
         }
         let mem = mem.memory();
         let deadline = Instant::now() + self.busy_poll;
+        let mut pollfd = self.loop_fd.map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
         loop {
             {
                 let state = vring.get_ref();
                 let queue = state.get_queue();
                 match queue.avail_idx(&*mem, Ordering::Acquire) {
-                    Ok(avail) if avail.0 != queue.next_avail() => return true,
+                    Ok(avail) if avail.0 != queue.next_avail() => return Linger::TxReady,
                     Ok(_) => {}
-                    Err(_) => return false,
+                    Err(_) => return Linger::Timeout,
+                }
+            }
+            if let Some(p) = pollfd.as_mut() {
+                // SAFETY: one valid pollfd, zero timeout: only asks whether the epoll set
+                // has a ready event (without taking it, unlike epoll_wait).
+                if unsafe { libc::poll(p, 1, 0) } > 0 {
+                    return Linger::Event;
                 }
             }
             if Instant::now() >= deadline {
-                return false;
+                return Linger::Timeout;
             }
             for _ in 0..64 {
                 std::hint::spin_loop();
@@ -313,8 +348,9 @@ impl QueuePair {
         mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<()> {
         let mem = mem.memory();
+        let mut reader = GuestReader::new(&mem);
         let max = self.datapath.max_tx_len();
-        let mut used = 0u32;
+        let (mut used, mut bytes) = (0u32, 0u64);
         self.tx_paused = false;
         // One lock of the TX vring for the whole batch, not two per frame.
         let mut state = vring.get_mut();
@@ -330,31 +366,34 @@ impl QueuePair {
                 break;
             };
             let head = chain.head_index();
-            let read = read_tx_chain(chain, &mem, &mut self.tx_buf, max);
+            let read = read_tx_chain(chain, &mut reader, &mut self.tx_buf, max);
+            let len = match read {
+                Ok(n) | Err((_, n)) => n,
+            };
+            bytes += len as u64;
             if let Some(pacer) = self.egress.as_ref() {
-                pacer.spend(self.tx_buf.len());
+                pacer.spend(len);
             }
             match read {
-                Ok(_) => match self.datapath.handle(&mut self.tx_buf, Origin::Queue) {
+                Ok(_) => match self.datapath.handle(&mut self.tx_buf[..len], Origin::Queue) {
                     Outcome::Consumed => {}
                     Outcome::Answer(answer) => {
                         self.rx
                             .push_copy(&answer, OutHdr::Plain, self.datapath.counters())
                     }
-                    Outcome::Handoff(pair) => self.hand_off(pair),
+                    Outcome::Handoff(pair) => self.hand_off(pair, len),
                 },
-                Err(ChainError::Bad) => self
-                    .datapath
-                    .reject(DropReason::BadDescriptor, self.tx_buf.len()),
-                Err(ChainError::TooLong) => self
-                    .datapath
-                    .reject(DropReason::Oversized, self.tx_buf.len()),
+                Err((ChainError::Bad, _)) => self.datapath.reject(DropReason::BadDescriptor, len),
+                Err((ChainError::TooLong, _)) => self.datapath.reject(DropReason::Oversized, len),
             }
             if state.add_used(head, 0).is_err() {
                 self.datapath.reject(DropReason::BadDescriptor, 0);
             }
             used += 1;
         }
+        let counters = self.datapath.counters();
+        counters.add(Traffic::TxFrames, u64::from(used));
+        counters.add(Traffic::TxBytes, bytes);
         if used > 0 && state.needs_notification().unwrap_or(true) {
             state.signal_used_queue()?;
             self.datapath.counters().add(Traffic::Notifications, 1);
@@ -364,12 +403,12 @@ impl QueuePair {
         Ok(())
     }
 
-    /// Give the frame in `tx_buf` to the pair that owns its flow.
-    fn hand_off(&mut self, pair: usize) {
+    /// Give the frame in `tx_buf[..len]` to the pair that owns its flow.
+    fn hand_off(&mut self, pair: usize, len: usize) {
         let Some(inbox) = self.inboxes.get(pair) else {
             return;
         };
-        if inbox.push(self.tx_buf.clone()) {
+        if inbox.push(self.tx_buf[..len].to_vec()) {
             self.handed |= 1 << pair;
             self.datapath.counters().add(Traffic::HandedOff, 1);
         } else {

@@ -10,7 +10,8 @@ use std::collections::VecDeque;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{
-    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
 };
 
 use crate::frame::virtio_hdr::{OutHdr, VIRTIO_NET_HDR_LEN};
@@ -32,28 +33,65 @@ pub enum ChainError {
     TooLong,
 }
 
-/// Read every descriptor of a TX chain into `buf` (cleared first), at most `max` bytes.
+/// Reads guest memory, remembering the region of the last read: a guest's buffers nearly
+/// always sit in one region, so most descriptors skip vm-memory's region search and
+/// per-region iteration (a third of the drop path's time in a profile before this).
+pub struct GuestReader<'m> {
+    mem: &'m GuestMemoryMmap,
+    last: Option<&'m GuestRegionMmap>,
+}
+
+impl<'m> GuestReader<'m> {
+    pub fn new(mem: &'m GuestMemoryMmap) -> GuestReader<'m> {
+        GuestReader { mem, last: None }
+    }
+
+    /// Fill `out` from guest memory at `addr`; Err if any of it is outside guest memory.
+    pub fn read(&mut self, addr: GuestAddress, out: &mut [u8]) -> Result<(), ChainError> {
+        let region = match self.last {
+            Some(r) if addr.0.wrapping_sub(r.start_addr().0) < r.len() => r,
+            _ => {
+                let r = self.mem.find_region(addr).ok_or(ChainError::Bad)?;
+                self.last = Some(r);
+                r
+            }
+        };
+        let offset = MemoryRegionAddress(addr.0 - region.start_addr().0);
+        match region.get_slice(offset, out.len()) {
+            Ok(slice) => {
+                slice.copy_to(out);
+                Ok(())
+            }
+            // Runs past the region's end: the general path reads across regions (or fails).
+            Err(_) => self.mem.read_slice(out, addr).map_err(|_| ChainError::Bad),
+        }
+    }
+}
+
+/// Read every descriptor of a TX chain into the start of `buf`, at most `max` bytes (and
+/// never more than `buf` holds). Returns how many bytes were read; with an error, how many
+/// were read before it.
 pub fn read_tx_chain<M: std::ops::Deref<Target = GuestMemoryMmap>>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap,
-    buf: &mut Vec<u8>,
+    mem: &mut GuestReader<'_>,
+    buf: &mut [u8],
     max: usize,
-) -> Result<usize, ChainError> {
-    buf.clear();
+) -> Result<usize, (ChainError, usize)> {
+    let max = max.min(buf.len());
+    let mut read = 0usize;
     for desc in chain {
         if desc.is_write_only() {
-            return Err(ChainError::Bad);
+            return Err((ChainError::Bad, read));
         }
         let len = desc.len() as usize;
-        let start = buf.len();
-        if start + len > max {
-            return Err(ChainError::TooLong);
+        if len > max - read {
+            return Err((ChainError::TooLong, read));
         }
-        buf.resize(start + len, 0);
-        mem.read_slice(&mut buf[start..], desc.addr())
-            .map_err(|_| ChainError::Bad)?;
+        mem.read(desc.addr(), &mut buf[read..read + len])
+            .map_err(|e| (e, read))?;
+        read += len;
     }
-    Ok(buf.len())
+    Ok(read)
 }
 
 /// Total device-writable capacity of an RX chain; `None` if it has a readable descriptor.
@@ -273,5 +311,40 @@ fn place_frame(
         Placed::Dropped(DropReason::BadDescriptor)
     } else {
         Placed::Done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_reader_reads_within_across_and_outside_regions() {
+        // Two adjacent 4 KiB regions, then a hole, then one more.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0x1000), 0x1000),
+            (GuestAddress(0x2000), 0x1000),
+            (GuestAddress(0x8000), 0x1000),
+        ])
+        .unwrap();
+        let pattern: Vec<u8> = (0..0x2000u32).map(|i| (i % 251) as u8).collect();
+        mem.write_slice(&pattern, GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[7u8; 16], GuestAddress(0x8000)).unwrap();
+        let mut reader = GuestReader::new(&mem);
+        let mut out = [0u8; 64];
+        reader.read(GuestAddress(0x1010), &mut out).unwrap();
+        assert_eq!(out[..], pattern[0x10..0x50]);
+        // Across the boundary of the first two regions: the general path.
+        reader.read(GuestAddress(0x1fe0), &mut out).unwrap();
+        assert_eq!(out[..], pattern[0xfe0..0x1020]);
+        // Another region than the one remembered.
+        let mut small = [0u8; 16];
+        reader.read(GuestAddress(0x8000), &mut small).unwrap();
+        assert_eq!(small, [7u8; 16]);
+        // Into the hole, past the end, and at an address that wraps: refused.
+        assert!(reader.read(GuestAddress(0x2ff0), &mut out).is_err());
+        assert!(reader.read(GuestAddress(0x8ff0), &mut out).is_err());
+        assert!(reader.read(GuestAddress(u64::MAX - 8), &mut out).is_err());
+        assert!(reader.read(GuestAddress(0x0), &mut out).is_err());
     }
 }

@@ -7,7 +7,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::frame::{ArpOp, Frame, Network, Transport, ICMP_ECHO_REQUEST};
+use crate::frame::{ArpOp, Ethernet, Frame, Network, Transport, ICMP_ECHO_REQUEST};
 use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
 use crate::telemetry::{DropReason, Service};
 
@@ -56,11 +56,14 @@ impl Firewall {
         }
     }
 
-    fn check(&self, frame: &Frame<'_>) -> Result<Verdict, DropReason> {
-        if frame.eth.src != self.guest_mac {
+    /// The link-layer rules alone: the guest's own source MAC, to the gateway or broadcast.
+    /// The data path applies them before parsing further, so a frame for another MAC costs
+    /// no IPv4 parse; `verdict` applies them too.
+    pub fn link(&self, eth: &Ethernet) -> Result<(), DropReason> {
+        if eth.src != self.guest_mac {
             return Err(DropReason::SpoofedSrcMac);
         }
-        let dst = frame.eth.dst;
+        let dst = eth.dst;
         let broadcast = dst == BROADCAST_MAC;
         if !broadcast && dst.0[0] & 1 == 1 {
             return Err(DropReason::Multicast);
@@ -68,6 +71,12 @@ impl Firewall {
         if !broadcast && dst != GATEWAY_MAC {
             return Err(DropReason::DstMacNotGateway);
         }
+        Ok(())
+    }
+
+    fn check(&self, frame: &Frame<'_>) -> Result<Verdict, DropReason> {
+        self.link(&frame.eth)?;
+        let broadcast = frame.eth.dst == BROADCAST_MAC;
         match &frame.net {
             Network::Arp(arp) => {
                 let sender_is_guest =

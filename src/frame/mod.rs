@@ -128,17 +128,14 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 
 const ETHERTYPE_VLAN_TAGS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_ARP: u16 = 0x0806;
 
 /// Parse one Ethernet frame (without the virtio-net header).
 pub fn parse(bytes: &[u8]) -> Result<Frame<'_>, DropReason> {
-    let eth = Ethernet2HeaderSlice::from_slice(bytes).map_err(|_| DropReason::Truncated)?;
-    let eth_view = Ethernet {
-        dst: MacAddr(eth.destination()),
-        src: MacAddr(eth.source()),
-        ethertype: eth.ether_type().0,
-    };
+    let eth_view = parse_ethernet(bytes)?;
     let payload = &bytes[ETH_HDR_LEN..];
-    let net = match eth.ether_type() {
+    let net = match EtherType(eth_view.ethertype) {
         EtherType::ARP => Network::Arp(parse_arp(payload)?),
         EtherType::IPV4 => Network::Ipv4(parse_ipv4(payload)?),
         EtherType::IPV6 => return Err(DropReason::Ipv6),
@@ -146,6 +143,16 @@ pub fn parse(bytes: &[u8]) -> Result<Frame<'_>, DropReason> {
         _ => return Err(DropReason::UnsupportedEthertype),
     };
     Ok(Frame { eth: eth_view, net })
+}
+
+/// Just the Ethernet header (the firewall's link checks need no more).
+pub fn parse_ethernet(bytes: &[u8]) -> Result<Ethernet, DropReason> {
+    let eth = Ethernet2HeaderSlice::from_slice(bytes).map_err(|_| DropReason::Truncated)?;
+    Ok(Ethernet {
+        dst: MacAddr(eth.destination()),
+        src: MacAddr(eth.source()),
+        ethertype: eth.ether_type().0,
+    })
 }
 
 fn parse_arp(payload: &[u8]) -> Result<Arp, DropReason> {
