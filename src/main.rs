@@ -352,6 +352,7 @@ fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     }
+    moat::stack::map_flow_buffers();
     let connect_ports = policy.connect_ports();
     let counters = Arc::new(Counters::default());
     let vm_name = policy.vm.name.clone();

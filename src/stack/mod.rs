@@ -27,6 +27,22 @@ const LARGE_SEGMENT_MSS: u16 = (LARGE_SEGMENT_MTU - 40) as u16;
 
 /// Per-flow buffer in each direction. Bounds memory per flow at about twice this.
 pub const FLOW_BUFFER: usize = 64 * 1024;
+
+/// Have the allocator give every allocation of FLOW_BUFFER bytes or more (each flow's two
+/// buffers) its own anonymous mapping. Pages a flow never writes then cost no memory, and a
+/// closed flow's buffers go back to the system at once. Under glibc's default (the heap
+/// below 128 KiB, a threshold it raises at run time), allocator headers and reused chunks
+/// touch pages inside each buffer: 18 KB of RSS per idle flow, against 9.4 KB with this
+/// (benches/footprint.rs, 10 000 flows). The price is one mmap and one munmap per buffer.
+/// Process-wide: `moat serve` calls it once, before any flow exists.
+pub fn map_flow_buffers() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt changes an allocator tunable; it is called before the worker threads
+    // start, and any value is valid for M_MMAP_THRESHOLD.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, FLOW_BUFFER as libc::c_int);
+    }
+}
 /// Guest packets waiting for the stack, at most (bounded: the guest cannot grow it).
 const MAX_QUEUED: usize = 4096;
 
