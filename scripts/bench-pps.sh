@@ -120,6 +120,16 @@ sending() { # the txonly side has put frames in the ring
        END { exit !found }' "$1"
 }
 
+udp_up_of_moat() { # datagrams moat sent to the relay: its UDP flows' "bytes_up" (datagrams)
+  "$moat" stats --control "$ctl" --json | python3 -c '
+import json, sys
+print(sum(f["bytes_up"] for f in json.load(sys.stdin)["flows"] if f["flow"].startswith("udp")))'
+}
+
+sink_count() { # datagrams the loopback sink received so far
+  awk '{print $2}' "$work/sink.count" 2>/dev/null || echo 0
+}
+
 moat_frames() { # moat's traffic.tx_frames through its control socket
   "$moat" stats --control "$1" --json | grep -o '"traffic.tx_frames": *[0-9]*' | grep -o '[0-9]*$'
 }
@@ -181,6 +191,18 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
       a=$(now); c1=$(moat_frames "$ctl"); b=$(now); cpu1=$(cpu_ns "$rx_pid")
       t1=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
       ;;
+    moat-udp|sink)
+      # Datagrams forwarded: moat's own count of what it sent to the SOCKS5 relay (its UDP
+      # flow's datagrams up), or what reached the loopback sink (passt keeps no count).
+      local read_count=udp_up_of_moat
+      [ "$kind" = sink ] && read_count=sink_count
+      local a b
+      a=$(now); c0=$($read_count); b=$(now); cpu0=$(cpu_ns "$rx_pid")
+      t0=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
+      sleep "$secs"
+      a=$(now); c1=$($read_count); b=$(now); cpu1=$(cpu_ns "$rx_pid")
+      t1=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
+      ;;
     vhost|passt)
       # The vhost PMD counts what it received; passt has no counter, so what testpmd got
       # into the ring (and passt consumed) stands for it.
@@ -212,19 +234,24 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
     "$(date -u +%FT%TZ)" "$case" "$size" "$((c1 - c0))" "$wall" "$mpps" "$cpu" "${n1:-0}" >>"$raw"
 }
 
-start_moat() { # start_moat FRAME_SIZE [moat serve options...]
-  local size=$1
+start_moat() { # start_moat FRAME_SIZE [moat serve options...]: deny-all.toml
+  local size=$1 policy=policy/deny-all.toml
   shift
-  sock="$work/moat.sock"
-  ctl="$work/moat.ctl"
-  rm -f "$sock" "$ctl"
-  policy=policy/deny-all.toml
   if [ "$size" -gt 1514 ]; then
     # deny-all has mtu 1500 (frames up to 1514 B): larger frames would be dropped as
     # oversized before parsing. Same policy with an MTU that admits them.
     policy="$work/deny-all-mtu.toml"
     sed "s/^\[vm\]\$/[vm]\nmtu = $((size - 14))/" policy/deny-all.toml >"$policy"
   fi
+  start_moat_policy "$policy" "$@"
+}
+
+start_moat_policy() { # start_moat_policy FILE [moat serve options...]
+  sock="$work/moat.sock"
+  ctl="$work/moat.ctl"
+  rm -f "$sock" "$ctl"
+  local policy=$1
+  shift
   MOAT_LOG=warn taskset -c 0 "$moat" serve --socket "$sock" --policy "$policy" \
     --control "$ctl" "$@" </dev/null >/dev/null 2>>"$work/moat.log" &
   rx_pid=$!
@@ -306,6 +333,54 @@ for size in $sizes; do
   fi
 done
 
+# UDP forwarded to the proxy side, 64 B frames (22 B of payload): moat relays each
+# datagram through a SOCKS5 UDP association (dante on loopback) to a sink on loopback;
+# passt sends each to the sink itself (its gateway mapped to the host's loopback). Both
+# from the same testpmd txonly stream; the figure that compares is datagrams per CPU-second
+# of the backend (dante's and the sink's CPU are not counted for either).
+udp_port=9999
+if command -v danted >/dev/null && command -v python3 >/dev/null; then
+  echo "bench-pps: UDP to the proxy side, 64 B frames, ${secs} s each ..." >&2
+  python3 scripts/udp-sink.py "$udp_port" "$work/sink.count" &
+  pids+=("$!")
+  dante_port=$((20000 + RANDOM % 20000))
+  printf '%s\n' "logoutput: $work/danted.log" "internal: 127.0.0.1 port = $dante_port" \
+    "external: 127.0.0.1" "socksmethod: none" "clientmethod: none" "user.privileged: root" \
+    "user.unprivileged: nobody" "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }" \
+    "socks pass { from: 127.0.0.0/8 to: 127.0.0.0/8 command: udpassociate udpreply }" \
+    "socks block { from: 0.0.0.0/0 to: 0.0.0.0/0 }" >"$work/danted.conf"
+  taskset -c 1 danted -f "$work/danted.conf" -p "$work/danted.pid" >/dev/null 2>&1 &
+  pids+=("$!")
+  cp policy/deny-all.toml "$work/udp.toml"
+  printf '\n[proxy]\nsocks5 = "127.0.0.1:%s"\n[[outbound]]\nprotocol = "udp"\nports = [%s]\nto = ["127.0.0.1/32"]\n' \
+    "$dante_port" "$udp_port" >>"$work/udp.toml"
+  if wait_for 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$dante_port" 2>/dev/null &&
+    start_moat_policy "$work/udp.toml"; then
+    measure moat-udp 64 moat-udp --eth-peer=0,$gw_mac --tx-ip=10.0.0.2,127.0.0.1 --tx-udp=40000,$udp_port
+  else
+    echo "bench-pps: moat or dante did not start for the UDP case" >&2
+    results+=("moat-udp 64 - - - failed")
+  fi
+  stop "$rx_pid" TERM
+  if [ -n "${PASST:-}" ]; then
+    sock="$work/passt.sock"
+    rm -f "$sock"
+    taskset -c 0 "$PASST" --vhost-user -f -q -s "$sock" -a 10.0.0.2 -n 24 -g 10.0.0.1 \
+      --map-host-loopback 10.0.0.1 -t none -u none </dev/null >"$work/passt-udp.log" 2>&1 &
+    rx_pid=$!
+    pids+=("$rx_pid")
+    if wait_for 10 test -S "$sock"; then
+      # passt answers ARP as 9a:55:9a:55:9a:55 (its default MAC).
+      measure passt-udp 64 sink --eth-peer=0,9a:55:9a:55:9a:55 --tx-ip=10.0.0.2,10.0.0.1 --tx-udp=40000,$udp_port
+    else
+      results+=("passt-udp 64 - - - failed")
+    fi
+    stop "$rx_pid" TERM
+  fi
+else
+  echo "bench-pps: UDP cases skipped (danted or python3 missing)" >&2
+fi
+
 [ -n "${PASST:-}" ] || echo "bench-pps: passt skipped (set PASST=/path/to/passt, a passt with --vhost-user, to measure it)" >&2
 
 # The table: every case against its peer at the same frame size: the vhost PMD in rxonly
@@ -318,7 +393,7 @@ done
   for r in "${results[@]}"; do
     read -r c s m cpu w st <<<"$r"
     peer=ceiling
-    case $c in *answer*) peer=ceiling-macswap ;; ceiling*) peer=- ;; esac
+    case $c in *answer*) peer=ceiling-macswap ;; ceiling* | passt-udp) peer=- ;; moat-udp) peer=passt-udp ;; esac
     ceil=$(printf '%s\n' "${results[@]}" | awk -v s="$s" -v p="$peer" '$1 == p && $2 == s && $6 == "ok" {print $3, $4, $5}')
     read -r cm ccpu cw <<<"${ceil:-0 0 0}"
     percpu=$(awk -v m="$m" -v c="$cpu" -v w="$w" 'BEGIN { if (m != "-" && c > 0) printf "%.3f", m * w / c; else print "-" }')

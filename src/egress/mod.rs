@@ -83,6 +83,8 @@ pub struct Flows {
     upstream: Option<dns_upstream::Upstream>,
     /// UDP associations through the SOCKS5 proxy.
     udp: HashMap<udp::UdpKey, udp::Assoc>,
+    /// Where associations read a datagram from their relay.
+    udp_scratch: Option<Box<[u8]>>,
     /// Forwards added at run time (`moat forward add`), on top of the policy's.
     runtime_forwards: Vec<Forward>,
     /// Guest connections to the gateway's DNS over TCP.
@@ -125,6 +127,7 @@ impl Flows {
             next_dns_conn: 0,
             runtime_forwards: Vec::new(),
             udp: HashMap::new(),
+            udp_scratch: None,
             upstream: None,
             idle: idle_timeout(),
             next_forward_port: FORWARD_PORTS.start,
@@ -704,8 +707,15 @@ impl Flows {
     fn run_udp(&mut self, out: &mut Vec<Vec<u8>>) {
         let guest = self.policy.vm.address;
         let mtu = usize::from(self.policy.vm.mtu);
+        if self.udp.is_empty() {
+            return;
+        }
+        // One datagram's room, reused by every association (allocated on first use).
+        let scratch = self
+            .udp_scratch
+            .get_or_insert_with(|| vec![0; 65_536].into_boxed_slice());
         for assoc in self.udp.values_mut() {
-            assoc.step(guest, mtu, out);
+            assoc.step(guest, mtu, scratch, out);
         }
         let done: Vec<udp::UdpKey> = self
             .udp

@@ -16,6 +16,13 @@ use super::socks5;
 pub const IDLE: Duration = Duration::from_secs(60);
 /// Datagrams from the guest held while the association is being set up, at most.
 const MAX_QUEUED: usize = 64;
+/// Datagrams sent to the relay in one sendmmsg, at most (then the batch goes out at once).
+const MAX_BATCH: usize = 256;
+/// UDP GSO (linux/udp.h UDP_SEGMENT; not in the libc crate for glibc): one send carries up
+/// to 64 datagrams of one size, split by the kernel as late as it can.
+const UDP_SEGMENT: libc::c_int = 103;
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 65_000;
 /// How long the proxy gets to set up an association.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -66,6 +73,14 @@ pub struct Assoc {
     pub control_token: u64,
     pub relay_token: u64,
     phase: Phase,
+    /// The SOCKS5 UDP request header every datagram to the relay starts with (None: the
+    /// target name is too long for SOCKS5).
+    header: Option<Vec<u8>>,
+    /// Datagrams (header + payload) for the relay, sent together at the end of a TX batch.
+    batch: Vec<u8>,
+    batch_lens: Vec<usize>,
+    /// UDP GSO works on this socket (cleared at the first refusal).
+    gso: bool,
     request: Vec<u8>,
     sent: usize,
     reply: Vec<u8>,
@@ -86,8 +101,13 @@ impl Assoc {
         control_token: u64,
         relay_token: u64,
     ) -> Assoc {
+        let header = socks5::udp_header(&route.target, route.port);
         Assoc {
             key,
+            header,
+            batch: Vec::new(),
+            batch_lens: Vec::new(),
+            gso: true,
             route,
             control,
             relay,
@@ -121,7 +141,8 @@ impl Assoc {
         self.phase = Phase::Done;
     }
 
-    /// A datagram from the guest: sent now if the association is open, else queued.
+    /// A datagram from the guest: batched for the relay if the association is open (sent by
+    /// the next `step`, at the end of the guest's TX batch), else queued.
     pub fn send(&mut self, payload: &[u8]) {
         self.last = Instant::now();
         match self.phase {
@@ -133,17 +154,72 @@ impl Assoc {
     }
 
     fn relay_out(&mut self, relay: SocketAddr, payload: &[u8]) {
-        let Some(mut datagram) = socks5::udp_header(&self.route.target, self.route.port) else {
+        let Some(header) = &self.header else {
             return self.fail("target name too long for SOCKS5");
         };
-        datagram.extend_from_slice(payload);
-        if self.relay.send_to(&datagram, relay).is_ok() {
-            self.datagrams_up += 1;
+        self.batch.extend_from_slice(header);
+        self.batch.extend_from_slice(payload);
+        self.batch_lens.push(header.len() + payload.len());
+        if self.batch_lens.len() >= MAX_BATCH {
+            self.flush(relay);
         }
     }
 
-    /// Drive the control connection; deliver what the relay has, as IP packets for the guest.
-    pub fn step(&mut self, guest: Ipv4Addr, mtu: usize, out: &mut Vec<Vec<u8>>) {
+    /// Send the batched datagrams to the relay. Datagrams of one size (the usual stream) go
+    /// as UDP GSO sends, up to 64 a call; others in one sendmmsg. What the socket does not
+    /// take (its buffer full) is lost, as UDP is.
+    fn flush(&mut self, relay: SocketAddr) {
+        if self.batch_lens.is_empty() {
+            return;
+        }
+        let mut sent = 0usize;
+        let (mut start, mut offset) = (0usize, 0usize);
+        while start < self.batch_lens.len() {
+            // The longest run from `start` that one GSO send can carry: equal sizes, the
+            // last may be shorter, at most GSO_MAX_SEGMENTS and GSO_MAX_BYTES.
+            let seg = self.batch_lens[start];
+            let mut end = start + 1;
+            let mut bytes = seg;
+            while end < self.batch_lens.len()
+                && end - start < GSO_MAX_SEGMENTS
+                && self.batch_lens[end] <= seg
+                && bytes + self.batch_lens[end] <= GSO_MAX_BYTES
+            {
+                bytes += self.batch_lens[end];
+                end += 1;
+                if self.batch_lens[end - 1] < seg {
+                    break;
+                }
+            }
+            let run = &self.batch[offset..offset + bytes];
+            if end - start > 1 && self.gso && send_gso(&self.relay, relay, run, seg).is_ok() {
+                sent += end - start;
+            } else {
+                if end - start > 1 {
+                    self.gso = false; // this kernel or socket cannot: batches from now on
+                }
+                sent += send_batch(&self.relay, relay, run, &self.batch_lens[start..end]);
+            }
+            start = end;
+            offset += bytes;
+        }
+        self.datagrams_up += sent as u64;
+        self.batch.clear();
+        self.batch_lens.clear();
+    }
+
+    /// Drive the control connection, send what the guest sent since the last step, deliver
+    /// what the relay has as IP packets for the guest. `scratch` holds one datagram.
+    pub fn step(
+        &mut self,
+        guest: Ipv4Addr,
+        mtu: usize,
+        scratch: &mut [u8],
+        out: &mut Vec<Vec<u8>>,
+    ) {
+        if let Phase::Open(relay) = self.phase {
+            self.flush(relay);
+        }
         if self.phase != Phase::Done
             && !matches!(self.phase, Phase::Open(_))
             && self.started.elapsed() > SETUP_TIMEOUT
@@ -194,7 +270,7 @@ impl Assoc {
                     self.request = socks5::udp_associate_request(local);
                     self.sent = 0;
                     self.phase = Phase::Associating;
-                    return self.step(guest, mtu, out);
+                    return self.step(guest, mtu, scratch, out);
                 }
                 _ => return self.fail("proxy refused the greeting"),
             },
@@ -213,6 +289,7 @@ impl Assoc {
                     for payload in std::mem::take(&mut self.queued) {
                         self.relay_out(relay, &payload);
                     }
+                    self.flush(relay);
                 }
                 socks5::Reply::Refused(code) => {
                     return self.fail(&format!("proxy refused UDP ASSOCIATE (code {code})"))
@@ -224,8 +301,8 @@ impl Assoc {
         let Phase::Open(relay) = self.phase else {
             return;
         };
-        let mut datagram = vec![0u8; 65_536];
-        while let Ok((n, from)) = self.relay.recv_from(&mut datagram) {
+        let datagram = scratch;
+        while let Ok((n, from)) = self.relay.recv_from(datagram) {
             if from != relay {
                 continue; // only the relay speaks to this socket
             }
@@ -243,6 +320,133 @@ impl Assoc {
             if builder.write(&mut packet, payload).is_ok() {
                 out.push(packet);
             }
+        }
+    }
+}
+
+/// Send `buf` as datagrams of `seg` bytes each (the last may be shorter) in one sendmsg(2)
+/// with a UDP_SEGMENT control message. By hand, like `send_batch`: a cmsg around one call.
+fn send_gso(socket: &UdpSocket, to: SocketAddr, buf: &[u8], seg: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let addr = socket2::SockAddr::from(to);
+    let seg = u16::try_from(seg).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // Room for one cmsghdr carrying a u16, aligned as cmsghdr wants.
+    let mut control = [0u64; 4];
+    // SAFETY: a zeroed msghdr is valid; every pointer set below stays alive for the call,
+    // CMSG_* only compute offsets within `control`, which is large enough for one u16 cmsg.
+    let sent = unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = addr.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = addr.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space.min(std::mem::size_of_val(&control));
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, seg);
+        libc::sendmsg(socket.as_raw_fd(), &msg, 0)
+    };
+    if sent < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Send `lens.len()` datagrams, laid end to end in `buf`, to `to` with sendmmsg(2); returns
+/// how many the socket took. By hand: std and socket2 have no sendmmsg, and the call is a
+/// thin wrapper over arrays of iovecs (no protocol is involved).
+fn send_batch(socket: &UdpSocket, to: SocketAddr, buf: &[u8], lens: &[usize]) -> usize {
+    use std::os::fd::AsRawFd;
+    let addr = socket2::SockAddr::from(to);
+    let mut iovecs = Vec::with_capacity(lens.len());
+    let mut offset = 0;
+    for &len in lens {
+        let Some(datagram) = buf.get(offset..offset + len) else {
+            break;
+        };
+        iovecs.push(libc::iovec {
+            iov_base: datagram.as_ptr() as *mut libc::c_void,
+            iov_len: len,
+        });
+        offset += len;
+    }
+    // SAFETY: zeroed msghdr/mmsghdr are valid (null pointers, zero lengths) before the
+    // fields below are set.
+    let mut msgs: Vec<libc::mmsghdr> = iovecs
+        .iter_mut()
+        .map(|iov| {
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_namelen = addr.len();
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let mut sent = 0usize;
+    while sent < msgs.len() {
+        let left = &mut msgs[sent..];
+        // SAFETY: every mmsghdr points at `addr` and at one iovec over `buf`, all alive for
+        // the call; the kernel reads them and writes only msg_len.
+        let n = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                left.as_mut_ptr(),
+                left.len() as libc::c_uint,
+                0,
+            )
+        };
+        if n <= 0 {
+            break; // EAGAIN (socket buffer full) or an error: the rest is lost
+        }
+        sent += n as usize;
+    }
+    sent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_batch_sends_every_datagram_in_one_go() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let datagrams: [&[u8]; 3] = [b"one", b"second", b"3"];
+        let buf: Vec<u8> = datagrams.concat();
+        let lens: Vec<usize> = datagrams.iter().map(|d| d.len()).collect();
+        assert_eq!(send_batch(&tx, rx.local_addr().unwrap(), &buf, &lens), 3);
+        let mut got = [0u8; 16];
+        for want in datagrams {
+            let n = rx.recv(&mut got).unwrap();
+            assert_eq!(&got[..n], want);
+        }
+        // Lengths past the buffer end the batch there instead of reading beyond it.
+        assert_eq!(send_batch(&tx, rx.local_addr().unwrap(), b"ab", &[1, 5]), 1);
+    }
+
+    #[test]
+    fn send_gso_arrives_as_separate_datagrams() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Three of 4 bytes and a short last one.
+        send_gso(&tx, rx.local_addr().unwrap(), b"aaaabbbbccccd", 4).unwrap();
+        let mut got = [0u8; 16];
+        for want in [&b"aaaa"[..], b"bbbb", b"cccc", b"d"] {
+            let n = rx.recv(&mut got).unwrap();
+            assert_eq!(&got[..n], want);
         }
     }
 }

@@ -226,6 +226,11 @@ const ALLOWED: &[(libc::c_long, &str, &str)] = &[
     (libc::SYS_recvfrom, "recvfrom", "sockets"),
     (libc::SYS_sendmsg, "sendmsg", "vhost-user replies, UDP"),
     (
+        libc::SYS_sendmmsg,
+        "sendmmsg",
+        "a batch of guest UDP datagrams to the SOCKS5 relay in one call",
+    ),
+    (
         libc::SYS_recvmsg,
         "recvmsg",
         "vhost-user messages with file descriptors",
