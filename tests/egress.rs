@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use moat::guest::GuestNet;
@@ -15,37 +15,8 @@ use support::*;
 
 const T: Duration = Duration::from_secs(10);
 
-fn policy(proxy: SocketAddr, max_flows: usize) -> String {
-    format!(
-        r#"
-[vm]
-name = "egress"
-mac = "52:54:00:12:34:56"
-address = "10.0.0.2/24"
-gateway = "10.0.0.1"
-[proxy]
-http = "{proxy}"
-[[outbound]]
-protocol = "tcp"
-ports = [80, 443]
-to = ["example.com", "*.example.com", "203.0.113.0/24", "127.0.0.1/32"]
-[dns]
-allow = ["example.com", "*.example.com", "evil.test"]
-[limits]
-max_flows = {max_flows}
-"#
-    )
-}
-
 fn guest_net(served: &Served) -> GuestNet {
     GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500)
-}
-
-/// Connect and wait for the handshake; returns the socket once established.
-fn established(net: &mut GuestNet, dst: Ipv4Addr, port: u16) -> smoltcp::iface::SocketHandle {
-    net.tcp_established(dst, port, T)
-        .unwrap()
-        .unwrap_or_else(|| panic!("connection to {dst}:{port} not established"))
 }
 
 /// The connection never opens: it is reset (proxy failure) or left unanswered (dropped).
@@ -88,7 +59,7 @@ fn recv_until_closed(
 #[test]
 fn allowed_name_goes_to_the_proxy_by_name_and_echoes() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let addr = net
         .resolve("www.example.com", T)
@@ -119,7 +90,7 @@ fn allowed_name_goes_to_the_proxy_by_name_and_echoes() {
 #[test]
 fn sixteen_mib_up_with_half_close_arrives_byte_exact() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let addr = net.resolve("upload.example.com", T).unwrap().unwrap();
     let h = established(&mut net, addr, 443);
@@ -149,7 +120,7 @@ fn sixteen_mib_up_with_half_close_arrives_byte_exact() {
 #[test]
 fn sixteen_mib_down_arrives_byte_exact() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let addr = net.resolve("download.example.com", T).unwrap().unwrap();
     let h = established(&mut net, addr, 80);
@@ -168,7 +139,7 @@ fn sixteen_mib_down_arrives_byte_exact() {
 #[test]
 fn a_refusing_proxy_resets_the_guest_connection() {
     let proxy = TestProxy::start(ProxyMode::Refuse(403), origin());
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let addr = net.resolve("www.example.com", T).unwrap().unwrap();
     let state = never_established(&mut net, addr, 443, T);
@@ -185,7 +156,7 @@ fn a_dead_proxy_resets_the_guest_connection() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let served = Served::start(&policy(dead, 64), true);
+    let served = Served::start(&proxied_policy(dead, 64), true);
     let mut net = guest_net(&served);
     let addr = net.resolve("www.example.com", T).unwrap().unwrap();
     assert_eq!(never_established(&mut net, addr, 80, T), State::Closed);
@@ -197,7 +168,7 @@ fn a_dead_proxy_resets_the_guest_connection() {
 #[test]
 fn destinations_the_policy_does_not_allow_never_reach_the_proxy() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let evil = net
         .resolve("evil.test", T)
@@ -241,7 +212,7 @@ fn destinations_the_policy_does_not_allow_never_reach_the_proxy() {
 fn ip_literals_get_no_answer_when_no_rule_could_name_them() {
     // Only CIDR rules for port 80: nothing could name the flow, so the SYN is dropped.
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let text = policy(proxy.addr, 64).replace(
+    let text = proxied_policy(proxy.addr, 64).replace(
         "to = [\"example.com\", \"*.example.com\", \"203.0.113.0/24\", \"127.0.0.1/32\"]",
         "to = [\"203.0.113.0/24\"]",
     );
@@ -265,7 +236,7 @@ fn ip_literals_get_no_answer_when_no_rule_could_name_them() {
 fn ip_literals_go_through_when_a_cidr_names_them() {
     let origin = origin();
     let proxy = TestProxy::start(ProxyMode::Accept, origin);
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let h = established(&mut net, Ipv4Addr::new(203, 0, 113, 10), 443);
     net.tcp(h).abort();
@@ -277,7 +248,7 @@ fn ip_literals_go_through_when_a_cidr_names_them() {
 #[test]
 fn max_flows_refuses_new_connections_and_counts_them() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(proxy.addr, 2), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 2), true);
     let mut net = guest_net(&served);
     let addr = net.resolve("www.example.com", T).unwrap().unwrap();
     let a = established(&mut net, addr, 80);
@@ -292,7 +263,7 @@ fn max_flows_refuses_new_connections_and_counts_them() {
 #[test]
 fn ip_literal_flows_are_named_by_http_host_or_tls_sni() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     // HTTP to an address no CIDR covers: the Host header names it, and the rule allows it.
     let h = established(&mut net, Ipv4Addr::new(198, 51, 100, 20), 80);
@@ -328,7 +299,7 @@ fn ip_literal_flows_are_named_by_http_host_or_tls_sni() {
 #[test]
 fn ip_literal_flows_with_a_disallowed_or_missing_name_are_reset() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     for first in [
         b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec(),
@@ -355,7 +326,7 @@ fn ip_literal_flows_with_a_disallowed_or_missing_name_are_reset() {
 #[test]
 fn sequential_connections_never_stall_the_queue() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let opts = moat::guest::GuestOptions {
         queue_size: 512,
         mem_size: 32 << 20,
@@ -428,7 +399,7 @@ fn fake_resolver() -> (
 fn upstream_mode_resolves_allowed_names_and_names_their_flows() {
     let (resolver, asked) = fake_resolver();
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let text = policy(proxy.addr, 64).replace(
+    let text = proxied_policy(proxy.addr, 64).replace(
         "[dns]\nallow = [\"example.com\", \"*.example.com\", \"evil.test\"]",
         &format!("[dns]\nallow = [\"example.com\", \"*.example.com\"]\nmode = \"upstream\"\nupstream = \"{resolver}\""),
     );
@@ -467,7 +438,7 @@ fn upstream_mode_resolves_allowed_names_and_names_their_flows() {
 #[test]
 fn resets_propagate_both_ways() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(proxy.addr, 64), true);
+    let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let addr = net.resolve("www.example.com", T).unwrap().unwrap();
     // The far side resets: the guest's connection is reset, not closed cleanly.

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use moat::device::Tuning;
@@ -17,28 +17,6 @@ use support::*;
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MQ;
 
 const T: Duration = Duration::from_secs(10);
-
-fn policy(proxy: SocketAddr, max_flows: usize) -> String {
-    format!(
-        r#"
-[vm]
-name = "mq"
-mac = "52:54:00:12:34:56"
-address = "10.0.0.2/24"
-gateway = "10.0.0.1"
-[proxy]
-http = "{proxy}"
-[[outbound]]
-protocol = "tcp"
-ports = [443]
-to = ["example.com"]
-[dns]
-allow = ["example.com"]
-[limits]
-max_flows = {max_flows}
-"#
-    )
-}
 
 fn two_pairs() -> Tuning {
     Tuning {
@@ -65,10 +43,22 @@ fn site(net: &mut GuestNet) -> Ipv4Addr {
         .expect("the allowed name resolves")
 }
 
-fn established(net: &mut GuestNet, site: Ipv4Addr) -> SocketHandle {
-    net.tcp_established(site, 443, T)
-        .unwrap()
-        .unwrap_or_else(|| panic!("connection to {site}:443 not established"))
+/// A two-pair moat whose guest reaches example.com through a test proxy: the proxy, moat,
+/// the guest's stack and example.com's (synthetic) address.
+fn proxied_scene(max_flows: usize) -> (TestProxy, Served, GuestNet, Ipv4Addr) {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start_tuned(&proxied_policy(proxy.addr, max_flows), true, two_pairs());
+    let mut net = GuestNet::new(mq_guest(&served), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let site = site(&mut net);
+    (proxy, served, net, site)
+}
+
+/// An echo connection to the site, opened on queue pair `pair` (its SYN goes out there).
+fn echo_connection(net: &mut GuestNet, site: Ipv4Addr, pair: usize) -> SocketHandle {
+    net.sim().set_tx_pair(pair);
+    let h = established(net, site, 443);
+    assert!(net.tcp_send_all(h, b"E", T).unwrap(), "the echo mode byte");
+    h
 }
 
 /// Send `msg` on an echo connection (opened with the test origin's mode byte 'E') and read
@@ -76,14 +66,8 @@ fn established(net: &mut GuestNet, site: Ipv4Addr) -> SocketHandle {
 fn echo(net: &mut GuestNet, h: SocketHandle, msg: &[u8]) -> Vec<u8> {
     assert!(net.tcp_send_all(h, msg, T).unwrap(), "send");
     let mut got = Vec::new();
-    net.run_until(T, |n| {
-        let s = n.tcp(h);
-        if s.can_recv() {
-            let _ = s.recv(|d| {
-                got.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+    net.tcp_recv(h, T, |d| {
+        got.extend_from_slice(d);
         got.len() >= msg.len()
     })
     .unwrap();
@@ -144,13 +128,8 @@ fn every_pair_answers_on_its_own_rx_queue() {
 
 #[test]
 fn a_flow_moved_to_another_queue_mid_stream_keeps_working() {
-    let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start_tuned(&policy(proxy.addr, 64), true, two_pairs());
-    let mut net = GuestNet::new(mq_guest(&served), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let site = site(&mut net);
-    net.sim().set_tx_pair(0);
-    let h = established(&mut net, site);
-    assert!(net.tcp_send_all(h, b"E", T).unwrap());
+    let (proxy, served, mut net, site) = proxied_scene(64);
+    let h = echo_connection(&mut net, site, 0);
     assert_eq!(echo(&mut net, h, b"on pair zero"), b"on pair zero");
     // The guest moves the socket to pair 1 (as Linux does when the sending thread changes
     // CPU): pair 1 does not own the flow and hands every frame to pair 0.
@@ -173,16 +152,9 @@ fn a_flow_moved_to_another_queue_mid_stream_keeps_working() {
 
 #[test]
 fn flows_on_both_pairs_at_once_and_max_flows_counts_them_together() {
-    let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start_tuned(&policy(proxy.addr, 2), true, two_pairs());
-    let mut net = GuestNet::new(mq_guest(&served), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let site = site(&mut net);
-    net.sim().set_tx_pair(0);
-    let a = established(&mut net, site);
-    assert!(net.tcp_send_all(a, b"E", T).unwrap());
-    net.sim().set_tx_pair(1);
-    let b = established(&mut net, site);
-    assert!(net.tcp_send_all(b, b"E", T).unwrap());
+    let (_proxy, served, mut net, site) = proxied_scene(2);
+    let a = echo_connection(&mut net, site, 0);
+    let b = echo_connection(&mut net, site, 1);
     let rx_before = net.sim().rx_frames_per_pair();
     assert_eq!(echo(&mut net, b, b"pair one"), b"pair one");
     let rx_after = net.sim().rx_frames_per_pair();

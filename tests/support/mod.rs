@@ -182,3 +182,38 @@ impl Drop for MoatProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A VM whose TCP to example.com (and 203.0.113.0/24, 127.0.0.1) ports 80 and 443 goes
+/// through the HTTP CONNECT proxy at `proxy`.
+pub fn proxied_policy(proxy: std::net::SocketAddr, max_flows: usize) -> String {
+    format!(
+        r#"
+[vm]
+name = "egress"
+mac = "52:54:00:12:34:56"
+address = "10.0.0.2/24"
+gateway = "10.0.0.1"
+[proxy]
+http = "{proxy}"
+[[outbound]]
+protocol = "tcp"
+ports = [80, 443]
+to = ["example.com", "*.example.com", "203.0.113.0/24", "127.0.0.1/32"]
+[dns]
+allow = ["example.com", "*.example.com", "evil.test"]
+[limits]
+max_flows = {max_flows}
+"#
+    )
+}
+
+/// Connect and wait for the handshake; returns the socket once established.
+pub fn established(
+    net: &mut moat::guest::GuestNet,
+    dst: Ipv4Addr,
+    port: u16,
+) -> smoltcp::iface::SocketHandle {
+    net.tcp_established(dst, port, Duration::from_secs(10))
+        .unwrap()
+        .unwrap_or_else(|| panic!("connection to {dst}:{port} not established"))
+}
