@@ -10,7 +10,7 @@ use crate::egress::{Carried, Flows};
 use crate::firewall::{Firewall, Verdict};
 use crate::frame::checksum::{self, L4Layout};
 use crate::frame::virtio_hdr::{Offloads, OutHdr, TxOffload, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
-use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN};
+use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN, PACKET_HEADROOM};
 use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
 use crate::services::dns::NamePool;
 use crate::services::Gateway;
@@ -85,19 +85,22 @@ impl Datapath {
             .set_large_segments(offloads.host_tso4, offloads.guest_tso4);
     }
 
-    /// Run the flows; every IP packet they have for the guest becomes a frame for `out`,
-    /// behind room for its virtio-net header, with what that header must say.
+    /// Run the flows; every IP packet they have for the guest (each behind PACKET_HEADROOM)
+    /// becomes a frame for `out`: its Ethernet header written in place, behind room for its
+    /// virtio-net header, with what that header must say.
     pub fn pump(&mut self, mut out: impl FnMut(Vec<u8>, OutHdr)) {
         let mtu = self.max_frame_len - ETH_HDR_LEN;
-        const L2: usize = VIRTIO_NET_HDR_LEN + ETH_HDR_LEN;
-        for packet in self.flows.pump() {
-            let mut frame = Vec::with_capacity(L2 + packet.len());
-            frame.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
-            frame.extend_from_slice(&self.guest_mac.0);
-            frame.extend_from_slice(&GATEWAY_MAC.0);
-            frame.extend_from_slice(&0x0800u16.to_be_bytes());
-            frame.extend_from_slice(&packet);
-            let hdr = if packet.len() > mtu {
+        const L2: usize = PACKET_HEADROOM;
+        for mut frame in self.flows.pump() {
+            if frame.len() < L2 {
+                continue; // not built behind the room (never: every producer builds so)
+            }
+            let eth = &mut frame[VIRTIO_NET_HDR_LEN..L2];
+            eth[..6].copy_from_slice(&self.guest_mac.0);
+            eth[6..12].copy_from_slice(&GATEWAY_MAC.0);
+            eth[12..].copy_from_slice(&0x0800u16.to_be_bytes());
+            let packet_len = frame.len() - L2;
+            let hdr = if packet_len > mtu {
                 // Only smoltcp's TCP makes packets over the MTU, and only for a guest that
                 // takes 64 KiB segments (GUEST_TSO4): hand it one with a partial checksum.
                 match tso_header(&mut frame[L2..], mtu) {
@@ -105,7 +108,7 @@ impl Datapath {
                     None => {
                         self.counters.drop_frame(
                             DropReason::Oversized,
-                            format_args!("stack packet of {} bytes", packet.len()),
+                            format_args!("stack packet of {packet_len} bytes"),
                         );
                         continue;
                     }

@@ -4,10 +4,8 @@
 //! that name.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
-
-use etherparse::PacketBuilder;
 
 use crate::services::dns::{self, DnsOutcome, NamePool};
 use crate::telemetry::{Counters, DropReason};
@@ -127,12 +125,11 @@ impl Upstream {
                     continue;
                 }
             };
-            let builder =
-                PacketBuilder::ipv4(gateway.octets(), guest.octets(), 64).udp(53, guest_port);
-            let mut packet = Vec::with_capacity(builder.size(reply.len()));
-            if builder.write(&mut packet, &reply).is_ok() {
-                out.push(packet);
-            }
+            let (from, to) = (
+                SocketAddrV4::new(gateway, 53),
+                SocketAddrV4::new(guest, guest_port),
+            );
+            out.extend(crate::frame::udp_packet(from, to, &reply));
         }
     }
 }

@@ -7,8 +7,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use etherparse::PacketBuilder;
-
 use super::route::Route;
 use super::socks5;
 
@@ -314,12 +312,11 @@ impl Assoc {
             }
             self.last = Instant::now();
             self.datagrams_down += 1;
-            let builder = PacketBuilder::ipv4(self.key.dst.octets(), guest.octets(), 64)
-                .udp(self.key.dst_port, self.key.guest_port);
-            let mut packet = Vec::with_capacity(builder.size(payload.len()));
-            if builder.write(&mut packet, payload).is_ok() {
-                out.push(packet);
-            }
+            let (from, to) = (
+                SocketAddrV4::new(self.key.dst, self.key.dst_port),
+                SocketAddrV4::new(guest, self.key.guest_port),
+            );
+            out.extend(crate::frame::udp_packet(from, to, payload));
         }
     }
 }

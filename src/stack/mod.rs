@@ -15,6 +15,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 
+use crate::frame::PACKET_HEADROOM;
 use crate::policy::Vm;
 
 /// The stack's MTU when the guest sends or takes large TCP segments (TSO offloads): half a
@@ -65,9 +66,11 @@ impl RxToken for Rx {
 }
 
 impl TxToken for Tx<'_> {
+    /// The packet is built behind PACKET_HEADROOM, where the data path writes the
+    /// virtio-net and Ethernet headers without copying the packet.
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; len];
-        let r = f(&mut buf);
+        let mut buf = vec![0u8; PACKET_HEADROOM + len];
+        let r = f(&mut buf[PACKET_HEADROOM..]);
         self.0.push(buf);
         r
     }
@@ -234,7 +237,8 @@ impl Stack {
         self.iface.poll(now, &mut self.queues, &mut self.sockets);
     }
 
-    /// IP packets the stack sent to the guest since the last call.
+    /// IP packets the stack sent to the guest since the last call, each behind
+    /// PACKET_HEADROOM.
     pub fn take_egress(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.queues.from_stack)
     }
