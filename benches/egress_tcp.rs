@@ -317,7 +317,7 @@ fn main() {
         let mut g = guest(&m.socket, false);
         let a = g.resolve("bench.example", T).unwrap().expect("resolves");
         rr_rows.push((
-            "guest -> moat --busy-poll-us 200 -> proxy -> origin",
+            "guest -> moat, busy poll -> proxy -> origin",
             rr(&mut g, (a, 80), rounds),
             proxied,
         ));

@@ -57,7 +57,7 @@ summary() {
           split(order[i], k, " ")
           p = peer[order[i]]
           if (p == "-" || p == "") continue
-          name = (p == "ceiling") ? "DPDK vhost PMD rxonly" : "DPDK vhost PMD macswap"
+          name = (p == "ceiling") ? "DPDK vhost PMD rxonly" : (p == "ceiling-macswap") ? "DPDK vhost PMD macswap" : "passt --vhost-user, UDP"
           c = mpps[p " " k[2]]; m = mpps[order[i]]
           r = (c + 0 > 0 && m != "-") ? sprintf("%.3f", m / c) : "-"
           printf "%-30s %-42s %24s %24s %9s\n", name, k[1] " " k[2] "B Mpps", m, c, r
