@@ -184,3 +184,19 @@ fn flows_on_both_pairs_at_once_and_max_flows_counts_them_together() {
     assert!(served.counters.drops(DropReason::FlowLimit) >= 2);
     assert_eq!(served.counters.flows(FlowEvent::Opened), 2);
 }
+
+#[test]
+fn a_single_queue_guest_works_with_a_multiqueue_moat() {
+    // QEMU with `queues=1` (or a driver without MQ) against `moat serve --queues 2`: only
+    // pair 0 is set up and used.
+    let served = Served::start_tuned(POLICY, true, two_pairs());
+    let mut guest = served.guest();
+    assert_eq!(guest.negotiated_features() & (1 << VIRTIO_NET_F_MQ), 0);
+    guest
+        .send_frame(&moat::frame::craft::arp_request(GUEST_MAC, GUEST, GW))
+        .unwrap();
+    recv_matching(&mut guest, "the gateway's ARP reply", |f| {
+        f.len() >= 14 && f[12..14] == [0x08, 0x06]
+    });
+    assert_eq!(guest.rx_frames_per_pair(), vec![1]);
+}
