@@ -347,6 +347,9 @@ impl QueuePair {
         vring: &VringRwLock,
         mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<()> {
+        if !vring.get_ref().is_enabled() {
+            return Ok(()); // a disabled queue is not read (a poll may still find buffers)
+        }
         let mem = mem.memory();
         let mut reader = GuestReader::new(&mem);
         let max = self.datapath.max_tx_len();

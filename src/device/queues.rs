@@ -193,7 +193,9 @@ impl RxQueue {
         mrg_rxbuf: bool,
         counters: &Counters,
     ) -> std::io::Result<()> {
-        if self.pending.is_empty() {
+        // A queue the driver disabled (fewer queue pairs in use) is not written: its frames
+        // wait until it is enabled again.
+        if self.pending.is_empty() || !vring.get_ref().is_enabled() {
             return Ok(());
         }
         let mem = mem.memory();
