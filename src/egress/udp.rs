@@ -190,13 +190,22 @@ impl Assoc {
                 }
             }
             let run = &self.batch[offset..offset + bytes];
-            if end - start > 1 && self.gso && send_gso(&self.relay, relay, run, seg).is_ok() {
-                sent += end - start;
+            let lens = &self.batch_lens[start..end];
+            let gso = if lens.len() > 1 && self.gso {
+                Some(send_gso(&self.relay, relay, run, seg))
             } else {
-                if end - start > 1 {
-                    self.gso = false; // this kernel or socket cannot: batches from now on
+                None
+            };
+            match gso {
+                Some(Ok(())) => sent += lens.len(),
+                // The socket's buffer is full: this run is lost, as UDP is; GSO stays on.
+                Some(Err(e)) if e.kind() == ErrorKind::WouldBlock => {}
+                Some(Err(_)) => {
+                    // This kernel or socket cannot do UDP GSO: batches from now on.
+                    self.gso = false;
+                    sent += send_batch(&self.relay, relay, run, lens);
                 }
-                sent += send_batch(&self.relay, relay, run, &self.batch_lens[start..end]);
+                None => sent += send_batch(&self.relay, relay, run, lens),
             }
             start = end;
             offset += bytes;
