@@ -60,10 +60,7 @@ fn guest(socket: &Path, offloads: bool) -> GuestNet {
         offloads,
         queue_size: 1024,
         mem_size: 64 << 20,
-        rx_buffer_size: std::env::var("MOAT_BENCH_RXBUF")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2048),
+        rx_buffer_size: env_or("MOAT_BENCH_RXBUF", 2048),
         ..GuestOptions::default()
     };
     let sim = SimGuest::connect(socket, opts).expect("attach the simulated guest");
@@ -79,15 +76,12 @@ fn connect(net: &mut GuestNet, addr: (Ipv4Addr, u16)) -> SocketHandle {
 /// Wait until the echo of what was just sent arrives (any bytes), and consume it.
 fn await_echo(net: &mut GuestNet, h: SocketHandle) {
     let mut echoed = false;
-    net.run_until(T, |n| {
-        let s = n.tcp(h);
-        if s.can_recv() {
-            let _ = s.recv(|d| (d.len(), ()));
-            echoed = true;
-        }
-        echoed
+    net.tcp_recv(h, T, |_| {
+        echoed = true;
+        true
     })
     .unwrap();
+    assert!(echoed, "no echo");
 }
 
 fn send(net: &mut GuestNet, h: SocketHandle, data: &[u8]) {
@@ -248,14 +242,8 @@ fn percentiles(mut lat: Vec<f64>) -> (f64, f64) {
 }
 
 fn main() {
-    let mb: u64 = std::env::var("MOAT_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    let conns: usize = std::env::var("MOAT_BENCH_CONNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(500);
+    let mb: u64 = env_or("MOAT_BENCH_MB", 256);
+    let conns: usize = env_or("MOAT_BENCH_CONNS", 500);
     let bytes = mb << 20;
     let origin = proxy::origin();
     let tp = proxy::TestProxy::start(proxy::ProxyMode::Accept, origin);

@@ -131,7 +131,7 @@ sink_count() { # datagrams the loopback sink received so far
 }
 
 moat_frames() { # moat's traffic.tx_frames through its control socket
-  "$moat" stats --control "$1" --json | grep -o '"traffic.tx_frames": *[0-9]*' | grep -o '[0-9]*$'
+  "$moat" stats --control "$ctl" --json | grep -o '"traffic.tx_frames": *[0-9]*' | grep -o '[0-9]*$'
 }
 
 # The txonly frontend. Extra testpmd options (addresses) in the remaining arguments.
@@ -182,21 +182,13 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
   sleep 1 # ramp up
   local c0 c1 t0 t1 cpu0 cpu1 n1 n w
   case $kind in
-    moat)
-      # Each counter read is stamped at the middle of the control-socket round trip.
-      local a b
-      a=$(now); c0=$(moat_frames "$ctl"); b=$(now); cpu0=$(cpu_ns "$rx_pid")
-      t0=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
-      sleep "$secs"
-      a=$(now); c1=$(moat_frames "$ctl"); b=$(now); cpu1=$(cpu_ns "$rx_pid")
-      t1=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
-      ;;
-    moat-udp|sink)
-      # Datagrams forwarded: moat's own count of what it sent to the SOCKS5 relay (its UDP
-      # flow's datagrams up), or what reached the loopback sink (passt keeps no count).
-      local read_count=udp_up_of_moat
+    moat|moat-udp|sink)
+      # Counters read between two stamps, each read stamped at the middle of its round trip:
+      # moat's TX frames, or the datagrams moat sent to the SOCKS5 relay (its UDP flow's
+      # datagrams up), or what reached the loopback sink (passt keeps no count).
+      local read_count=moat_frames a b
+      [ "$kind" = moat-udp ] && read_count=udp_up_of_moat
       [ "$kind" = sink ] && read_count=sink_count
-      local a b
       a=$(now); c0=$($read_count); b=$(now); cpu0=$(cpu_ns "$rx_pid")
       t0=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
       sleep "$secs"

@@ -6,6 +6,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use etherparse::EtherType;
+
 use crate::egress::{Carried, Flows};
 use crate::firewall::{Firewall, Verdict};
 use crate::frame::checksum::{self, L4Layout};
@@ -98,7 +100,7 @@ impl Datapath {
             let eth = &mut frame[VIRTIO_NET_HDR_LEN..L2];
             eth[..6].copy_from_slice(&self.guest_mac.0);
             eth[6..12].copy_from_slice(&GATEWAY_MAC.0);
-            eth[12..].copy_from_slice(&0x0800u16.to_be_bytes());
+            eth[12..].copy_from_slice(&EtherType::IPV4.0.to_be_bytes());
             let packet_len = frame.len() - L2;
             let hdr = if packet_len > mtu {
                 // Only smoltcp's TCP makes packets over the MTU, and only for a guest that
@@ -190,25 +192,23 @@ impl Datapath {
         if bytes.len() > max {
             return Err(no_summary(DropReason::Oversized));
         }
-        // The link rules first for what moat parses further (IPv4, ARP), so a frame to
-        // another MAC costs no IPv4 parse; other ethertypes keep their own drop reason.
+        // The link rules first, so a frame to another MAC costs no IPv4 parse. Only for what
+        // moat parses further (IPv4, ARP): other ethertypes keep their own drop reason, and
+        // `frame::parse` refuses them, so every parsed frame passed the link rules here.
         let eth = frame::parse_ethernet(bytes).map_err(no_summary)?;
-        let parsed_further = matches!(eth.ethertype, frame::ETHERTYPE_IPV4 | frame::ETHERTYPE_ARP);
-        let link = self.firewall.link(&eth).or_else(|r| match parsed_further {
-            true => Err(r),
-            false => Ok(()),
-        });
-        link.map_err(|reason| {
-            let summary = Summary::Eth {
-                src: eth.src,
-                dst: eth.dst,
-                ethertype: eth.ethertype,
-            };
-            (reason, summary)
-        })?;
+        if matches!(EtherType(eth.ethertype), EtherType::IPV4 | EtherType::ARP) {
+            self.firewall.link(&eth).map_err(|reason| {
+                let summary = Summary::Eth {
+                    src: eth.src,
+                    dst: eth.dst,
+                    ethertype: eth.ethertype,
+                };
+                (reason, summary)
+            })?;
+        }
         complete_checksum(bytes, offload).map_err(no_summary)?;
         let frame = frame::parse(bytes).map_err(no_summary)?;
-        match self.firewall.verdict(&frame) {
+        match self.firewall.verdict_after_link(&frame) {
             Verdict::Drop(reason) => Err((reason, summarize(&frame))),
             Verdict::Flow => {
                 let Network::Ipv4(ip) = &frame.net else {

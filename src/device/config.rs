@@ -19,8 +19,7 @@ pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
-/// The virtio feature bits moat offers. No checksum or segmentation offloads yet: every
-/// frame the guest sends is complete and checksummed, so the firewall sees what goes out.
+/// The virtio feature bits moat offers: MQ with several queue pairs.
 pub fn virtio_features(queue_pairs: usize) -> u64 {
     let mq = if queue_pairs > 1 {
         1 << VIRTIO_NET_F_MQ

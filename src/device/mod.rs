@@ -1,4 +1,4 @@
-//! The vhost-user-net device: a thin `VhostUserBackendMut` over the data path.
+//! The vhost-user-net device: a thin `VhostUserBackend` over the queue pairs' data paths.
 //!
 //! The transport (vhost-user messages, memory table, vring setup, epoll workers) is
 //! rust-vmm's vhost-user-backend; this module only says what the device offers and gives
@@ -25,7 +25,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::datapath::Datapath;
-use crate::egress::steering::{FlowOwners, PairOwnership};
+use crate::egress::steering::{FlowOwners, Steering};
 use crate::egress::Registrar;
 use crate::policy::Policy;
 use crate::services::dns::NamePool;
@@ -160,11 +160,10 @@ impl NetDevice {
                     Arc::clone(&names),
                     Arc::clone(&counters),
                 );
-                let ownership = owners.as_ref().map(|owners| PairOwnership {
-                    owners: Arc::clone(owners),
-                    pair: index,
-                });
-                datapath.flows().place(tokens.first_flow, ownership);
+                let steering = owners
+                    .as_ref()
+                    .map_or_else(Steering::default, |o| Steering::pair(Arc::clone(o), index));
+                datapath.flows().place(tokens.first_flow, steering);
                 let setup = PairSetup {
                     index,
                     tokens,

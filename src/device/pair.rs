@@ -30,17 +30,6 @@ use super::config::{self, RX_QUEUE, TX_QUEUE};
 use super::pacer::SharedPacer;
 use super::queues::{read_tx_chain, ChainError, GuestReader, RxQueue};
 
-/// How busy polling ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Linger {
-    /// The guest made TX buffers available.
-    TxReady,
-    /// Another event is pending in the loop.
-    Event,
-    /// Nothing came within the budget (or polling is off).
-    Timeout,
-}
-
 /// Frames handed to a pair and not taken yet, at most (then they are dropped, counted).
 const MAX_HANDOFF: usize = 4096;
 
@@ -107,6 +96,8 @@ pub struct QueuePair {
     tx_buf: Box<[u8]>,
     /// Wakes the event loop when the stack's timers are due.
     pub(super) timer: Option<TimerFd>,
+    /// When the timer is set to fire (an earlier wake set stays; the loop re-arms then).
+    armed: Option<Instant>,
     /// `limits.egress_bps`: paces the TX queue (guest -> moat), shared by the VM's pairs.
     egress: Option<SharedPacer>,
     /// TX descriptors wait for the egress bucket.
@@ -146,6 +137,7 @@ impl QueuePair {
             rx: RxQueue::paced(setup.ingress),
             tx_buf: vec![0; VIRTIO_NET_HDR_LEN + MAX_GSO_FRAME].into_boxed_slice(),
             timer: None,
+            armed: None,
             egress: setup.egress,
             tx_paused: false,
             busy_poll: setup.busy_poll,
@@ -165,9 +157,7 @@ impl QueuePair {
 
     /// Wake the loop at once (a reload or new forwards: resets must reach the guest).
     pub fn wake_soon(&mut self) {
-        if let Some(timer) = self.timer.as_mut() {
-            let _ = timer.reset(Duration::from_micros(100), None);
-        }
+        self.set_timer(Some(Duration::ZERO));
     }
 
     pub fn set_features(&mut self, features: u64) {
@@ -230,7 +220,7 @@ impl QueuePair {
             token => self.datapath.flows().host_event(u64::from(token), evset),
         }
         self.deliver(rx_vring, &mem)?;
-        if self.linger(tx_vring, &mem) == Linger::TxReady {
+        if self.linger(tx_vring, &mem) {
             return self.drain(rx_vring, tx_vring, &mem);
         }
         Ok(())
@@ -262,12 +252,33 @@ impl QueuePair {
         for wait in [egress, self.rx.pacing_delay()].into_iter().flatten() {
             delay = Some(delay.map_or(wait, |d| d.min(wait)));
         }
-        if let Some(timer) = self.timer.as_mut() {
-            let _ = match delay {
+        self.set_timer(delay);
+    }
+
+    /// Wake the loop after `delay` (None: no wake needed). Called after every batch, so the
+    /// timer is only re-armed when the wake must come earlier than the one already set: a
+    /// wake that comes early finds nothing due and re-arms.
+    fn set_timer(&mut self, delay: Option<Duration>) {
+        let Some(timer) = self.timer.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        match delay {
+            Some(d) => {
                 // A zero duration would disarm the timer: wake as soon as possible instead.
-                Some(d) => timer.reset(d.max(Duration::from_micros(100)), None),
-                None => timer.clear(),
-            };
+                let d = d.max(Duration::from_micros(100));
+                if self.armed.is_some_and(|at| at > now && at <= now + d) {
+                    return;
+                }
+                if timer.reset(d, None).is_ok() {
+                    self.armed = Some(now + d);
+                }
+            }
+            None if self.armed.is_some() => {
+                let _ = timer.clear();
+                self.armed = None;
+            }
+            None => {}
         }
     }
 
@@ -290,7 +301,7 @@ impl QueuePair {
                 // Paced: the timer resumes; no kick is needed meanwhile.
                 return Ok(());
             }
-            if self.linger(tx_vring, mem) == Linger::TxReady {
+            if self.linger(tx_vring, mem) {
                 continue;
             }
             if !tx_vring.enable_notification().map_err(io::Error::other)? {
@@ -300,12 +311,12 @@ impl QueuePair {
     }
 
     /// Busy polling: spin up to `busy_poll` until the guest makes TX buffers available
-    /// (handled here, without a kick) or another event is pending (left to the loop, which
+    /// (true: drain them here, without a kick) or another event is pending (false: the loop
     /// then finds it without sleeping). A thread that never sleeps between a guest's frames,
     /// or between a request and its reply, saves the wake-up each time.
-    fn linger(&self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> Linger {
+    fn linger(&self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> bool {
         if self.busy_poll.is_zero() {
-            return Linger::Timeout;
+            return false;
         }
         let mem = mem.memory();
         let deadline = Instant::now() + self.busy_poll;
@@ -319,20 +330,20 @@ impl QueuePair {
                 let state = vring.get_ref();
                 let queue = state.get_queue();
                 match queue.avail_idx(&*mem, Ordering::Acquire) {
-                    Ok(avail) if avail.0 != queue.next_avail() => return Linger::TxReady,
+                    Ok(avail) if avail.0 != queue.next_avail() => return true,
                     Ok(_) => {}
-                    Err(_) => return Linger::Timeout,
+                    Err(_) => return false,
                 }
             }
             if let Some(p) = pollfd.as_mut() {
                 // SAFETY: one valid pollfd, zero timeout: only asks whether the epoll set
                 // has a ready event (without taking it, unlike epoll_wait).
                 if unsafe { libc::poll(p, 1, 0) } > 0 {
-                    return Linger::Event;
+                    return false;
                 }
             }
             if Instant::now() >= deadline {
-                return Linger::Timeout;
+                return false;
             }
             for _ in 0..64 {
                 std::hint::spin_loop();
@@ -408,10 +419,12 @@ impl QueuePair {
 
     /// Give the frame in `tx_buf[..len]` to the pair that owns its flow.
     fn hand_off(&mut self, pair: usize, len: usize) {
-        let Some(inbox) = self.inboxes.get(pair) else {
-            return;
-        };
-        if inbox.push(self.tx_buf[..len].to_vec()) {
+        let frame = &self.tx_buf[..len];
+        if self
+            .inboxes
+            .get(pair)
+            .is_some_and(|inbox| inbox.push(frame.to_vec()))
+        {
             self.handed |= 1 << pair;
             self.datapath.counters().add(Traffic::HandedOff, 1);
         } else {

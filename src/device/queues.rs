@@ -155,7 +155,6 @@ impl RxQueue {
         self.pacer.as_ref().map(SharedPacer::wait)
     }
 
-    /// Queue a frame for the guest; drops (counted) when too many are already waiting.
     /// Queue a frame built without room for the header (the gateway's answers): copied once
     /// behind the room.
     pub fn push_copy(&mut self, frame: &[u8], hdr: OutHdr, counters: &Counters) {
@@ -165,7 +164,8 @@ impl RxQueue {
         self.push(buf, hdr, counters);
     }
 
-    /// Queue a frame whose first VIRTIO_NET_HDR_LEN bytes are room for its header.
+    /// Queue a frame whose first VIRTIO_NET_HDR_LEN bytes are room for its header; drops
+    /// (counted) when too many are already waiting.
     pub fn push(&mut self, frame: Vec<u8>, hdr: OutHdr, counters: &Counters) {
         if self.pending.len() >= MAX_PENDING_RX {
             counters.drop_frame(

@@ -32,7 +32,7 @@ use crate::services::dns::NamePool;
 use crate::stack::Stack;
 use crate::telemetry::{Counters, DropReason, FlowEvent};
 use flow::{End, Flow, FlowKey, Negotiation, Phase};
-use steering::{PairOwnership, SteerKey};
+use steering::{SteerKey, Steering};
 
 /// How the flow table asks the event loop to watch proxy sockets.
 pub trait Registrar: Send + Sync {
@@ -100,7 +100,7 @@ pub struct Flows {
     first_token: u64,
     free_tokens: Vec<u64>,
     /// With several queue pairs: which pair this is, and the VM's flow owners.
-    ownership: Option<PairOwnership>,
+    steering: Steering,
 }
 
 impl std::fmt::Debug for Flows {
@@ -134,44 +134,16 @@ impl Flows {
             next_token: u64::MAX,
             first_token: u64::MAX,
             free_tokens: Vec::new(),
-            ownership: None,
+            steering: Steering::default(),
         }
     }
 
     /// Where this flow table sits: the first event token it may hand out (those below
-    /// belong to its event loop) and, with several queue pairs, its pair and the VM's flow
-    /// owners. Only pair 0 listens for `[[forward]]`s.
-    pub fn place(&mut self, first_token: u64, ownership: Option<PairOwnership>) {
+    /// belong to its event loop) and, with several queue pairs, its part in steering.
+    pub fn place(&mut self, first_token: u64, steering: Steering) {
         self.first_token = first_token;
         self.next_token = first_token;
-        self.ownership = ownership;
-    }
-
-    fn forwards_here(&self) -> bool {
-        self.ownership.as_ref().is_none_or(|o| o.pair == 0)
-    }
-
-    fn claim(&self, key: SteerKey) {
-        if let Some(o) = &self.ownership {
-            o.claim(key);
-        }
-    }
-
-    fn release(&self, key: SteerKey) {
-        if let Some(o) = &self.ownership {
-            o.release(key);
-        }
-    }
-
-    /// Flows open in the VM, what `limits.max_flows` caps: `local` (this table's count)
-    /// with one queue pair, every pair's with several.
-    fn open_flows(&self, local: usize) -> usize {
-        self.ownership.as_ref().map_or(local, |o| o.owners.len())
-    }
-
-    /// The other pair that owns a flow this pair does not have.
-    fn elsewhere(&self, key: SteerKey) -> Option<usize> {
-        self.ownership.as_ref().and_then(|o| o.elsewhere(key))
+        self.steering = steering;
     }
 
     /// Give the flow table the event loop it registers proxy sockets with, and open the
@@ -190,7 +162,7 @@ impl Flows {
             }
             self.free_tokens.push(token);
         }
-        if !self.forwards_here() {
+        if !self.steering.owns_forwards() {
             return;
         }
         let forwards: Vec<Forward> = self
@@ -343,7 +315,7 @@ impl Flows {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
-            if self.open_flows(self.flows.len()) >= self.policy.limits.max_flows {
+            if self.steering.open_flows(self.flows.len()) >= self.policy.limits.max_flows {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
@@ -418,7 +390,7 @@ impl Flows {
         flow.writable = true;
         flow.set_idle_timeout(self.idle);
         self.flows.insert(key, flow);
-        self.claim(SteerKey::Tcp(key));
+        self.steering.claim(SteerKey::Tcp(key));
         Ok(())
     }
 
@@ -426,16 +398,17 @@ impl Flows {
     pub fn detach(&mut self) {
         for (key, flow) in self.flows.drain() {
             let _ = flow.stream.shutdown(std::net::Shutdown::Both);
-            if let Some(o) = &self.ownership {
-                o.release(SteerKey::Tcp(key));
-            }
+            self.steering.release(SteerKey::Tcp(key));
         }
-        if let Some(o) = &self.ownership {
-            let keys = self.sniffing.keys().copied().map(SteerKey::Tcp);
-            let keys = keys.chain(self.dns_conns.iter().map(|c| SteerKey::Tcp(c.key)));
-            for key in keys.chain(self.udp.keys().map(|k| SteerKey::Udp(k.flow_key()))) {
-                o.release(key);
-            }
+        let tcp = self
+            .sniffing
+            .keys()
+            .chain(self.dns_conns.iter().map(|c| &c.key));
+        for key in tcp.copied().map(SteerKey::Tcp) {
+            self.steering.release(key);
+        }
+        for key in self.udp.keys().copied().map(SteerKey::Udp) {
+            self.steering.release(key);
         }
         self.listeners.clear();
         self.counters
@@ -468,9 +441,9 @@ impl Flows {
         };
         let local = self.flows.contains_key(&key)
             || self.sniffing.contains_key(&key)
-            || (self.ownership.is_some() && self.dns_conns.iter().any(|c| c.key == key));
+            || (self.steering.is_shared() && self.dns_conns.iter().any(|c| c.key == key));
         if !local {
-            if let Some(pair) = self.elsewhere(SteerKey::Tcp(key)) {
+            if let Some(pair) = self.steering.elsewhere(SteerKey::Tcp(key)) {
                 return Ok(Carried::Elsewhere(pair));
             }
         }
@@ -492,7 +465,9 @@ impl Flows {
     }
 
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
-        if self.open_flows(self.flows.len() + self.sniffing.len() + self.dns_conns.len())
+        if self
+            .steering
+            .open_flows(self.flows.len() + self.sniffing.len() + self.dns_conns.len())
             >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
@@ -505,7 +480,7 @@ impl Flows {
             self.next_dns_conn += 1;
             self.dns_conns
                 .push(dns_tcp::DnsConn::new(self.next_dns_conn, key, handle));
-            self.claim(SteerKey::Tcp(key));
+            self.steering.claim(SteerKey::Tcp(key));
             return Ok(());
         }
         let route = match route::explicit_proxy(&self.policy, key.dst, key.dst_port) {
@@ -524,7 +499,7 @@ impl Flows {
                             .listen(key.dst, key.dst_port, false)
                             .ok_or(DropReason::TcpNoFlow)?;
                         self.sniffing.insert(key, (handle, Instant::now()));
-                        self.claim(SteerKey::Tcp(key));
+                        self.steering.claim(SteerKey::Tcp(key));
                         return Ok(());
                     }
                     Err(reason) => return Err(reason),
@@ -580,7 +555,7 @@ impl Flows {
         let mut flow = Flow::new(key, route, negotiation, handle, stream, token);
         flow.set_idle_timeout(self.idle);
         self.flows.insert(key, flow);
-        self.claim(SteerKey::Tcp(key));
+        self.steering.claim(SteerKey::Tcp(key));
         Ok(())
     }
 
@@ -614,7 +589,7 @@ impl Flows {
             dst_port: udp.dst_port,
         };
         if !self.udp.contains_key(&key) {
-            if let Some(pair) = self.elsewhere(SteerKey::Udp(key.flow_key())) {
+            if let Some(pair) = self.steering.elsewhere(SteerKey::Udp(key)) {
                 return Ok(Carried::Elsewhere(pair));
             }
             self.open_udp(key)?;
@@ -626,7 +601,7 @@ impl Flows {
     }
 
     fn open_udp(&mut self, key: udp::UdpKey) -> Result<(), DropReason> {
-        if self.open_flows(
+        if self.steering.open_flows(
             self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len(),
         ) >= self.policy.limits.max_flows
         {
@@ -667,7 +642,7 @@ impl Flows {
         tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "udp association requested");
         self.udp
             .insert(key, udp::Assoc::new(key, route, control, relay, ct, rt));
-        self.claim(SteerKey::Udp(key.flow_key()));
+        self.steering.claim(SteerKey::Udp(key));
         Ok(())
     }
 
@@ -705,11 +680,11 @@ impl Flows {
 
     /// Run UDP associations; retire finished ones. Packets for the guest go to `out`.
     fn run_udp(&mut self, out: &mut Vec<Vec<u8>>) {
-        let guest = self.policy.vm.address;
-        let mtu = usize::from(self.policy.vm.mtu);
         if self.udp.is_empty() {
             return;
         }
+        let guest = self.policy.vm.address;
+        let mtu = usize::from(self.policy.vm.mtu);
         // One datagram's room, reused by every association (allocated on first use).
         let scratch = self
             .udp_scratch
@@ -727,7 +702,7 @@ impl Flows {
             let Some(assoc) = self.udp.remove(&key) else {
                 continue;
             };
-            self.release(SteerKey::Udp(key.flow_key()));
+            self.steering.release(SteerKey::Udp(key));
             for (fd, token) in [
                 (assoc.control.as_raw_fd(), assoc.control_token),
                 (assoc.relay.as_raw_fd(), assoc.relay_token),
@@ -749,21 +724,19 @@ impl Flows {
 
     /// Serve DNS-over-TCP connections; forget finished ones.
     fn answer_dns(&mut self) {
-        let (stack, dns, names, counters, ownership) = (
+        let (stack, dns, names, counters, steering) = (
             &mut self.stack,
             &self.policy.dns,
             &self.names,
             &self.counters,
-            &self.ownership,
+            &self.steering,
         );
         self.dns_conns.retain_mut(|conn| {
             let alive = conn.step(stack, dns, names, counters);
             if !alive {
                 stack.poll();
                 stack.remove(conn.handle);
-                if let Some(o) = ownership {
-                    o.release(SteerKey::Tcp(conn.key));
-                }
+                steering.release(SteerKey::Tcp(conn.key));
             }
             alive
         });
@@ -815,7 +788,7 @@ impl Flows {
             };
             let Some(verdict) = verdict else { continue };
             self.sniffing.remove(&key);
-            self.release(SteerKey::Tcp(key));
+            self.steering.release(SteerKey::Tcp(key));
             let result = verdict.and_then(|route| {
                 tracing::debug!(flow = %key, target = %route.target, "named by its first bytes");
                 self.connect_proxy(key, route, Some(handle))
@@ -896,7 +869,7 @@ impl Flows {
             let Some(flow) = self.flows.remove(&key) else {
                 continue;
             };
-            self.release(SteerKey::Tcp(key));
+            self.steering.release(SteerKey::Tcp(key));
             self.by_token.remove(&flow.token);
             if let Some(r) = &self.registrar {
                 let _ = r.unregister(flow.stream.as_raw_fd(), flow.token);

@@ -12,13 +12,16 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use std::sync::Arc;
+
 use super::flow::FlowKey;
+use super::udp::UdpKey;
 
 /// A flow as the guest sees it: protocol and the guest-side 3-tuple.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SteerKey {
     Tcp(FlowKey),
-    Udp(FlowKey),
+    Udp(UdpKey),
 }
 
 /// The owner pair of every open flow of one VM, shared by its pairs.
@@ -59,25 +62,51 @@ impl FlowOwners {
     }
 }
 
-/// One pair's view: the shared table and which pair it is.
-#[derive(Clone, Debug)]
-pub struct PairOwnership {
-    pub owners: std::sync::Arc<FlowOwners>,
-    pub pair: usize,
-}
+/// One flow table's part in steering: with several queue pairs, the VM's shared owners and
+/// which pair this is; with one pair, nothing (every call is free and steers nowhere).
+#[derive(Clone, Debug, Default)]
+pub struct Steering(Option<(Arc<FlowOwners>, usize)>);
 
-impl PairOwnership {
-    pub fn claim(&self, key: SteerKey) {
-        self.owners.claim(key, self.pair);
+impl Steering {
+    /// Pair `pair` of a device whose pairs share `owners`.
+    pub fn pair(owners: Arc<FlowOwners>, pair: usize) -> Steering {
+        Steering(Some((owners, pair)))
     }
 
+    /// Whether other pairs exist that a flow could belong to.
+    pub fn is_shared(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Whether this table listens for `[[forward]]`s (pair 0 does, and a lone table).
+    pub fn owns_forwards(&self) -> bool {
+        self.0.as_ref().is_none_or(|(_, pair)| *pair == 0)
+    }
+
+    /// This pair now owns `key`.
+    pub fn claim(&self, key: SteerKey) {
+        if let Some((owners, pair)) = &self.0 {
+            owners.claim(key, *pair);
+        }
+    }
+
+    /// This pair no longer has `key`.
     pub fn release(&self, key: SteerKey) {
-        self.owners.release(key, self.pair);
+        if let Some((owners, pair)) = &self.0 {
+            owners.release(key, *pair);
+        }
     }
 
     /// The other pair that owns `key` (None: nobody, or this pair).
     pub fn elsewhere(&self, key: SteerKey) -> Option<usize> {
-        self.owners.owner(key).filter(|&p| p != self.pair)
+        let (owners, pair) = self.0.as_ref()?;
+        owners.owner(key).filter(|p| p != pair)
+    }
+
+    /// Flows open in the VM, what `limits.max_flows` caps: `local` (this table's count)
+    /// alone, or every pair's.
+    pub fn open_flows(&self, local: usize) -> usize {
+        self.0.as_ref().map_or(local, |(owners, _)| owners.len())
     }
 }
 
@@ -85,7 +114,6 @@ impl PairOwnership {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
-    use std::sync::Arc;
 
     fn key(port: u16) -> SteerKey {
         SteerKey::Tcp(FlowKey {
@@ -98,14 +126,8 @@ mod tests {
     #[test]
     fn a_flow_is_owned_by_its_last_claimant_and_released_only_by_it() {
         let owners = Arc::new(FlowOwners::default());
-        let p0 = PairOwnership {
-            owners: Arc::clone(&owners),
-            pair: 0,
-        };
-        let p1 = PairOwnership {
-            owners: Arc::clone(&owners),
-            pair: 1,
-        };
+        let p0 = Steering::pair(Arc::clone(&owners), 0);
+        let p1 = Steering::pair(Arc::clone(&owners), 1);
         p0.claim(key(1000));
         assert_eq!(p1.elsewhere(key(1000)), Some(0));
         assert_eq!(
@@ -120,7 +142,7 @@ mod tests {
         p1.release(key(1000));
         assert!(owners.is_empty());
         assert_eq!(
-            p0.elsewhere(SteerKey::Udp(FlowKey {
+            p0.elsewhere(SteerKey::Udp(UdpKey {
                 guest_port: 1000,
                 dst: Ipv4Addr::new(192, 0, 2, 1),
                 dst_port: 443

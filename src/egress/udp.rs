@@ -31,17 +31,6 @@ pub struct UdpKey {
     pub dst_port: u16,
 }
 
-impl UdpKey {
-    /// The same 3-tuple as a TCP flow's key (flow owners keep both kinds).
-    pub fn flow_key(self) -> super::flow::FlowKey {
-        super::flow::FlowKey {
-            guest_port: self.guest_port,
-            dst: self.dst,
-            dst_port: self.dst_port,
-        }
-    }
-}
-
 impl std::fmt::Display for UdpKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -50,6 +50,14 @@ impl Firewall {
 
     /// Decide what to do with a parsed guest frame.
     pub fn verdict(&self, frame: &Frame<'_>) -> Verdict {
+        match self.link(&frame.eth).and_then(|()| self.check(frame)) {
+            Ok(verdict) => verdict,
+            Err(reason) => Verdict::Drop(reason),
+        }
+    }
+
+    /// `verdict` for a frame whose Ethernet header already passed [`Firewall::link`].
+    pub fn verdict_after_link(&self, frame: &Frame<'_>) -> Verdict {
         match self.check(frame) {
             Ok(verdict) => verdict,
             Err(reason) => Verdict::Drop(reason),
@@ -58,7 +66,7 @@ impl Firewall {
 
     /// The link-layer rules alone: the guest's own source MAC, to the gateway or broadcast.
     /// The data path applies them before parsing further, so a frame for another MAC costs
-    /// no IPv4 parse; `verdict` applies them too.
+    /// no IPv4 parse.
     pub fn link(&self, eth: &Ethernet) -> Result<(), DropReason> {
         if eth.src != self.guest_mac {
             return Err(DropReason::SpoofedSrcMac);
@@ -74,8 +82,8 @@ impl Firewall {
         Ok(())
     }
 
+    /// The rules past the link layer.
     fn check(&self, frame: &Frame<'_>) -> Result<Verdict, DropReason> {
-        self.link(&frame.eth)?;
         let broadcast = frame.eth.dst == BROADCAST_MAC;
         match &frame.net {
             Network::Arp(arp) => {

@@ -10,26 +10,6 @@ pub mod checksum;
 pub mod craft;
 pub mod virtio_hdr;
 
-/// IP packets for the guest (from the stack, UDP associations, the upstream resolver) are
-/// built behind this much room: the virtio-net header and the Ethernet header are then
-/// written in front of each in place, with no copy per delivered packet.
-pub const PACKET_HEADROOM: usize = virtio_hdr::VIRTIO_NET_HDR_LEN + ETH_HDR_LEN;
-
-/// A UDP/IPv4 packet for the guest, behind [`PACKET_HEADROOM`]; `None` if it cannot be built
-/// (a payload too long for one datagram).
-pub fn udp_packet(
-    src: std::net::SocketAddrV4,
-    dst: std::net::SocketAddrV4,
-    payload: &[u8],
-) -> Option<Vec<u8>> {
-    let builder = etherparse::PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64)
-        .udp(src.port(), dst.port());
-    let mut packet = Vec::with_capacity(PACKET_HEADROOM + builder.size(payload.len()));
-    packet.resize(PACKET_HEADROOM, 0);
-    builder.write(&mut packet, payload).ok()?;
-    Some(packet)
-}
-
 use std::net::Ipv4Addr;
 
 use etherparse::{
@@ -148,8 +128,26 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 
 const ETHERTYPE_VLAN_TAGS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
-pub const ETHERTYPE_IPV4: u16 = 0x0800;
-pub const ETHERTYPE_ARP: u16 = 0x0806;
+
+/// IP packets for the guest (from the stack, UDP associations, the upstream resolver) are
+/// built behind this much room: the virtio-net header and the Ethernet header are then
+/// written in front of each in place, with no copy per delivered packet.
+pub const PACKET_HEADROOM: usize = virtio_hdr::VIRTIO_NET_HDR_LEN + ETH_HDR_LEN;
+
+/// A UDP/IPv4 packet for the guest, behind [`PACKET_HEADROOM`]; `None` if it cannot be built
+/// (a payload too long for one datagram).
+pub fn udp_packet(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let builder = etherparse::PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port());
+    let mut packet = Vec::with_capacity(PACKET_HEADROOM + builder.size(payload.len()));
+    packet.resize(PACKET_HEADROOM, 0);
+    builder.write(&mut packet, payload).ok()?;
+    Some(packet)
+}
 
 /// Parse one Ethernet frame (without the virtio-net header).
 pub fn parse(bytes: &[u8]) -> Result<Frame<'_>, DropReason> {

@@ -356,11 +356,6 @@ impl SimGuest {
         self.active_tx = pair;
     }
 
-    /// The queue pair sends currently go out on (see [`SimGuest::set_tx_pair`]).
-    pub fn tx_pair(&self) -> usize {
-        self.active_tx
-    }
-
     /// Complete frames received so far on each queue pair's RX queue, by pair.
     pub fn rx_frames_per_pair(&self) -> Vec<u64> {
         self.pairs.iter().map(|p| p.rx_frames).collect()
