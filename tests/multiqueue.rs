@@ -200,3 +200,33 @@ fn a_single_queue_guest_works_with_a_multiqueue_moat() {
     });
     assert_eq!(guest.rx_frames_per_pair(), vec![1]);
 }
+
+#[test]
+fn queue_and_poll_counts_out_of_range_are_refused_with_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vm.toml"), POLICY).unwrap();
+    for (flag, value) in [
+        ("--queues", "0"),
+        ("--queues", "17"),
+        ("--queues", "two"),
+        ("--busy-poll-us", "10001"),
+    ] {
+        let out = std::process::Command::new(moat_bin())
+            .args(["serve", flag, value, "--socket"])
+            .arg(dir.path().join("s"))
+            .arg("--policy")
+            .arg(dir.path().join("vm.toml"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(value),
+            "{flag} {value}: the error names the flag and the value: {stderr}"
+        );
+        assert!(
+            !dir.path().join("s").exists(),
+            "nothing started for {flag} {value}"
+        );
+    }
+}
