@@ -553,3 +553,84 @@ fn moat_asks_its_own_question_and_relays_only_the_matching_reply() {
         });
     }
 }
+
+/// A reload judges each flow again by how it was admitted: a flow of a run-time forward
+/// survives (it used to be reset by every reload), an explicit-port tunnel is reset when the
+/// port is gone, and one whose destination is still allowed survives.
+#[test]
+fn reload_readmits_flows_by_how_they_were_admitted() {
+    use std::io::{Read, Write};
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let text = named_policy(proxy.addr);
+    let served = Served::start(&text, true);
+    let mut net = guest_net(&served);
+    // A run-time forward, and a flow through it.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    served
+        .vm
+        .add_forward(&listen.to_string(), "3000")
+        .expect("forward added");
+    let guest_side = net.tcp_listen(3000);
+    net.poll(Duration::from_millis(50)).unwrap();
+    let mut host = std::net::TcpStream::connect(listen).expect("moat listens");
+    host.set_read_timeout(Some(T)).unwrap();
+    assert!(net
+        .run_until(T, |n| n.tcp(guest_side).state() == State::Established)
+        .unwrap());
+    // An explicit-port tunnel, and a transparent flow by name.
+    let tunnel = established(&mut net, GW, 3128);
+    assert!(net
+        .tcp_send_all(tunnel, b"CONNECT www.example.com:443 HTTP/1.1\r\n\r\n", T)
+        .unwrap());
+    let mut head = Vec::new();
+    net.run_until(T, |n| {
+        let _ = n.tcp(tunnel).recv(|d| {
+            head.extend_from_slice(d);
+            (d.len(), ())
+        });
+        head.ends_with(b"\r\n\r\n")
+    })
+    .unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    let name = net.resolve("api.example.com", T).unwrap().expect("allowed");
+    let by_name = established(&mut net, name, 443);
+    eventually("three flows open", || {
+        served.counters.flows(FlowEvent::Opened) == 3
+    });
+
+    // The explicit port goes away; the rule stays.
+    std::fs::write(
+        served.dir.path().join("vm.toml"),
+        text.replace("explicit_port = 3128\n", ""),
+    )
+    .unwrap();
+    let reloaded = served.vm.reload().expect("reload");
+    assert_eq!(reloaded.flows_reset, 1, "only the explicit-port tunnel");
+    assert!(net
+        .run_until(T, |n| n.tcp(tunnel).state() == State::Closed)
+        .unwrap());
+    assert_eq!(net.tcp(by_name).state(), State::Established);
+    // The forward still carries bytes both ways.
+    host.write_all(b"still here").unwrap();
+    let mut got = Vec::new();
+    net.run_until(T, |n| {
+        let _ = n.tcp(guest_side).recv(|d| {
+            got.extend_from_slice(d);
+            (d.len(), ())
+        });
+        got.len() >= 10
+    })
+    .unwrap();
+    assert_eq!(got, b"still here");
+    net.tcp(guest_side).send_slice(b"yes").unwrap();
+    // The guest's stack sends while it runs; the host reads it after.
+    net.run_until(Duration::from_millis(300), |_| false)
+        .unwrap();
+    let mut reply = [0u8; 3];
+    host.read_exact(&mut reply)
+        .expect("the guest's reply over the forward");
+    assert_eq!(&reply, b"yes");
+}
