@@ -142,7 +142,7 @@ fn tinyproxy_connect_to_an_ip_literal_named_by_cidr() {
 }
 
 #[test]
-fn explicit_proxy_port_is_spliced_to_tinyproxy() {
+fn explicit_proxy_port_tunnels_through_tinyproxy() {
     if !available("tinyproxy", "tinyproxy") {
         return;
     }
