@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use smoltcp::iface::SocketHandle;
+use crate::stack::SocketHandle;
 use smoltcp::socket::tcp::State;
 
 use vmm_sys_util::epoll::EventSet;
@@ -501,7 +501,7 @@ impl Flows {
         if key.dst == self.policy.vm.gateway && key.dst_port == DNS_PORT {
             let handle = self
                 .stack
-                .listen(key.dst, key.dst_port, false)
+                .listen(key.dst, key.dst_port, key.guest_port, false)
                 .ok_or(DropReason::TcpNoFlow)?;
             self.next_dns_conn += 1;
             self.dns_conns
@@ -540,7 +540,7 @@ impl Flows {
     fn wait(&mut self, key: FlowKey, kind: WaitKind) -> Result<(), DropReason> {
         let handle = self
             .stack
-            .listen(key.dst, key.dst_port, false)
+            .listen(key.dst, key.dst_port, key.guest_port, false)
             .ok_or(DropReason::TcpNoFlow)?;
         self.waiting.insert(
             key,
@@ -581,7 +581,7 @@ impl Flows {
             Some(h) => h,
             None => self
                 .stack
-                .listen(key.dst, key.dst_port, true)
+                .listen(key.dst, key.dst_port, key.guest_port, true)
                 .ok_or(DropReason::TcpNoFlow)?,
         };
         let Some(token) = self.alloc_token() else {
