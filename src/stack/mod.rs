@@ -397,7 +397,11 @@ impl Stack {
             let live = matches!(self.slots.get(index), Some(Some(s)) if s.wake == Some(at));
             if live {
                 let now = self.now();
-                let micros = if at > now { (at - now).total_micros() } else { 0 };
+                let micros = if at > now {
+                    (at - now).total_micros()
+                } else {
+                    0
+                };
                 return Some(Duration::from_micros(micros));
             }
             self.timers.pop();
@@ -474,7 +478,9 @@ impl Stack {
             addr: Some(IpAddress::Ipv4(local)),
             port: local_port,
         };
-        socket.connect(self.iface.context(), remote, local_end).ok()?;
+        socket
+            .connect(self.iface.context(), remote, local_end)
+            .ok()?;
         self.add(socket, (local, local_port, port))
     }
 
