@@ -1027,8 +1027,20 @@ impl Flows {
             return;
         }
         self.next_sweep = now + self.sweep_every;
-        self.pending.flows.extend(self.flows.keys().copied());
-        self.pending.waiting.extend(self.waiting.keys().copied());
+        let due = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.due(now))
+            .map(|(k, _)| *k);
+        self.pending.flows.extend(due);
+        let due = self.waiting.iter().filter(|(_, w)| {
+            let limit = match w.kind {
+                WaitKind::Answered => ANSWER_LINGER,
+                WaitKind::Sniff | WaitKind::Front => SNIFF_TIMEOUT,
+            };
+            now.duration_since(w.since) > limit
+        });
+        self.pending.waiting.extend(due.map(|(k, _)| *k));
         self.pending.dns.extend(self.dns_conns.keys().copied());
         self.pending.udp.extend(self.udp.keys().copied());
     }
