@@ -147,7 +147,7 @@ impl Squid {
         // controls, and a name that "rebinds" to a private address.
         std::fs::write(
             dir.path().join("hosts"),
-            "127.0.0.1 localhost\n203.0.113.10 allowed.test\n203.0.113.11 web.test\n10.0.0.1 rebind.test\n",
+            "127.0.0.1 localhost\n203.0.113.10 allowed.test warmup.test\n203.0.113.11 web.test\n10.0.0.1 rebind.test\n",
         )
         .unwrap();
         // Started as root, squid runs as `proxy`: it must be able to use its directory.
@@ -178,12 +178,33 @@ impl Squid {
             assert!(Instant::now() < deadline, "squid did not listen on {addr}");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // squid answers its very first forwarded CONNECT with 500 (no path through the
+        // parent yet); warm it up so the canary's first control is not that one.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !tunnel_opens(addr, "warmup.test:443") {
+            assert!(
+                Instant::now() < deadline,
+                "squid never opened a tunnel via its parent"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         Squid { addr, child, dir }
     }
 
     fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
+}
+
+/// Whether `CONNECT target` through the proxy at `addr` gets a 2xx.
+fn tunnel_opens(addr: SocketAddr, target: &str) -> bool {
+    let Ok(mut conn) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(conn, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 2")
 }
 
 fn squid_here() -> bool {

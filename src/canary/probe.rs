@@ -221,6 +221,9 @@ fn preview(buf: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..buf.len().min(60)]).into_owned()
 }
 
+/// How one kind of proxy is asked.
+type Ask = fn(SocketAddr, &str, u16) -> Answer;
+
 /// Ask every configured proxy for every target. One outcome per (proxy, target).
 pub fn run(
     http: Option<SocketAddr>,
@@ -228,11 +231,7 @@ pub fn run(
     rebind_name: Option<&str>,
 ) -> Vec<Outcome> {
     let mut out = Vec::new();
-    let kinds: [(
-        &str,
-        Option<SocketAddr>,
-        fn(SocketAddr, &str, u16) -> Answer,
-    ); 2] = [
+    let kinds: [(&str, Option<SocketAddr>, Ask); 2] = [
         ("http", http, http_connect),
         ("socks5", socks5, socks5_connect),
     ];
