@@ -123,5 +123,8 @@ print(json.dumps({"event": "round", "vm": vm, "policy": policy, "time": now,
 sys.exit(0 if not events else 1)
 EOF
 status=$?
-[ "$status" != 0 ] || [ -z "$own_workdir" ] || rm -rf "$workdir"
+# A temporary workdir goes; after a failed boot it stays for its logs (named on stderr).
+if [ -n "$own_workdir" ]; then
+  if [ "$status" = 0 ] || [ -n "$serial_in" ]; then rm -rf "$workdir"; else echo "canary-vm: logs in $workdir" >&2; fi
+fi
 exit "$status"
