@@ -157,7 +157,7 @@ impl Squid {
             .output()
             .unwrap();
         assert!(out.status.success(), "chown proxy: {out:?}");
-        let mut child = Command::new("squid")
+        let child = Command::new("squid")
             .arg("-N")
             .arg("-f")
             .arg(dir.path().join("squid.conf"))
@@ -167,12 +167,14 @@ impl Squid {
             .spawn()
             .expect("start squid");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // From here a panic drops the guard, which kills squid.
+        let mut squid = Squid { addr, child, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Ok(Some(status)) = squid.child.try_wait() {
                 panic!(
                     "squid exited ({status}): {}",
-                    std::fs::read_to_string(dir.path().join("cache.log")).unwrap_or_default()
+                    std::fs::read_to_string(squid.dir.path().join("cache.log")).unwrap_or_default()
                 );
             }
             assert!(Instant::now() < deadline, "squid did not listen on {addr}");
@@ -188,7 +190,7 @@ impl Squid {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        Squid { addr, child, dir }
+        squid
     }
 
     fn access_log(&self) -> String {
