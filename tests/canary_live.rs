@@ -591,3 +591,49 @@ fn a_failing_canary_that_passes_again_sends_one_p1_then_one_resolved() {
     );
     assert_ne!(sent[0]["policy"]["hash"], sent[1]["policy"]["hash"]);
 }
+
+#[test]
+fn a_socks5_proxy_that_relays_to_loopback_is_caught() {
+    // The tests' dante relays to 127.0.0.0/8 only and blocks every other destination: the
+    // canary's SOCKS5 attempts must flag exactly the loopback ones (dante tries them: a
+    // refused connection is still an attempt no ACL stopped).
+    if !squid_here() || !available("danted", "dante-server") {
+        return;
+    }
+    let parent = Parent::start();
+    let squid = Squid::start(parent.addr, true);
+    let dante = support::peers::dante();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vm.toml");
+    let text = policy(squid.addr, "").replace(
+        &format!("http = \"{}\"\n", squid.addr),
+        &format!("http = \"{}\"\nsocks5 = \"{}\"\n", squid.addr, dante.addr),
+    );
+    std::fs::write(&file, &text).unwrap();
+    // No --rebind-name here: dante would resolve it through the host's resolver.
+    let out = Command::new(moat_bin())
+        .args(["canary", "--live", "--json", "--policy"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}\n{stdout}");
+    let lines = json_lines(&stdout);
+    let mut flagged: Vec<&str> = alerts(&lines)
+        .iter()
+        .map(|v| v["attempt"].as_str().unwrap())
+        .collect();
+    flagged.sort_unstable();
+    assert_eq!(
+        flagged,
+        ["proxy socks5 127.0.0.1:22", "proxy socks5 localhost:22"],
+        "{stdout}"
+    );
+    for a in alerts(&lines) {
+        assert_eq!(a["severity"], "P1");
+        assert!(
+            a["detail"].as_str().unwrap().contains("dst 127.0.0.0/8"),
+            "{a}"
+        );
+    }
+}
