@@ -637,3 +637,53 @@ fn a_socks5_proxy_that_relays_to_loopback_is_caught() {
         );
     }
 }
+
+/// A proxy on loopback that refuses everything with 403 (and connects nowhere).
+fn refusing_proxy() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    addr
+}
+
+#[test]
+fn all_blocked_because_nothing_works_fails_unless_controls_are_off() {
+    let proxy = refusing_proxy();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vm.toml");
+    std::fs::write(&file, policy(proxy, "")).unwrap();
+    let out = canary(&file, &[]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let lines = json_lines(&stdout);
+    let mut failed: Vec<(&str, &str)> = alerts(&lines)
+        .iter()
+        .map(|v| {
+            (
+                v["attempt"].as_str().unwrap(),
+                v["severity"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    failed.sort_unstable();
+    assert_eq!(
+        failed,
+        [
+            ("control: rule 1 allowed.test:443", "P2"),
+            ("control: rule 2 web.test:80", "P2")
+        ],
+        "{stdout}"
+    );
+
+    // --no-controls: no real request, and the forbidden attempts alone pass.
+    let out = canary(&file, &["--no-controls"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(!stdout.contains("control: rule"), "{stdout}");
+}

@@ -744,9 +744,11 @@ fn derived_destination(policy: &Policy, rule: &OutboundRule) -> Option<(String, 
 /// an HTTP answer back too.
 fn control_exchange(net: &mut GuestNet, addr: Ipv4Addr, c: &ControlUrl) -> (bool, String) {
     let h = net.tcp_connect(addr, c.port);
-    let established = net
-        .run_until(CONTROL_WAIT, |n| n.tcp(h).state() == State::Established)
-        .unwrap_or(false);
+    // Done when established, or when moat reset the flow (the proxy refused it).
+    let _ = net.run_until(CONTROL_WAIT, |n| {
+        matches!(n.tcp(h).state(), State::Established | State::Closed)
+    });
+    let established = net.tcp(h).state() == State::Established;
     let mut result = (
         established,
         if established {
