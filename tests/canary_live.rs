@@ -540,8 +540,11 @@ fn a_failing_canary_that_passes_again_sends_one_p1_then_one_resolved() {
         "{heartbeat}"
     );
     assert_eq!(
-        metric(&heartbeat, "moat_canary_last_success_timestamp_seconds"),
-        None,
+        metric(
+            &heartbeat,
+            "moat_canary_last_success_timestamp_seconds{vm=\"canary-live\"}"
+        ),
+        Some(0),
         "no success yet:\n{heartbeat}"
     );
 
@@ -555,7 +558,7 @@ fn a_failing_canary_that_passes_again_sends_one_p1_then_one_resolved() {
             &heartbeat,
             "moat_canary_last_success_timestamp_seconds{vm=\"canary-live\"}"
         )
-        .is_some(),
+        .is_some_and(|t| t > 0),
         "{heartbeat}"
     );
     assert_eq!(

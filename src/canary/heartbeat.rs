@@ -100,18 +100,19 @@ impl Heartbeat {
         }
         let _ = writeln!(
             out,
-            "# HELP moat_canary_last_success_timestamp_seconds Unix time of the last run in which every attempt went as expected."
+            "# HELP moat_canary_last_success_timestamp_seconds Unix time of the last run in which every attempt went as expected (0: never)."
         );
         let _ = writeln!(
             out,
             "# TYPE moat_canary_last_success_timestamp_seconds gauge"
         );
-        if let Some(t) = self.last_success {
-            let _ = writeln!(
-                out,
-                "moat_canary_last_success_timestamp_seconds{{vm=\"{vm}\"}} {t}"
-            );
-        }
+        // 0 until the first success: "not passed in 15 minutes" then fires for a canary
+        // that never passed, with no separate absent() rule.
+        let _ = writeln!(
+            out,
+            "moat_canary_last_success_timestamp_seconds{{vm=\"{vm}\"}} {}",
+            self.last_success.unwrap_or(0)
+        );
         let _ = writeln!(
             out,
             "# HELP moat_canary_last_run_timestamp_seconds Unix time of the last run, whatever its result."
@@ -173,7 +174,9 @@ impl Heartbeat {
                 "moat_canary_runs_total" => {
                     h.runs.insert(label("result"), value);
                 }
-                "moat_canary_last_success_timestamp_seconds" => h.last_success = Some(value),
+                "moat_canary_last_success_timestamp_seconds" => {
+                    h.last_success = (value > 0).then_some(value)
+                }
                 "moat_canary_last_run_timestamp_seconds" => h.last_run = Some(value),
                 "moat_canary_attempt_failures_total" => {
                     h.failures.insert(label("attempt"), value);
@@ -301,5 +304,8 @@ mod tests {
         assert_eq!(back.failures, h.failures);
         assert_eq!(back.failing, failing);
         assert!(Heartbeat::parse("other", &text).failing.is_empty());
+        let never = Heartbeat::new("vm-1").render();
+        assert!(never.contains("moat_canary_last_success_timestamp_seconds{vm=\"vm-1\"} 0"));
+        assert_eq!(Heartbeat::parse("vm-1", &never).last_success, None);
     }
 }
