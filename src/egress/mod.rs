@@ -8,30 +8,32 @@
 pub mod connect;
 pub mod dns_tcp;
 pub mod dns_upstream;
+pub mod explicit;
 pub mod flow;
-pub mod route;
 pub mod sniff;
 pub mod socks5;
 pub mod steering;
 pub mod udp;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use smoltcp::iface::SocketHandle;
+use crate::stack::SocketHandle;
 use smoltcp::socket::tcp::State;
 
 use vmm_sys_util::epoll::EventSet;
 
+use crate::firewall::gate::{self, Admitted, NameSource, Requested};
 use crate::frame::{Ipv4, Tcp, Udp};
-use crate::policy::{Forward, Policy, Via};
-use crate::services::dns::NamePool;
+use crate::policy::{Forward, Policy, Protocol, Via};
+use crate::services::dns::{NamePool, DNS_PORT};
 use crate::stack::Stack;
 use crate::telemetry::{Counters, DropReason, FlowEvent};
-use flow::{End, Flow, FlowKey, Negotiation, Phase};
+use explicit::Front;
+use flow::{End, Flow, FlowKey, FlowRoute, Negotiation, Phase};
 use steering::{SteerKey, Steering};
 
 /// How the flow table asks the event loop to watch proxy sockets.
@@ -45,7 +47,38 @@ pub trait Registrar: Send + Sync {
 enum Owner {
     Flow(FlowKey),
     Listener(usize),
-    Udp,
+    Udp(udp::UdpKey),
+    /// The upstream resolver's socket (read on every pump).
+    Upstream,
+}
+
+/// What a stack socket belongs to.
+#[derive(Clone, Copy, Debug)]
+enum SocketOwner {
+    Flow(FlowKey),
+    Waiting(FlowKey),
+    Dns(u64),
+}
+
+/// What the next pump must look at: the flows with news (their socket changed, their proxy
+/// socket is ready, the guest sent them something), so that the work of an event is in
+/// proportion to the flows it concerns, not to the flows open. Everything is looked at
+/// anyway every `sweep_every`, for timeouts.
+#[derive(Debug, Default)]
+struct Pending {
+    flows: HashSet<FlowKey>,
+    waiting: HashSet<FlowKey>,
+    dns: HashSet<u64>,
+    udp: HashSet<udp::UdpKey>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+            && self.waiting.is_empty()
+            && self.dns.is_empty()
+            && self.udp.is_empty()
+    }
 }
 
 /// Gateway-side ports of forwarded connections, as the guest sees them.
@@ -53,11 +86,35 @@ const FORWARD_PORTS: std::ops::Range<u16> = 20000..60000;
 
 /// Event ids reach the backend as u16, so that is the last token.
 const LAST_FLOW_TOKEN: u64 = u16::MAX as u64;
-const DNS_PORT: u16 = 53;
-/// How long a flow to an IP literal may take to show its name.
+/// How long a flow to an IP literal may take to show its name, and an explicit-proxy client
+/// its request head.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refused explicit-proxy client gets to read its HTTP error before a reset.
+const ANSWER_LINGER: Duration = Duration::from_secs(5);
+
+/// A guest connection moat accepted (handshake done) and reads before it can be admitted.
+#[derive(Clone, Copy, Debug)]
+struct Waiting {
+    handle: SocketHandle,
+    since: Instant,
+    kind: WaitKind,
+    /// Bytes already looked at: the first bytes are parsed again only when they grew.
+    seen: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WaitKind {
+    /// An IP literal that only a name rule can allow: its SNI or Host decides.
+    Sniff,
+    /// A client of the explicit-proxy port: its request head decides.
+    Front,
+    /// A refused explicit-proxy client reading its HTTP error; closed, then forgotten.
+    Answered,
+}
 /// Rounds of stack <-> proxy progress per pump, at most (bounded work per event).
 const MAX_ROUNDS: usize = 64;
+/// Every open flow is looked at this often (idle, handshake and sniffing timeouts), at most.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// Where a guest packet of a flow went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,11 +144,19 @@ pub struct Flows {
     udp_scratch: Option<Box<[u8]>>,
     /// Forwards added at run time (`moat forward add`), on top of the policy's.
     runtime_forwards: Vec<Forward>,
-    /// Guest connections to the gateway's DNS over TCP.
-    dns_conns: Vec<dns_tcp::DnsConn>,
+    /// Guest connections to the gateway's DNS over TCP, by id, and their ids by flow key.
+    dns_conns: HashMap<u64, dns_tcp::DnsConn>,
+    dns_by_key: HashMap<FlowKey, u64>,
+    /// Who each stack socket belongs to.
+    by_socket: HashMap<SocketHandle, SocketOwner>,
+    /// What the next pump must look at.
+    pending: Pending,
+    /// When everything is looked at next (timeouts), and how often.
+    next_sweep: Instant,
+    sweep_every: Duration,
     next_dns_conn: u64,
-    /// Flows to IP literals waiting for their first bytes to name them.
-    sniffing: HashMap<FlowKey, (SocketHandle, Instant)>,
+    /// Accepted guest connections waiting for their first bytes (sniffing, explicit proxy).
+    waiting: HashMap<FlowKey, Waiting>,
     /// `[[forward]]` listeners while a frontend is connected.
     listeners: Vec<(TcpListener, u64, Forward)>,
     next_forward_port: u16,
@@ -122,8 +187,13 @@ impl Flows {
             flows: HashMap::new(),
             by_token: HashMap::new(),
             listeners: Vec::new(),
-            sniffing: HashMap::new(),
-            dns_conns: Vec::new(),
+            waiting: HashMap::new(),
+            dns_conns: HashMap::new(),
+            dns_by_key: HashMap::new(),
+            by_socket: HashMap::new(),
+            pending: Pending::default(),
+            next_sweep: Instant::now(),
+            sweep_every: SWEEP_EVERY.min(idle_timeout() / 10),
             next_dns_conn: 0,
             runtime_forwards: Vec::new(),
             udp: HashMap::new(),
@@ -216,47 +286,53 @@ impl Flows {
         self.stack.set_large_segments(from_guest, to_guest);
     }
 
-    /// Follow a reloaded policy: reset the flows it no longer allows, listen for its forwards.
-    /// Returns how many flows were reset.
+    /// Follow a reloaded policy: reset the flows it no longer allows (each is judged again
+    /// by the gate, as it was first asked for), listen for its forwards. Returns how many
+    /// flows were reset.
     pub fn reload(&mut self, policy: Arc<Policy>) -> usize {
         self.policy = policy;
         let policy = Arc::clone(&self.policy);
+        let explicit_port = policy.proxy.explicit_port;
         let mut reset = 0;
-        {
-            let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-            for flow in self.flows.values_mut() {
-                let key = flow.key;
-                let allowed = if key.dst == policy.vm.gateway {
-                    // The explicit proxy port, or a forward to the guest.
-                    route::explicit_proxy(&policy, key.dst, key.dst_port).is_some()
-                        || policy
-                            .forward
-                            .iter()
-                            .any(|f| f.guest_port == key.guest_port)
-                } else {
-                    match &flow.route.target {
-                        route::Target::Name(name) => {
-                            route::route_name(&policy, name, key.dst_port).is_ok()
-                        }
-                        route::Target::Ip(ip) => {
-                            route::route_tcp(&policy, &names, *ip, key.dst_port).is_ok()
-                        }
-                    }
-                };
-                if !allowed {
-                    tracing::info!(flow = %key, target = %flow.route.target, "reloaded policy no longer allows this flow: reset");
-                    flow.reset(&mut self.stack);
-                    reset += 1;
+        for flow in self.flows.values_mut() {
+            let allowed = match &flow.route {
+                FlowRoute::Egress(admitted) => {
+                    let front_kept = !flow.is_front() || explicit_port == Some(flow.key.dst_port);
+                    front_kept && gate::readmit(&policy, admitted).is_ok()
                 }
-            }
-            for assoc in self.udp.values_mut() {
-                let key = assoc.key;
-                if route::route_udp(&policy, &names, key.dst, key.dst_port).is_err() {
-                    assoc.close();
-                    reset += 1;
-                }
+                FlowRoute::Forward { guest_port, .. } => policy
+                    .forward
+                    .iter()
+                    .chain(&self.runtime_forwards)
+                    .any(|f| f.guest_port == *guest_port),
+            };
+            if !allowed {
+                tracing::info!(flow = %flow.key, target = %flow.route.describe(), "reloaded policy no longer allows this flow: reset");
+                flow.reset(&mut self.stack);
+                reset += 1;
             }
         }
+        for assoc in self.udp.values_mut() {
+            if gate::readmit(&policy, &assoc.route).is_err() {
+                assoc.close();
+                reset += 1;
+            }
+        }
+        // Explicit-proxy clients still sending their request: gone with the port.
+        let gone: Vec<(FlowKey, SocketHandle)> = self
+            .waiting
+            .iter()
+            .filter(|(key, w)| w.kind == WaitKind::Front && explicit_port != Some(key.dst_port))
+            .map(|(key, w)| (*key, w.handle))
+            .collect();
+        for (key, handle) in gone {
+            self.stack.socket(handle).abort();
+            self.forget_waiting(key, handle);
+            reset += 1;
+        }
+        // Every flow is judged again: the reset ones end at the next pump.
+        self.pending.flows.extend(self.flows.keys().copied());
+        self.pending.udp.extend(self.udp.keys().copied());
         if self.registrar.is_some() {
             self.open_listeners();
         }
@@ -270,7 +346,7 @@ impl Flows {
             .values()
             .map(|f| crate::control::FlowRow {
                 flow: format!("tcp {}", f.key),
-                target: format!("{}:{}", f.route.target, f.route.port),
+                target: f.route.describe(),
                 state: f.state().to_string(),
                 bytes_up: f.bytes_up,
                 bytes_down: f.bytes_down,
@@ -278,7 +354,7 @@ impl Flows {
             .collect();
         rows.extend(self.udp.values().map(|a| crate::control::FlowRow {
             flow: a.key.to_string(),
-            target: format!("{}:{}", a.route.target, a.route.port),
+            target: format!("{}:{}", a.route.target(), a.route.port()),
             state: if a.is_done() { "done" } else { "open" }.to_string(),
             bytes_up: a.datagrams_up,
             bytes_down: a.datagrams_down,
@@ -376,12 +452,11 @@ impl Flows {
                 return Err(DropReason::ProxyUnreachable);
             }
         }
-        let route = route::Route {
-            target: route::Target::Ip(vm.address),
-            port: forward.guest_port,
-            via: Via::Http,
-            proxy: peer,
-            rule: usize::MAX,
+        self.by_socket.insert(handle, SocketOwner::Flow(key));
+        self.pending.flows.insert(key);
+        let route = FlowRoute::Forward {
+            peer,
+            guest_port: forward.guest_port,
         };
         tracing::info!(%peer, guest_port = forward.guest_port, "forward open");
         self.counters.flow(FlowEvent::Opened);
@@ -400,10 +475,7 @@ impl Flows {
             let _ = flow.stream.shutdown(std::net::Shutdown::Both);
             self.steering.release(SteerKey::Tcp(key));
         }
-        let tcp = self
-            .sniffing
-            .keys()
-            .chain(self.dns_conns.iter().map(|c| &c.key));
+        let tcp = self.waiting.keys().chain(self.dns_by_key.keys());
         for key in tcp.copied().map(SteerKey::Tcp) {
             self.steering.release(key);
         }
@@ -414,8 +486,11 @@ impl Flows {
         self.counters
             .flows_open
             .store(0, std::sync::atomic::Ordering::Relaxed);
-        self.sniffing.clear();
+        self.waiting.clear();
         self.dns_conns.clear();
+        self.dns_by_key.clear();
+        self.by_socket.clear();
+        self.pending = Pending::default();
         self.udp.clear();
         self.upstream = None;
         self.by_token.clear();
@@ -440,8 +515,8 @@ impl Flows {
             dst_port: tcp.dst_port,
         };
         let local = self.flows.contains_key(&key)
-            || self.sniffing.contains_key(&key)
-            || (self.steering.is_shared() && self.dns_conns.iter().any(|c| c.key == key));
+            || self.waiting.contains_key(&key)
+            || (self.steering.is_shared() && self.dns_by_key.contains_key(&key));
         if !local {
             if let Some(pair) = self.steering.elsewhere(SteerKey::Tcp(key)) {
                 return Ok(Carried::Elsewhere(pair));
@@ -467,7 +542,7 @@ impl Flows {
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
         if self
             .steering
-            .open_flows(self.flows.len() + self.sniffing.len() + self.dns_conns.len())
+            .open_flows(self.flows.len() + self.waiting.len() + self.dns_conns.len())
             >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
@@ -475,65 +550,91 @@ impl Flows {
         if key.dst == self.policy.vm.gateway && key.dst_port == DNS_PORT {
             let handle = self
                 .stack
-                .listen(key.dst, key.dst_port, false)
+                .listen(key.dst, key.dst_port, key.guest_port, false)
                 .ok_or(DropReason::TcpNoFlow)?;
             self.next_dns_conn += 1;
+            let id = self.next_dns_conn;
             self.dns_conns
-                .push(dns_tcp::DnsConn::new(self.next_dns_conn, key, handle));
+                .insert(id, dns_tcp::DnsConn::new(id, key, handle));
+            self.dns_by_key.insert(key, id);
+            self.by_socket.insert(handle, SocketOwner::Dns(id));
             self.steering.claim(SteerKey::Tcp(key));
             return Ok(());
         }
-        let route = match route::explicit_proxy(&self.policy, key.dst, key.dst_port) {
-            Some(route) => route,
-            None => {
-                let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-                match route::route_tcp(&self.policy, &names, key.dst, key.dst_port) {
-                    Ok(route) => route,
-                    Err(DropReason::NotAllowed)
-                        if route::may_sniff(&self.policy, key.dst, key.dst_port) =>
-                    {
-                        // Only a name can allow this flow: take the handshake, read the
-                        // first bytes (SNI or Host), then decide.
-                        let handle = self
-                            .stack
-                            .listen(key.dst, key.dst_port, false)
-                            .ok_or(DropReason::TcpNoFlow)?;
-                        self.sniffing.insert(key, (handle, Instant::now()));
-                        self.steering.claim(SteerKey::Tcp(key));
-                        return Ok(());
-                    }
-                    Err(reason) => return Err(reason),
-                }
-            }
+        let gateway = self.policy.vm.gateway;
+        if key.dst == gateway && Some(key.dst_port) == self.policy.proxy.explicit_port {
+            // The explicit-proxy front: take the handshake, read the request, then decide.
+            return self.wait(key, WaitKind::Front);
+        }
+        let dns_name = {
+            let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            names.lookup(key.dst).map(str::to_string)
         };
-        self.connect_proxy(key, route, None)
+        let named = dns_name.is_some();
+        let requested = Requested::Address {
+            ip: key.dst,
+            dns_name,
+        };
+        match gate::admit(&self.policy, Protocol::Tcp, requested, key.dst_port) {
+            Ok(admitted) => self.connect_proxy(key, admitted, None, None),
+            Err(DropReason::NotAllowed)
+                if !named && gate::may_name_later(&self.policy, key.dst, key.dst_port) =>
+            {
+                // Only a name can allow this flow: take the handshake, read the first bytes
+                // (SNI or Host), then have the gate judge that name.
+                self.wait(key, WaitKind::Sniff)
+            }
+            Err(reason) => Err(reason),
+        }
+    }
+
+    /// Accept a guest connection whose first bytes decide where (if anywhere) it goes.
+    fn wait(&mut self, key: FlowKey, kind: WaitKind) -> Result<(), DropReason> {
+        let handle = self
+            .stack
+            .listen(key.dst, key.dst_port, key.guest_port, false)
+            .ok_or(DropReason::TcpNoFlow)?;
+        self.waiting.insert(
+            key,
+            Waiting {
+                handle,
+                since: Instant::now(),
+                kind,
+                seen: 0,
+            },
+        );
+        self.by_socket.insert(handle, SocketOwner::Waiting(key));
+        self.steering.claim(SteerKey::Tcp(key));
+        Ok(())
     }
 
     /// Open the proxy connection of an allowed flow. `handle`: the guest socket if the
     /// handshake already happened (sniffed flows); else a new one holding its SYN-ACK.
+    /// Only what the gate admitted gets here: there is no other way to a proxy socket.
     fn connect_proxy(
         &mut self,
         key: FlowKey,
-        route: route::Route,
+        admitted: Admitted,
         handle: Option<SocketHandle>,
+        front: Option<Front>,
     ) -> Result<(), DropReason> {
-        let negotiation = match (route.rule, route.via) {
-            (usize::MAX, _) => Negotiation::Splice,
-            (_, Via::Http) => Negotiation::HttpConnect,
-            (_, Via::Socks5) => Negotiation::Socks5Greeting,
+        let negotiation = match admitted.via() {
+            Via::Http => Negotiation::HttpConnect,
+            Via::Socks5 => Negotiation::Socks5Greeting,
         };
+        let proxy = admitted.proxy();
         if self.registrar.is_none() {
             return Err(DropReason::EgressUnsupported);
         }
-        let stream = connect_nonblocking(route.proxy).map_err(|e| {
-            tracing::warn!(proxy = %route.proxy, error = %e, "cannot open a socket to the proxy");
+        let stream = connect_nonblocking(proxy).map_err(|e| {
+            tracing::warn!(%proxy, error = %e, "cannot open a socket to the proxy");
             DropReason::ProxyUnreachable
         })?;
         let handle = match handle {
             Some(h) => h,
             None => self
                 .stack
-                .listen(key.dst, key.dst_port, true)
+                .listen(key.dst, key.dst_port, key.guest_port, true)
                 .ok_or(DropReason::TcpNoFlow)?,
         };
         let Some(token) = self.alloc_token() else {
@@ -549,11 +650,17 @@ impl Flows {
             self.free_tokens.push(token);
             return Err(DropReason::ProxyUnreachable);
         }
-        tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "flow requested");
+        tracing::debug!(flow = %key, target = %admitted.target(), %proxy, "flow requested");
         self.counters.flow(FlowEvent::Opened);
         self.by_token.insert(token, Owner::Flow(key));
+        self.by_socket.insert(handle, SocketOwner::Flow(key));
+        self.pending.flows.insert(key);
+        let route = FlowRoute::Egress(admitted);
         let mut flow = Flow::new(key, route, negotiation, handle, stream, token);
         flow.set_idle_timeout(self.idle);
+        if let Some(front) = front {
+            flow.set_front(front);
+        }
         self.flows.insert(key, flow);
         self.steering.claim(SteerKey::Tcp(key));
         Ok(())
@@ -564,9 +671,15 @@ impl Flows {
         let key = match self.by_token.get(&token) {
             Some(Owner::Flow(key)) => *key,
             Some(Owner::Listener(index)) => return self.accept(*index),
-            // UDP associations read and write until WouldBlock on every pump.
-            Some(Owner::Udp) | None => return,
+            // An association reads and writes until WouldBlock when it is run.
+            Some(Owner::Udp(key)) => {
+                self.pending.udp.insert(*key);
+                return;
+            }
+            // The resolver's socket is read on every pump.
+            Some(Owner::Upstream) | None => return,
         };
+        self.pending.flows.insert(key);
         let Some(flow) = self.flows.get_mut(&key) else {
             return;
         };
@@ -596,26 +709,33 @@ impl Flows {
         }
         if let Some(assoc) = self.udp.get_mut(&key) {
             assoc.send(udp.payload);
+            self.pending.udp.insert(key);
         }
         Ok(Carried::Here)
     }
 
     fn open_udp(&mut self, key: udp::UdpKey) -> Result<(), DropReason> {
         if self.steering.open_flows(
-            self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len(),
+            self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len(),
         ) >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
         }
-        let route = {
+        let dns_name = {
             let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-            route::route_udp(&self.policy, &names, key.dst, key.dst_port)?
+            names.lookup(key.dst).map(str::to_string)
         };
-        if route.via != Via::Socks5 || self.registrar.is_none() {
+        let requested = Requested::Address {
+            ip: key.dst,
+            dns_name,
+        };
+        let route = gate::admit(&self.policy, Protocol::Udp, requested, key.dst_port)?;
+        if route.via() != Via::Socks5 || self.registrar.is_none() {
             return Err(DropReason::EgressUnsupported);
         }
-        let control = connect_nonblocking(route.proxy).map_err(|_| DropReason::ProxyUnreachable)?;
-        let bind: SocketAddr = if route.proxy.ip().is_loopback() {
+        let control =
+            connect_nonblocking(route.proxy()).map_err(|_| DropReason::ProxyUnreachable)?;
+        let bind: SocketAddr = if route.proxy().ip().is_loopback() {
             "127.0.0.1:0"
         } else {
             "0.0.0.0:0"
@@ -636,10 +756,11 @@ impl Flows {
             self.free_tokens.extend([ct, rt]);
             return Err(DropReason::ProxyUnreachable);
         }
-        self.by_token.insert(ct, Owner::Udp);
-        self.by_token.insert(rt, Owner::Udp);
+        self.by_token.insert(ct, Owner::Udp(key));
+        self.by_token.insert(rt, Owner::Udp(key));
+        self.pending.udp.insert(key);
         self.counters.flow(FlowEvent::Opened);
-        tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "udp association requested");
+        tracing::debug!(flow = %key, target = %route.target(), proxy = %route.proxy(), "udp association requested");
         self.udp
             .insert(key, udp::Assoc::new(key, route, control, relay, ct, rt));
         self.steering.claim(SteerKey::Udp(key));
@@ -672,7 +793,7 @@ impl Flows {
                 self.free_tokens.push(token);
                 return Err(DropReason::ProxyUnreachable);
             }
-            self.by_token.insert(token, Owner::Udp);
+            self.by_token.insert(token, Owner::Upstream);
             self.upstream = Some(upstream);
         }
         self.upstream.as_mut().ok_or(DropReason::ProxyUnreachable)
@@ -689,15 +810,16 @@ impl Flows {
         let scratch = self
             .udp_scratch
             .get_or_insert_with(|| vec![0; 65_536].into_boxed_slice());
-        for assoc in self.udp.values_mut() {
+        let mut done = Vec::new();
+        for key in self.pending.udp.drain() {
+            let Some(assoc) = self.udp.get_mut(&key) else {
+                continue;
+            };
             assoc.step(guest, mtu, scratch, out);
+            if assoc.is_done() {
+                done.push(key);
+            }
         }
-        let done: Vec<udp::UdpKey> = self
-            .udp
-            .iter()
-            .filter(|(_, a)| a.is_done())
-            .map(|(k, _)| *k)
-            .collect();
         for key in done {
             let Some(assoc) = self.udp.remove(&key) else {
                 continue;
@@ -722,34 +844,37 @@ impl Flows {
         }
     }
 
-    /// Serve DNS-over-TCP connections; forget finished ones.
+    /// Serve the DNS-over-TCP connections with news; forget finished ones.
     fn answer_dns(&mut self) {
-        let (stack, dns, names, counters, steering) = (
-            &mut self.stack,
-            &self.policy.dns,
-            &self.names,
-            &self.counters,
-            &self.steering,
-        );
-        self.dns_conns.retain_mut(|conn| {
-            let alive = conn.step(stack, dns, names, counters);
-            if !alive {
-                stack.poll();
-                stack.remove(conn.handle);
-                steering.release(SteerKey::Tcp(conn.key));
+        let mut finished = Vec::new();
+        let mut queued: Vec<(u64, Vec<u8>, String)> = Vec::new();
+        for id in self.pending.dns.drain() {
+            let Some(conn) = self.dns_conns.get_mut(&id) else {
+                continue;
+            };
+            if !conn.step(
+                &mut self.stack,
+                &self.policy.dns,
+                &self.names,
+                &self.counters,
+            ) {
+                finished.push(id);
+                continue;
             }
-            alive
-        });
-        // mode = "upstream": what the connections could not answer goes to the resolver.
-        let queued: Vec<(u64, Vec<u8>, String)> = self
-            .dns_conns
-            .iter_mut()
-            .flat_map(|c| {
-                let id = c.id;
-                c.awaiting += c.to_upstream.len();
-                c.to_upstream.drain(..).map(move |(q, n)| (id, q, n))
-            })
-            .collect();
+            // mode = "upstream": what the connection could not answer goes to the resolver.
+            conn.awaiting += conn.to_upstream.len();
+            queued.extend(conn.to_upstream.drain(..).map(|(q, n)| (id, q, n)));
+        }
+        for id in finished {
+            let Some(conn) = self.dns_conns.remove(&id) else {
+                continue;
+            };
+            self.dns_by_key.remove(&conn.key);
+            self.by_socket.remove(&conn.handle);
+            self.stack.poll();
+            self.stack.remove(conn.handle);
+            self.steering.release(SteerKey::Tcp(conn.key));
+        }
         for (id, query, name) in queued {
             let sent = self
                 .upstream()
@@ -763,70 +888,216 @@ impl Flows {
         }
     }
 
-    /// Name sniffed flows whose first bytes have arrived; refuse those that cannot be named.
-    fn sniff(&mut self) {
-        let keys: Vec<FlowKey> = self.sniffing.keys().copied().collect();
+    /// Decide the waiting connections whose first bytes have arrived: sniffed flows by
+    /// their SNI or Host, explicit-proxy clients by their request; each through the gate.
+    fn decide_waiting(&mut self) {
+        let keys: Vec<FlowKey> = self.pending.waiting.drain().collect();
         for key in keys {
-            let Some(&(handle, since)) = self.sniffing.get(&key) else {
+            let Some(w) = self.waiting.get(&key).copied() else {
                 continue;
             };
-            let socket = self.stack.socket(handle);
-            let verdict = match socket.state() {
-                State::Listen | State::Closed => Some(Err(DropReason::NotAllowed)),
-                _ if since.elapsed() > SNIFF_TIMEOUT => Some(Err(DropReason::NotAllowed)),
-                State::Established => match socket.peek(sniff::MAX_SNIFF) {
-                    Ok(first) => match sniff::sniff(first) {
-                        sniff::Sniffed::NeedMore => None,
-                        sniff::Sniffed::NoName => Some(Err(DropReason::NotAllowed)),
-                        sniff::Sniffed::Name(name) => {
-                            Some(route::route_name(&self.policy, &name, key.dst_port))
+            let socket = self.stack.socket(w.handle);
+            let state = socket.state();
+            if w.kind == WaitKind::Answered {
+                let over = matches!(state, State::Closed | State::TimeWait)
+                    || w.since.elapsed() > ANSWER_LINGER;
+                if over {
+                    self.forget_waiting(key, w.handle);
+                }
+                continue;
+            }
+            let decided: Option<Result<(Admitted, Option<Front>), (DropReason, u16)>> = match state
+            {
+                State::Listen | State::Closed => Some(Err((DropReason::NotAllowed, 0))),
+                _ if w.since.elapsed() > SNIFF_TIMEOUT => Some(Err((DropReason::NotAllowed, 0))),
+                State::Established => {
+                    let queued = socket.recv_queue();
+                    if queued <= w.seen {
+                        None
+                    } else {
+                        if let Some(w) = self.waiting.get_mut(&key) {
+                            w.seen = queued;
                         }
-                    },
-                    Err(_) => Some(Err(DropReason::NotAllowed)),
-                },
+                        let first = match self.stack.socket(w.handle).peek(explicit::MAX_HEAD) {
+                            Ok(first) => first.to_vec(),
+                            Err(_) => Vec::new(),
+                        };
+                        self.judge_first_bytes(&key, w.kind, &first)
+                    }
+                }
                 _ => None,
             };
-            let Some(verdict) = verdict else { continue };
-            self.sniffing.remove(&key);
-            self.steering.release(SteerKey::Tcp(key));
-            let result = verdict.and_then(|route| {
-                tracing::debug!(flow = %key, target = %route.target, "named by its first bytes");
-                self.connect_proxy(key, route, Some(handle))
+            let Some(decided) = decided else { continue };
+            let result = decided.and_then(|(admitted, front)| {
+                tracing::debug!(flow = %key, target = %admitted.target(), "admitted by its first bytes");
+                let is_front = front.is_some();
+                self.waiting.remove(&key);
+                self.by_socket.remove(&w.handle);
+                self.steering.release(SteerKey::Tcp(key));
+                self.connect_proxy(key, admitted, Some(w.handle), front)
+                    .map_err(|reason| (reason, if is_front { 503 } else { 0 }))
             });
-            if let Err(reason) = result {
-                // Not allowed by name (or no name): reset the guest's connection.
-                if !self.flows.contains_key(&key) {
-                    self.stack.socket(handle).abort();
-                    self.stack.poll();
-                    self.stack.remove(handle);
-                }
-                self.counters.drop_frame(
-                    reason,
-                    format_args!("tcp {key}: not allowed by its first bytes"),
+            let Err((reason, status)) = result else {
+                continue;
+            };
+            self.counters.drop_frame(
+                reason,
+                format_args!("tcp {key}: not allowed by its first bytes"),
+            );
+            if self.flows.contains_key(&key) {
+                continue;
+            }
+            if status != 0 {
+                // An explicit-proxy client: an HTTP answer saying why, then close.
+                let socket = self.stack.socket(w.handle);
+                let _ = socket.send_slice(&explicit::error_response(status, reason.as_str()));
+                socket.close();
+                self.waiting.insert(
+                    key,
+                    Waiting {
+                        kind: WaitKind::Answered,
+                        since: Instant::now(),
+                        ..w
+                    },
                 );
+                self.by_socket.insert(w.handle, SocketOwner::Waiting(key));
+                self.steering.claim(SteerKey::Tcp(key));
+            } else {
+                self.stack.socket(w.handle).abort();
+                self.forget_waiting(key, w.handle);
+            }
+        }
+    }
+
+    /// What a waiting connection's first bytes decide: `None` to wait for more; an error
+    /// carries the HTTP status an explicit-proxy client gets (0: a reset).
+    fn judge_first_bytes(
+        &self,
+        key: &FlowKey,
+        kind: WaitKind,
+        first: &[u8],
+    ) -> Option<Result<(Admitted, Option<Front>), (DropReason, u16)>> {
+        match kind {
+            WaitKind::Sniff => match sniff::sniff(first) {
+                sniff::Sniffed::NeedMore => None,
+                sniff::Sniffed::NoName => Some(Err((DropReason::NotAllowed, 0))),
+                sniff::Sniffed::Name(text, source) => {
+                    let requested = Requested::Text { text, source };
+                    Some(
+                        gate::admit(&self.policy, Protocol::Tcp, requested, key.dst_port)
+                            .map(|a| (a, None))
+                            .map_err(|r| (r, 0)),
+                    )
+                }
+            },
+            WaitKind::Front => match explicit::read_head(first) {
+                explicit::Head::NeedMore => None,
+                explicit::Head::Malformed(why) => {
+                    tracing::debug!(flow = %key, why, "explicit proxy: bad request");
+                    Some(Err((DropReason::ExplicitProxyMalformed, 400)))
+                }
+                explicit::Head::Request { host, port, front } => {
+                    let requested = Requested::Text {
+                        text: host,
+                        source: NameSource::ExplicitProxy,
+                    };
+                    Some(
+                        gate::admit(&self.policy, Protocol::Tcp, requested, port)
+                            .map(|a| (a, Some(front)))
+                            .map_err(|r| (r, 403)),
+                    )
+                }
+            },
+            WaitKind::Answered => None,
+        }
+    }
+
+    fn forget_waiting(&mut self, key: FlowKey, handle: SocketHandle) {
+        self.waiting.remove(&key);
+        self.by_socket.remove(&handle);
+        self.steering.release(SteerKey::Tcp(key));
+        self.stack.poll();
+        self.stack.remove(handle);
+    }
+
+    /// Everything is looked at now and then: timeouts need no event of their own.
+    fn sweep_if_due(&mut self) {
+        let now = Instant::now();
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + self.sweep_every;
+        let due = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.due(now))
+            .map(|(k, _)| *k);
+        self.pending.flows.extend(due);
+        let due = self.waiting.iter().filter(|(_, w)| {
+            let limit = match w.kind {
+                WaitKind::Answered => ANSWER_LINGER,
+                WaitKind::Sniff | WaitKind::Front => SNIFF_TIMEOUT,
+            };
+            now.duration_since(w.since) > limit
+        });
+        self.pending.waiting.extend(due.map(|(k, _)| *k));
+        self.pending.dns.extend(self.dns_conns.keys().copied());
+        self.pending.udp.extend(self.udp.keys().copied());
+    }
+
+    /// The flows whose stack socket changed in the last poll now have news.
+    fn note_touched(&mut self) {
+        for handle in self.stack.take_touched() {
+            match self.by_socket.get(&handle) {
+                Some(SocketOwner::Flow(key)) => {
+                    self.pending.flows.insert(*key);
+                }
+                Some(SocketOwner::Waiting(key)) => {
+                    self.pending.waiting.insert(*key);
+                }
+                Some(SocketOwner::Dns(id)) => {
+                    self.pending.dns.insert(*id);
+                }
+                None => {}
             }
         }
     }
 
     /// Move everything that can move; return the IP packets for the guest.
     pub fn pump(&mut self) -> Vec<Vec<u8>> {
+        self.sweep_if_due();
+        let mut done = Vec::new();
         for _ in 0..MAX_ROUNDS {
             self.stack.poll();
-            self.sniff();
-            self.answer_dns();
-            let mut moved = false;
-            for flow in self.flows.values_mut() {
-                moved |= flow.step(&mut self.stack);
-            }
-            if !moved {
+            self.note_touched();
+            if self.pending.flows.is_empty()
+                && self.pending.waiting.is_empty()
+                && self.pending.dns.is_empty()
+            {
                 break;
+            }
+            self.decide_waiting();
+            self.answer_dns();
+            for key in std::mem::take(&mut self.pending.flows) {
+                let Some(flow) = self.flows.get_mut(&key) else {
+                    continue;
+                };
+                if flow.step(&mut self.stack) {
+                    // It moved: it may move again once the stack has run.
+                    self.pending.flows.insert(key);
+                }
+                if matches!(flow.phase, Phase::Done(_)) {
+                    self.pending.flows.remove(&key);
+                    done.push(key);
+                }
             }
         }
         self.stack.poll();
-        self.reap();
+        self.note_touched();
+        self.reap(done);
         let mut out = self.stack.take_egress();
         self.run_udp(&mut out);
-        let open = self.flows.len() + self.udp.len() + self.dns_conns.len() + self.sniffing.len();
+        let open = self.flows.len() + self.udp.len() + self.dns_conns.len() + self.waiting.len();
         self.counters
             .flows_open
             .store(open as u64, std::sync::atomic::Ordering::Relaxed);
@@ -834,20 +1105,14 @@ impl Flows {
             let mut tcp = Vec::new();
             {
                 let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-                upstream.receive(
-                    &mut names,
-                    self.policy.vm.gateway,
-                    self.policy.vm.address,
-                    &self.counters,
-                    &mut out,
-                    &mut tcp,
-                );
+                upstream.receive(&mut names, &self.policy, &self.counters, &mut out, &mut tcp);
             }
             if !tcp.is_empty() {
                 // Answers for DNS-over-TCP connections: into their streams, out at once.
                 for (id, reply) in tcp {
-                    if let Some(conn) = self.dns_conns.iter_mut().find(|c| c.id == id) {
+                    if let Some(conn) = self.dns_conns.get_mut(&id) {
                         conn.reply(&reply);
+                        self.pending.dns.insert(id);
                     }
                 }
                 self.answer_dns();
@@ -858,17 +1123,13 @@ impl Flows {
         out
     }
 
-    fn reap(&mut self) {
-        let done: Vec<FlowKey> = self
-            .flows
-            .iter()
-            .filter(|(_, f)| matches!(f.phase, Phase::Done(_)))
-            .map(|(k, _)| *k)
-            .collect();
+    /// Retire finished flows (`done`: the ones that finished in this pump).
+    fn reap(&mut self, done: Vec<FlowKey>) {
         for key in done {
             let Some(flow) = self.flows.remove(&key) else {
                 continue;
             };
+            self.by_socket.remove(&flow.handle);
             self.steering.release(SteerKey::Tcp(key));
             self.by_token.remove(&flow.token);
             if let Some(r) = &self.registrar {
@@ -893,40 +1154,33 @@ impl Flows {
             });
             tracing::info!(
                 flow = %key,
-                target = %flow.route.target,
+                target = %flow.route.describe(),
                 end = end.as_str(),
                 status = ?matches!(end, End::ProxyRefused(_)).then_some(end),
                 bytes_up = flow.bytes_up,
                 bytes_down = flow.bytes_down,
                 duration_ms = flow.age().as_millis() as u64,
-                rule = flow.route.rule,
+                rule = ?flow.route.rule(),
                 "flow closed"
             );
         }
     }
 
-    /// When the stack next needs a poll of its own (retransmits, keepalives).
+    /// When the flow table next needs a pump of its own: news not yet looked at (now), a
+    /// socket timer (retransmits, delayed ACKs), or the next sweep while anything is open.
     pub fn poll_delay(&mut self) -> Option<Duration> {
+        if !self.pending.is_empty() {
+            return Some(Duration::ZERO);
+        }
         let stack = self.stack.poll_delay();
-        // Flows waiting on the proxy are checked for their handshake deadline too.
-        let waiting = self
-            .flows
-            .values()
-            .any(|f| matches!(f.phase, Phase::Connecting | Phase::Handshake));
-        let waiting = waiting
-            || !self.sniffing.is_empty()
+        let open = !self.flows.is_empty()
+            || !self.waiting.is_empty()
             || !self.dns_conns.is_empty()
             || !self.udp.is_empty();
-        // Open flows are checked for idleness now and then (a tenth of the timeout).
-        let stack = match (stack, self.flows.is_empty()) {
-            (s, true) => s,
-            (None, false) => Some(self.idle / 10),
-            (Some(d), false) => Some(d.min(self.idle / 10)),
-        };
-        match (stack, waiting) {
-            (Some(d), true) => Some(d.min(Duration::from_millis(500))),
-            (None, true) => Some(Duration::from_millis(500)),
-            (d, false) => d,
+        let sweep = open.then(|| self.next_sweep.saturating_duration_since(Instant::now()));
+        match (stack, sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 }
