@@ -2,15 +2,23 @@
 # moat canary, guest side: the forbidden attempts of `moat canary`, as a busybox sh script
 # that runs inside any real guest behind moat (after DHCP). Every attempt must fail; two
 # controls (ping the gateway, ARP for it) must work, or the failures prove nothing.
-# Output: one line per attempt, then "N passed, M failed"; exit 1 if any attempt went the
-# wrong way.
+# Output: one line per attempt, then "N passed, M failed" and, only when every attempt ran,
+# the row "MOAT-CHECK canary-finished pass ok": a runner that does not see it knows the
+# canary was aborted (no address, killed, a shell error) and must fail, not pass with
+# missing rows. Exit 1 if any attempt went the wrong way, 2 if it could not start.
 #   MOAT-CHECK canary-<name> <expected: pass|fail> <observed: ok|blocked|unsent> <detail>
 # "unsent": a forbidden attempt that never put a frame on the wire proves nothing (mismatch).
 # Usage: canary-guest.sh [IFACE] (default eth0). Targets: documentation ranges only.
+# Without an address on IFACE it first asks for one by DHCP (as the canary VM boots it
+# straight from /init: scripts/canary-vm.sh).
 ifc=${1:-eth0}
+if ! ip -4 addr show dev "$ifc" 2>/dev/null | grep -q 'inet '; then
+  ip link set "$ifc" up
+  udhcpc -i "$ifc" -n -q -t 5 -T 2 >/dev/null 2>&1
+fi
 gw=$(ip route | sed -n 's/^default via \([0-9.]*\).*/\1/p' | head -n 1)
 me=$(ip -4 addr show dev "$ifc" | sed -n 's/.*inet \([0-9.]*\)\/.*/\1/p' | head -n 1)
-[ -n "$gw" ] && [ -n "$me" ] || { echo "canary-guest: no address or default route on $ifc"; exit 2; }
+[ -n "$gw" ] && [ -n "$me" ] || { echo "canary-guest: no address or default route on $ifc"; echo "MOAT-CHECK canary-aborted pass blocked no address or default route on $ifc"; exit 2; }
 base=${me%.*}
 near="$base.66"; [ "$near" = "$me" ] || [ "$near" = "$gw" ] && near="$base.67"
 passed=0 failed=0
@@ -59,4 +67,5 @@ attempt spoofed-source-mac fail spoofed_mac
 attempt ipv6 fail ipv6_ping
 attempt control-gateway-after-spoofing pass ping -c 1 -W 2 "$gw"
 echo "$passed passed, $failed failed"
+echo "MOAT-CHECK canary-finished pass ok $passed passed, $failed failed"
 [ "$failed" = 0 ]

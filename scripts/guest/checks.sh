@@ -87,8 +87,10 @@ check http-internet fail fetch http://198.51.100.1/
 check tcp-gateway-22 fail tcp "$gw" 22
 check tcp-gateway-2375 fail tcp "$gw" 2375
 
-# The guest-side canary (scripts/canary-guest.sh): its rows are checked like these.
-/bin/canary-guest.sh eth0 || true
+# The guest-side canary (scripts/canary-guest.sh): its rows are checked like these. Exit 1
+# means it ran and its rows show what failed; anything else (aborted, killed) is a failed
+# row of its own, never a pass with rows missing.
+/bin/canary-guest.sh eth0 || [ $? = 1 ] || echo 'MOAT-CHECK canary-aborted pass blocked -'
 
 # Egress, when the test gives an origin port (moat.egress=PORT): names resolve only if
 # allowed, flows go through the proxy, and a host peer reaches the guest through a forward.
