@@ -271,9 +271,12 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A log that cannot be written (stderr is a closed pipe) must not panic the writing
     // thread: tracing-subscriber would report it with eprintln!, which panics on EPIPE.
+    // Colour only for a person at a terminal: a file or the journal gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
