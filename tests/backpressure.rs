@@ -26,7 +26,7 @@ fn policy(proxy: std::net::SocketAddr) -> String {
 }
 
 fn connect(net: &mut GuestNet) -> SocketHandle {
-    let addr = net.resolve("slow.example", T).unwrap().unwrap();
+    let addr = net.resolve_a("slow.example", T).unwrap();
     let h = net.tcp_connect(addr, 80);
     assert!(net
         .run_until(T, |n| n.tcp(h).state() == State::Established)

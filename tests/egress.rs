@@ -62,8 +62,7 @@ fn allowed_name_goes_to_the_proxy_by_name_and_echoes() {
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let addr = net
-        .resolve("www.example.com", T)
-        .unwrap()
+        .resolve_a("www.example.com", T)
         .expect("allowed name resolves");
     let h = established(&mut net, addr, 80);
     send_all(&mut net, h, b"Ehello through moat");
@@ -92,7 +91,7 @@ fn sixteen_mib_up_with_half_close_arrives_byte_exact() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("upload.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("upload.example.com", T).unwrap();
     let h = established(&mut net, addr, 443);
     send_all(&mut net, h, b"U");
     let total: u64 = 16 << 20;
@@ -122,7 +121,7 @@ fn sixteen_mib_down_arrives_byte_exact() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("download.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("download.example.com", T).unwrap();
     let h = established(&mut net, addr, 80);
     send_all(&mut net, h, b"D");
     let (mut len, mut hash) = (0u64, Fnv::default());
@@ -141,7 +140,7 @@ fn a_refusing_proxy_resets_the_guest_connection() {
     let proxy = TestProxy::start(ProxyMode::Refuse(403), origin());
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     let state = never_established(&mut net, addr, 443, T);
     assert_eq!(state, State::Closed, "reset promptly");
     assert_eq!(proxy.requests(), vec!["www.example.com:443".to_string()]);
@@ -158,7 +157,7 @@ fn a_dead_proxy_resets_the_guest_connection() {
     };
     let served = Served::start(&proxied_policy(dead, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     assert_eq!(never_established(&mut net, addr, 80, T), State::Closed);
     eventually("proxy failure counted", || {
         served.counters.flows(FlowEvent::ProxyFailed) == 1
@@ -171,11 +170,11 @@ fn destinations_the_policy_does_not_allow_never_reach_the_proxy() {
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let evil = net
-        .resolve("evil.test", T)
-        .unwrap()
+        .resolve_a("evil.test", T)
         .expect("resolvable, but no outbound rule");
-    let allowed = net.resolve("www.example.com", T).unwrap().unwrap();
-    assert_eq!(net.resolve("not-listed.test", T).unwrap(), None, "NXDOMAIN");
+    let allowed = net.resolve_a("www.example.com", T).unwrap();
+    let unlisted = net.resolve("not-listed.test", T).unwrap();
+    assert!(unlisted.is_nxdomain(), "NXDOMAIN, not {unlisted:?}");
     let quick = Duration::from_millis(1500);
     for (dst, port) in [
         (evil, 443),                             // name not in any rule's `to`
@@ -250,7 +249,7 @@ fn max_flows_refuses_new_connections_and_counts_them() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&proxied_policy(proxy.addr, 2), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     let a = established(&mut net, addr, 80);
     let b = established(&mut net, addr, 80);
     let state = never_established(&mut net, addr, 80, Duration::from_millis(1500));
@@ -334,7 +333,7 @@ fn sequential_connections_never_stall_the_queue() {
     };
     let sim = moat::guest::SimGuest::connect(&served.socket, opts).unwrap();
     let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     let start = std::time::Instant::now();
     for _ in 0..50 {
         let h = established(&mut net, addr, 80);
@@ -403,14 +402,13 @@ fn upstream_mode_resolves_allowed_names_and_names_their_flows() {
     let served = Served::start(&text, true);
     let mut net = guest_net(&served);
     let addr = net
-        .resolve("www.example.com", T)
-        .unwrap()
+        .resolve_a("www.example.com", T)
         .expect("answered by the upstream resolver");
     assert_eq!(addr, Ipv4Addr::new(203, 0, 113, 77));
-    assert_eq!(
-        net.resolve("evil.test", T).unwrap(),
-        None,
-        "not allowed: NXDOMAIN here"
+    let evil = net.resolve("evil.test", T).unwrap();
+    assert!(
+        evil.is_nxdomain(),
+        "not allowed: NXDOMAIN here, not {evil:?}"
     );
     assert_eq!(
         asked.load(std::sync::atomic::Ordering::SeqCst),
@@ -436,7 +434,7 @@ fn resets_propagate_both_ways() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     // The far side resets: the guest's connection is reset, not closed cleanly.
     let h = established(&mut net, addr, 80);
     send_all(&mut net, h, b"Rxxxx");

@@ -27,7 +27,7 @@ fn policy(proxy: std::net::SocketAddr) -> String {
 }
 
 fn download(net: &mut GuestNet, len: u64, stop_after: Option<u64>) -> (u64, u64) {
-    let addr = net.resolve("data.example", T).unwrap().unwrap();
+    let addr = net.resolve_a("data.example", T).unwrap();
     let h = net.tcp_connect(addr, 80);
     assert!(net
         .run_until(T, |n| n.tcp(h).state() == State::Established)
@@ -106,7 +106,7 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
         .replace("ports = [80]", &format!("ports = [{}]", origin.port()));
     let served = Served::start(&text, true);
     let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let dst = net.resolve("localhost", T).unwrap().unwrap();
+    let dst = net.resolve_a("localhost", T).unwrap();
     // An open flow when the proxy dies: reset, never left hanging.
     let h = net.tcp_connect(dst, origin.port());
     assert!(net
@@ -216,7 +216,7 @@ fn a_flood_next_to_a_legitimate_stream() {
         GW,
         1500,
     );
-    let addr = net.resolve("data.example", T).unwrap().unwrap();
+    let addr = net.resolve_a("data.example", T).unwrap();
     // Streams of 8 MiB, one after the other, for the whole flood; each must be byte-exact.
     let len: u64 = 8 << 20;
     let flood_for = Duration::from_secs(

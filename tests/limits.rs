@@ -98,8 +98,7 @@ fn egress_limit_paces_the_guest_to_100_mbit() {
     let served = Served::start(&policy(proxy.addr, &format!("egress_bps = {LIMIT}")), true);
     let mut net = guest(&served);
     let addr = net
-        .resolve("bulk.example", Duration::from_secs(5))
-        .unwrap()
+        .resolve_a("bulk.example", Duration::from_secs(5))
         .unwrap();
     let h = net.tcp_connect(addr, 80);
     assert!(net
@@ -120,8 +119,7 @@ fn ingress_limit_paces_the_host_to_100_mbit() {
     let served = Served::start(&policy(proxy.addr, &format!("ingress_bps = {LIMIT}")), true);
     let mut net = guest(&served);
     let addr = net
-        .resolve("bulk.example", Duration::from_secs(5))
-        .unwrap()
+        .resolve_a("bulk.example", Duration::from_secs(5))
         .unwrap();
     let h = net.tcp_connect(addr, 80);
     assert!(net

@@ -42,7 +42,7 @@ fn guest_net(served: &Served, offloads: bool) -> GuestNet {
 }
 
 fn bulk(net: &mut GuestNet) -> smoltcp::iface::SocketHandle {
-    let addr = net.resolve("bulk.example", T).unwrap().unwrap();
+    let addr = net.resolve_a("bulk.example", T).unwrap();
     net.tcp_established(addr, 80, T)
         .unwrap()
         .expect("established")
@@ -259,7 +259,7 @@ fn a_tcp_segment_with_a_bad_checksum_is_counted_and_opens_nothing() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&policy(proxy.addr), true);
     let mut net = guest_net(&served, false);
-    let addr = net.resolve("bulk.example", T).unwrap().unwrap();
+    let addr = net.resolve_a("bulk.example", T).unwrap();
     let guest = net.sim();
     let mut syn = craft::tcp_syn(GUEST_MAC, GW_MAC, (GUEST, 40001), (addr, 80));
     syn[14 + 20 + 16] ^= 0x40; // the TCP checksum

@@ -117,7 +117,7 @@ fn tinyproxy_connect_by_name_is_byte_exact() {
     let proxy = tinyproxy();
     let served = Served::start(&policy(proxy.addr, proxy.addr, origin.port(), "http"), true);
     let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let addr = net.resolve("localhost", T).unwrap().expect("allowed name");
+    let addr = net.resolve_a("localhost", T).expect("allowed name");
     let h = established(&mut net, addr, origin.port());
     // tinyproxy tears a tunnel down when either side half-closes, so no half-close here.
     echo_and_check(&mut net, h);
@@ -192,7 +192,7 @@ fn dante_socks5_connect_by_name_is_byte_exact() {
         true,
     );
     let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let addr = net.resolve("localhost", T).unwrap().expect("allowed name");
+    let addr = net.resolve_a("localhost", T).expect("allowed name");
     let h = established(&mut net, addr, origin.port());
     upload_and_check(&mut net, h);
     // The guest keeps running its stack so the last ACKs flow and moat retires the flow.
@@ -255,7 +255,7 @@ fn dante_udp_associate_carries_datagrams_both_ways() {
     );
     let served = Served::start(&text, true);
     let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let dst = net.resolve("localhost", T).unwrap().expect("allowed name");
+    let dst = net.resolve_a("localhost", T).expect("allowed name");
     let h = net.udp_bind(40123);
     let endpoint = smoltcp::wire::IpEndpoint::new(smoltcp::wire::IpAddress::Ipv4(dst), echo.port());
     let datagrams: Vec<Vec<u8>> = (0..5u8)

@@ -47,7 +47,7 @@ use frontend::{Negotiated, Watchdog};
 pub use memory::GuestMemWriter;
 use memory::GuestMemory;
 pub use memory::GPA_BASE;
-pub use net::GuestNet;
+pub use net::{DnsReply, GuestNet, ResponseCode};
 use ring::SplitRing;
 pub use ring::{RawDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 
@@ -90,6 +90,13 @@ pub enum GuestError {
     ChainLength { len: usize, queue_size: u16 },
     #[error("no free TX descriptor: the device is not returning them")]
     TxStalled,
+    /// The gateway's DNS sent nothing back (neither an answer nor an error code).
+    #[error("no DNS reply for {name} within {after:?}")]
+    DnsTimeout { name: String, after: Duration },
+    /// A query that cannot be built, or a reply that is not the answer to it (wrong ID,
+    /// question, source or no DNS message at all).
+    #[error("DNS: {0}")]
+    Dns(String),
 }
 
 /// How the simulated guest sets itself up.
