@@ -152,13 +152,27 @@ fn an_idle_flow_is_reset() {
     let sim = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
     let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
     let h = connect(&mut net);
-    net.tcp(h).send_slice(b"E").unwrap();
+    // 'W': the origin waits and records how its connection ends (through the test proxy,
+    // which passes a reset on as a reset).
+    net.tcp(h).send_slice(b"W").unwrap();
+    let mut saw_fin = false;
     let reset = net
-        .run_until(Duration::from_secs(5), |n| {
+        .run_until(Duration::from_secs(30), |n| {
+            saw_fin |= matches!(n.tcp(h).state(), State::CloseWait | State::LastAck);
             n.tcp(h).state() == State::Closed
         })
         .unwrap();
     assert!(reset, "idle flow still {:?}", net.tcp(h).state());
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(!saw_fin, "the guest's side is reset, not closed with a FIN");
+    // The proxy side too: the origin sees a reset, not an end of stream (nor nothing).
+    assert!(
+        net.run_until(T, |_| !support::proxy::PEER_END.lock().unwrap().is_empty())
+            .unwrap(),
+        "the proxy side of the idle flow was left open"
+    );
+    assert_eq!(
+        support::proxy::PEER_END.lock().unwrap().as_slice(),
+        ["reset"],
+        "the proxy side of the idle flow is reset"
+    );
 }

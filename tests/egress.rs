@@ -255,7 +255,18 @@ fn max_flows_refuses_new_connections_and_counts_them() {
     let state = never_established(&mut net, addr, 80, Duration::from_millis(1500));
     assert_eq!(state, State::SynSent);
     assert!(served.counters.drops(DropReason::FlowLimit) >= 1);
+    // The flows inside the limit still carry bytes both ways.
     send_all(&mut net, a, b"Eok");
+    let mut echo = Vec::new();
+    assert!(
+        net.tcp_recv(a, T, |d| {
+            echo.extend_from_slice(d);
+            echo.len() >= 2
+        })
+        .unwrap(),
+        "no echo on a surviving flow"
+    );
+    assert_eq!(echo, b"ok");
     net.tcp(b).abort();
 }
 

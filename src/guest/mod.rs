@@ -218,6 +218,8 @@ pub struct SimGuest {
     rx_next: usize,
     /// Start of the memory no ring or buffer uses.
     scratch: u64,
+    /// The longest frame received so far (without its virtio-net header).
+    largest_rx: usize,
 }
 
 impl SimGuest {
@@ -314,6 +316,7 @@ impl SimGuest {
             active_tx: 0,
             rx_next: 0,
             scratch,
+            largest_rx: 0,
         };
         // Post every RX buffer before the device starts, as a driver does at probe time.
         for p in 0..guest.pairs.len() {
@@ -579,6 +582,7 @@ impl SimGuest {
                     let buf = self.take_rx(p, used);
                     if let Some(frame) = self.assemble(p, buf) {
                         self.rx_next = (p + 1) % n;
+                        self.largest_rx = self.largest_rx.max(frame.1.len());
                         return Ok(Some(frame));
                     }
                 }
@@ -669,6 +673,12 @@ impl SimGuest {
     /// (guest-physical address, length) of each memory region, in address order.
     pub fn guest_mem_layout(&self) -> Vec<(u64, usize)> {
         self.mem.layout()
+    }
+
+    /// The longest frame received so far, in bytes without the virtio-net header (every
+    /// frame, also those a [`GuestNet`] took in).
+    pub fn largest_rx_frame(&self) -> usize {
+        self.largest_rx
     }
 
     /// Start of guest memory the rings and buffers (of every pair) do not use (at least
