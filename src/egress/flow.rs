@@ -310,7 +310,9 @@ impl Flow {
             }
             _ => {
                 stack.socket(self.handle).abort();
-                let _ = self.stream.shutdown(Shutdown::Both);
+                // Both sides are reset: the proxy's too (SO_LINGER 0, no shutdown, so the
+                // close when the flow is reaped sends an RST and no FIN before it).
+                let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
             }
         }
         self.phase = Phase::Done(end);
