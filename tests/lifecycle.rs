@@ -107,11 +107,14 @@ fn the_binary_serves_prints_counters_and_exits_on_once() {
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
+    let control = dir.path().join("control.sock");
     let mut child = Command::new(moat_bin())
         .args(["serve", "--once", "--socket"])
         .arg(&socket)
         .arg("--policy")
         .arg(&policy)
+        .arg("--control")
+        .arg(&control)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -124,7 +127,8 @@ fn the_binary_serves_prints_counters_and_exits_on_once() {
             std::net::Ipv4Addr::new(10, 0, 0, 9),
         ))
         .unwrap();
-    std::thread::sleep(QUIET);
+    // The drop is counted before the frontend goes away (then the table must show it).
+    wait_counter(&control, "drop.arp_not_for_gateway", 1);
     guest.disconnect();
     let status = wait_with_timeout(&mut child, Duration::from_secs(5));
     let mut stderr = String::new();
@@ -363,8 +367,11 @@ fn an_idle_device_uses_no_cpu() {
     let used = cpu_ns(child.id()) - before;
     let _ = child.kill();
     let _ = child.wait();
-    // Measured from /proc/PID/task/*/schedstat (ns on CPU). A poller would burn ~2e9 ns.
-    assert!(used < 20_000_000, "idle moat used {used} ns of CPU in 2 s");
+    // Measured from /proc/PID/task/*/schedstat (ns on CPU). A poller burns a whole CPU
+    // (~2e9 ns), or whatever share a loaded machine gives it; an idle moat sleeps (a few ms
+    // here, unloaded). A tenth of a CPU is far from both: robust to load, still a poller's
+    // failure. The exact idle cost is the footprint bench's (benches/footprint.rs).
+    assert!(used < 200_000_000, "idle moat used {used} ns of CPU in 2 s");
 }
 
 /// Nanoseconds on CPU of every thread of `pid` (the first field of schedstat).

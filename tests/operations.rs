@@ -78,19 +78,23 @@ fn metrics_and_stats_show_what_moat_did() {
             std::net::Ipv4Addr::new(10, 0, 0, 9),
         ))
         .unwrap();
-    std::thread::sleep(QUIET);
-
-    let text = scrape(addr);
-    assert!(
-        text.starts_with("HTTP/1.") && text.contains(" 200 "),
-        "{text}"
-    );
-    for line in [
+    let lines = [
         "moat_answers_total{vm=\"ops\",service=\"icmp_echo\"} 1",
         "moat_drops_total{vm=\"ops\",reason=\"arp_not_for_gateway\"} 1",
         "moat_frames_total{vm=\"ops\",direction=\"tx\"} 2",
         "moat_policy_generation{vm=\"ops\"} 1",
-    ] {
+    ];
+    // Wait for the ARP drop to be counted, then every line must read exactly so.
+    let mut text = String::new();
+    wait_for("the ARP drop in /metrics", DEADLINE, || {
+        text = scrape(addr);
+        text.contains(lines[1]).then_some(())
+    });
+    assert!(
+        text.starts_with("HTTP/1.") && text.contains(" 200 "),
+        "{text}"
+    );
+    for line in lines {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
 
@@ -132,28 +136,48 @@ fn metrics_refuse_a_non_loopback_address() {
 
 #[test]
 fn json_logs_name_the_drop_reason_and_the_frame() {
-    let m = start(&policy(""), &["--log-format", "json"], Stdio::piped());
+    let mut m = start(&policy(""), &["--log-format", "json"], Stdio::piped());
+    // moat's stderr, line by line, as it comes.
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (stderr, pipe) = (
+            std::sync::Arc::clone(&stderr),
+            m.child.stderr.take().unwrap(),
+        );
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok)
+            {
+                let mut s = stderr.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        })
+    };
     let mut guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
     let spoofed = moat::policy::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
     guest
         .send_frame(&craft::icmp_echo(spoofed, GW_MAC, GUEST, GW, 1, 1, b""))
         .unwrap();
-    std::thread::sleep(QUIET);
+    let drop_line = wait_for("the JSON drop line", DEADLINE, || {
+        stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["fields"]["reason"] == "spoofed_src_mac")
+    });
     drop(guest);
-    let mut m = m;
     let _ = m.child.kill();
-    let mut stderr = String::new();
-    m.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let drop_line = stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["fields"]["reason"] == "spoofed_src_mac")
-        .unwrap_or_else(|| panic!("no JSON drop line:\n{stderr}"));
+    let _ = m.child.wait();
+    reader.join().unwrap();
+    let stderr = stderr.lock().unwrap().clone();
+    // Every line moat wrote is JSON.
+    for line in stderr.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
     assert_eq!(drop_line["level"], "INFO");
     assert_eq!(
         drop_line["span"]["vm"], "ops",
@@ -317,9 +341,7 @@ fn runtime_forwards_can_be_added_listed_and_removed() {
 
     let (code, _, err) = forward(&["remove", &listen], &control);
     assert_eq!(code, 0, "{err}");
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        TcpStream::connect(&listen).is_err(),
-        "listener closed after remove"
-    );
+    wait_for("the listener closed after remove", DEADLINE, || {
+        TcpStream::connect(&listen).is_err().then_some(())
+    });
 }

@@ -103,13 +103,29 @@ impl Served {
     }
 }
 
-/// Wait until `cond` holds (counters are updated by moat's worker thread).
-pub fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+/// How long a test waits for something that must happen: generous, because a loaded 2-CPU
+/// machine may be slow; waiting stops as soon as the condition holds.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Wait until `probe` gives a value (checked every 10 ms), or panic naming `what` after
+/// `within`. Tests wait for the condition they then check, never for a fixed time.
+pub fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Wait until `cond` holds (counters are updated by moat's worker thread), up to DEADLINE.
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    wait_for(what, DEADLINE, || cond().then_some(()))
 }
 
 /// Receive frames until one satisfies `pred`, or fail after the timeout.
@@ -139,6 +155,27 @@ pub fn assert_silent(guest: &mut SimGuest, what: &str) {
 
 pub fn moat_bin() -> &'static str {
     env!("CARGO_BIN_EXE_moat")
+}
+
+/// `moat stats --json` of the moat serving `control`, if it answers.
+pub fn stats_json(control: &Path) -> Option<serde_json::Value> {
+    let out = std::process::Command::new(moat_bin())
+        .args(["stats", "--json", "--control"])
+        .arg(control)
+        .output()
+        .ok()?;
+    out.status.success().then_some(())?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Wait until the running moat's counter `name` (as `moat stats --json` names it, e.g.
+/// `drop.arp_not_for_gateway`) reads `value`.
+pub fn wait_counter(control: &Path, name: &str, value: u64) {
+    let mut last = None;
+    wait_for(&format!("{name} = {value} in moat stats"), DEADLINE, || {
+        last = stats_json(control).and_then(|v| v["counters"][name].as_u64());
+        (last == Some(value)).then_some(())
+    });
 }
 
 /// The moat binary serving `vm.toml` in a temp dir, with `moat.sock` and `control.sock`

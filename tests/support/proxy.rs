@@ -40,6 +40,8 @@ pub const DOWNLOAD_LEN: u64 = 16 << 20;
 
 /// Bytes the origin has written in 'B' mode and read in 'S' mode, for backpressure tests.
 pub static BULK_WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// 'W' mode connections that started waiting (their mode byte arrived).
+pub static PEER_WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// How 'W' mode connections ended, in order.
 pub static PEER_END: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 /// 'S' mode waits until this is set before it reads anything.
@@ -114,6 +116,7 @@ fn serve_origin(mut conn: TcpStream) {
         }
         b'W' => {
             // Wait for the peer: report how the connection ended ("eof" or "reset").
+            PEER_WAITING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut rest = Vec::new();
             let end = match conn.read_to_end(&mut rest) {
                 Ok(_) => "eof",
