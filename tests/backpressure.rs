@@ -140,15 +140,15 @@ fn an_idle_flow_is_reset() {
     let socket = dir.path().join("moat.sock");
     let file = dir.path().join("idle.toml");
     std::fs::write(&file, policy(proxy.addr)).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--once", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&file)
-        .env("MOAT_FLOW_IDLE", "1")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _moat = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--once", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&file)
+            .env("MOAT_FLOW_IDLE", "1")
+            .stderr(Stdio::null()),
+    );
     let sim = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
     let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
     let h = connect(&mut net);

@@ -147,7 +147,7 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
         "reset during the outage"
     );
     // The proxy returns on the same address: new flows work.
-    let again = restart_tinyproxy_on(addr);
+    let again = support::peers::tinyproxy_on(addr.port());
     let e = net.tcp_connect(dst, origin.port());
     assert!(
         net.run_until(T, |n| n.tcp(e).state() == State::Established)
@@ -172,24 +172,6 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
     drop(again);
 }
 
-fn restart_tinyproxy_on(addr: std::net::SocketAddr) -> std::process::Child {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let conf = dir.join("tinyproxy.conf");
-    std::fs::write(&conf, format!("Port {}\nListen 127.0.0.1\nTimeout 30\nMaxClients 64\nAllow 127.0.0.1\nDisableViaHeader Yes\n", addr.port())).unwrap();
-    let child = Command::new("tinyproxy")
-        .arg("-d")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    eventually("tinyproxy back", || {
-        std::net::TcpStream::connect(addr).is_ok()
-    });
-    child
-}
-
 /// RSS of a process in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -212,15 +194,15 @@ fn a_flood_next_to_a_legitimate_stream() {
     let socket = dir.path().join("moat.sock");
     let file = dir.path().join("vm.toml");
     std::fs::write(&file, policy(proxy.addr)).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&file)
-        .env("MOAT_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&file)
+            .env("MOAT_LOG", "warn")
+            .stderr(Stdio::piped()),
+    );
     let opts = GuestOptions {
         queue_size: 512,
         mem_size: 32 << 20,

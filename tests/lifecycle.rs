@@ -108,16 +108,16 @@ fn the_binary_serves_prints_counters_and_exits_on_once() {
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
     let control = dir.path().join("control.sock");
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--once", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .arg("--control")
-        .arg(&control)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--once", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--control")
+            .arg(&control)
+            .stderr(Stdio::piped()),
+    );
     let mut guest = SimGuest::connect(&socket, GuestOptions::default()).expect("connect to moat");
     ping_ok(&mut guest, 1);
     guest
@@ -160,14 +160,14 @@ fn the_binary_stops_cleanly_on_sigterm() {
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .stderr(Stdio::piped()),
+    );
     let mut guest = SimGuest::connect(&socket, GuestOptions::default()).expect("connect to moat");
     ping_ok(&mut guest, 1);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -183,14 +183,14 @@ fn client_mode_dials_the_vmm_socket() {
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
     let listener = UnixListener::bind(&socket).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--client", "--once", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--client", "--once", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .stderr(Stdio::null()),
+    );
     let mut guest = SimGuest::accept(&listener, GuestOptions::default()).expect("moat dials in");
     ping_ok(&mut guest, 1);
     guest.disconnect();
@@ -352,14 +352,14 @@ fn an_idle_device_uses_no_cpu() {
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .stderr(Stdio::null()),
+    );
     let mut guest = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
     ping_ok(&mut guest, 1);
     let before = cpu_ns(child.id());
@@ -392,14 +392,14 @@ fn sigterm_stops_moat_even_when_stderr_is_gone() {
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .stderr(Stdio::piped()),
+    );
     eventually("socket", || socket.exists());
     drop(child.stderr.take());
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -252,6 +252,7 @@ fn a_killed_and_restarted_moat_gets_the_running_guest_back() {
     if !required("qemu-system-x86_64") {
         return;
     }
+    let _one = one_guest();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let workdir = tempfile::tempdir().unwrap();
     let out = Command::new(repo.join("scripts/qemu-e2e.sh"))

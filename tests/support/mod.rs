@@ -178,10 +178,51 @@ pub fn wait_counter(control: &Path, name: &str, value: u64) {
     });
 }
 
+/// A spawned process that is killed (SIGKILL) and reaped when dropped, also when the test
+/// panics. It leads its own process group, and the whole group goes with it (peers that
+/// fork workers). Derefs to the `Child` for everything else.
+pub struct Reaped(std::process::Child);
+
+impl Reaped {
+    pub fn spawn(cmd: &mut std::process::Command) -> Reaped {
+        use std::os::unix::process::CommandExt;
+        let child = cmd
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+        Reaped(child)
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // Not reaped yet (else the test already waited for it): the id still names our
+        // child and the group it leads.
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) on the process group our own, unreaped child leads.
+            unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The moat binary serving `vm.toml` in a temp dir, with `moat.sock` and `control.sock`
-/// there too; killed when dropped.
+/// there too; killed when dropped (before the directory goes).
 pub struct MoatProcess {
-    pub child: std::process::Child,
+    pub child: Reaped,
     pub dir: tempfile::TempDir,
 }
 
@@ -191,18 +232,18 @@ impl MoatProcess {
     pub fn start(policy: &str, extra: &[&str], stderr: std::process::Stdio) -> MoatProcess {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vm.toml"), policy).unwrap();
-        let child = std::process::Command::new(moat_bin())
-            .arg("serve")
-            .arg("--socket")
-            .arg(dir.path().join("moat.sock"))
-            .arg("--policy")
-            .arg(dir.path().join("vm.toml"))
-            .arg("--control")
-            .arg(dir.path().join("control.sock"))
-            .args(extra)
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let child = Reaped::spawn(
+            std::process::Command::new(moat_bin())
+                .arg("serve")
+                .arg("--socket")
+                .arg(dir.path().join("moat.sock"))
+                .arg("--policy")
+                .arg(dir.path().join("vm.toml"))
+                .arg("--control")
+                .arg(dir.path().join("control.sock"))
+                .args(extra)
+                .stderr(stderr),
+        );
         let m = MoatProcess { child, dir };
         eventually("control socket", || m.path("control.sock").exists());
         m
@@ -210,13 +251,6 @@ impl MoatProcess {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
-    }
-}
-
-impl Drop for MoatProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

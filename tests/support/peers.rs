@@ -2,30 +2,34 @@
 //! confined to loopback: tinyproxy (HTTP CONNECT) and dante-server (SOCKS5).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running peer; killed on drop.
+use super::Reaped;
+
+/// A running peer with its config and log in a temp dir; on drop (also when the test
+/// panics) its process group is killed, then the directory removed.
 pub struct Peer {
     pub addr: SocketAddr,
-    child: Child,
-    /// The peer's own log file (its witness of what reached it).
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    child: Reaped,
+    log: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Peer {
-    /// The peer's log so far.
+    /// The peer's own log so far (its witness of what reached it).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-}
 
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// The peer's directory (config, log, pid file).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -44,7 +48,7 @@ pub fn available(tool: &str, package: &str) -> bool {
     found
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -68,8 +72,13 @@ fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str, log: &Path) {
 
 /// tinyproxy on 127.0.0.1, accepting only loopback clients.
 pub fn tinyproxy() -> Peer {
+    tinyproxy_on(free_port())
+}
+
+/// tinyproxy on 127.0.0.1:`port` (e.g. the port of one that was stopped). Its log
+/// (LogLevel Info) has a `Request (file descriptor N): CONNECT host:port` line per request.
+pub fn tinyproxy_on(port: u16) -> Peer {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let conf = dir.path().join("tinyproxy.conf");
     let log = dir.path().join("tinyproxy.log");
     std::fs::write(
@@ -80,21 +89,21 @@ pub fn tinyproxy() -> Peer {
         ),
     )
     .unwrap();
-    let mut child = Command::new("tinyproxy")
-        .arg("-d")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tinyproxy");
+    let mut child = Reaped::spawn(
+        Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_listening(addr, &mut child, "tinyproxy", &log);
     Peer {
         addr,
         child,
         log,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -116,21 +125,21 @@ pub fn dante() -> Peer {
         ),
     )
     .unwrap();
-    let mut child = Command::new("danted")
-        .arg("-f")
-        .arg(&conf)
-        .arg("-p")
-        .arg(dir.path().join("danted.pid"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start danted");
+    let mut child = Reaped::spawn(
+        Command::new("danted")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.path().join("danted.pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_listening(addr, &mut child, "danted", &log);
     Peer {
         addr,
         child,
         log,
-        _dir: dir,
+        dir,
     }
 }
