@@ -296,3 +296,252 @@ fn dante_udp_associate_carries_datagrams_both_ways() {
             >= 1
     );
 }
+
+/// What became of a connection moat must not carry: it is never answered (SYN dropped),
+/// or it opens and is reset once its first bytes name nothing the policy allows. Never
+/// does a byte come back.
+fn refused(net: &mut GuestNet, dst: Ipv4Addr, port: u16, first: &[u8]) -> &'static str {
+    let h = net.tcp_connect(dst, port);
+    let opened = net
+        .run_until(Duration::from_millis(1500), |n| {
+            matches!(n.tcp(h).state(), State::Established | State::Closed)
+        })
+        .unwrap();
+    let outcome = match net.tcp(h).state() {
+        State::SynSent if !opened => "dropped",
+        State::Closed => "reset at once",
+        State::Established => {
+            send_all(net, h, first);
+            let mut back = Vec::new();
+            assert!(
+                net.run_until(T, |n| {
+                    let s = n.tcp(h);
+                    while s.can_recv() {
+                        let _ = s.recv(|d| {
+                            back.extend_from_slice(d);
+                            (d.len(), ())
+                        });
+                    }
+                    s.state() == State::Closed
+                })
+                .unwrap(),
+                "{dst}:{port} {:?}: carried, still {:?}",
+                String::from_utf8_lossy(first),
+                net.tcp(h).state()
+            );
+            assert!(
+                back.is_empty(),
+                "{dst}:{port}: {} bytes came back",
+                back.len()
+            );
+            "reset after its first bytes"
+        }
+        other => panic!("{dst}:{port}: {other:?}"),
+    };
+    net.remove(h);
+    outcome
+}
+
+/// The guest speaks HTTP proxy protocol to gateway:3128 and gets back: the status line
+/// (`None` if the connection closed without one).
+fn explicit_request(net: &mut GuestNet, request: &str) -> Option<String> {
+    let h = established(net, GW, 3128);
+    send_all(net, h, request.as_bytes());
+    let mut head = Vec::new();
+    net.tcp_recv(h, T, |d| {
+        head.extend_from_slice(d);
+        head.windows(2).any(|w| w == b"\r\n")
+    })
+    .unwrap();
+    net.tcp(h).abort();
+    net.poll(Duration::ZERO).unwrap();
+    net.remove(h);
+    let head = String::from_utf8_lossy(&head).to_string();
+    head.lines().next().map(str::to_string)
+}
+
+/// tinyproxy's own log is the witness: of every attempt the policy forbids (names and
+/// addresses it does not allow, reserved ranges, other ports, the explicit proxy port
+/// asked for forbidden targets), none reached it; the one allowed flow did, and is the
+/// only connection and request tinyproxy ever saw.
+#[test]
+fn tinyproxy_never_sees_what_the_policy_forbids() {
+    if !available("tinyproxy", "tinyproxy") {
+        return;
+    }
+    let origin = origin();
+    let proxy = tinyproxy();
+    let port = origin.port();
+    let served = Served::start(&policy(proxy.addr, proxy.addr, port, "http"), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let local = net.resolve_a("localhost", T).expect("allowed name");
+    let evil = net.resolve("evil.test", T).unwrap();
+    assert!(evil.is_nxdomain(), "{evil:?}");
+    let forbidden: Vec<(Ipv4Addr, u16, Vec<u8>)> = vec![
+        // IP literals no CIDR covers, named (or not) by their first bytes.
+        (
+            Ipv4Addr::new(198, 51, 100, 7),
+            port,
+            b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec(),
+        ),
+        (
+            Ipv4Addr::new(198, 51, 100, 8),
+            port,
+            moat::frame::craft::tls_client_hello("evil.test"),
+        ),
+        (
+            Ipv4Addr::new(198, 51, 100, 9),
+            port,
+            b"\x00\x01 nameless".to_vec(),
+        ),
+        // The allowed name and the allowed loopback CIDR, on a port no rule has.
+        (local, 22, b"E".to_vec()),
+        (Ipv4Addr::LOCALHOST, 22, b"E".to_vec()),
+        // Reserved ranges and another VM.
+        (Ipv4Addr::new(169, 254, 169, 254), port, b"E".to_vec()),
+        (Ipv4Addr::new(192, 168, 1, 1), port, b"E".to_vec()),
+        (Ipv4Addr::new(10, 0, 0, 3), port, b"E".to_vec()),
+        // A synthetic address moat never handed out.
+        (Ipv4Addr::new(198, 18, 99, 99), port, b"E".to_vec()),
+    ];
+    for (dst, p, first) in &forbidden {
+        let outcome = refused(&mut net, *dst, *p, first);
+        eprintln!("{dst}:{p}: {outcome}");
+    }
+    for request in [
+        format!("CONNECT evil.test:{port} HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n"),
+        "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n".to_string(),
+        format!("CONNECT 192.0.2.1:{port} HTTP/1.1\r\nHost: 192.0.2.1:{port}\r\n\r\n"),
+        format!("GET http://evil.test:{port}/ HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n"),
+    ] {
+        let status = explicit_request(&mut net, &request);
+        let first = request.lines().next().unwrap_or_default();
+        assert!(
+            !status.as_deref().unwrap_or_default().contains(" 200 "),
+            "explicit proxy port: {first} answered {status:?}"
+        );
+    }
+    // The control: the allowed flow reaches tinyproxy (and the log shows it).
+    let h = established(&mut net, local, port);
+    send_all(&mut net, h, b"Eallowed");
+    assert_eq!(recv_exact(&mut net, h, 7), b"allowed");
+    // (`localhost` is loopback: moat names the flow 127.0.0.1, or localhost by DNS.)
+    let allowed = [
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1"),
+        format!("CONNECT localhost:{port} HTTP/1.1"),
+    ];
+    let (connects, requests) = wait_for("tinyproxy logs the allowed request", DEADLINE, || {
+        let seen = support::peers::tinyproxy_seen(&proxy);
+        (!seen.1.is_empty()).then_some(seen)
+    });
+    assert!(
+        connects == 1 && requests.len() == 1 && allowed.contains(&requests[0]),
+        "tinyproxy saw something besides the allowed flow:\n{}",
+        proxy.log()
+    );
+}
+
+/// dante's own log is the witness for SOCKS5: what the policy forbids (TCP and UDP) never
+/// reached it; the allowed TCP flow and UDP association did.
+#[test]
+fn dante_never_sees_what_the_policy_forbids() {
+    if !available("danted", "dante-server") {
+        return;
+    }
+    let origin = origin();
+    let echo = udp_echo();
+    let socks = dante();
+    let port = origin.port();
+    let text = format!(
+        "[vm]\nname = \"socks\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n\
+         [proxy]\nsocks5 = \"{s}\"\n\
+         [[outbound]]\nprotocol = \"tcp\"\nports = [{port}]\nto = [\"127.0.0.1/32\"]\nvia = \"socks5\"\n\
+         [[outbound]]\nprotocol = \"udp\"\nports = [{u}]\nto = [\"127.0.0.1/32\"]\n",
+        s = socks.addr,
+        u = echo.port()
+    );
+    let served = Served::start(&text, true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    for (dst, p, first) in [
+        (
+            Ipv4Addr::new(198, 51, 100, 7),
+            port,
+            b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec(),
+        ),
+        (Ipv4Addr::LOCALHOST, 22, b"E".to_vec()),
+        (Ipv4Addr::new(169, 254, 169, 254), port, b"E".to_vec()),
+        (Ipv4Addr::new(10, 0, 0, 3), port, b"E".to_vec()),
+    ] {
+        let outcome = refused(&mut net, dst, p, &first);
+        eprintln!("{dst}:{p}: {outcome}");
+    }
+    let h = net.udp_bind(40124);
+    for (dst, p) in [
+        (Ipv4Addr::new(198, 51, 100, 1), echo.port()),
+        (Ipv4Addr::LOCALHOST, echo.port() ^ 1),
+        (Ipv4Addr::new(169, 254, 169, 254), echo.port()),
+    ] {
+        let to = smoltcp::wire::IpEndpoint::new(smoltcp::wire::IpAddress::Ipv4(dst), p);
+        net.udp(h).send_slice(b"nope", to).unwrap();
+    }
+    net.run_until(Duration::from_millis(500), |_| false)
+        .unwrap();
+    assert!(net.udp(h).recv().is_err(), "no reply to forbidden UDP");
+    let before = dante_seen(&socks.log());
+    assert_eq!(
+        before,
+        (0, vec![]),
+        "dante saw forbidden attempts:\n{}",
+        socks.log()
+    );
+    // The controls: the allowed TCP flow and UDP association reach dante, and its log shows it.
+    let t = established(&mut net, Ipv4Addr::LOCALHOST, port);
+    send_all(&mut net, t, b"Eallowed");
+    assert_eq!(recv_exact(&mut net, t, 7), b"allowed");
+    let to = smoltcp::wire::IpEndpoint::new(
+        smoltcp::wire::IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        echo.port(),
+    );
+    net.udp(h).send_slice(b"allowed", to).unwrap();
+    let mut back = None;
+    net.run_until(T, |n| {
+        back = n.udp(h).recv().ok().map(|(d, _)| d.to_vec());
+        back.is_some()
+    })
+    .unwrap();
+    assert_eq!(back.as_deref(), Some(&b"allowed"[..]));
+    let want = vec![
+        format!("tcp/connect -> 127.0.0.1.{port}"),
+        "udp/udpassociate".to_string(),
+    ];
+    let seen = wait_for("dante logs the allowed flows", DEADLINE, || {
+        let seen = dante_seen(&socks.log());
+        (seen.1.len() >= 2).then_some(seen)
+    });
+    assert_eq!(
+        seen,
+        (2, want),
+        "dante saw only the allowed flow and association:\n{}",
+        socks.log()
+    );
+}
+
+/// What dante's log (`log: connect`) says reached it: client connections accepted (less the
+/// start-up probe), and each SOCKS request it passed, as `tcp/connect -> ADDR.PORT` or
+/// `udp/udpassociate`.
+fn dante_seen(log: &str) -> (usize, Vec<String>) {
+    let accepts = log.lines().filter(|l| l.contains(": tcp/accept [")).count();
+    let requests = log
+        .lines()
+        .filter_map(|l| {
+            if l.contains(": udp/udpassociate [") {
+                Some("udp/udpassociate".to_string())
+            } else {
+                let (_, rest) = l.split_once(": tcp/connect [")?;
+                let dst = rest.split_whitespace().skip_while(|w| *w != "->").nth(2)?;
+                Some(format!("tcp/connect -> {dst}"))
+            }
+        })
+        .collect();
+    (accepts.saturating_sub(1), requests)
+}

@@ -77,15 +77,26 @@ pub fn tinyproxy() -> Peer {
 
 /// tinyproxy on 127.0.0.1:`port` (e.g. the port of one that was stopped). Its log
 /// (LogLevel Info) has a `Request (file descriptor N): CONNECT host:port` line per request.
+/// It connects only to loopback: every other destination goes to an "upstream proxy" on a
+/// loopback port nobody listens on (so a request moat should never have let through cannot
+/// leave the host either).
 pub fn tinyproxy_on(port: u16) -> Peer {
+    tinyproxy_with(port, "")
+}
+
+/// tinyproxy on 127.0.0.1:`port` with `extra` config lines (e.g. `ConnectPort 443`: any
+/// other CONNECT port is refused with 403).
+pub fn tinyproxy_with(port: u16, extra: &str) -> Peer {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("tinyproxy.conf");
     let log = dir.path().join("tinyproxy.log");
     std::fs::write(
         &conf,
         format!(
-            "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 64\nLogLevel Info\nLogFile \"{}\"\nAllow 127.0.0.1\nDisableViaHeader Yes\n",
-            log.display()
+            "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 64\nLogLevel Info\nLogFile \"{}\"\nAllow 127.0.0.1\nDisableViaHeader Yes\n\
+             Upstream http 127.0.0.1:{}\nUpstream none \"localhost\"\nUpstream none \"127.0.0.0/8\"\n{extra}\n",
+            log.display(),
+            free_port()
         ),
     )
     .unwrap();
@@ -118,9 +129,9 @@ pub fn dante() -> Peer {
         format!(
             "logoutput: {}\ninternal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\nsocksmethod: none\nclientmethod: none\n\
              user.privileged: root\nuser.unprivileged: nobody\n\
-             client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n\
-             socks pass {{ from: 127.0.0.0/8 to: 127.0.0.0/8 command: connect udpassociate udpreply }}\n\
-             socks block {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}\n",
+             client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 log: connect }}\n\
+             socks pass {{ from: 127.0.0.0/8 to: 127.0.0.0/8 command: connect udpassociate udpreply\n log: connect }}\n\
+             socks block {{ from: 0.0.0.0/0 to: 0.0.0.0/0 log: connect }}\n",
             log.display()
         ),
     )
@@ -142,4 +153,32 @@ pub fn dante() -> Peer {
         log,
         dir,
     }
+}
+
+/// What tinyproxy's log says reached it: the connections it accepted (`Connect (file
+/// descriptor N): 127.0.0.1`, not counting the start-up probe) and each request line it
+/// read (`Request (file descriptor N): CONNECT a:b HTTP/1.1` gives `CONNECT a:b HTTP/1.1`).
+pub fn tinyproxy_seen(peer: &Peer) -> (usize, Vec<String>) {
+    let log = peer.log();
+    // Less the test's own probe whether it listens (it closes without a request).
+    let probes = log
+        .lines()
+        .filter(|l| l.contains("closed socket before read"))
+        .count()
+        .min(1);
+    let connects = log
+        .lines()
+        .filter(|l| l.contains("]: Connect (file descriptor"))
+        .count()
+        - probes;
+    let requests = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("]: Request (file descriptor ")?
+                .1
+                .split_once("): ")
+        })
+        .map(|(_, r)| r.to_string())
+        .collect();
+    (connects, requests)
 }
