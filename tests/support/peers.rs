@@ -182,3 +182,61 @@ pub fn tinyproxy_seen(peer: &Peer) -> (usize, Vec<String>) {
         .collect();
     (connects, requests)
 }
+
+/// dnsmasq on 127.0.0.1 answering A queries only from `records` (a name and its address,
+/// or `None`: NXDOMAIN); anything else is REFUSED (no upstream servers, no hosts file).
+/// Every query it gets is in its log (`--log-queries`).
+pub fn dnsmasq(records: &[(&str, Option<std::net::Ipv4Addr>)]) -> Peer {
+    dnsmasq_on(free_port(), records)
+}
+
+/// `dnsmasq` on 127.0.0.1:`port` (UDP and TCP), e.g. the port of one that was stopped.
+pub fn dnsmasq_on(port: u16, records: &[(&str, Option<std::net::Ipv4Addr>)]) -> Peer {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dnsmasq.log");
+    let mut cmd = Command::new("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+    ])
+    .args([
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--user=root",
+    ])
+    .arg(format!("--port={port}"))
+    .arg("--log-queries")
+    .arg(format!("--log-facility={}", log.display()))
+    .arg(format!(
+        "--pid-file={}",
+        dir.path().join("dnsmasq.pid").display()
+    ))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    for (name, addr) in records {
+        cmd.arg(match addr {
+            Some(a) => format!("--address=/{name}/{a}"),
+            None => format!("--address=/{name}/"),
+        });
+    }
+    let mut child = Reaped::spawn(&mut cmd);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr, &mut child, "dnsmasq", &log);
+    Peer {
+        addr,
+        child,
+        log,
+        dir,
+    }
+}
+
+/// The A queries dnsmasq's log shows, in order (`query[A] NAME from 127.0.0.1`).
+pub fn dnsmasq_queries(peer: &Peer) -> Vec<String> {
+    peer.log()
+        .lines()
+        .filter_map(|l| l.split_once(": query[A] ")?.1.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
