@@ -545,3 +545,77 @@ fn dante_seen(log: &str) -> (usize, Vec<String>) {
         .collect();
     (accepts.saturating_sub(1), requests)
 }
+
+/// Naming by the flow's first bytes, seen by a real proxy: an IP-literal flow whose HTTP
+/// Host or TLS SNI names an allowed host goes to tinyproxy as CONNECT to that name (its log
+/// shows it). tinyproxy cannot reach those names (it connects only to loopback) and answers
+/// 502; a tinyproxy that allows CONNECT only to port 443 answers 403. Either refusal of a
+/// real proxy resets the guest's connection and is counted.
+#[test]
+fn tinyproxy_sees_flows_named_by_host_and_sni_and_its_refusals_reset_the_guest() {
+    if !available("tinyproxy", "tinyproxy") {
+        return;
+    }
+    let origin = origin();
+    let port = origin.port();
+    let text = |proxy: SocketAddr| {
+        policy(proxy, proxy, port, "http").replace(
+            "to = [\"localhost\", \"127.0.0.1/32\"]",
+            "to = [\"*.example.com\", \"127.0.0.1/32\"]",
+        )
+    };
+    let proxy = tinyproxy();
+    let served = Served::start(&text(proxy.addr), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    for (dst, first, want) in [
+        (
+            Ipv4Addr::new(198, 51, 100, 20),
+            b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n".to_vec(),
+            format!("CONNECT www.example.com:{port} HTTP/1.1"),
+        ),
+        (
+            Ipv4Addr::new(198, 51, 100, 21),
+            moat::frame::craft::tls_client_hello("api.example.com"),
+            format!("CONNECT api.example.com:{port} HTTP/1.1"),
+        ),
+    ] {
+        let outcome = refused(&mut net, dst, port, &first);
+        assert_eq!(outcome, "reset after its first bytes", "{want}");
+        wait_for(&format!("tinyproxy's log shows {want}"), DEADLINE, || {
+            support::peers::tinyproxy_seen(&proxy)
+                .1
+                .contains(&want)
+                .then_some(())
+        });
+    }
+    eventually("both refusals counted", || {
+        served.counters.flows(FlowEvent::ProxyFailed) == 2
+    });
+
+    // ConnectPort 443: tinyproxy refuses CONNECT to the origin's port with 403.
+    let strict = support::peers::tinyproxy_with(support::peers::free_port(), "ConnectPort 443");
+    let served = Served::start(&text(strict.addr), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let h = net.tcp_connect(Ipv4Addr::LOCALHOST, port);
+    let mut opened = false;
+    assert!(net
+        .run_until(T, |n| {
+            opened |= n.tcp(h).state() == State::Established;
+            n.tcp(h).state() == State::Closed
+        })
+        .unwrap());
+    assert!(
+        !opened,
+        "a refused CONNECT never opens the guest's connection"
+    );
+    eventually("the refusal counted", || {
+        served.counters.flows(FlowEvent::ProxyFailed) == 1
+    });
+    let refused_line = format!("Refused CONNECT method on port {port}");
+    wait_for("tinyproxy's log shows its refusal", DEADLINE, || {
+        let log = strict.log();
+        let requests = support::peers::tinyproxy_seen(&strict).1;
+        (requests == [format!("CONNECT 127.0.0.1:{port} HTTP/1.1")] && log.contains(&refused_line))
+            .then_some(())
+    });
+}
