@@ -318,3 +318,55 @@ fn a_flood_next_to_a_legitimate_stream() {
         "{table}"
     );
 }
+
+/// A proxy that opens the tunnel, ends its side at once (FIN), and resets the connection
+/// (SO_LINGER 0) as soon as anything more arrives: what a proxy that went away looks like.
+fn fin_then_reset_proxy() -> std::net::SocketAddr {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let mut conn = conn;
+                let _ = conn.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+                let mut b = [0u8; 1];
+                let _ = reader.read(&mut b);
+                let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    addr
+}
+
+/// After the proxy's FIN the guest may still send (a half-close); when the proxy answers
+/// that with a reset, the guest's connection is reset too, not left half-open.
+#[test]
+fn a_reset_after_the_proxys_fin_reaches_the_guest() {
+    let served = Served::start(&policy(fin_then_reset_proxy()), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let addr = net.resolve_a("data.example", T).unwrap();
+    let h = net.tcp_connect(addr, 80);
+    assert!(
+        net.run_until(T, |n| n.tcp(h).state() == State::CloseWait)
+            .unwrap(),
+        "the proxy's FIN reaches the guest: {:?}",
+        net.tcp(h).state()
+    );
+    net.tcp(h).send_slice(b"still there?").unwrap();
+    assert!(
+        net.run_until(T, |n| n.tcp(h).state() == State::Closed)
+            .unwrap(),
+        "the proxy's reset reaches the guest: still {:?}",
+        net.tcp(h).state()
+    );
+    eventually("counted as a proxy reset", || {
+        served.counters.flows(FlowEvent::Reset) + served.counters.flows(FlowEvent::ProxyFailed) >= 1
+    });
+}
