@@ -531,6 +531,14 @@ impl Flow {
                 Err(_) => return self.finish(stack, End::ProxyReset),
             }
         }
+        if self.upstream_eof && self.readable {
+            // Nothing is read after the proxy's FIN; a reset that follows it (the guest wrote
+            // to a proxy that is gone) shows as a pending socket error: pass it on.
+            self.readable = false;
+            if let Ok(Some(_)) = self.stream.take_error() {
+                return self.finish(stack, End::ProxyReset);
+            }
+        }
         if moved_before != (self.bytes_up, self.bytes_down) {
             self.active = Instant::now();
         }
