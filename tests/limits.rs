@@ -197,3 +197,89 @@ fn ingress_limit_paces_the_host_to_100_mbit() {
         "after a reload to ingress_bps = 50 Mbit/s",
     );
 }
+
+/// With `--queues 2` the limit is the VM's, not each pair's: flows on both pairs together
+/// stay under one bucket, both ways. (40 Mbit/s: two pairs each with a bucket of their own
+/// would let through nearly twice that.)
+#[test]
+fn a_limit_is_shared_by_every_queue_pair() {
+    const SHARED: u64 = 40_000_000;
+    const WIN: Duration = Duration::from_secs(5);
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start_tuned(
+        &policy(
+            proxy.addr,
+            &format!("egress_bps = {SHARED}\ningress_bps = {SHARED}"),
+        ),
+        true,
+        moat::device::Tuning {
+            queue_pairs: 2,
+            ..Default::default()
+        },
+    );
+    let opts = GuestOptions {
+        queue_pairs: 2,
+        queue_size: 512,
+        mem_size: 64 << 20,
+        ..GuestOptions::default()
+    };
+    let mut net = GuestNet::new(
+        SimGuest::connect(&served.socket, opts).unwrap(),
+        GUEST_MAC.0,
+        GUEST,
+        24,
+        GW,
+        1500,
+    );
+    let addr = net
+        .resolve_a("bulk.example", Duration::from_secs(5))
+        .unwrap();
+    // One flow of each kind on each pair (a flow lives on the pair its SYN came in on).
+    let open = |net: &mut GuestNet, pair: usize, first: &[u8]| {
+        net.sim().set_tx_pair(pair);
+        let h = established(net, addr, 80);
+        assert!(net.tcp_send_all(h, first, Duration::from_secs(5)).unwrap());
+        h
+    };
+    let mut bulk = b"B".to_vec();
+    bulk.extend_from_slice(&(10u64 << 30).to_be_bytes());
+    let ups = [open(&mut net, 0, b"U"), open(&mut net, 1, b"U")];
+    let downs = [open(&mut net, 0, &bulk), open(&mut net, 1, &bulk)];
+    let block = pattern(0, 64 * 1024);
+    let mut turn = 0usize;
+    let rx_before = net.sim().rx_frames_per_pair();
+    let mut drive = |n: &mut GuestNet| {
+        // Alternate the TX pair, so both pairs' queues carry the uploads.
+        turn += 1;
+        n.sim().set_tx_pair(turn % 2);
+        for h in ups {
+            let _ = n.tcp(h).send_slice(&block);
+        }
+        for h in downs {
+            let s = n.tcp(h);
+            while s.can_recv() {
+                let _ = s.recv(|d| (d.len(), ()));
+            }
+        }
+    };
+    let up = measure_over(&mut net, &served, Traffic::TxBytes, WIN, &mut drive);
+    let down = measure_over(&mut net, &served, Traffic::RxBytes, WIN, &mut drive);
+    let rx_after = net.sim().rx_frames_per_pair();
+    for pair in [0, 1] {
+        assert!(
+            rx_after[pair] - rx_before[pair] > 1000,
+            "pair {pair} carried the downloads: {rx_before:?} -> {rx_after:?}"
+        );
+    }
+    assert_within(
+        &up,
+        SHARED,
+        "two pairs, guest -> proxy, egress_bps = 40 Mbit/s",
+    );
+    assert_within(
+        &down,
+        SHARED,
+        "two pairs, proxy -> guest, ingress_bps = 40 Mbit/s",
+    );
+    assert_eq!(served.counters.total_drops(), 0, "paced, not dropped");
+}

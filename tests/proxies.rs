@@ -619,3 +619,93 @@ fn tinyproxy_sees_flows_named_by_host_and_sni_and_its_refusals_reset_the_guest()
             .then_some(())
     });
 }
+
+/// `limits.max_flows` counts everything moat holds open for the guest: TCP flows,
+/// DNS-over-TCP connections to the gateway and UDP associations, one budget.
+#[test]
+fn max_flows_counts_dns_over_tcp_connections_and_udp_associations() {
+    if !available("danted", "dante-server") {
+        return;
+    }
+    let origin = origin();
+    let echo = udp_echo();
+    let socks = dante();
+    let text = format!(
+        "[vm]\nname = \"budget\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n\
+         [proxy]\nsocks5 = \"{s}\"\n\
+         [[outbound]]\nprotocol = \"tcp\"\nports = [{t}]\nto = [\"127.0.0.1/32\"]\nvia = \"socks5\"\n\
+         [[outbound]]\nprotocol = \"udp\"\nports = [{u}]\nto = [\"127.0.0.1/32\"]\n\
+         [dns]\nallow = [\"a.example\"]\n[limits]\nmax_flows = 3\n",
+        s = socks.addr,
+        t = origin.port(),
+        u = echo.port()
+    );
+    let served = Served::start(&text, true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let refused_syn = |net: &mut GuestNet, dst: Ipv4Addr, port: u16| {
+        let h = net.tcp_connect(dst, port);
+        net.run_until(Duration::from_millis(1500), |n| {
+            n.tcp(h).state() != State::SynSent
+        })
+        .unwrap();
+        let state = net.tcp(h).state();
+        net.remove(h);
+        state == State::SynSent
+    };
+    // Two DNS-over-TCP connections and one UDP association: the budget of 3 is spent.
+    let dns1 = established(&mut net, GW, 53);
+    let dns2 = established(&mut net, GW, 53);
+    let u = net.udp_bind(40125);
+    let to = smoltcp::wire::IpEndpoint::new(
+        smoltcp::wire::IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        echo.port(),
+    );
+    net.udp(u).send_slice(b"one", to).unwrap();
+    let mut back = None;
+    net.run_until(T, |n| {
+        back = n.udp(u).recv().ok().map(|(d, _)| d.to_vec());
+        back.is_some()
+    })
+    .unwrap();
+    assert_eq!(back.as_deref(), Some(&b"one"[..]), "the association works");
+    // Nothing more opens: a TCP flow, a third DNS-over-TCP connection, a second association.
+    assert!(
+        refused_syn(&mut net, Ipv4Addr::LOCALHOST, origin.port()),
+        "a TCP flow past the budget"
+    );
+    assert!(
+        refused_syn(&mut net, GW, 53),
+        "a DNS-over-TCP connection past the budget"
+    );
+    let u2 = net.udp_bind(40126);
+    net.udp(u2).send_slice(b"two", to).unwrap();
+    net.run_until(Duration::from_millis(1500), |_| false)
+        .unwrap();
+    assert!(
+        net.udp(u2).recv().is_err(),
+        "a UDP association past the budget"
+    );
+    assert!(
+        served
+            .counters
+            .drops(moat::telemetry::DropReason::FlowLimit)
+            >= 3
+    );
+    // Give back a DNS-over-TCP connection: a TCP flow fits again.
+    net.tcp(dns1).close();
+    let _ = dns2;
+    let h = wait_for("a TCP flow fits once a connection closed", DEADLINE, || {
+        let h = net.tcp_connect(Ipv4Addr::LOCALHOST, origin.port());
+        let up = net
+            .run_until(Duration::from_secs(2), |n| {
+                n.tcp(h).state() == State::Established
+            })
+            .unwrap();
+        if !up {
+            net.remove(h);
+        }
+        up.then_some(h)
+    });
+    send_all(&mut net, h, b"Efits");
+    assert_eq!(recv_exact(&mut net, h, 4), b"fits");
+}

@@ -191,3 +191,30 @@ fn the_sandbox_listing_names_every_call_and_why() {
     }
     assert!(!text.contains("execve"));
 }
+
+/// An editor saves by writing a new file and renaming it over the old one (a new inode):
+/// under Landlock, moat still reads the policy's directory, so the reload takes the new file.
+#[test]
+fn a_reload_after_an_editors_write_and_rename_works_under_the_sandbox() {
+    let (_service, proxy) = listeners();
+    let m = start(&[], port(&proxy));
+    let tighter = policy(port(&proxy)).replace("443", "8443");
+    let tmp = m.path(".vm.toml.swp");
+    std::fs::write(&tmp, &tighter).unwrap();
+    std::fs::rename(&tmp, m.path("vm.toml")).unwrap();
+    let (ok, answer) = m.ask("reload");
+    assert!(ok, "reload after write-and-rename: {answer}");
+    let (ok, stats) = m.ask("stats json");
+    assert!(ok, "{stats}");
+    assert!(stats.contains("\"policy_generation\":2"), "{stats}");
+    // And again, through SIGHUP, with a file that was never there before.
+    let back = policy(port(&proxy));
+    std::fs::write(&tmp, back).unwrap();
+    std::fs::rename(&tmp, m.path("vm.toml")).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(m.child.id() as i32, libc::SIGHUP) };
+    eventually("generation 3 after SIGHUP", || {
+        m.ask("stats json").1.contains("\"policy_generation\":3")
+    });
+    serves_a_guest(&m.path("moat.sock"));
+}
