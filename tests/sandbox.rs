@@ -218,3 +218,39 @@ fn a_reload_after_an_editors_write_and_rename_works_under_the_sandbox() {
     });
     serves_a_guest(&m.path("moat.sock"));
 }
+
+/// seccomp allows sockets of the unix, TCP and UDP kinds only: a raw IP, a packet or a
+/// netlink socket kills the sandboxed moat (SIGSYS); a UDP one is fine. Without the sandbox
+/// the same calls go through (moat runs as root here) and moat lives on.
+#[test]
+fn raw_packet_and_netlink_sockets_are_refused_by_seccomp() {
+    let (_service, proxy) = listeners();
+    for family in ["raw", "packet", "netlink"] {
+        let mut m = start(&[], port(&proxy));
+        let (ok, answer) = m.ask("debug socket udp");
+        assert!(ok, "a UDP socket under the sandbox: {answer}");
+        let (_, answer) = m.ask(&format!("debug socket {family}"));
+        let status = m
+            .exit_within(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("moat survived a {family} socket ({answer})"));
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGSYS),
+            "{family}: killed by seccomp, got {status:?}"
+        );
+    }
+    let mut m = start(&["--no-sandbox"], port(&proxy));
+    for family in ["raw", "packet", "netlink"] {
+        let (ok, answer) = m.ask(&format!("debug socket {family}"));
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(
+            ok || !root,
+            "{family} without the sandbox, as root: {answer}"
+        );
+    }
+    assert!(
+        m.exit_within(Duration::from_millis(300)).is_none(),
+        "moat lives on"
+    );
+}
