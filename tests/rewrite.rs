@@ -194,7 +194,7 @@ fn settle(
     payloads: &[Vec<u8>],
     replies: &mut Replies,
 ) {
-    let deadline = Instant::now() + TIMEOUT;
+    let deadline = Instant::now() + DEADLINE;
     loop {
         while let Some(f) = guest.recv_frame(Duration::from_millis(5)).expect("recv") {
             let p = reply_payload(&f);

@@ -22,7 +22,6 @@ pub const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 pub const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 pub const GW_MAC: MacAddr = GATEWAY_MAC;
-pub const TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for something that must NOT arrive.
 pub const QUIET: Duration = Duration::from_millis(300);
 
@@ -128,9 +127,9 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     wait_for(what, DEADLINE, || cond().then_some(()))
 }
 
-/// Receive frames until one satisfies `pred`, or fail after the timeout.
+/// Receive frames until one satisfies `pred`, or fail after DEADLINE.
 pub fn recv_matching(guest: &mut SimGuest, what: &str, pred: impl Fn(&[u8]) -> bool) -> Vec<u8> {
-    let deadline = Instant::now() + TIMEOUT;
+    let deadline = Instant::now() + DEADLINE;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(!left.is_zero(), "no frame: {what}");
