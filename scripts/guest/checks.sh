@@ -43,6 +43,13 @@ fetch() { # url: succeeds only if the body is exactly "ok" (busybox wget -T cras
   body=$(timeout 10 wget -q -O - "$1" 2>/dev/null) && [ "$body" = ok ]
 }
 
+fetch_big() { # url: the origin's 64 KiB /big body, byte for byte (rebuilt here with awk)
+  timeout 20 wget -q -O /tmp/big "$1" 2>/dev/null || return 1
+  want=$(awk 'BEGIN { for (i = 0; i < 4096; i++) printf "moat-line-%05d\n", i }' | md5sum | cut -d' ' -f1)
+  got=$(md5sum </tmp/big | cut -d' ' -f1)
+  [ "$(wc -c </tmp/big)" -eq 65536 ] && [ "$got" = "$want" ] || { echo "$(wc -c </tmp/big) bytes, md5 $got"; return 1; }
+}
+
 fetch_via() { # proxy url: the same through an explicit HTTP proxy
   body=$(http_proxy="$1" timeout 10 wget -q -O - "$2" 2>/dev/null) && [ "$body" = ok ]
 }
@@ -99,6 +106,7 @@ if [ -n "$egress" ]; then
   check dns-allowed pass nslookup -type=a localhost "$gw"
   check dns-denied fail nslookup -type=a evil.test "$gw"
   check wget-transparent pass fetch "http://localhost:$egress/"
+  check wget-64k-body pass fetch_big "http://localhost:$egress/big"
   check wget-explicit-proxy pass fetch_via "http://$gw:3128" "http://localhost:$egress/"
   check wget-ip-literal fail fetch "http://198.51.100.1:$egress/"
   # The gate, as a hostile guest tries it (the policy allows any name on port 80): a public

@@ -582,7 +582,10 @@ fn through_the_stack(
         "169.254.169.254:80",
     ));
     let forbidden = "canary-forbidden.invalid";
-    let resolved = net.resolve(forbidden, QUIET * 2).ok().flatten();
+    let resolved = net
+        .resolve(forbidden, QUIET * 2)
+        .ok()
+        .and_then(|r| r.addr());
     out.push(outcome(
         "dns for a non-allowlisted name",
         Expect::Blocked,
@@ -620,7 +623,7 @@ fn through_the_stack(
     }
     match resolvable(policy) {
         Some(name) => {
-            let got = net.resolve(&name, QUIET * 4).ok().flatten();
+            let got = net.resolve(&name, QUIET * 4).ok().and_then(|r| r.addr());
             out.push(outcome(
                 "control: resolve an allowed name",
                 Expect::Works,
@@ -643,7 +646,7 @@ fn stub_control(net: &mut GuestNet, policy: &Policy) -> Vec<Outcome> {
     let mut out = Vec::new();
     match allowed_flow(policy) {
         Some((name, port)) => {
-            let addr = net.resolve(&name, QUIET * 2).ok().flatten();
+            let addr = net.resolve(&name, QUIET * 2).ok().and_then(|r| r.addr());
             let echoed = addr.is_some_and(|a| exchange(net, a, port).1);
             out.push(outcome(
                 "control: allowed flow via proxy",
@@ -758,7 +761,7 @@ fn live_controls(net: &mut GuestNet, policy: &Policy, urls: &[ControlUrl]) -> Ve
         let name = format!("control: rule {} {}:{}", i + 1, c.host, c.port);
         let addr = match c.host.parse::<Ipv4Addr>() {
             Ok(ip) => Some(ip),
-            Err(_) => net.resolve(&c.host, QUIET * 4).ok().flatten(),
+            Err(_) => net.resolve(&c.host, QUIET * 4).ok().and_then(|r| r.addr()),
         };
         let Some(addr) = addr else {
             out.push(outcome(

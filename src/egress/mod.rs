@@ -396,7 +396,9 @@ impl Flows {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
-            if self.steering.open_flows(self.flows.len()) >= self.policy.limits.max_flows {
+            let held =
+                self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len();
+            if self.steering.open_flows(held) >= self.policy.limits.max_flows {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
@@ -545,10 +547,9 @@ impl Flows {
     }
 
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
-        if self
-            .steering
-            .open_flows(self.flows.len() + self.waiting.len() + self.dns_conns.len())
-            >= self.policy.limits.max_flows
+        if self.steering.open_flows(
+            self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len(),
+        ) >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
         }
