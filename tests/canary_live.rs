@@ -466,7 +466,11 @@ fn a_policy_edited_between_rounds_is_tested_as_edited() {
         "moat_canary_last_success_timestamp_seconds{vm=\"canary-live\"}",
     )
     .expect("a success timestamp after a passing round");
-    std::fs::write(&file, &after).unwrap();
+    // Written as an editor does (a new file renamed over the old): a round never reads a
+    // half-written file.
+    let tmp = dir.path().join("vm.toml.new");
+    std::fs::write(&tmp, &after).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
     // The round running while we wrote may still have read the old file; the one after
     // must test the new one.
     let (mut events, mut round) = next_round(&rx);
