@@ -236,9 +236,10 @@ impl QueuePair {
         let rx = &mut self.rx;
         self.datapath
             .pump(|frame, hdr| rx.push(frame, hdr, &counters));
-        self.arm_timer();
         let mrg = config::has_feature(self.acked_features, VIRTIO_NET_F_MRG_RXBUF);
-        self.rx.flush(rx_vring, mem, mrg, &counters)
+        let flushed = self.rx.flush(rx_vring, mem, mrg, &counters);
+        self.arm_timer();
+        flushed
     }
 
     /// Wake up when the stack next needs attention (retransmits, handshake deadlines).
@@ -249,7 +250,12 @@ impl QueuePair {
             .as_ref()
             .filter(|_| self.tx_paused)
             .map(SharedPacer::wait);
-        for wait in [egress, self.rx.pacing_delay()].into_iter().flatten() {
+        // The guest was still posting RX buffers when a flush stopped retrying.
+        let rx_retry = self.rx.retry_soon().then_some(Duration::from_millis(1));
+        for wait in [egress, self.rx.pacing_delay(), rx_retry]
+            .into_iter()
+            .flatten()
+        {
             delay = Some(delay.map_or(wait, |d| d.min(wait)));
         }
         self.set_timer(delay);

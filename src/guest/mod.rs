@@ -203,6 +203,9 @@ pub struct SimGuest {
     mem: GuestMemory,
     negotiated: Negotiated,
     rx_buffer_size: u32,
+    /// Length each RX descriptor is posted with (at most `rx_buffer_size`; a hostile guest
+    /// posts less, down to zero: [`SimGuest::set_rx_buffer_len`]).
+    rx_post_len: u32,
     /// Queue pair `i` drives vrings `2i` (RX) and `2i + 1` (TX).
     pairs: Vec<QueuePair>,
     /// The pair every send goes out on.
@@ -303,6 +306,7 @@ impl SimGuest {
             mem,
             negotiated,
             rx_buffer_size: opts.rx_buffer_size,
+            rx_post_len: opts.rx_buffer_size,
             pairs,
             active_tx: 0,
             rx_next: 0,
@@ -402,12 +406,32 @@ impl SimGuest {
         let pair = &mut self.pairs[p];
         let desc = RawDesc {
             addr: pair.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
-            len: self.rx_buffer_size,
+            len: self.rx_post_len,
             flags: VIRTQ_DESC_F_WRITE,
             next: 0,
         };
         pair.rings[RX].write_desc(&self.mem, i, desc);
         pair.rings[RX].publish(&self.mem, i)
+    }
+
+    /// As a hostile driver: from now on post every RX buffer `len` bytes long (zero
+    /// included; at most the buffers' real size), and rewrite the descriptors of the RX
+    /// buffers already posted on every pair to that length (the device reads a descriptor
+    /// only when it takes the chain).
+    pub fn set_rx_buffer_len(&mut self, len: u32) {
+        self.rx_post_len = len.min(self.rx_buffer_size);
+        for p in 0..self.pairs.len() {
+            let pair = &self.pairs[p];
+            for i in 0..pair.rings[RX].size {
+                let desc = RawDesc {
+                    addr: pair.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
+                    len: self.rx_post_len,
+                    flags: VIRTQ_DESC_F_WRITE,
+                    next: 0,
+                };
+                pair.rings[RX].write_desc(&self.mem, i, desc);
+            }
+        }
     }
 
     /// Send a frame behind an all-zero virtio-net header.

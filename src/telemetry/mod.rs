@@ -118,6 +118,9 @@ reasons! {
     RxQueueFull => "rx_queue_full",
     /// An answer for the guest did not fit the RX buffers it posted.
     RxBufferTooSmall => "rx_buffer_too_small",
+    /// A frame for the guest larger than a whole RX ring of the buffers it posted (with
+    /// mergeable RX buffers): it can never be delivered; the buffers go back to the guest.
+    RxRingTooSmall => "rx_ring_too_small",
 }
 
 /// Which of the gateway's own services answered.
