@@ -428,13 +428,24 @@ fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
 fn handle_signals(vm: Arc<VmState>, cleanup: Vec<PathBuf>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    // Reloads run on their own thread, so a SIGTERM that follows a SIGHUP is acted on at
+    // once; SIGHUPs that come while one runs are folded into one more.
+    let (reload, reloads) = std::sync::mpsc::sync_channel::<()>(1);
+    let reloader = Arc::clone(&vm);
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for () in reloads {
+                // Outcome logged (and counted) by reload itself.
+                let _ = reloader.reload();
+            }
+        })?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
-                    // Outcome logged (and counted) by reload itself.
-                    let _ = vm.reload();
+                    let _ = reload.try_send(());
                     continue;
                 }
                 tracing::info!(signal = sig, "stopping");

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use moat::frame::craft;
 use moat::guest::{GuestOptions, SimGuest};
+use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;
 
 /// How long an operator command may take while the guest attacks. The issue asks for a
@@ -134,7 +135,7 @@ fn tiny_rx_buffers_do_not_make_moat_spin() {
     recv_matching(&mut guest, "echo reply before the attack", |_| true);
 
     // Zero-length buffers: nothing can ever be delivered into them.
-    guest.set_rx_buffer_len(0);
+    guest.set_rx_buffer_len(0, 0);
     for seq in 1..=4 {
         ping(&mut guest, seq, b"zero");
     }
@@ -156,7 +157,7 @@ fn tiny_rx_buffers_do_not_make_moat_spin() {
     eprintln!("moat reload answered in {took:?}");
 
     // Buffers of a few bytes: small frames fit across many, a large one never can.
-    guest.set_rx_buffer_len(4);
+    guest.set_rx_buffer_len(0, 4);
     // Taking the used (zero-length) buffers gives them back at 4 bytes each.
     while guest
         .recv_frame(Duration::from_millis(100))
@@ -181,7 +182,7 @@ fn tiny_rx_buffers_do_not_make_moat_spin() {
     recv_matching(&mut guest, "echo reply after the hang-up", |_| true);
 
     // The attack again, then SIGHUP and SIGTERM back to back: moat exits promptly.
-    guest.set_rx_buffer_len(0);
+    guest.set_rx_buffer_len(0, 0);
     for seq in 400..410 {
         ping(&mut guest, seq, b"zero again");
     }
@@ -203,4 +204,79 @@ fn tiny_rx_buffers_do_not_make_moat_spin() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A SYN from the guest's port `sport` to 203.0.113.`host`:443, sent on queue pair `pair`.
+fn syn(guest: &mut SimGuest, pair: usize, sport: u16, host: u8) {
+    guest.set_tx_pair(pair);
+    guest
+        .send_frame(&craft::tcp_syn(
+            GUEST_MAC,
+            GW_MAC,
+            (GUEST, sport),
+            (std::net::Ipv4Addr::new(203, 0, 113, host), 443),
+        ))
+        .unwrap();
+}
+
+/// Two queue pairs, pair 0's RX stalled by zero-length buffers, the guest carrying on over
+/// pair 1: `moat reload` with a policy that allows nothing returns promptly, and from then
+/// on no flow opens on either pair.
+#[test]
+fn reload_revokes_on_every_pair_while_one_is_stalled() {
+    // The proxy refuses every CONNECT (and so never connects anywhere); it logs each target.
+    let proxy = TestProxy::start(ProxyMode::Refuse(403), origin());
+    let allow = format!(
+        "[proxy]\nhttp = \"{}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [443]\nto = [\"203.0.113.0/24\"]\n",
+        proxy.addr
+    );
+    let m = MoatProcess::start(&policy(&allow), &["--queues", "2"], Stdio::null());
+    let control = m.path("control.sock");
+    let opts = GuestOptions {
+        queue_pairs: 2,
+        ..GuestOptions::default()
+    };
+    let mut guest = SimGuest::connect(&m.path("moat.sock"), opts).unwrap();
+    guest.set_rx_buffer_len(0, 0);
+    guest.set_tx_pair(0);
+    for seq in 0..8 {
+        ping(&mut guest, seq, b"stall pair 0");
+    }
+    let requested = |host: u8| {
+        let target = format!("203.0.113.{host}:443");
+        proxy.requests().contains(&target)
+    };
+    // Under the first policy both pairs open flows.
+    syn(&mut guest, 0, 1001, 1);
+    syn(&mut guest, 1, 1002, 2);
+    eventually("flows on both pairs reach the proxy", || {
+        requested(1) && requested(2)
+    });
+
+    std::fs::write(m.path("vm.toml"), policy("")).unwrap();
+    let (code, out, took) = moat_prompt(&["reload"], &control);
+    assert_eq!(code, 0, "reload: {out}");
+    eprintln!(
+        "reload with pair 0 stalled answered in {took:?}: {}",
+        out.trim()
+    );
+
+    let not_allowed = counter(&stats(&control), "drop.not_allowed");
+    syn(&mut guest, 0, 1003, 3);
+    syn(&mut guest, 1, 1004, 4);
+    syn(&mut guest, 1, 1005, 5);
+    tx_served(&guest, "SYNs after the reload");
+    eventually("the SYNs after the reload are refused", || {
+        counter(&stats(&control), "drop.not_allowed") >= not_allowed + 3
+    });
+    std::thread::sleep(QUIET);
+    for host in 3..=5 {
+        assert!(
+            !requested(host),
+            "a flow opened under the revoked policy: {:?}",
+            proxy.requests()
+        );
+    }
+    let s = stats(&control);
+    assert_eq!(s["policy_generation"], 2, "{s}");
 }

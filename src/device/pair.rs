@@ -28,6 +28,7 @@ use crate::telemetry::{DropReason, Traffic};
 
 use super::config::{self, RX_QUEUE, TX_QUEUE};
 use super::pacer::SharedPacer;
+use super::published::Published;
 use super::queues::{read_tx_chain, ChainError, GuestReader, RxQueue};
 
 /// Frames handed to a pair and not taken yet, at most (then they are dropped, counted).
@@ -114,6 +115,13 @@ pub struct QueuePair {
     tokens: Tokens,
     /// Every log line of this pair carries the VM's name.
     span: tracing::Span,
+    /// The control plane's policy, limits and forwards, and which of them this pair applied
+    /// (generation of the whole, then of each part).
+    published: Arc<Published>,
+    applied: u64,
+    policy_gen: u64,
+    pacers_gen: u64,
+    forwards_gen: u64,
 }
 
 /// How a queue pair is set up (the same for every pair of a device).
@@ -124,6 +132,7 @@ pub struct PairSetup {
     pub inboxes: Arc<[Inbox]>,
     pub egress: Option<SharedPacer>,
     pub ingress: Option<SharedPacer>,
+    pub published: Arc<Published>,
 }
 
 impl QueuePair {
@@ -146,7 +155,52 @@ impl QueuePair {
             handed: 0,
             tokens: setup.tokens,
             span: tracing::info_span!("vm", vm = %policy.vm.name, pair = setup.index),
+            published: setup.published,
+            applied: 0,
+            policy_gen: 0,
+            pacers_gen: 0,
+            forwards_gen: 0,
         }
+    }
+
+    /// Follow the control plane: apply what it published since the last look, and copy
+    /// the flow table if `moat stats` asked for it.
+    pub fn sync(&mut self) {
+        self.sync_policy();
+        if self.published.table_wanted(self.index) {
+            let rows = self.datapath.flows().table();
+            self.published.put_table(self.index, rows);
+        }
+    }
+
+    /// Apply a newer policy, limits or forwards, if any (one atomic load when none: called
+    /// before every frame, so no frame is judged by a policy older than the last reload).
+    fn sync_policy(&mut self) {
+        if self.published.generation() == self.applied {
+            return;
+        }
+        let control = self.published.current();
+        let mut policy_change = None;
+        if control.policy_gen != self.policy_gen {
+            let reset = self.datapath.reload(Arc::clone(&control.policy));
+            self.policy_gen = control.policy_gen;
+            policy_change = Some((control.policy_gen, reset));
+        }
+        if control.pacers_gen != self.pacers_gen {
+            self.set_pacers(control.egress.clone(), control.ingress.clone());
+            self.pacers_gen = control.pacers_gen;
+        }
+        if control.forwards_gen != self.forwards_gen {
+            self.datapath
+                .flows()
+                .set_runtime_forwards(control.forwards.clone());
+            self.forwards_gen = control.forwards_gen;
+        }
+        self.applied = control.generation;
+        // Wake the loop at once so resets reach the guest and the proxies.
+        self.wake_soon();
+        self.published
+            .ack(self.index, control.generation, policy_change);
     }
 
     /// New bandwidth limits (a reload changed them): from a full bucket.
@@ -188,7 +242,11 @@ impl QueuePair {
         evset: EventSet,
         vrings: &[VringRwLock],
     ) -> io::Result<()> {
+        self.sync();
         let Some(mem) = self.mem.clone() else {
+            if device_event == self.tokens.handoff {
+                self.take_handoffs();
+            }
             return Ok(());
         };
         let [rx_vring, tx_vring] = vrings else {
@@ -385,6 +443,7 @@ impl QueuePair {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                 break;
             };
+            self.sync_policy();
             let head = chain.head_index();
             let read = read_tx_chain(chain, &mut reader, &mut self.tx_buf, max);
             let len = match read {
@@ -454,9 +513,13 @@ impl QueuePair {
 
     /// Frames other pairs read for this pair's flows.
     fn take_handoffs(&mut self) {
-        let inbox = &self.inboxes[self.index];
-        let _ = inbox.wake.read();
-        for mut frame in inbox.take() {
+        let frames = {
+            let inbox = &self.inboxes[self.index];
+            let _ = inbox.wake.read();
+            inbox.take()
+        };
+        for mut frame in frames {
+            self.sync_policy();
             if let Outcome::Answer(answer) = self.datapath.handle(&mut frame, Origin::Handoff) {
                 self.rx
                     .push_copy(&answer, OutHdr::Plain, self.datapath.counters());

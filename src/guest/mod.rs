@@ -180,6 +180,9 @@ struct QueuePair {
     tx_inflight: HashMap<u16, Vec<u16>>,
     tx_completed: u64,
     tx_posted: u64,
+    /// Length each RX descriptor is posted with (at most the buffer's size; a hostile guest
+    /// posts less, down to zero: [`SimGuest::set_rx_buffer_len`]).
+    rx_post_len: u32,
 }
 
 impl QueuePair {
@@ -203,9 +206,6 @@ pub struct SimGuest {
     mem: GuestMemory,
     negotiated: Negotiated,
     rx_buffer_size: u32,
-    /// Length each RX descriptor is posted with (at most `rx_buffer_size`; a hostile guest
-    /// posts less, down to zero: [`SimGuest::set_rx_buffer_len`]).
-    rx_post_len: u32,
     /// Queue pair `i` drives vrings `2i` (RX) and `2i + 1` (TX).
     pairs: Vec<QueuePair>,
     /// The pair every send goes out on.
@@ -297,6 +297,7 @@ impl SimGuest {
                 tx_inflight: HashMap::new(),
                 tx_completed: 0,
                 tx_posted: 0,
+                rx_post_len: opts.rx_buffer_size,
             });
         }
         let mut guest = SimGuest {
@@ -306,7 +307,6 @@ impl SimGuest {
             mem,
             negotiated,
             rx_buffer_size: opts.rx_buffer_size,
-            rx_post_len: opts.rx_buffer_size,
             pairs,
             active_tx: 0,
             rx_next: 0,
@@ -406,7 +406,7 @@ impl SimGuest {
         let pair = &mut self.pairs[p];
         let desc = RawDesc {
             addr: pair.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
-            len: self.rx_post_len,
+            len: pair.rx_post_len,
             flags: VIRTQ_DESC_F_WRITE,
             next: 0,
         };
@@ -414,23 +414,25 @@ impl SimGuest {
         pair.rings[RX].publish(&self.mem, i)
     }
 
-    /// As a hostile driver: from now on post every RX buffer `len` bytes long (zero
-    /// included; at most the buffers' real size), and rewrite the descriptors of the RX
-    /// buffers already posted on every pair to that length (the device reads a descriptor
-    /// only when it takes the chain).
-    pub fn set_rx_buffer_len(&mut self, len: u32) {
-        self.rx_post_len = len.min(self.rx_buffer_size);
-        for p in 0..self.pairs.len() {
-            let pair = &self.pairs[p];
-            for i in 0..pair.rings[RX].size {
-                let desc = RawDesc {
-                    addr: pair.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
-                    len: self.rx_post_len,
-                    flags: VIRTQ_DESC_F_WRITE,
-                    next: 0,
-                };
-                pair.rings[RX].write_desc(&self.mem, i, desc);
-            }
+    /// As a hostile driver: from now on post every RX buffer of queue pair `pair` `len`
+    /// bytes long (zero included; at most the buffers' real size), and rewrite the
+    /// descriptors of its RX buffers already posted to that length (the device reads a
+    /// descriptor only when it takes the chain).
+    ///
+    /// # Panics
+    /// If `pair` is not below [`SimGuest::queue_pairs`] (a bug in the caller).
+    pub fn set_rx_buffer_len(&mut self, pair: usize, len: u32) {
+        let size = self.rx_buffer_size;
+        let pair = &mut self.pairs[pair];
+        pair.rx_post_len = len.min(size);
+        for i in 0..pair.rings[RX].size {
+            let desc = RawDesc {
+                addr: pair.rx_base + u64::from(i) * u64::from(size),
+                len: pair.rx_post_len,
+                flags: VIRTQ_DESC_F_WRITE,
+                next: 0,
+            };
+            pair.rings[RX].write_desc(&self.mem, i, desc);
         }
     }
 
