@@ -280,3 +280,94 @@ fn reload_revokes_on_every_pair_while_one_is_stalled() {
     let s = stats(&control);
     assert_eq!(s["policy_generation"], 2, "{s}");
 }
+
+/// Resident memory of `pid`, in bytes (VmRSS of /proc/PID/status).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// How much moat's RSS may grow while one guest connection pipelines DNS queries over TCP
+/// and never reads an answer: that connection's worst case (README, limits: about 200 KiB)
+/// plus room for the allocator's own bookkeeping. Before the bound it grew by more than
+/// the queries sent.
+const DNS_TCP_RSS_BOUND: u64 = 8 << 20;
+
+/// DNS over TCP without reading: 100 MB of pipelined queries (or as many as the guest can
+/// send), answers never read. moat stops reading once its answers back up, so the guest's
+/// window closes, and its memory stays bounded.
+#[test]
+fn dns_over_tcp_without_reading_keeps_moat_bounded() {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let m = MoatProcess::start(
+        &policy("[dns]\nallow = [\"ok.example\"]\n"),
+        &[],
+        Stdio::null(),
+    );
+    let pid = m.child.id();
+    let guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
+    let mut net = moat::guest::GuestNet::new(guest, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let h = established(&mut net, GW, 53);
+    // One query, framed (two-byte length), repeated into a 64 KiB chunk.
+    let mut q = Message::query();
+    q.add_query(Query::query(
+        Name::from_ascii("nope.example.").unwrap(),
+        RecordType::A,
+    ));
+    let q = q.to_vec().unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let chunk: Vec<u8> = framed
+        .iter()
+        .copied()
+        .cycle()
+        .take(framed.len() * (65536 / framed.len()))
+        .collect();
+    let before = rss(pid);
+    let (goal, mut sent) = (100u64 << 20, 0u64);
+    let started = Instant::now();
+    let mut stalled_since = Instant::now();
+    while sent < goal && started.elapsed() < Duration::from_secs(120) {
+        let mut off = 0;
+        net.run_until(Duration::from_millis(50), |n| {
+            if let Ok(k) = n.tcp(h).send_slice(&chunk[off..]) {
+                off += k;
+            }
+            off == chunk.len()
+        })
+        .unwrap();
+        sent += off as u64;
+        if off > 0 {
+            stalled_since = Instant::now();
+        } else if stalled_since.elapsed() > Duration::from_secs(3) {
+            break; // the window stays closed: moat stopped reading
+        }
+    }
+    // Let moat work through what it has taken in.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss(pid);
+    let grew = after.saturating_sub(before);
+    eprintln!(
+        "dns over tcp: guest sent {} KiB of queries in {:?}; moat RSS {} KiB -> {} KiB (+{} KiB, bound {} KiB)",
+        sent >> 10,
+        started.elapsed(),
+        before >> 10,
+        after >> 10,
+        grew >> 10,
+        DNS_TCP_RSS_BOUND >> 10
+    );
+    assert!(
+        grew < DNS_TCP_RSS_BOUND,
+        "moat RSS grew by {} KiB (bound {} KiB) after {} KiB of unread DNS-over-TCP answers",
+        grew >> 10,
+        DNS_TCP_RSS_BOUND >> 10,
+        sent >> 10
+    );
+    // moat still answers the operator and a well-behaved query on UDP.
+    stats(&m.path("control.sock"));
+}
