@@ -33,6 +33,8 @@ use super::queues::{read_tx_chain, ChainError, GuestReader, RxQueue};
 
 /// Frames handed to a pair and not taken yet, at most (then they are dropped, counted).
 const MAX_HANDOFF: usize = 4096;
+/// Bytes of frames handed to a pair and not taken yet, at most (32 segments of 64 KiB).
+pub const MAX_HANDOFF_BYTES: usize = 2 << 20;
 
 /// Event ids of a pair's loop. vhost-user-backend keeps 0..=2N (N pairs) for itself: the
 /// pair's two queue kicks are 0 (RX) and 1 (TX), 2N its exit event. Ours come after.
@@ -57,30 +59,33 @@ impl Tokens {
 
 /// Frames other pairs read for this pair's flows, and the eventfd that wakes its loop.
 pub struct Inbox {
-    frames: Mutex<VecDeque<Vec<u8>>>,
+    /// The frames, and their bytes.
+    frames: Mutex<(VecDeque<Vec<u8>>, usize)>,
     pub wake: EventFd,
 }
 
 impl Inbox {
     pub fn new() -> io::Result<Inbox> {
         Ok(Inbox {
-            frames: Mutex::new(VecDeque::new()),
+            frames: Mutex::new((VecDeque::new(), 0)),
             wake: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 
     /// Queue a frame; false (nothing queued) when the inbox is full.
     fn push(&self, frame: Vec<u8>) -> bool {
-        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
-        if frames.len() >= MAX_HANDOFF {
+        let mut guard = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let (frames, bytes) = &mut *guard;
+        if frames.len() >= MAX_HANDOFF || *bytes + frame.len() > MAX_HANDOFF_BYTES {
             return false;
         }
+        *bytes += frame.len();
         frames.push_back(frame);
         true
     }
 
     fn take(&self) -> VecDeque<Vec<u8>> {
-        std::mem::take(&mut *self.frames.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.frames.lock().unwrap_or_else(|e| e.into_inner())).0
     }
 }
 

@@ -413,6 +413,26 @@ fn no_buffers(queue: &mut virtio_queue::Queue, mem: &Mem, popped: usize) -> Plac
 mod tests {
     use super::*;
 
+    /// Frames for a guest that posts no RX buffers wait within a byte bound (by count
+    /// alone, 1024 x 64 KiB), the rest dropped and counted.
+    #[test]
+    fn rx_pending_is_bounded_in_bytes() {
+        let counters = Counters::default();
+        let mut rx = RxQueue::default();
+        for _ in 0..1024 {
+            rx.push(vec![0u8; 65_550], OutHdr::Plain, &counters);
+            assert!(rx.pending_bytes <= MAX_PENDING_RX_BYTES);
+        }
+        assert_eq!(rx.pending(), MAX_PENDING_RX_BYTES / 65_550);
+        assert_eq!(
+            counters.drops(DropReason::RxQueueFull),
+            (1024 - MAX_PENDING_RX_BYTES / 65_550) as u64
+        );
+        rx.clear();
+        rx.push(vec![0u8; 100], OutHdr::Plain, &counters);
+        assert_eq!(rx.pending_bytes, 100);
+    }
+
     #[test]
     fn guest_reader_reads_within_across_and_outside_regions() {
         // Two adjacent 4 KiB regions, then a hole, then one more.
