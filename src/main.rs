@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use moat::control::{self, VmState};
 use moat::device::server::{self, ServeOptions};
-use moat::device::Tuning;
+use moat::device::{fd_budget, Tuning};
 use moat::policy::Policy;
 use moat::sandbox;
 use moat::telemetry::{metrics, Counters};
@@ -120,6 +120,8 @@ enum LogFormat {
 }
 
 const EXIT_RUNTIME: u8 = 1;
+/// Forward listeners `moat forward add` may add, counted in the descriptor reserve.
+const RUNTIME_FORWARD_ROOM: usize = 16;
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
@@ -339,13 +341,30 @@ fn enter_landlock(
 
 fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
     let (metrics_addr, control_path) = (ep.metrics, ep.control);
-    let policy = match Policy::load(policy_path) {
+    let mut policy = match Policy::load(policy_path) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Descriptors: the soft limit raised to the hard one, a budget for flows, max_flows
+    // clamped (with a warning) if it could need more.
+    match fd_budget::plan(
+        opts.tuning.queue_pairs,
+        policy.forward.len() + RUNTIME_FORWARD_ROOM,
+    ) {
+        Ok(plan) => {
+            fd_budget::clamp_max_flows(&mut policy);
+            tracing::info!(
+                nofile = plan.nofile,
+                flow_fds = plan.flow_fds,
+                max_flows = policy.limits.max_flows,
+                "descriptor budget"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE: no descriptor budget"),
+    }
     if ep.sandbox {
         if let Err(e) = enter_landlock(policy_path, &policy, opts, ep) {
             eprintln!("moat: {e}");

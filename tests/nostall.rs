@@ -57,7 +57,7 @@ fn moat_prompt(args: &[&str], control: &Path) -> (i32, String, Duration) {
         .arg("--control")
         .arg(control)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     loop {
@@ -65,6 +65,9 @@ fn moat_prompt(args: &[&str], control: &Path) -> (i32, String, Duration) {
             let took = started.elapsed();
             let mut out = String::new();
             if let Some(mut s) = child.stdout.take() {
+                let _ = std::io::Read::read_to_string(&mut s, &mut out);
+            }
+            if let Some(mut s) = child.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut s, &mut out);
             }
             return (status.code().unwrap_or(-1), out, took);
@@ -370,4 +373,137 @@ fn dns_over_tcp_without_reading_keeps_moat_bounded() {
     );
     // moat still answers the operator and a well-behaved query on UDP.
     stats(&m.path("control.sock"));
+}
+
+/// TCP flags of a frame from the gateway side to the guest's `port`, if it is TCP.
+fn tcp_flags_to(frame: &[u8]) -> Option<(u16, u8)> {
+    if frame.len() < 54 || frame[12..14] != [0x08, 0x00] || frame[23] != 6 {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let tcp = frame.get(14 + ihl..14 + ihl + 20)?;
+    Some((u16::from_be_bytes([tcp[2], tcp[3]]), tcp[13]))
+}
+
+/// moat under `prlimit --nofile=256` with the default max_flows (4096, far more than 256
+/// descriptors hold), a guest opening more connections than fit: every SYN is answered
+/// (SYN-ACK, or a RST for those past the budget: never silence), `moat stats` answers
+/// throughout, and a reconnecting frontend is accepted.
+#[test]
+fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
+    const SYNS: u16 = 300;
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let text = policy(&format!(
+        "[proxy]\nhttp = \"{}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [443]\nto = [\"example.com\"]\n[dns]\nallow = [\"example.com\"]\n",
+        proxy.addr
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vm.toml"), &text).unwrap();
+    let control = dir.path().join("control.sock");
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=256")
+        .arg("--")
+        .arg(moat_bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.path().join("moat.sock"))
+        .arg("--policy")
+        .arg(dir.path().join("vm.toml"))
+        .arg("--control")
+        .arg(&control)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
+    let child = Kill(child);
+    eventually("control socket", || control.exists());
+    let socket = dir.path().join("moat.sock");
+    let guest = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
+    let mut net = moat::guest::GuestNet::new(guest, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let site = net
+        .resolve("example.com", Duration::from_secs(10))
+        .unwrap()
+        .expect("example.com resolves");
+    let guest = net.sim();
+    let mut answered = std::collections::HashMap::new();
+    for i in 0..SYNS {
+        let sport = 20_000 + i;
+        guest
+            .send_frame(&craft::tcp_syn(
+                GUEST_MAC,
+                GW_MAC,
+                (GUEST, sport),
+                (site, 443),
+            ))
+            .unwrap();
+        if i % 50 == 49 {
+            // The operator is never locked out while the flows pile up.
+            stats(&control);
+        }
+        while let Some(frame) = guest.recv_frame(Duration::ZERO).unwrap() {
+            if let Some((port, flags)) = tcp_flags_to(&frame) {
+                answered.entry(port).or_insert(flags);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered.len() < usize::from(SYNS) && Instant::now() < deadline {
+        if let Some(frame) = guest.recv_frame(Duration::from_millis(100)).unwrap() {
+            if let Some((port, flags)) = tcp_flags_to(&frame) {
+                answered.entry(port).or_insert(flags);
+            }
+        }
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.0.id()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    eprintln!("moat holds {fds} descriptors of 256");
+    assert!(
+        fds + 32 <= 256,
+        "the operator's reserve is left free: moat holds {fds} of 256"
+    );
+    let rst = answered.values().filter(|f| *f & 0x04 != 0).count();
+    let synack = answered.values().filter(|f| *f & 0x12 == 0x12).count();
+    eprintln!(
+        "{SYNS} SYNs under nofile=256: {synack} SYN-ACKs, {rst} RSTs, {} unanswered",
+        usize::from(SYNS) - answered.len()
+    );
+    assert_eq!(
+        answered.len(),
+        usize::from(SYNS),
+        "every SYN is answered ({synack} SYN-ACKs, {rst} RSTs)"
+    );
+    assert!(rst > 0, "the flows past the budget are refused with a RST");
+    assert!(synack > 0, "flows within the budget open");
+    let s = stats(&control);
+    eprintln!(
+        "stats: flow_limit {}, fd_budget {}",
+        counter(&s, "drop.flow_limit"),
+        counter(&s, "drop.fd_budget")
+    );
+
+    // A reconnecting frontend is accepted, and served.
+    drop(net);
+    let mut guest = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
+    ping(&mut guest, 1, b"reconnected");
+    recv_matching(&mut guest, "echo reply after reconnecting", |_| true);
+    stats(&control);
+    drop(child);
+    let log = log.join().unwrap();
+    assert!(
+        log.contains("max_flows"),
+        "a warning line says max_flows was clamped:\n{log}"
+    );
 }

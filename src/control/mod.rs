@@ -117,7 +117,8 @@ impl VmState {
 
     fn try_reload(&self) -> Result<Reloaded, ReloadError> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
-        let new = Policy::load(&self.path)?;
+        let mut new = Policy::load(&self.path)?;
+        crate::device::fd_budget::clamp_max_flows(&mut new);
         let old = self.policy();
         let identity: [(&'static str, String, String); 5] = [
             ("name", old.vm.name.clone(), new.vm.name.clone()),

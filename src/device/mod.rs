@@ -5,6 +5,7 @@
 //! each queue pair ([`pair::QueuePair`], one worker thread each) its events.
 
 pub mod config;
+pub mod fd_budget;
 pub mod pacer;
 pub mod pair;
 pub mod published;
@@ -139,9 +140,10 @@ pub fn attach(
 
 /// Undo [`attach`] when the connection ends (breaks the device <-> loop reference cycle).
 pub fn detach(device: &Arc<NetDevice>) {
-    for pair in &device.pairs {
+    for (index, pair) in device.pairs.iter().enumerate() {
         let mut pair = lock(pair);
         pair.datapath.flows().detach();
+        fd_budget::note(index, 0);
         pair.timer = None;
         pair.loop_fd = None;
     }
@@ -191,6 +193,7 @@ impl NetDevice {
                     .as_ref()
                     .map_or_else(Steering::default, |o| Steering::pair(Arc::clone(o), index));
                 datapath.flows().place(tokens.first_flow, steering);
+                datapath.flows().set_fd_slot(index);
                 let setup = PairSetup {
                     index,
                     tokens,

@@ -302,6 +302,7 @@ impl QueuePair {
         let mrg = config::has_feature(self.acked_features, VIRTIO_NET_F_MRG_RXBUF);
         let flushed = self.rx.flush(rx_vring, mem, mrg, &counters);
         self.arm_timer();
+        super::fd_budget::note(self.index, self.datapath.flows().host_fds());
         flushed
     }
 

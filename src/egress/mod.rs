@@ -101,6 +101,8 @@ pub struct Flows {
     free_tokens: Vec<u64>,
     /// With several queue pairs: which pair this is, and the VM's flow owners.
     steering: Steering,
+    /// This pair's slot in the descriptor budget (crate::device::fd_budget).
+    fd_slot: usize,
 }
 
 impl std::fmt::Debug for Flows {
@@ -135,7 +137,19 @@ impl Flows {
             first_token: u64::MAX,
             free_tokens: Vec::new(),
             steering: Steering::default(),
+            fd_slot: 0,
         }
+    }
+
+    /// Which slot of the descriptor budget this flow table reports in (its queue pair).
+    pub fn set_fd_slot(&mut self, slot: usize) {
+        self.fd_slot = slot;
+    }
+
+    /// Descriptors the flows hold or are about to (registered sockets, and flows still
+    /// sniffing their name, which will need one), for the descriptor budget.
+    pub fn host_fds(&self) -> usize {
+        self.by_token.len() + self.sniffing.len()
     }
 
     /// Where this flow table sits: the first event token it may hand out (those below
@@ -315,7 +329,9 @@ impl Flows {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
-            if self.steering.open_flows(self.flows.len()) >= self.policy.limits.max_flows {
+            if self.steering.open_flows(self.flows.len()) >= self.policy.limits.max_flows
+                || crate::device::fd_budget::check(self.fd_slot, self.host_fds(), 0).is_err()
+            {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
@@ -465,6 +481,7 @@ impl Flows {
     }
 
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
+        crate::device::fd_budget::check(self.fd_slot, self.host_fds(), 1)?;
         if self
             .steering
             .open_flows(self.flows.len() + self.sniffing.len() + self.dns_conns.len())
@@ -601,6 +618,7 @@ impl Flows {
     }
 
     fn open_udp(&mut self, key: udp::UdpKey) -> Result<(), DropReason> {
+        crate::device::fd_budget::check(self.fd_slot, self.host_fds(), 2)?;
         if self.steering.open_flows(
             self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len(),
         ) >= self.policy.limits.max_flows

@@ -99,8 +99,11 @@ reasons! {
     TcpNoFlow => "tcp_no_flow",
     /// A SYN with FIN or RST set.
     TcpBadFlags => "tcp_bad_flags",
-    /// `limits.max_flows` reached: new connections are refused.
+    /// `limits.max_flows` reached: new connections are refused (a SYN gets a RST).
     FlowLimit => "flow_limit",
+    /// The descriptor budget is spent (RLIMIT_NOFILE less moat's own and the operator's
+    /// reserve): new connections are refused (a SYN gets a RST).
+    FdBudget => "fd_budget",
     /// To a 198.18.0.0/15 address moat never gave out in DNS.
     UnknownSyntheticAddress => "unknown_synthetic_address",
     /// To a reserved range (loopback, private, link-local, metadata, ...) no rule names.
