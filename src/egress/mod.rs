@@ -146,6 +146,17 @@ impl Flows {
         self.fd_slot = slot;
     }
 
+    /// Room for one more flow needing `fds` descriptors: every kind of flow (TCP, sniffing,
+    /// DNS over TCP, UDP association) counts against `limits.max_flows`, and the VM's flows
+    /// stay within the descriptor budget.
+    fn admit(&self, fds: usize) -> Result<(), DropReason> {
+        let open = self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len();
+        if self.steering.open_flows(open) >= self.policy.limits.max_flows {
+            return Err(DropReason::FlowLimit);
+        }
+        crate::device::fd_budget::check(self.fd_slot, self.host_fds(), fds)
+    }
+
     /// Descriptors the flows hold or are about to (registered sockets, and flows still
     /// sniffing their name, which will need one), for the descriptor budget.
     pub fn host_fds(&self) -> usize {
@@ -481,7 +492,7 @@ impl Flows {
     }
 
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
-        crate::device::fd_budget::check(self.fd_slot, self.host_fds(), 1)?;
+        self.admit(1)?;
         if self
             .steering
             .open_flows(self.flows.len() + self.sniffing.len() + self.dns_conns.len())
@@ -618,7 +629,7 @@ impl Flows {
     }
 
     fn open_udp(&mut self, key: udp::UdpKey) -> Result<(), DropReason> {
-        crate::device::fd_budget::check(self.fd_slot, self.host_fds(), 2)?;
+        self.admit(2)?;
         if self.steering.open_flows(
             self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len(),
         ) >= self.policy.limits.max_flows

@@ -50,6 +50,9 @@ const MAX_QUEUED: usize = 4096;
 /// queue is first handed to the stack (a poll), so only packets the stack cannot take
 /// are dropped.
 pub const MAX_QUEUED_BYTES: usize = 1 << 20;
+/// Bytes of packets the stack may make for the guest before they are taken, at most (then
+/// the stack's sockets keep their data until the next poll): 32 segments of 64 KiB.
+pub const MAX_EGRESS_BYTES: usize = 2 << 20;
 
 /// Packet queues standing in for a NIC.
 #[derive(Debug, Default)]
@@ -58,6 +61,8 @@ struct Queues {
     /// Bytes in `to_stack`.
     queued_bytes: usize,
     from_stack: Vec<Vec<u8>>,
+    /// Bytes in `from_stack`.
+    egress_bytes: usize,
     mtu: usize,
 }
 
@@ -69,7 +74,7 @@ impl Queues {
 
 /// A received packet as a smoltcp RX token (also used by the simulated guest's stack).
 pub struct Rx(pub Vec<u8>);
-struct Tx<'a>(&'a mut Vec<Vec<u8>>);
+struct Tx<'a>(&'a mut Vec<Vec<u8>>, &'a mut usize);
 
 impl RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -83,6 +88,7 @@ impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut buf = vec![0u8; PACKET_HEADROOM + len];
         let r = f(&mut buf[PACKET_HEADROOM..]);
+        *self.1 += buf.len();
         self.0.push(buf);
         r
     }
@@ -95,11 +101,15 @@ impl Device for Queues {
     fn receive(&mut self, _now: SmolInstant) -> Option<(Rx, Tx<'_>)> {
         let packet = self.to_stack.pop_front()?;
         self.queued_bytes -= packet.len();
-        Some((Rx(packet), Tx(&mut self.from_stack)))
+        // Answers to a received packet (ACKs, RSTs) always go: at most one per packet.
+        Some((Rx(packet), Tx(&mut self.from_stack, &mut self.egress_bytes)))
     }
 
     fn transmit(&mut self, _now: SmolInstant) -> Option<Tx<'_>> {
-        Some(Tx(&mut self.from_stack))
+        if self.egress_bytes >= MAX_EGRESS_BYTES {
+            return None; // the sockets keep their data until the packets are taken
+        }
+        Some(Tx(&mut self.from_stack, &mut self.egress_bytes))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -258,6 +268,7 @@ impl Stack {
     /// IP packets the stack sent to the guest since the last call, each behind
     /// PACKET_HEADROOM.
     pub fn take_egress(&mut self) -> Vec<Vec<u8>> {
+        self.queues.egress_bytes = 0;
         std::mem::take(&mut self.queues.from_stack)
     }
 
