@@ -1,7 +1,7 @@
 //! Frame parse + verdict, ns per frame, for each class of frame a guest sends.
 //!
 //! Three measurements per class, all in this run:
-//! - `verdict`: `frame::parse` + `Firewall::verdict` (+ the egress route decision for TCP
+//! - `verdict`: `frame::parse` + `Firewall::verdict` (+ the gate's admission for TCP
 //!   SYNs beyond the gateway, which is where "allowed" and "denied" part ways);
 //! - `datapath`: the whole `Datapath::guest_frame` (virtio-net header, parse, verdict, answer
 //!   or drop, counters), for the classes that do not open a flow;
@@ -24,10 +24,11 @@ use etherparse::{PacketBuilder, SlicedPacket};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 use moat::datapath::Datapath;
-use moat::egress::route;
+use moat::firewall::gate::{self, Requested};
 use moat::firewall::{Firewall, Verdict};
 use moat::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use moat::frame::{self, craft, Network, Transport};
+use moat::policy::Protocol;
 use moat::policy::{MacAddr, Policy, GATEWAY_MAC};
 use moat::services::dns::pool::NamePool;
 use moat::telemetry::{Counters, DropReason};
@@ -149,7 +150,7 @@ fn classes() -> Vec<Class> {
 }
 
 /// What moat decides for one frame: the firewall's verdict and, for a new TCP connection
-/// beyond the gateway, the egress route (allowed by a rule, or dropped with a reason).
+/// beyond the gateway, the gate's admission (allowed by a rule, or dropped with a reason).
 fn decide(fw: &Firewall, policy: &Policy, names: &NamePool, bytes: &[u8]) -> Verdict {
     let frame = match frame::parse(bytes) {
         Ok(frame) => frame,
@@ -159,7 +160,12 @@ fn decide(fw: &Firewall, policy: &Policy, names: &NamePool, bytes: &[u8]) -> Ver
         Verdict::Flow => {
             if let Network::Ipv4(ip) = &frame.net {
                 if let Transport::Tcp(tcp) = &ip.transport {
-                    if let Err(reason) = route::route_tcp(policy, names, ip.dst, tcp.dst_port) {
+                    let requested = Requested::Address {
+                        ip: ip.dst,
+                        dns_name: names.lookup(ip.dst).map(str::to_string),
+                    };
+                    if let Err(reason) = gate::admit(policy, Protocol::Tcp, requested, tcp.dst_port)
+                    {
                         return Verdict::Drop(reason);
                     }
                 }
@@ -292,7 +298,7 @@ fn main() {
     println!();
     print!("{table}");
     println!(
-        "(verdict = frame::parse + Firewall::verdict (+ egress route for new TCP); peer = \
+        "(verdict = frame::parse + Firewall::verdict (+ the gate for new TCP); peer = \
          etherparse SlicedPacket::from_ethernet on the same bytes; datapath = \
          Datapath::guest_frame incl. answer/drop counting, not run for tcp_syn_allowed, which \
          would open a flow)"

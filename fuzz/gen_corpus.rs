@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 
 use dhcproto::v4::MessageType;
-use moat::egress::route::Target;
+use moat::firewall::gate::Target;
 use moat::egress::socks5;
 use moat::frame::craft;
 use moat::policy::{MacAddr, GATEWAY_MAC};

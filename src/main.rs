@@ -200,6 +200,9 @@ fn check(file: &Path) -> ExitCode {
     match Policy::load(file) {
         Ok(policy) => {
             print!("{}", policy.summary());
+            for warning in policy.warnings() {
+                eprintln!("{}: warning: {warning}", file.display());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -370,6 +373,9 @@ fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
             eprintln!("moat: {e}");
             return ExitCode::from(EXIT_RUNTIME);
         }
+    }
+    for warning in policy.warnings() {
+        tracing::warn!(policy = %policy_path.display(), "{warning}");
     }
     moat::stack::map_flow_buffers();
     let connect_ports = policy.connect_ports();

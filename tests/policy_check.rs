@@ -57,6 +57,38 @@ fn shipped_policies_pass_with_a_summary() {
     );
 }
 
+/// A rule that allows any name is valid, but the proxy alone then decides where names lead:
+/// `moat check` says so on stderr and still exits 0.
+#[test]
+fn a_rule_for_any_name_is_valid_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("any.toml");
+    std::fs::write(
+        &path,
+        format!("{VM}[proxy]\nhttp = \"127.0.0.1:3128\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [80, 443]\n[[outbound]]\nprotocol = \"tcp\"\nports = [22]\nto = [\"git.example.com\"]\n"),
+    )
+    .unwrap();
+    let out = check(&path);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let warnings: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning, for the any-name rule: {}",
+        out.stderr
+    );
+    let head = format!(
+        "{}: warning: outbound[0] (tcp ports 80,443) allows any name",
+        path.display()
+    );
+    assert!(warnings[0].starts_with(&head), "{}", warnings[0]);
+    assert!(
+        warnings[0].contains("Configure your proxy"),
+        "{}",
+        warnings[0]
+    );
+}
+
 const VM: &str = "[vm]\nname = \"t\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/30\"\n";
 
 #[test]

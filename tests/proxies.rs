@@ -142,7 +142,7 @@ fn tinyproxy_connect_to_an_ip_literal_named_by_cidr() {
 }
 
 #[test]
-fn explicit_proxy_port_is_spliced_to_tinyproxy() {
+fn explicit_proxy_port_tunnels_through_tinyproxy() {
     if !available("tinyproxy", "tinyproxy") {
         return;
     }
@@ -248,7 +248,7 @@ fn dante_udp_associate_carries_datagrams_both_ways() {
     let socks = dante();
     let text = format!(
         "[vm]\nname = \"udp\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n\
-         [proxy]\nsocks5 = \"{}\"\n[[outbound]]\nprotocol = \"udp\"\nports = [{}]\nto = [\"localhost\"]\n\
+         [proxy]\nsocks5 = \"{}\"\n[[outbound]]\nprotocol = \"udp\"\nports = [{}]\nto = [\"localhost\", \"127.0.0.1/32\"]\n\
          [dns]\nallow = [\"localhost\"]\n",
         socks.addr,
         echo.port()

@@ -214,7 +214,8 @@ fn egress_and_forward(queues: u16) {
         format!(
             "[vm]\nname = \"e2e-egress\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/30\"\n\
              [proxy]\nhttp = \"{}\"\nexplicit_port = 3128\n\
-             [[outbound]]\nprotocol = \"tcp\"\nports = [{}]\nto = [\"localhost\"]\n\
+             [[outbound]]\nprotocol = \"tcp\"\nports = [{}]\nto = [\"localhost\", \"127.0.0.1/32\"]\n\
+             [[outbound]]\nprotocol = \"tcp\"\nports = [80]\n\
              [dns]\nallow = [\"localhost\"]\n\
              [[forward]]\nlisten = \"{forward}\"\nguest_port = 3000\n",
             proxy.addr,
@@ -249,11 +250,29 @@ fn egress_and_forward(queues: u16) {
             ("wget-transparent", "pass"),
             ("wget-explicit-proxy", "pass"),
             ("wget-ip-literal", "fail"),
+            ("smuggle-host-127.0.0.1", "fail"),
+            ("smuggle-host-0x7f000001", "fail"),
+            ("smuggle-host-localhost", "fail"),
+            ("smuggle-host-metadata", "fail"),
+            ("explicit-metadata", "fail"),
+            ("explicit-loopback-decimal", "fail"),
+            ("explicit-connect-ssh", "fail"),
+            ("explicit-connect-refused-403", "pass"),
             ("http-internet", "fail"),
             ("forward-httpd", "pass"),
             ("host-fetch-forward", "pass"),
         ],
     );
+    // tinyproxy's own log is the witness that the refused attempts never reached it, while
+    // the allowed ones did.
+    let log = proxy.log();
+    assert!(
+        log.contains(&format!("127.0.0.1:{}", origin.port())),
+        "the allowed requests reached tinyproxy:\n{log}"
+    );
+    for never in ["169.254.169.254", "2130706433", "0x7f000001", "127.0.0.1:22", "127.0.0.1:80 "] {
+        assert!(!log.contains(never), "{never} reached tinyproxy:\n{log}");
+    }
 }
 
 /// moat is SIGKILLed while the guest runs with QEMU's reconnecting chardev, then restarted on

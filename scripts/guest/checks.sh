@@ -47,6 +47,27 @@ fetch_via() { # proxy url: the same through an explicit HTTP proxy
   body=$(http_proxy="$1" timeout 10 wget -q -O - "$2" 2>/dev/null) && [ "$body" = ok ]
 }
 
+smuggle() { # host: HTTP to a public address whose Host header says $1; "works" if anything
+  # at all comes back (moat must reset it before a proxy is asked)
+  resp=$(printf 'GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$1" |
+    timeout 6 nc -w 3 198.51.100.1 80 2>/dev/null)
+  [ -n "$resp" ]
+}
+
+fetch_any_via() { # proxy url: works if the request gets any 2xx through the proxy
+  http_proxy="$1" timeout 10 wget -q -O /dev/null "$2" 2>/dev/null
+}
+
+connect_via() { # gateway host:port: works if the explicit proxy port opens the tunnel
+  resp=$(printf 'CONNECT %s HTTP/1.1\r\n\r\n' "$2" | timeout 6 nc -w 3 "$1" 3128 2>/dev/null)
+  case "$resp" in "HTTP/1."?" 200"*) return 0 ;; *) return 1 ;; esac
+}
+
+refused_403() { # gateway host:port: moat itself answers 403 with the reason
+  resp=$(printf 'CONNECT %s HTTP/1.1\r\n\r\n' "$2" | timeout 6 nc -w 3 "$1" 3128 2>/dev/null)
+  case "$resp" in "HTTP/1.1 403 Forbidden"*"moat: reserved_destination"*) return 0 ;; *) echo "$resp"; return 1 ;; esac
+}
+
 ip link set eth0 up
 check dhcp pass udhcpc -i eth0 -n -q -t 5 -T 2
 check dhcp-address pass test "$(cat /tmp/dhcp-ip 2>/dev/null)" = "$expect_ip"
@@ -86,6 +107,17 @@ if [ -n "$egress" ]; then
   check wget-transparent pass fetch "http://localhost:$egress/"
   check wget-explicit-proxy pass fetch_via "http://$gw:3128" "http://localhost:$egress/"
   check wget-ip-literal fail fetch "http://198.51.100.1:$egress/"
+  # The gate, as a hostile guest tries it (the policy allows any name on port 80): a public
+  # address whose Host header names loopback, and explicit-proxy requests for loopback and
+  # the metadata service. moat resets or answers 403; nothing may come back from beyond it.
+  check smuggle-host-127.0.0.1 fail smuggle "127.0.0.1"
+  check smuggle-host-0x7f000001 fail smuggle "0x7f000001"
+  check smuggle-host-localhost fail smuggle "localhost"
+  check smuggle-host-metadata fail smuggle "169.254.169.254"
+  check explicit-metadata fail fetch_any_via "http://$gw:3128" "http://169.254.169.254/"
+  check explicit-loopback-decimal fail fetch_any_via "http://$gw:3128" "http://2130706433/"
+  check explicit-connect-ssh fail connect_via "$gw" "127.0.0.1:22"
+  check explicit-connect-refused-403 pass refused_403 "$gw" "localhost:22"
   mkdir -p /www && echo guest-page > /www/index.html
   httpd -f -v -p 3000 -h /www 2>/tmp/httpd.log &
   echo MOAT-HTTPD-UP

@@ -1,7 +1,7 @@
 //! HTTP CONNECT (RFC 9110 9.3.6) to the host proxy: the request, and the reply parsed with
 //! httparse. Only the status matters: 2xx opens the tunnel, anything else refuses it.
 
-use super::route::Target;
+use crate::firewall::gate::Target;
 
 /// The largest reply header accepted from a proxy.
 pub const MAX_REPLY: usize = 8 * 1024;

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use smoltcp::iface::SocketHandle;
+use crate::stack::SocketHandle;
 use smoltcp::socket::tcp::State;
 
 use crate::policy::Dns;

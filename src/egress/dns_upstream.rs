@@ -1,12 +1,18 @@
-//! `dns.mode = "upstream"`: queries for allowed names go to the upstream resolver over UDP
-//! with a fresh id, and answers come back to the guest under its own id. The addresses in
-//! the answers are remembered with the name, so a flow to one of them goes to the proxy by
-//! that name.
+//! `dns.mode = "upstream"`: allowed names are resolved by the upstream resolver, over UDP.
+//!
+//! The guest's message is never forwarded: moat asks its own minimal question (type A for the
+//! allowed name, a random id, from a socket on a kernel-chosen port), accepts only a response
+//! from the resolver's address to exactly that question, and builds the guest's answer from
+//! the guest's own query. Addresses in reserved ranges are left out unless a rule names them
+//! by CIDR (the gate's `admit_resolved`: DNS rebinding); the rest are remembered with the
+//! name, so a flow to one of them goes to the proxy by that name.
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
+use crate::firewall::gate;
+use crate::policy::Policy;
 use crate::services::dns::{self, DnsOutcome, NamePool};
 use crate::telemetry::{Counters, DropReason};
 
@@ -14,6 +20,10 @@ use crate::telemetry::{Counters, DropReason};
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Queries in flight at most (a flooding guest cannot grow the table).
 const MAX_PENDING: usize = 1024;
+/// Names whose reserved answers were logged (once each), at most.
+const MAX_LOGGED_NAMES: usize = 1024;
+/// The largest guest query kept for building its answer.
+const MAX_GUEST_QUERY: usize = 512;
 
 /// Where an upstream answer goes back to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +37,8 @@ pub enum ReplyTo {
 #[derive(Debug)]
 struct Pending {
     reply_to: ReplyTo,
-    guest_id: u16,
+    /// The guest's query, to answer in its own terms (id, question, flags).
+    guest_query: Vec<u8>,
     name: String,
     sent: Instant,
 }
@@ -38,7 +49,8 @@ pub struct Upstream {
     pub server: SocketAddr,
     pub socket: UdpSocket,
     pending: HashMap<u16, Pending>,
-    next_id: u16,
+    /// Names whose reserved answers were already logged.
+    logged: HashSet<String>,
 }
 
 impl Upstream {
@@ -54,11 +66,11 @@ impl Upstream {
             server,
             socket,
             pending: HashMap::new(),
-            next_id: 1,
+            logged: HashSet::new(),
         })
     }
 
-    /// Send the guest's query upstream under a fresh id.
+    /// Ask the resolver for `name` (which the guest's `query` asked for) under a random id.
     pub fn forward(
         &mut self,
         reply_to: ReplyTo,
@@ -66,25 +78,26 @@ impl Upstream {
         name: String,
     ) -> Result<(), DropReason> {
         self.pending.retain(|_, p| p.sent.elapsed() < QUERY_TIMEOUT);
-        if self.pending.len() >= MAX_PENDING || query.len() < 12 {
+        if self.pending.len() >= MAX_PENDING || query.len() < 12 || query.len() > MAX_GUEST_QUERY {
             return Err(DropReason::DnsMalformed);
         }
-        let mut id = self.next_id;
-        while self.pending.contains_key(&id) {
-            id = id.wrapping_add(1);
-        }
-        self.next_id = id.wrapping_add(1);
-        let guest_id = u16::from_be_bytes([query[0], query[1]]);
-        let mut out = query.to_vec();
-        out[..2].copy_from_slice(&id.to_be_bytes());
+        let id = loop {
+            let mut bytes = [0u8; 2];
+            getrandom::fill(&mut bytes).map_err(|_| DropReason::ProxyUnreachable)?;
+            let id = u16::from_ne_bytes(bytes);
+            if !self.pending.contains_key(&id) {
+                break id;
+            }
+        };
+        let ours = dns::upstream_query(id, &name).ok_or(DropReason::DnsMalformed)?;
         self.socket
-            .send_to(&out, self.server)
+            .send_to(&ours, self.server)
             .map_err(|_| DropReason::ProxyUnreachable)?;
         self.pending.insert(
             id,
             Pending {
                 reply_to,
-                guest_id,
+                guest_query: query.to_vec(),
                 name,
                 sent: Instant::now(),
             },
@@ -97,39 +110,63 @@ impl Upstream {
     pub fn receive(
         &mut self,
         names: &mut NamePool,
-        gateway: Ipv4Addr,
-        guest: Ipv4Addr,
+        policy: &Policy,
         counters: &Counters,
         out: &mut Vec<Vec<u8>>,
         tcp: &mut Vec<(u64, Vec<u8>)>,
     ) {
         let mut buf = [0u8; 4096];
         while let Ok((n, from)) = self.socket.recv_from(&mut buf) {
+            let reply = &buf[..n];
             if from != self.server || n < 12 {
+                counters.drop_frame(
+                    DropReason::DnsUpstreamMismatch,
+                    format_args!("upstream dns: datagram from {from}, not the resolver"),
+                );
                 continue;
             }
-            let id = u16::from_be_bytes([buf[0], buf[1]]);
-            let Some(p) = self.pending.remove(&id) else {
+            let id = u16::from_be_bytes([reply[0], reply[1]]);
+            let answer = self
+                .pending
+                .get(&id)
+                .and_then(|p| dns::read_upstream_reply(reply, id, &p.name));
+            let Some((answer, p)) = answer.and_then(|a| Some((a, self.pending.remove(&id)?)))
+            else {
+                counters.drop_frame(
+                    DropReason::DnsUpstreamMismatch,
+                    format_args!("upstream dns: reply to no question moat asked"),
+                );
                 continue;
             };
-            let mut reply = buf[..n].to_vec();
-            reply[..2].copy_from_slice(&p.guest_id.to_be_bytes());
-            for addr in dns::a_records(&reply) {
-                names.remember(addr, &p.name);
-            }
-            counters.dns_answered(DnsOutcome::Forwarded);
-            let guest_port = match p.reply_to {
-                ReplyTo::Udp(port) => port,
-                ReplyTo::Tcp(conn) => {
-                    tcp.push((conn, reply));
-                    continue;
+            let mut kept = Vec::with_capacity(answer.addresses.len());
+            for (addr, ttl) in answer.addresses {
+                match gate::admit_resolved(policy, addr) {
+                    Ok(()) => {
+                        names.remember(addr, &p.name);
+                        kept.push((addr, ttl));
+                    }
+                    Err(reason) => {
+                        let first = self.logged.len() < MAX_LOGGED_NAMES
+                            && self.logged.insert(p.name.clone());
+                        if first {
+                            tracing::warn!(name = %p.name, %addr, "upstream resolver answered an allowed name with a reserved address: left out of the guest's answer");
+                        }
+                        counters.drop_frame(reason, format_args!("{} -> {addr}", p.name));
+                    }
                 }
+            }
+            let Some(message) = dns::relay_answer(&p.guest_query, answer.code, &kept) else {
+                continue;
             };
-            let (from, to) = (
-                SocketAddrV4::new(gateway, 53),
-                SocketAddrV4::new(guest, guest_port),
-            );
-            out.extend(crate::frame::udp_packet(from, to, &reply));
+            counters.dns_answered(DnsOutcome::Forwarded);
+            match p.reply_to {
+                ReplyTo::Tcp(conn) => tcp.push((conn, message)),
+                ReplyTo::Udp(port) => out.extend(crate::frame::udp_packet(
+                    SocketAddrV4::new(policy.vm.gateway, dns::DNS_PORT),
+                    SocketAddrV4::new(policy.vm.address, port),
+                    &message,
+                )),
+            }
         }
     }
 }

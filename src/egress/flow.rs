@@ -10,12 +10,13 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use smoltcp::iface::SocketHandle;
+use crate::stack::SocketHandle;
 use smoltcp::socket::tcp::State;
 
 use super::connect;
-use super::route::{Route, Target};
+use super::explicit::Front;
 use super::socks5;
+use crate::firewall::gate::{Admitted, Target};
 use crate::stack::Stack;
 
 /// An open flow with no bytes either way for this long is reset (both sides).
@@ -78,10 +79,39 @@ impl End {
     }
 }
 
+/// Where a flow's host side leads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlowRoute {
+    /// Out of the guest, to a proxy, as the gate admitted it.
+    Egress(Admitted),
+    /// Into the guest: a host peer of a `[[forward]]` (already connected).
+    Forward { peer: SocketAddr, guest_port: u16 },
+}
+
+impl FlowRoute {
+    /// `target:port` for logs and the flow table.
+    pub fn describe(&self) -> String {
+        match self {
+            FlowRoute::Egress(a) => format!("{}:{}", a.target(), a.port()),
+            FlowRoute::Forward { peer, guest_port } => {
+                format!("forward {peer} -> guest:{guest_port}")
+            }
+        }
+    }
+
+    /// The `[[outbound]]` rule that allowed it (none for forwards).
+    pub fn rule(&self) -> Option<usize> {
+        match self {
+            FlowRoute::Egress(a) => Some(a.rule()),
+            FlowRoute::Forward { .. } => None,
+        }
+    }
+}
+
 /// What is said to the proxy before bytes flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Negotiation {
-    /// Nothing: the guest speaks the proxy protocol itself (explicit proxy port).
+    /// Nothing: a forward's host peer is already connected.
     Splice,
     /// `CONNECT target:port`, wait for 2xx.
     HttpConnect,
@@ -153,7 +183,12 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct Flow {
     pub key: FlowKey,
-    pub route: Route,
+    pub route: FlowRoute,
+    /// Set for a request taken on the explicit-proxy port: what the guest and the tunnel
+    /// get once the proxy accepts, and the HTTP error the guest gets if it refuses.
+    front: Option<Front>,
+    /// Bytes for the proxy before the guest's own (an explicit-proxy request, rewritten).
+    pending_up: Vec<u8>,
     pub handle: SocketHandle,
     pub stream: TcpStream,
     pub token: u64,
@@ -180,16 +215,21 @@ pub struct Flow {
 impl Flow {
     pub fn new(
         key: FlowKey,
-        route: Route,
+        route: FlowRoute,
         negotiation: Negotiation,
         handle: SocketHandle,
         stream: TcpStream,
         token: u64,
     ) -> Flow {
-        let request = negotiation.first(&route.target, route.port);
+        let request = match &route {
+            FlowRoute::Egress(a) => negotiation.first(a.target(), a.port()),
+            FlowRoute::Forward { .. } => Vec::new(),
+        };
         Flow {
             key,
             route,
+            front: None,
+            pending_up: Vec::new(),
             handle,
             stream,
             token,
@@ -211,8 +251,14 @@ impl Flow {
         }
     }
 
-    pub fn proxy(&self) -> SocketAddr {
-        self.route.proxy
+    /// This flow carries a request taken on the explicit-proxy port.
+    pub fn set_front(&mut self, front: Front) {
+        self.front = Some(front);
+    }
+
+    /// Whether this flow came from the explicit-proxy port.
+    pub fn is_front(&self) -> bool {
+        self.front.is_some()
     }
 
     /// Advance the flow as far as it can go now. Returns whether anything moved.
@@ -221,7 +267,7 @@ impl Flow {
             self.bytes_up,
             self.bytes_down,
             self.request_sent,
-            self.reply.len(),
+            self.reply.len() + self.pending_up.len(),
         );
         let was = std::mem::discriminant(&self.phase);
         match self.phase {
@@ -235,7 +281,7 @@ impl Flow {
                     self.bytes_up,
                     self.bytes_down,
                     self.request_sent,
-                    self.reply.len(),
+                    self.reply.len() + self.pending_up.len(),
                 )
     }
 
@@ -249,6 +295,18 @@ impl Flow {
                 // (that would send a FIN first): closing the socket when the flow is reaped
                 // sends the RST.
                 let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+            }
+            End::ProxyRefused(_) | End::ProxyUnreachable | End::ProxyBadReply
+                if self.front.is_some() && self.phase != Phase::Open =>
+            {
+                // An explicit-proxy client gets an HTTP answer, not a reset.
+                let socket = stack.socket(self.handle);
+                let _ = socket.send_slice(&super::explicit::error_response(
+                    502,
+                    &format!("the proxy did not open the tunnel ({})", end.as_str()),
+                ));
+                socket.close();
+                let _ = self.stream.shutdown(Shutdown::Both);
             }
             _ => {
                 stack.socket(self.handle).abort();
@@ -297,11 +355,13 @@ impl Flow {
                     if self.reply.len() > connect::MAX_REPLY {
                         return self.finish(stack, End::ProxyBadReply);
                     }
-                    match self.negotiation.on_reply(
-                        &self.reply,
-                        &self.route.target,
-                        self.route.port,
-                    ) {
+                    let FlowRoute::Egress(admitted) = &self.route else {
+                        return self.open(stack, 0);
+                    };
+                    match self
+                        .negotiation
+                        .on_reply(&self.reply, admitted.target(), admitted.port())
+                    {
                         Step::Incomplete => continue,
                         Step::Send(next, consumed) => {
                             self.reply.drain(..consumed);
@@ -326,8 +386,27 @@ impl Flow {
         self.pending_down = self.reply.split_off(consumed.min(self.reply.len()));
         self.reply.clear();
         self.phase = Phase::Open;
-        stack.socket(self.handle).pause_synack(false);
-        tracing::info!(flow = %self.key, target = %self.route.target, port = self.route.port, rule = self.route.rule, "flow open");
+        let socket = stack.socket(self.handle);
+        socket.pause_synack(false);
+        if let Some(front) = &self.front {
+            // The request head was for moat, not for the origin: take it out of the stream,
+            // then answer the client (CONNECT) or send the origin its rewritten request.
+            let mut left = front.head_len;
+            while left > 0 {
+                match socket.recv(|d| {
+                    let n = d.len().min(left);
+                    (n, n)
+                }) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left -= n,
+                }
+            }
+            let mut down = front.to_guest.clone();
+            down.append(&mut self.pending_down);
+            self.pending_down = down;
+            self.pending_up = front.to_origin.clone();
+        }
+        tracing::info!(flow = %self.key, target = %self.route.describe(), rule = ?self.route.rule(), "flow open");
     }
 
     /// Reset both sides now (a reloaded policy no longer allows the flow).
@@ -369,8 +448,20 @@ impl Flow {
             // Closed before both directions finished: the guest reset the connection.
             return self.finish(stack, End::GuestReset);
         }
+        // A rewritten explicit-proxy request goes first.
+        while !self.pending_up.is_empty() && self.writable {
+            match self.stream.write(&self.pending_up) {
+                Ok(0) => return self.finish(stack, End::ProxyReset),
+                Ok(n) => {
+                    self.pending_up.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.writable = false,
+                Err(_) => return self.finish(stack, End::ProxyReset),
+            }
+        }
+        let socket = stack.socket(self.handle);
         // Guest -> proxy: only what the proxy socket takes leaves the guest's buffer.
-        while socket.can_recv() && self.writable {
+        while self.pending_up.is_empty() && socket.can_recv() && self.writable {
             let stream = &mut self.stream;
             let mut result = Ok(0);
             let _ = socket.recv(|data| {
@@ -388,7 +479,11 @@ impl Flow {
             state,
             State::CloseWait | State::LastAck | State::Closing | State::TimeWait
         );
-        if guest_sent_fin && socket.recv_queue() == 0 && !self.upstream_shut {
+        if guest_sent_fin
+            && socket.recv_queue() == 0
+            && self.pending_up.is_empty()
+            && !self.upstream_shut
+        {
             // The guest sent FIN and everything before it went out: half-close upstream.
             let _ = self.stream.shutdown(Shutdown::Write);
             self.upstream_shut = true;

@@ -8,8 +8,8 @@
 pub mod connect;
 pub mod dns_tcp;
 pub mod dns_upstream;
+pub mod explicit;
 pub mod flow;
-pub mod route;
 pub mod sniff;
 pub mod socks5;
 pub mod steering;
@@ -21,17 +21,19 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use smoltcp::iface::SocketHandle;
+use crate::stack::SocketHandle;
 use smoltcp::socket::tcp::State;
 
 use vmm_sys_util::epoll::EventSet;
 
+use crate::firewall::gate::{self, Admitted, NameSource, Requested};
 use crate::frame::{Ipv4, Tcp, Udp};
-use crate::policy::{Forward, Policy, Via};
-use crate::services::dns::NamePool;
+use crate::policy::{Forward, Policy, Protocol, Via};
+use crate::services::dns::{NamePool, DNS_PORT};
 use crate::stack::Stack;
 use crate::telemetry::{Counters, DropReason, FlowEvent};
-use flow::{End, Flow, FlowKey, Negotiation, Phase};
+use explicit::Front;
+use flow::{End, Flow, FlowKey, FlowRoute, Negotiation, Phase};
 use steering::{SteerKey, Steering};
 
 /// How the flow table asks the event loop to watch proxy sockets.
@@ -53,9 +55,31 @@ const FORWARD_PORTS: std::ops::Range<u16> = 20000..60000;
 
 /// Event ids reach the backend as u16, so that is the last token.
 const LAST_FLOW_TOKEN: u64 = u16::MAX as u64;
-const DNS_PORT: u16 = 53;
-/// How long a flow to an IP literal may take to show its name.
+/// How long a flow to an IP literal may take to show its name, and an explicit-proxy client
+/// its request head.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refused explicit-proxy client gets to read its HTTP error before a reset.
+const ANSWER_LINGER: Duration = Duration::from_secs(5);
+
+/// A guest connection moat accepted (handshake done) and reads before it can be admitted.
+#[derive(Clone, Copy, Debug)]
+struct Waiting {
+    handle: SocketHandle,
+    since: Instant,
+    kind: WaitKind,
+    /// Bytes already looked at: the first bytes are parsed again only when they grew.
+    seen: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WaitKind {
+    /// An IP literal that only a name rule can allow: its SNI or Host decides.
+    Sniff,
+    /// A client of the explicit-proxy port: its request head decides.
+    Front,
+    /// A refused explicit-proxy client reading its HTTP error; closed, then forgotten.
+    Answered,
+}
 /// Rounds of stack <-> proxy progress per pump, at most (bounded work per event).
 const MAX_ROUNDS: usize = 64;
 
@@ -90,8 +114,8 @@ pub struct Flows {
     /// Guest connections to the gateway's DNS over TCP.
     dns_conns: Vec<dns_tcp::DnsConn>,
     next_dns_conn: u64,
-    /// Flows to IP literals waiting for their first bytes to name them.
-    sniffing: HashMap<FlowKey, (SocketHandle, Instant)>,
+    /// Accepted guest connections waiting for their first bytes (sniffing, explicit proxy).
+    waiting: HashMap<FlowKey, Waiting>,
     /// `[[forward]]` listeners while a frontend is connected.
     listeners: Vec<(TcpListener, u64, Forward)>,
     next_forward_port: u16,
@@ -124,7 +148,7 @@ impl Flows {
             flows: HashMap::new(),
             by_token: HashMap::new(),
             listeners: Vec::new(),
-            sniffing: HashMap::new(),
+            waiting: HashMap::new(),
             dns_conns: Vec::new(),
             next_dns_conn: 0,
             runtime_forwards: Vec::new(),
@@ -150,17 +174,17 @@ impl Flows {
     /// DNS over TCP, UDP association) counts against `limits.max_flows`, and the VM's flows
     /// stay within the descriptor budget.
     fn admit(&self, fds: usize) -> Result<(), DropReason> {
-        let open = self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len();
+        let open = self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len();
         if self.steering.open_flows(open) >= self.policy.limits.max_flows {
             return Err(DropReason::FlowLimit);
         }
         crate::device::fd_budget::check(self.fd_slot, self.host_fds(), fds)
     }
 
-    /// Descriptors the flows hold or are about to (registered sockets, and flows still
-    /// sniffing their name, which will need one), for the descriptor budget.
+    /// Descriptors the flows hold or are about to (registered sockets, and connections
+    /// still waiting to be admitted, which will need one), for the descriptor budget.
     pub fn host_fds(&self) -> usize {
-        self.by_token.len() + self.sniffing.len()
+        self.by_token.len() + self.waiting.len()
     }
 
     /// Where this flow table sits: the first event token it may hand out (those below
@@ -241,47 +265,52 @@ impl Flows {
         self.stack.set_large_segments(from_guest, to_guest);
     }
 
-    /// Follow a reloaded policy: reset the flows it no longer allows, listen for its forwards.
-    /// Returns how many flows were reset.
+    /// Follow a reloaded policy: reset the flows it no longer allows (each is judged again
+    /// by the gate, as it was first asked for), listen for its forwards. Returns how many
+    /// flows were reset.
     pub fn reload(&mut self, policy: Arc<Policy>) -> usize {
         self.policy = policy;
         let policy = Arc::clone(&self.policy);
+        let explicit_port = policy.proxy.explicit_port;
         let mut reset = 0;
-        {
-            let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-            for flow in self.flows.values_mut() {
-                let key = flow.key;
-                let allowed = if key.dst == policy.vm.gateway {
-                    // The explicit proxy port, or a forward to the guest.
-                    route::explicit_proxy(&policy, key.dst, key.dst_port).is_some()
-                        || policy
-                            .forward
-                            .iter()
-                            .any(|f| f.guest_port == key.guest_port)
-                } else {
-                    match &flow.route.target {
-                        route::Target::Name(name) => {
-                            route::route_name(&policy, name, key.dst_port).is_ok()
-                        }
-                        route::Target::Ip(ip) => {
-                            route::route_tcp(&policy, &names, *ip, key.dst_port).is_ok()
-                        }
-                    }
-                };
-                if !allowed {
-                    tracing::info!(flow = %key, target = %flow.route.target, "reloaded policy no longer allows this flow: reset");
-                    flow.reset(&mut self.stack);
-                    reset += 1;
+        for flow in self.flows.values_mut() {
+            let allowed = match &flow.route {
+                FlowRoute::Egress(admitted) => {
+                    let front_kept = !flow.is_front() || explicit_port == Some(flow.key.dst_port);
+                    front_kept && gate::readmit(&policy, admitted).is_ok()
                 }
-            }
-            for assoc in self.udp.values_mut() {
-                let key = assoc.key;
-                if route::route_udp(&policy, &names, key.dst, key.dst_port).is_err() {
-                    assoc.close();
-                    reset += 1;
-                }
+                FlowRoute::Forward { guest_port, .. } => policy
+                    .forward
+                    .iter()
+                    .chain(&self.runtime_forwards)
+                    .any(|f| f.guest_port == *guest_port),
+            };
+            if !allowed {
+                tracing::info!(flow = %flow.key, target = %flow.route.describe(), "reloaded policy no longer allows this flow: reset");
+                flow.reset(&mut self.stack);
+                reset += 1;
             }
         }
+        for assoc in self.udp.values_mut() {
+            if gate::readmit(&policy, &assoc.route).is_err() {
+                assoc.close();
+                reset += 1;
+            }
+        }
+        // Explicit-proxy clients still sending their request: gone with the port.
+        let stack = &mut self.stack;
+        let steering = &self.steering;
+        self.waiting.retain(|key, w| {
+            let keep = w.kind != WaitKind::Front || explicit_port == Some(key.dst_port);
+            if !keep {
+                stack.socket(w.handle).abort();
+                stack.poll();
+                stack.remove(w.handle);
+                steering.release(SteerKey::Tcp(*key));
+                reset += 1;
+            }
+            keep
+        });
         if self.registrar.is_some() {
             self.open_listeners();
         }
@@ -295,7 +324,7 @@ impl Flows {
             .values()
             .map(|f| crate::control::FlowRow {
                 flow: format!("tcp {}", f.key),
-                target: format!("{}:{}", f.route.target, f.route.port),
+                target: f.route.describe(),
                 state: f.state().to_string(),
                 bytes_up: f.bytes_up,
                 bytes_down: f.bytes_down,
@@ -303,7 +332,7 @@ impl Flows {
             .collect();
         rows.extend(self.udp.values().map(|a| crate::control::FlowRow {
             flow: a.key.to_string(),
-            target: format!("{}:{}", a.route.target, a.route.port),
+            target: format!("{}:{}", a.route.target(), a.route.port()),
             state: if a.is_done() { "done" } else { "open" }.to_string(),
             bytes_up: a.datagrams_up,
             bytes_down: a.datagrams_down,
@@ -403,12 +432,9 @@ impl Flows {
                 return Err(DropReason::ProxyUnreachable);
             }
         }
-        let route = route::Route {
-            target: route::Target::Ip(vm.address),
-            port: forward.guest_port,
-            via: Via::Http,
-            proxy: peer,
-            rule: usize::MAX,
+        let route = FlowRoute::Forward {
+            peer,
+            guest_port: forward.guest_port,
         };
         tracing::info!(%peer, guest_port = forward.guest_port, "forward open");
         self.counters.flow(FlowEvent::Opened);
@@ -428,7 +454,7 @@ impl Flows {
             self.steering.release(SteerKey::Tcp(key));
         }
         let tcp = self
-            .sniffing
+            .waiting
             .keys()
             .chain(self.dns_conns.iter().map(|c| &c.key));
         for key in tcp.copied().map(SteerKey::Tcp) {
@@ -441,7 +467,7 @@ impl Flows {
         self.counters
             .flows_open
             .store(0, std::sync::atomic::Ordering::Relaxed);
-        self.sniffing.clear();
+        self.waiting.clear();
         self.dns_conns.clear();
         self.udp.clear();
         self.upstream = None;
@@ -467,7 +493,7 @@ impl Flows {
             dst_port: tcp.dst_port,
         };
         let local = self.flows.contains_key(&key)
-            || self.sniffing.contains_key(&key)
+            || self.waiting.contains_key(&key)
             || (self.steering.is_shared() && self.dns_conns.iter().any(|c| c.key == key));
         if !local {
             if let Some(pair) = self.steering.elsewhere(SteerKey::Tcp(key)) {
@@ -495,7 +521,7 @@ impl Flows {
         self.admit(1)?;
         if self
             .steering
-            .open_flows(self.flows.len() + self.sniffing.len() + self.dns_conns.len())
+            .open_flows(self.flows.len() + self.waiting.len() + self.dns_conns.len())
             >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
@@ -503,7 +529,7 @@ impl Flows {
         if key.dst == self.policy.vm.gateway && key.dst_port == DNS_PORT {
             let handle = self
                 .stack
-                .listen(key.dst, key.dst_port, false)
+                .listen(key.dst, key.dst_port, key.guest_port, false)
                 .ok_or(DropReason::TcpNoFlow)?;
             self.next_dns_conn += 1;
             self.dns_conns
@@ -511,57 +537,79 @@ impl Flows {
             self.steering.claim(SteerKey::Tcp(key));
             return Ok(());
         }
-        let route = match route::explicit_proxy(&self.policy, key.dst, key.dst_port) {
-            Some(route) => route,
-            None => {
-                let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-                match route::route_tcp(&self.policy, &names, key.dst, key.dst_port) {
-                    Ok(route) => route,
-                    Err(DropReason::NotAllowed)
-                        if route::may_sniff(&self.policy, key.dst, key.dst_port) =>
-                    {
-                        // Only a name can allow this flow: take the handshake, read the
-                        // first bytes (SNI or Host), then decide.
-                        let handle = self
-                            .stack
-                            .listen(key.dst, key.dst_port, false)
-                            .ok_or(DropReason::TcpNoFlow)?;
-                        self.sniffing.insert(key, (handle, Instant::now()));
-                        self.steering.claim(SteerKey::Tcp(key));
-                        return Ok(());
-                    }
-                    Err(reason) => return Err(reason),
-                }
-            }
+        let gateway = self.policy.vm.gateway;
+        if key.dst == gateway && Some(key.dst_port) == self.policy.proxy.explicit_port {
+            // The explicit-proxy front: take the handshake, read the request, then decide.
+            return self.wait(key, WaitKind::Front);
+        }
+        let dns_name = {
+            let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            names.lookup(key.dst).map(str::to_string)
         };
-        self.connect_proxy(key, route, None)
+        let named = dns_name.is_some();
+        let requested = Requested::Address {
+            ip: key.dst,
+            dns_name,
+        };
+        match gate::admit(&self.policy, Protocol::Tcp, requested, key.dst_port) {
+            Ok(admitted) => self.connect_proxy(key, admitted, None, None),
+            Err(DropReason::NotAllowed)
+                if !named && gate::may_name_later(&self.policy, key.dst, key.dst_port) =>
+            {
+                // Only a name can allow this flow: take the handshake, read the first bytes
+                // (SNI or Host), then have the gate judge that name.
+                self.wait(key, WaitKind::Sniff)
+            }
+            Err(reason) => Err(reason),
+        }
+    }
+
+    /// Accept a guest connection whose first bytes decide where (if anywhere) it goes.
+    fn wait(&mut self, key: FlowKey, kind: WaitKind) -> Result<(), DropReason> {
+        let handle = self
+            .stack
+            .listen(key.dst, key.dst_port, key.guest_port, false)
+            .ok_or(DropReason::TcpNoFlow)?;
+        self.waiting.insert(
+            key,
+            Waiting {
+                handle,
+                since: Instant::now(),
+                kind,
+                seen: 0,
+            },
+        );
+        self.steering.claim(SteerKey::Tcp(key));
+        Ok(())
     }
 
     /// Open the proxy connection of an allowed flow. `handle`: the guest socket if the
     /// handshake already happened (sniffed flows); else a new one holding its SYN-ACK.
+    /// Only what the gate admitted gets here: there is no other way to a proxy socket.
     fn connect_proxy(
         &mut self,
         key: FlowKey,
-        route: route::Route,
+        admitted: Admitted,
         handle: Option<SocketHandle>,
+        front: Option<Front>,
     ) -> Result<(), DropReason> {
-        let negotiation = match (route.rule, route.via) {
-            (usize::MAX, _) => Negotiation::Splice,
-            (_, Via::Http) => Negotiation::HttpConnect,
-            (_, Via::Socks5) => Negotiation::Socks5Greeting,
+        let negotiation = match admitted.via() {
+            Via::Http => Negotiation::HttpConnect,
+            Via::Socks5 => Negotiation::Socks5Greeting,
         };
+        let proxy = admitted.proxy();
         if self.registrar.is_none() {
             return Err(DropReason::EgressUnsupported);
         }
-        let stream = connect_nonblocking(route.proxy).map_err(|e| {
-            tracing::warn!(proxy = %route.proxy, error = %e, "cannot open a socket to the proxy");
+        let stream = connect_nonblocking(proxy).map_err(|e| {
+            tracing::warn!(%proxy, error = %e, "cannot open a socket to the proxy");
             DropReason::ProxyUnreachable
         })?;
         let handle = match handle {
             Some(h) => h,
             None => self
                 .stack
-                .listen(key.dst, key.dst_port, true)
+                .listen(key.dst, key.dst_port, key.guest_port, true)
                 .ok_or(DropReason::TcpNoFlow)?,
         };
         let Some(token) = self.alloc_token() else {
@@ -577,11 +625,15 @@ impl Flows {
             self.free_tokens.push(token);
             return Err(DropReason::ProxyUnreachable);
         }
-        tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "flow requested");
+        tracing::debug!(flow = %key, target = %admitted.target(), %proxy, "flow requested");
         self.counters.flow(FlowEvent::Opened);
         self.by_token.insert(token, Owner::Flow(key));
+        let route = FlowRoute::Egress(admitted);
         let mut flow = Flow::new(key, route, negotiation, handle, stream, token);
         flow.set_idle_timeout(self.idle);
+        if let Some(front) = front {
+            flow.set_front(front);
+        }
         self.flows.insert(key, flow);
         self.steering.claim(SteerKey::Tcp(key));
         Ok(())
@@ -631,20 +683,26 @@ impl Flows {
     fn open_udp(&mut self, key: udp::UdpKey) -> Result<(), DropReason> {
         self.admit(2)?;
         if self.steering.open_flows(
-            self.flows.len() + self.sniffing.len() + self.dns_conns.len() + self.udp.len(),
+            self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len(),
         ) >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
         }
-        let route = {
+        let dns_name = {
             let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-            route::route_udp(&self.policy, &names, key.dst, key.dst_port)?
+            names.lookup(key.dst).map(str::to_string)
         };
-        if route.via != Via::Socks5 || self.registrar.is_none() {
+        let requested = Requested::Address {
+            ip: key.dst,
+            dns_name,
+        };
+        let route = gate::admit(&self.policy, Protocol::Udp, requested, key.dst_port)?;
+        if route.via() != Via::Socks5 || self.registrar.is_none() {
             return Err(DropReason::EgressUnsupported);
         }
-        let control = connect_nonblocking(route.proxy).map_err(|_| DropReason::ProxyUnreachable)?;
-        let bind: SocketAddr = if route.proxy.ip().is_loopback() {
+        let control =
+            connect_nonblocking(route.proxy()).map_err(|_| DropReason::ProxyUnreachable)?;
+        let bind: SocketAddr = if route.proxy().ip().is_loopback() {
             "127.0.0.1:0"
         } else {
             "0.0.0.0:0"
@@ -668,7 +726,7 @@ impl Flows {
         self.by_token.insert(ct, Owner::Udp);
         self.by_token.insert(rt, Owner::Udp);
         self.counters.flow(FlowEvent::Opened);
-        tracing::debug!(flow = %key, target = %route.target, proxy = %route.proxy, "udp association requested");
+        tracing::debug!(flow = %key, target = %route.target(), proxy = %route.proxy(), "udp association requested");
         self.udp
             .insert(key, udp::Assoc::new(key, route, control, relay, ct, rt));
         self.steering.claim(SteerKey::Udp(key));
@@ -792,56 +850,140 @@ impl Flows {
         }
     }
 
-    /// Name sniffed flows whose first bytes have arrived; refuse those that cannot be named.
-    fn sniff(&mut self) {
-        let keys: Vec<FlowKey> = self.sniffing.keys().copied().collect();
+    /// Decide the waiting connections whose first bytes have arrived: sniffed flows by
+    /// their SNI or Host, explicit-proxy clients by their request; each through the gate.
+    fn decide_waiting(&mut self) {
+        let keys: Vec<FlowKey> = self.waiting.keys().copied().collect();
         for key in keys {
-            let Some(&(handle, since)) = self.sniffing.get(&key) else {
+            let Some(w) = self.waiting.get(&key).copied() else {
                 continue;
             };
-            let socket = self.stack.socket(handle);
-            let verdict = match socket.state() {
-                State::Listen | State::Closed => Some(Err(DropReason::NotAllowed)),
-                _ if since.elapsed() > SNIFF_TIMEOUT => Some(Err(DropReason::NotAllowed)),
-                State::Established => match socket.peek(sniff::MAX_SNIFF) {
-                    Ok(first) => match sniff::sniff(first) {
-                        sniff::Sniffed::NeedMore => None,
-                        sniff::Sniffed::NoName => Some(Err(DropReason::NotAllowed)),
-                        sniff::Sniffed::Name(name) => {
-                            Some(route::route_name(&self.policy, &name, key.dst_port))
+            let socket = self.stack.socket(w.handle);
+            let state = socket.state();
+            if w.kind == WaitKind::Answered {
+                let over = matches!(state, State::Closed | State::TimeWait)
+                    || w.since.elapsed() > ANSWER_LINGER;
+                if over {
+                    self.forget_waiting(key, w.handle);
+                }
+                continue;
+            }
+            let decided: Option<Result<(Admitted, Option<Front>), (DropReason, u16)>> = match state
+            {
+                State::Listen | State::Closed => Some(Err((DropReason::NotAllowed, 0))),
+                _ if w.since.elapsed() > SNIFF_TIMEOUT => Some(Err((DropReason::NotAllowed, 0))),
+                State::Established => {
+                    let queued = socket.recv_queue();
+                    if queued <= w.seen {
+                        None
+                    } else {
+                        if let Some(w) = self.waiting.get_mut(&key) {
+                            w.seen = queued;
                         }
-                    },
-                    Err(_) => Some(Err(DropReason::NotAllowed)),
-                },
+                        let first = match self.stack.socket(w.handle).peek(explicit::MAX_HEAD) {
+                            Ok(first) => first.to_vec(),
+                            Err(_) => Vec::new(),
+                        };
+                        self.judge_first_bytes(&key, w.kind, &first)
+                    }
+                }
                 _ => None,
             };
-            let Some(verdict) = verdict else { continue };
-            self.sniffing.remove(&key);
-            self.steering.release(SteerKey::Tcp(key));
-            let result = verdict.and_then(|route| {
-                tracing::debug!(flow = %key, target = %route.target, "named by its first bytes");
-                self.connect_proxy(key, route, Some(handle))
+            let Some(decided) = decided else { continue };
+            let result = decided.and_then(|(admitted, front)| {
+                tracing::debug!(flow = %key, target = %admitted.target(), "admitted by its first bytes");
+                let is_front = front.is_some();
+                self.waiting.remove(&key);
+                self.steering.release(SteerKey::Tcp(key));
+                self.connect_proxy(key, admitted, Some(w.handle), front)
+                    .map_err(|reason| (reason, if is_front { 503 } else { 0 }))
             });
-            if let Err(reason) = result {
-                // Not allowed by name (or no name): reset the guest's connection.
-                if !self.flows.contains_key(&key) {
-                    self.stack.socket(handle).abort();
-                    self.stack.poll();
-                    self.stack.remove(handle);
-                }
-                self.counters.drop_frame(
-                    reason,
-                    format_args!("tcp {key}: not allowed by its first bytes"),
+            let Err((reason, status)) = result else {
+                continue;
+            };
+            self.counters.drop_frame(
+                reason,
+                format_args!("tcp {key}: not allowed by its first bytes"),
+            );
+            if self.flows.contains_key(&key) {
+                continue;
+            }
+            if status != 0 {
+                // An explicit-proxy client: an HTTP answer saying why, then close.
+                let socket = self.stack.socket(w.handle);
+                let _ = socket.send_slice(&explicit::error_response(status, reason.as_str()));
+                socket.close();
+                self.waiting.insert(
+                    key,
+                    Waiting {
+                        kind: WaitKind::Answered,
+                        since: Instant::now(),
+                        ..w
+                    },
                 );
+                self.steering.claim(SteerKey::Tcp(key));
+            } else {
+                self.stack.socket(w.handle).abort();
+                self.forget_waiting(key, w.handle);
             }
         }
+    }
+
+    /// What a waiting connection's first bytes decide: `None` to wait for more; an error
+    /// carries the HTTP status an explicit-proxy client gets (0: a reset).
+    fn judge_first_bytes(
+        &self,
+        key: &FlowKey,
+        kind: WaitKind,
+        first: &[u8],
+    ) -> Option<Result<(Admitted, Option<Front>), (DropReason, u16)>> {
+        match kind {
+            WaitKind::Sniff => match sniff::sniff(first) {
+                sniff::Sniffed::NeedMore => None,
+                sniff::Sniffed::NoName => Some(Err((DropReason::NotAllowed, 0))),
+                sniff::Sniffed::Name(text, source) => {
+                    let requested = Requested::Text { text, source };
+                    Some(
+                        gate::admit(&self.policy, Protocol::Tcp, requested, key.dst_port)
+                            .map(|a| (a, None))
+                            .map_err(|r| (r, 0)),
+                    )
+                }
+            },
+            WaitKind::Front => match explicit::read_head(first) {
+                explicit::Head::NeedMore => None,
+                explicit::Head::Malformed(why) => {
+                    tracing::debug!(flow = %key, why, "explicit proxy: bad request");
+                    Some(Err((DropReason::ExplicitProxyMalformed, 400)))
+                }
+                explicit::Head::Request { host, port, front } => {
+                    let requested = Requested::Text {
+                        text: host,
+                        source: NameSource::ExplicitProxy,
+                    };
+                    Some(
+                        gate::admit(&self.policy, Protocol::Tcp, requested, port)
+                            .map(|a| (a, Some(front)))
+                            .map_err(|r| (r, 403)),
+                    )
+                }
+            },
+            WaitKind::Answered => None,
+        }
+    }
+
+    fn forget_waiting(&mut self, key: FlowKey, handle: SocketHandle) {
+        self.waiting.remove(&key);
+        self.steering.release(SteerKey::Tcp(key));
+        self.stack.poll();
+        self.stack.remove(handle);
     }
 
     /// Move everything that can move; return the IP packets for the guest.
     pub fn pump(&mut self) -> Vec<Vec<u8>> {
         for _ in 0..MAX_ROUNDS {
             self.stack.poll();
-            self.sniff();
+            self.decide_waiting();
             self.answer_dns();
             let mut moved = false;
             for flow in self.flows.values_mut() {
@@ -855,7 +997,7 @@ impl Flows {
         self.reap();
         let mut out = self.stack.take_egress();
         self.run_udp(&mut out);
-        let open = self.flows.len() + self.udp.len() + self.dns_conns.len() + self.sniffing.len();
+        let open = self.flows.len() + self.udp.len() + self.dns_conns.len() + self.waiting.len();
         self.counters
             .flows_open
             .store(open as u64, std::sync::atomic::Ordering::Relaxed);
@@ -863,14 +1005,7 @@ impl Flows {
             let mut tcp = Vec::new();
             {
                 let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-                upstream.receive(
-                    &mut names,
-                    self.policy.vm.gateway,
-                    self.policy.vm.address,
-                    &self.counters,
-                    &mut out,
-                    &mut tcp,
-                );
+                upstream.receive(&mut names, &self.policy, &self.counters, &mut out, &mut tcp);
             }
             if !tcp.is_empty() {
                 // Answers for DNS-over-TCP connections: into their streams, out at once.
@@ -922,13 +1057,13 @@ impl Flows {
             });
             tracing::info!(
                 flow = %key,
-                target = %flow.route.target,
+                target = %flow.route.describe(),
                 end = end.as_str(),
                 status = ?matches!(end, End::ProxyRefused(_)).then_some(end),
                 bytes_up = flow.bytes_up,
                 bytes_down = flow.bytes_down,
                 duration_ms = flow.age().as_millis() as u64,
-                rule = flow.route.rule,
+                rule = ?flow.route.rule(),
                 "flow closed"
             );
         }
@@ -943,7 +1078,7 @@ impl Flows {
             .values()
             .any(|f| matches!(f.phase, Phase::Connecting | Phase::Handshake));
         let waiting = waiting
-            || !self.sniffing.is_empty()
+            || !self.waiting.is_empty()
             || !self.dns_conns.is_empty()
             || !self.udp.is_empty();
         // Open flows are checked for idleness now and then (a tenth of the timeout).

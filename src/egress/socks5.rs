@@ -4,7 +4,7 @@
 //! moat needs the two messages as bytes for its own non-blocking event loop. The protocol
 //! is small and tested against dante-server.
 
-use super::route::Target;
+use crate::firewall::gate::Target;
 
 pub const VERSION: u8 = 5;
 const NO_AUTH: u8 = 0;

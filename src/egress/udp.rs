@@ -7,8 +7,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use super::route::Route;
 use super::socks5;
+use crate::firewall::gate::Admitted;
 
 /// An association idle this long is closed.
 pub const IDLE: Duration = Duration::from_secs(60);
@@ -56,7 +56,7 @@ enum Phase {
 #[derive(Debug)]
 pub struct Assoc {
     pub key: UdpKey,
-    pub route: Route,
+    pub route: Admitted,
     pub control: TcpStream,
     pub relay: UdpSocket,
     pub control_token: u64,
@@ -84,13 +84,13 @@ pub struct Assoc {
 impl Assoc {
     pub fn new(
         key: UdpKey,
-        route: Route,
+        route: Admitted,
         control: TcpStream,
         relay: UdpSocket,
         control_token: u64,
         relay_token: u64,
     ) -> Assoc {
-        let header = socks5::udp_header(&route.target, route.port);
+        let header = socks5::udp_header(route.target(), route.port());
         Assoc {
             key,
             header,
@@ -125,7 +125,7 @@ impl Assoc {
     }
 
     fn fail(&mut self, why: &str) {
-        tracing::info!(flow = %self.key, proxy = %self.route.proxy, why, "udp association failed");
+        tracing::info!(flow = %self.key, proxy = %self.route.proxy(), why, "udp association failed");
         self.failed = true;
         self.phase = Phase::Done;
     }
@@ -281,11 +281,11 @@ impl Assoc {
                         return self.fail("no relay address");
                     };
                     if relay.ip().is_unspecified() {
-                        relay.set_ip(self.route.proxy.ip());
+                        relay.set_ip(self.route.proxy().ip());
                     }
                     self.reply.drain(..n);
                     self.phase = Phase::Open(relay);
-                    tracing::info!(flow = %self.key, target = %self.route.target, %relay, "udp association open");
+                    tracing::info!(flow = %self.key, target = %self.route.target(), %relay, "udp association open");
                     for payload in std::mem::take(&mut self.queued) {
                         self.relay_out(relay, &payload);
                     }

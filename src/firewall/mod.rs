@@ -5,6 +5,8 @@
 //! (its MAC, its address), reaches nothing but the gateway, and the gateway answers only
 //! ARP for itself, DHCP, ICMP echo and DNS. Nothing is bridged.
 
+pub mod gate;
+
 use std::net::Ipv4Addr;
 
 use crate::frame::{ArpOp, Ethernet, Frame, Network, Transport, ICMP_ECHO_REQUEST};

@@ -14,6 +14,15 @@ use std::path::Path;
 /// moat's own MAC address, the gateway's, as the guest sees it (locally administered).
 pub const GATEWAY_MAC: MacAddr = MacAddr([0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01]);
 
+/// Where proxy-mode DNS answers come from (DESIGN "Flow naming"): the benchmarking range of
+/// RFC 2544, never routed, so safe as a private naming space. Part of the policy contract:
+/// a VM's subnet may not overlap it.
+pub const SYNTHETIC_NET: ipnet::Ipv4Net =
+    match ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(198, 18, 0, 0), 15) {
+        Ok(net) => net,
+        Err(_) => panic!("valid prefix"),
+    };
+
 impl Policy {
     /// Read, parse and validate a policy file.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {

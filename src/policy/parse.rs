@@ -15,8 +15,8 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::model::*;
+use super::SYNTHETIC_NET;
 use super::{PolicyError, GATEWAY_MAC};
-use crate::services::dns::pool::SYNTHETIC_NET;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

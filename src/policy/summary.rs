@@ -142,3 +142,23 @@ fn join<T: Display>(items: &[T], sep: &str) -> String {
         .collect::<Vec<_>>()
         .join(sep)
 }
+
+impl Policy {
+    /// What is valid but deserves a person's attention, one line each (without the file
+    /// name): `moat check` prints them after the summary, `moat serve` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        self.outbound
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.to.is_none())
+            .map(|(i, r)| {
+                let ports: Vec<String> = r.ports.iter().map(ToString::to_string).collect();
+                format!(
+                    "outbound[{i}] ({} ports {}) allows any name: where a name leads is then the proxy's decision alone; give the proxy destination ACLs for loopback, private, link-local and CGNAT ranges (README, \"Configure your proxy\") or list the names in `to`",
+                    r.protocol,
+                    ports.join(",")
+                )
+            })
+            .collect()
+    }
+}

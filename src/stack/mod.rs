@@ -5,15 +5,19 @@
 //! The smoltcp `Device` is a pair of packet queues: the data path pushes guest packets in
 //! and takes the stack's packets out (to be framed for the guest's RX queue).
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet,
+    TcpPacket,
+};
 
 use crate::frame::PACKET_HEADROOM;
 use crate::policy::Vm;
@@ -51,25 +55,18 @@ const MAX_QUEUED: usize = 4096;
 /// are dropped.
 pub const MAX_QUEUED_BYTES: usize = 1 << 20;
 /// Bytes of packets the stack may make for the guest before they are taken, at most (then
-/// the stack's sockets keep their data until the next poll): 32 segments of 64 KiB.
+/// the sockets keep their data, and ask for a poll, until the packets are taken): 32
+/// segments of 64 KiB.
 pub const MAX_EGRESS_BYTES: usize = 2 << 20;
 
-/// Packet queues standing in for a NIC.
-#[derive(Debug, Default)]
-struct Queues {
-    to_stack: VecDeque<Vec<u8>>,
-    /// Bytes in `to_stack`.
-    queued_bytes: usize,
-    from_stack: Vec<Vec<u8>>,
-    /// Bytes in `from_stack`.
-    egress_bytes: usize,
+/// One guest connection's device: the packets the guest sent on it, and the packets the
+/// stack makes (for every connection) on the way out.
+struct SlotDevice<'a> {
+    inbox: &'a mut VecDeque<Vec<u8>>,
+    out: &'a mut Vec<Vec<u8>>,
+    /// Bytes in `out`.
+    out_bytes: &'a mut usize,
     mtu: usize,
-}
-
-impl Queues {
-    fn full(&self, more: usize) -> bool {
-        self.to_stack.len() >= MAX_QUEUED || self.queued_bytes + more > MAX_QUEUED_BYTES
-    }
 }
 
 /// A received packet as a smoltcp RX token (also used by the simulated guest's stack).
@@ -94,22 +91,27 @@ impl TxToken for Tx<'_> {
     }
 }
 
-impl Device for Queues {
-    type RxToken<'a> = Rx;
-    type TxToken<'a> = Tx<'a>;
+impl Device for SlotDevice<'_> {
+    type RxToken<'a>
+        = Rx
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = Tx<'a>
+    where
+        Self: 'a;
 
     fn receive(&mut self, _now: SmolInstant) -> Option<(Rx, Tx<'_>)> {
-        let packet = self.to_stack.pop_front()?;
-        self.queued_bytes -= packet.len();
+        let packet = self.inbox.pop_front()?;
         // Answers to a received packet (ACKs, RSTs) always go: at most one per packet.
-        Some((Rx(packet), Tx(&mut self.from_stack, &mut self.egress_bytes)))
+        Some((Rx(packet), Tx(self.out, self.out_bytes)))
     }
 
     fn transmit(&mut self, _now: SmolInstant) -> Option<Tx<'_>> {
-        if self.egress_bytes >= MAX_EGRESS_BYTES {
-            return None; // the sockets keep their data until the packets are taken
+        if *self.out_bytes >= MAX_EGRESS_BYTES {
+            return None; // the socket keeps its data until the packets are taken
         }
-        Some(Tx(&mut self.from_stack, &mut self.egress_bytes))
+        Some(Tx(self.out, self.out_bytes))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -164,11 +166,57 @@ fn raise_syn_mss(ip: &mut [u8], mss: u16) {
     }
 }
 
+/// One guest connection in the stack. Handles are reused after `remove`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketHandle(usize);
+
+/// Which guest packets belong to a socket: (its local address and port as the guest
+/// addresses them, the guest's port).
+type Endpoint = (Ipv4Addr, u16, u16);
+
+/// One guest connection: its socket in a set of its own, so that polling it costs the same
+/// however many other connections the VM has open.
+struct Slot {
+    set: SocketSet<'static>,
+    socket: smoltcp::iface::SocketHandle,
+    endpoint: Endpoint,
+    /// Guest packets for this socket, in order.
+    inbox: VecDeque<Vec<u8>>,
+    /// Waiting in `Stack::dirty` for a poll.
+    dirty: bool,
+    /// When smoltcp next wants this socket polled for its own timers.
+    wake: Option<SmolInstant>,
+}
+
 /// The TCP/IP stack of one VM's flows.
+///
+/// smoltcp's `Interface::poll` visits every socket of the set it is given, and finds the
+/// socket of each packet by a walk over the set: with one set for all flows, every event
+/// would cost time in proportion to the open flows, idle ones included. So each socket has
+/// a set of its own, packets are sorted to their socket by a hash lookup, and a poll visits
+/// only the sockets with something to do: new packets, a caller that touched the socket, or
+/// a timer that is due.
 pub struct Stack {
     iface: Interface,
-    queues: Queues,
-    sockets: SocketSet<'static>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    by_endpoint: HashMap<Endpoint, usize>,
+    /// Slots to poll at the next `poll`.
+    dirty: Vec<usize>,
+    /// (when, slot) of socket timers; an entry is stale unless the slot's `wake` matches.
+    timers: BinaryHeap<Reverse<(SmolInstant, usize)>>,
+    /// Slots whose poll changed something since the last `take_touched`.
+    touched: Vec<SocketHandle>,
+    /// Guest packets in all inboxes, and their bytes.
+    queued: usize,
+    queued_bytes: usize,
+    /// Packets for the guest, and their bytes.
+    from_stack: Vec<Vec<u8>>,
+    from_stack_bytes: usize,
+    /// Guest packets no socket takes: smoltcp answers them (a RST) from an empty set.
+    unmatched: VecDeque<Vec<u8>>,
+    no_sockets: SocketSet<'static>,
+    mtu: usize,
     epoch: std::time::Instant,
     /// The VM's MTU (the stack's own when no segmentation offload is on).
     vm_mtu: usize,
@@ -180,8 +228,19 @@ pub struct Stack {
 
 /// The interface: the gateway's address, any-IP (it answers for every destination the
 /// data path hands it), a default route.
-fn interface(queues: &mut Queues, gateway: Ipv4Addr, prefix_len: u8) -> Interface {
-    let mut iface = Interface::new(Config::new(HardwareAddress::Ip), queues, SmolInstant::ZERO);
+fn interface(mtu: usize, gateway: Ipv4Addr, prefix_len: u8) -> Interface {
+    let (mut inbox, mut out, mut out_bytes) = (VecDeque::new(), Vec::new(), 0);
+    let mut device = SlotDevice {
+        inbox: &mut inbox,
+        out: &mut out,
+        out_bytes: &mut out_bytes,
+        mtu,
+    };
+    let mut iface = Interface::new(
+        Config::new(HardwareAddress::Ip),
+        &mut device,
+        SmolInstant::ZERO,
+    );
     iface.update_ip_addrs(|addrs| {
         let cidr = IpCidr::new(IpAddress::Ipv4(gateway), prefix_len);
         // One address: cannot overflow the fixed-size list.
@@ -192,28 +251,50 @@ fn interface(queues: &mut Queues, gateway: Ipv4Addr, prefix_len: u8) -> Interfac
     iface
 }
 
+/// Bytes of the packets in an inbox.
+fn inbox_bytes(inbox: &VecDeque<Vec<u8>>) -> usize {
+    inbox.iter().map(Vec::len).sum()
+}
+
+/// The endpoint a guest TCP packet is for: (destination, destination port, source port).
+fn endpoint_of(packet: &[u8]) -> Option<Endpoint> {
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    Some((ip.dst_addr(), tcp.dst_port(), tcp.src_port()))
+}
+
 impl std::fmt::Debug for Stack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stack")
-            .field("queued", &self.queues.to_stack.len())
+            .field("sockets", &self.by_endpoint.len())
+            .field("queued", &self.queued)
             .finish()
     }
 }
 
 impl Stack {
     pub fn new(vm: &Vm) -> Stack {
-        let mut queues = Queues {
-            mtu: usize::from(vm.mtu),
-            ..Queues::default()
-        };
-        let epoch = std::time::Instant::now();
-        let iface = interface(&mut queues, vm.gateway, vm.prefix_len);
+        let mtu = usize::from(vm.mtu);
         Stack {
-            iface,
-            queues,
-            sockets: SocketSet::new(Vec::new()),
-            epoch,
-            vm_mtu: usize::from(vm.mtu),
+            iface: interface(mtu, vm.gateway, vm.prefix_len),
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_endpoint: HashMap::new(),
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
+            touched: Vec::new(),
+            queued: 0,
+            queued_bytes: 0,
+            from_stack: Vec::new(),
+            from_stack_bytes: 0,
+            unmatched: VecDeque::new(),
+            no_sockets: SocketSet::new(Vec::new()),
+            mtu,
+            epoch: std::time::Instant::now(),
+            vm_mtu: mtu,
             gateway: (vm.gateway, vm.prefix_len),
             raise_mss: false,
         }
@@ -229,11 +310,11 @@ impl Stack {
             self.vm_mtu
         };
         self.raise_mss = to_guest;
-        if mtu != self.queues.mtu {
+        if mtu != self.mtu {
             // smoltcp reads the device's MTU once, when the interface is made: make it anew
             // (features are acked before any flow exists; sockets live apart from it).
-            self.queues.mtu = mtu;
-            self.iface = interface(&mut self.queues, self.gateway.0, self.gateway.1);
+            self.mtu = mtu;
+            self.iface = interface(mtu, self.gateway.0, self.gateway.1);
         }
     }
 
@@ -241,12 +322,24 @@ impl Stack {
         SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
+    fn mark(&mut self, index: usize) {
+        if let Some(Some(slot)) = self.slots.get_mut(index) {
+            if !slot.dirty {
+                slot.dirty = true;
+                self.dirty.push(index);
+            }
+        }
+    }
+
     /// Hand a guest IP packet to the stack. Returns false if the queue is full (dropped).
     pub fn ingress(&mut self, packet: &[u8]) -> bool {
-        if self.queues.full(packet.len()) {
+        let full = |s: &Stack| {
+            s.queued >= MAX_QUEUED || s.queued_bytes + packet.len() > MAX_QUEUED_BYTES
+        };
+        if full(self) {
             // Let the stack take what waits (into its sockets' bounded buffers) first.
             self.poll();
-            if self.queues.full(packet.len()) {
+            if full(self) {
                 return false;
             }
         }
@@ -254,35 +347,141 @@ impl Stack {
         if self.raise_mss {
             raise_syn_mss(&mut packet, LARGE_SEGMENT_MSS);
         }
-        self.queues.queued_bytes += packet.len();
-        self.queues.to_stack.push_back(packet);
+        self.queued += 1;
+        self.queued_bytes += packet.len();
+        match endpoint_of(&packet).and_then(|e| self.by_endpoint.get(&e).copied()) {
+            Some(index) => {
+                if let Some(Some(slot)) = self.slots.get_mut(index) {
+                    slot.inbox.push_back(packet);
+                }
+                self.mark(index);
+            }
+            None => self.unmatched.push_back(packet),
+        }
         true
     }
 
-    /// Run the stack: process queued packets, timers, and socket output.
+    /// Run the stack for the sockets with something to do: queued packets, a caller's
+    /// change, a due timer. Work in proportion to those, not to the sockets open.
     pub fn poll(&mut self) {
         let now = self.now();
-        self.iface.poll(now, &mut self.queues, &mut self.sockets);
+        while let Some(Reverse((at, index))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let due = matches!(self.slots.get(index), Some(Some(s)) if s.wake == Some(at));
+            if due {
+                self.mark(index);
+            }
+        }
+        if !self.unmatched.is_empty() {
+            self.queued -= self.unmatched.len();
+            self.queued_bytes -= inbox_bytes(&self.unmatched);
+            let mut device = SlotDevice {
+                inbox: &mut self.unmatched,
+                out: &mut self.from_stack,
+                out_bytes: &mut self.from_stack_bytes,
+                mtu: self.mtu,
+            };
+            self.iface.poll(now, &mut device, &mut self.no_sockets);
+        }
+        for index in std::mem::take(&mut self.dirty) {
+            let Some(Some(slot)) = self.slots.get_mut(index) else {
+                continue;
+            };
+            slot.dirty = false;
+            self.queued -= slot.inbox.len();
+            self.queued_bytes -= inbox_bytes(&slot.inbox);
+            let mut device = SlotDevice {
+                inbox: &mut slot.inbox,
+                out: &mut self.from_stack,
+                out_bytes: &mut self.from_stack_bytes,
+                mtu: self.mtu,
+            };
+            let changed = self.iface.poll(now, &mut device, &mut slot.set);
+            if changed == PollResult::SocketStateChanged {
+                self.touched.push(SocketHandle(index));
+            }
+            let wake = self.iface.poll_at(now, &slot.set);
+            if wake != slot.wake {
+                slot.wake = wake;
+                if let Some(at) = wake {
+                    self.timers.push(Reverse((at, index)));
+                }
+            }
+        }
+    }
+
+    /// The sockets whose last poll changed something (took packets, sent some, changed
+    /// state) since the last call: the flows the caller needs to look at.
+    pub fn take_touched(&mut self) -> Vec<SocketHandle> {
+        std::mem::take(&mut self.touched)
     }
 
     /// IP packets the stack sent to the guest since the last call, each behind
     /// PACKET_HEADROOM.
     pub fn take_egress(&mut self) -> Vec<Vec<u8>> {
-        self.queues.egress_bytes = 0;
-        std::mem::take(&mut self.queues.from_stack)
+        self.from_stack_bytes = 0;
+        std::mem::take(&mut self.from_stack)
     }
 
-    /// When the stack next needs `poll` for its own timers (retransmits, delayed ACKs).
+    /// When the stack next needs `poll` (zero if a socket is waiting for one now).
     pub fn poll_delay(&mut self) -> Option<Duration> {
-        let now = self.now();
-        self.iface
-            .poll_delay(now, &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
+        if !self.dirty.is_empty() || !self.unmatched.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        while let Some(Reverse((at, index))) = self.timers.peek().copied() {
+            let live = matches!(self.slots.get(index), Some(Some(s)) if s.wake == Some(at));
+            if live {
+                let now = self.now();
+                let micros = if at > now { (at - now).total_micros() } else { 0 };
+                return Some(Duration::from_micros(micros));
+            }
+            self.timers.pop();
+        }
+        None
     }
 
-    /// A socket listening as `dst` for one guest connection. With `hold_synack` its SYN-ACK
-    /// waits until `pause_synack(false)` (the proxy has accepted) or the socket is aborted.
-    pub fn listen(&mut self, dst: Ipv4Addr, port: u16, hold_synack: bool) -> Option<SocketHandle> {
+    fn add(&mut self, socket: tcp::Socket<'static>, endpoint: Endpoint) -> Option<SocketHandle> {
+        if self.by_endpoint.contains_key(&endpoint) {
+            return None;
+        }
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let inner = set.add(socket);
+        let slot = Slot {
+            set,
+            socket: inner,
+            endpoint,
+            inbox: VecDeque::new(),
+            dirty: false,
+            wake: None,
+        };
+        let index = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        self.by_endpoint.insert(endpoint, index);
+        self.mark(index);
+        Some(SocketHandle(index))
+    }
+
+    /// A socket listening as `dst:port` for the guest's connection from `guest_port`. With
+    /// `hold_synack` its SYN-ACK waits until `pause_synack(false)` (the proxy has accepted)
+    /// or the socket is aborted.
+    pub fn listen(
+        &mut self,
+        dst: Ipv4Addr,
+        port: u16,
+        guest_port: u16,
+        hold_synack: bool,
+    ) -> Option<SocketHandle> {
         let rx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
         let tx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
         let mut socket = tcp::Socket::new(rx, tx);
@@ -293,7 +492,7 @@ impl Stack {
             port,
         };
         socket.listen(endpoint).ok()?;
-        Some(self.sockets.add(socket))
+        self.add(socket, (dst, port, guest_port))
     }
 
     /// A socket connecting from `local:local_port` (the gateway) to the guest.
@@ -309,20 +508,51 @@ impl Stack {
         let mut socket = tcp::Socket::new(rx, tx);
         socket.set_nagle_enabled(false);
         let remote = IpEndpoint::new(IpAddress::Ipv4(guest), port);
-        let local = IpListenEndpoint {
+        let local_end = IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(local)),
             port: local_port,
         };
-        socket.connect(self.iface.context(), remote, local).ok()?;
-        Some(self.sockets.add(socket))
+        socket.connect(self.iface.context(), remote, local_end).ok()?;
+        self.add(socket, (local, local_port, port))
     }
 
+    /// A socket, to read, write or close. Touching it schedules it for the next poll.
+    ///
+    /// # Panics
+    /// On a handle that was removed (a bug in the caller, never guest input).
     pub fn socket(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
-        self.sockets.get_mut::<tcp::Socket>(handle)
+        self.mark(handle.0);
+        let Some(Some(slot)) = self.slots.get_mut(handle.0) else {
+            panic!("stack: socket {handle:?} was removed");
+        };
+        slot.set.get_mut::<tcp::Socket>(slot.socket)
     }
 
+    /// Forget a socket (whatever it still had to send is dropped: poll first for that).
     pub fn remove(&mut self, handle: SocketHandle) {
-        self.sockets.remove(handle);
+        let Some(slot) = self.slots.get_mut(handle.0).and_then(Option::take) else {
+            return;
+        };
+        self.queued -= slot.inbox.len();
+        self.queued_bytes -= inbox_bytes(&slot.inbox);
+        self.by_endpoint.remove(&slot.endpoint);
+        self.free.push(handle.0);
+    }
+
+    /// Reset a socket now: its RST goes out with the next `take_egress`, then it is gone.
+    pub fn discard(&mut self, handle: SocketHandle) {
+        self.socket(handle).abort();
+        self.poll();
+        self.remove(handle);
+    }
+
+    /// Open sockets.
+    pub fn len(&self) -> usize {
+        self.by_endpoint.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_endpoint.is_empty()
     }
 }
 
@@ -349,12 +579,10 @@ mod tests {
         let mut taken = 0;
         for _ in 0..4096 {
             taken += usize::from(stack.ingress(&packet));
-            assert!(stack.queues.queued_bytes <= MAX_QUEUED_BYTES);
-            assert!(stack.queues.to_stack.len() * packet.len() <= MAX_QUEUED_BYTES);
+            assert!(stack.queued_bytes <= MAX_QUEUED_BYTES);
+            assert!(stack.queued * packet.len() <= MAX_QUEUED_BYTES);
+            let _ = stack.take_egress();
         }
-        assert_eq!(
-            taken, 4096,
-            "a full queue is handed to the stack, not dropped"
-        );
+        assert_eq!(taken, 4096, "a full queue is handed to the stack, not dropped");
     }
 }

@@ -106,8 +106,21 @@ reasons! {
     FdBudget => "fd_budget",
     /// To a 198.18.0.0/15 address moat never gave out in DNS.
     UnknownSyntheticAddress => "unknown_synthetic_address",
-    /// To a reserved range (loopback, private, link-local, metadata, ...) no rule names.
+    /// To a reserved range (loopback, private, link-local, metadata, ...) no rule names,
+    /// however the guest spelled it (IP literal, `127.1`, `0x7f000001`, `localhost`, ...).
     ReservedDestination => "reserved_destination",
+    /// A destination name from the guest's bytes (SNI, Host, explicit-proxy request) that
+    /// is neither a DNS name nor an IPv4 address: an IPv6 literal, stray characters, ...
+    BadDestination => "bad_destination",
+    /// An upstream resolver's A record in a reserved range no rule names (DNS rebinding):
+    /// left out of the guest's answer.
+    DnsAnswerReserved => "dns_answer_reserved",
+    /// A datagram on the upstream resolver socket that is not the resolver's response to a
+    /// question moat asked (wrong source, unknown id, another question): not relayed.
+    DnsUpstreamMismatch => "dns_upstream_mismatch",
+    /// A request on the explicit-proxy port that is not `CONNECT host:port` or an
+    /// absolute-form `http://` request: answered 400.
+    ExplicitProxyMalformed => "explicit_proxy_malformed",
     /// The rule's proxy kind is not supported yet.
     EgressUnsupported => "egress_unsupported",
     /// No socket could be opened to the proxy.

@@ -10,7 +10,16 @@ use std::time::{Duration, Instant};
 pub struct Peer {
     pub addr: SocketAddr,
     child: Child,
+    /// The peer's own log file (its witness of what reached it).
+    log: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+impl Peer {
+    /// The peer's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 impl Drop for Peer {
@@ -84,6 +93,7 @@ pub fn tinyproxy() -> Peer {
     Peer {
         addr,
         child,
+        log,
         _dir: dir,
     }
 }
@@ -120,6 +130,7 @@ pub fn dante() -> Peer {
     Peer {
         addr,
         child,
+        log,
         _dir: dir,
     }
 }

@@ -17,6 +17,9 @@ use hickory_proto::serialize::binary::BinDecodable;
 use crate::policy::{Dns, DnsMode};
 pub use pool::NamePool;
 
+/// The gateway's DNS port (UDP and TCP).
+pub const DNS_PORT: u16 = 53;
+
 /// TTL of synthetic answers: short, so a guest asks again rather than outliving the pool.
 pub const SYNTHETIC_TTL: u32 = 60;
 /// TTL of static records.
@@ -158,8 +161,83 @@ pub fn upstream_name(dns: &Dns, query: &[u8]) -> Option<String> {
         && !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name.split('.').all(|l| l.len() <= 63);
-    let local = q.query_type() == RecordType::A && dns.records.contains_key(&name);
-    (valid && dns.allows(&name) && !local).then_some(name)
+    // Only A goes upstream: AAAA and other types of allowed names get an empty NOERROR
+    // locally (moat carries no IPv6, and an A answer is all a flow needs).
+    let a = q.query_type() == RecordType::A;
+    let local = dns.records.contains_key(&name);
+    (valid && a && dns.allows(&name) && !local).then_some(name)
+}
+
+/// moat's own query for `name` (type A, recursion desired) under `id`: the guest's message
+/// is never forwarded, so nothing of its own (flags, EDNS options, extra sections) reaches
+/// the resolver.
+pub fn upstream_query(id: u16, name: &str) -> Option<Vec<u8>> {
+    let name = hickory_proto::rr::Name::from_ascii(name).ok()?;
+    let mut query = Message::new(id, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(hickory_proto::op::Query::query(name, RecordType::A));
+    query.to_vec().ok()
+}
+
+/// What an upstream resolver said about a name moat asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamAnswer {
+    /// NOERROR, NXDOMAIN, SERVFAIL, ... as the resolver said.
+    pub code: u16,
+    /// The A records of the answer section (address, TTL), CNAME chains flattened.
+    pub addresses: Vec<(Ipv4Addr, u32)>,
+}
+
+/// Read the resolver's reply to moat's query `id` for `name`: `None` unless it is a
+/// response to exactly that question (a spoofed or stray datagram is not relayed).
+pub fn read_upstream_reply(reply: &[u8], id: u16, name: &str) -> Option<UpstreamAnswer> {
+    let m = Message::from_vec(reply).ok()?;
+    let [q] = m.queries.as_slice() else {
+        return None;
+    };
+    let asked = q.name().to_ascii();
+    let same_question = asked.trim_end_matches('.').eq_ignore_ascii_case(name)
+        && q.query_type() == RecordType::A
+        && q.query_class() == DNSClass::IN;
+    if m.metadata.id != id || m.metadata.message_type != MessageType::Response || !same_question {
+        return None;
+    }
+    let addresses = m
+        .answers
+        .iter()
+        .filter_map(|r| match r.data {
+            RData::A(a) => Some((a.0, r.ttl)),
+            _ => None,
+        })
+        .collect();
+    Some(UpstreamAnswer {
+        code: u16::from(m.metadata.response_code),
+        addresses,
+    })
+}
+
+/// The guest's answer, built from its own query: its id, its question, and the addresses
+/// moat lets it have (owned by the name it asked for, TTLs capped).
+pub fn relay_answer(
+    guest_query: &[u8],
+    code: u16,
+    addresses: &[(Ipv4Addr, u32)],
+) -> Option<Vec<u8>> {
+    let request = Message::from_vec(guest_query).ok()?;
+    let q = request.queries.first()?.clone();
+    let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.metadata.recursion_available = true;
+    response.metadata.response_code = ResponseCode::from_low(code.min(15) as u8);
+    for (addr, ttl) in addresses {
+        response.add_answer(Record::from_rdata(
+            q.name().clone(),
+            (*ttl).min(STATIC_TTL),
+            RData::A(A(*addr)),
+        ));
+    }
+    response.add_query(q);
+    response.to_vec().ok()
 }
 
 /// The A records of a response (to remember which name an upstream address stands for).

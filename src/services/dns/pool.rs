@@ -7,14 +7,9 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::num::NonZeroUsize;
 
-use ipnet::Ipv4Net;
 use lru::LruCache;
 
-/// The benchmarking range of RFC 2544, never routed: safe as a private naming space.
-pub const SYNTHETIC_NET: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(198, 18, 0, 0), 15) {
-    Ok(net) => net,
-    Err(_) => panic!("valid prefix"),
-};
+pub use crate::policy::SYNTHETIC_NET;
 
 /// Names remembered at most (each holds one address of the /15).
 pub const DEFAULT_CAPACITY: usize = 65_536;
