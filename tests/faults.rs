@@ -98,7 +98,10 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
     let peer = support::peers::tinyproxy();
     let addr = peer.addr;
     let text = policy(addr)
-        .replace("to = [\"data.example\"]", "to = [\"localhost\", \"127.0.0.1/32\"]")
+        .replace(
+            "to = [\"data.example\"]",
+            "to = [\"localhost\", \"127.0.0.1/32\"]",
+        )
         .replace("allow = [\"data.example\"]", "allow = [\"localhost\"]")
         .replace("ports = [80]", &format!("ports = [{}]", origin.port()));
     let served = Served::start(&text, true);

@@ -270,7 +270,13 @@ fn egress_and_forward(queues: u16) {
         log.contains(&format!("127.0.0.1:{}", origin.port())),
         "the allowed requests reached tinyproxy:\n{log}"
     );
-    for never in ["169.254.169.254", "2130706433", "0x7f000001", "127.0.0.1:22", "127.0.0.1:80 "] {
+    for never in [
+        "169.254.169.254",
+        "2130706433",
+        "0x7f000001",
+        "127.0.0.1:22",
+        "127.0.0.1:80 ",
+    ] {
         assert!(!log.contains(never), "{never} reached tinyproxy:\n{log}");
     }
 }

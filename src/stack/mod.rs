@@ -333,9 +333,8 @@ impl Stack {
 
     /// Hand a guest IP packet to the stack. Returns false if the queue is full (dropped).
     pub fn ingress(&mut self, packet: &[u8]) -> bool {
-        let full = |s: &Stack| {
-            s.queued >= MAX_QUEUED || s.queued_bytes + packet.len() > MAX_QUEUED_BYTES
-        };
+        let full =
+            |s: &Stack| s.queued >= MAX_QUEUED || s.queued_bytes + packet.len() > MAX_QUEUED_BYTES;
         if full(self) {
             // Let the stack take what waits (into its sockets' bounded buffers) first.
             self.poll();
@@ -435,7 +434,11 @@ impl Stack {
             let live = matches!(self.slots.get(index), Some(Some(s)) if s.wake == Some(at));
             if live {
                 let now = self.now();
-                let micros = if at > now { (at - now).total_micros() } else { 0 };
+                let micros = if at > now {
+                    (at - now).total_micros()
+                } else {
+                    0
+                };
                 return Some(Duration::from_micros(micros));
             }
             self.timers.pop();
@@ -512,7 +515,9 @@ impl Stack {
             addr: Some(IpAddress::Ipv4(local)),
             port: local_port,
         };
-        socket.connect(self.iface.context(), remote, local_end).ok()?;
+        socket
+            .connect(self.iface.context(), remote, local_end)
+            .ok()?;
         self.add(socket, (local, local_port, port))
     }
 
@@ -583,6 +588,9 @@ mod tests {
             assert!(stack.queued * packet.len() <= MAX_QUEUED_BYTES);
             let _ = stack.take_egress();
         }
-        assert_eq!(taken, 4096, "a full queue is handed to the stack, not dropped");
+        assert_eq!(
+            taken, 4096,
+            "a full queue is handed to the stack, not dropped"
+        );
     }
 }
