@@ -389,3 +389,74 @@ impl VhostUserBackend for NetDevice {
         lock(pair).handle_event(device_event, evset, vrings)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn policy(extra: &str) -> Arc<Policy> {
+        let text = format!(
+            "[vm]\nname = \"t\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n{extra}"
+        );
+        Arc::new(Policy::parse(&text, std::path::Path::new("t.toml")).expect("valid policy"))
+    }
+
+    fn device(pairs: usize) -> Arc<NetDevice> {
+        let tuning = Tuning {
+            queue_pairs: pairs,
+            ..Tuning::default()
+        };
+        let names = Arc::new(Mutex::new(NamePool::default()));
+        let device = NetDevice::new(policy(""), names, Arc::new(Counters::default()), tuning);
+        Arc::new(device.expect("device"))
+    }
+
+    /// A pair busy with an event (its lock held, as by a pair thread that never returns):
+    /// reload and stats still answer, within their bounded waits, and say which pair is
+    /// behind; the pair applies the reload as soon as it runs again.
+    #[test]
+    fn reload_and_stats_never_wait_on_a_busy_pair() {
+        let device = device(2);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+        let busy = Arc::clone(&device);
+        let holder = std::thread::spawn(move || {
+            let _guard = lock(&busy.pairs[0]);
+            locked.send(()).expect("test alive");
+            let _ = held.recv();
+        });
+        is_locked.recv().expect("pair 0 locked");
+
+        let started = Instant::now();
+        let applied = device.reload(policy("[limits]\nmax_flows = 7\n"));
+        let took = started.elapsed();
+        assert_eq!(
+            applied.pairs_pending, 1,
+            "pair 0 is busy, pair 1 applied it"
+        );
+        assert!(took < APPLY_WAIT + Duration::from_secs(5), "{took:?}");
+        let started = Instant::now();
+        let (rows, stale) = device.flow_table();
+        assert!(rows.is_empty());
+        assert_eq!(stale, 1, "pair 0's table is its last copy");
+        assert!(started.elapsed() < TABLE_WAIT + Duration::from_secs(5));
+        assert_eq!(
+            lock(&device.pairs[1])
+                .datapath
+                .flows()
+                .policy()
+                .limits
+                .max_flows,
+            7
+        );
+
+        release.send(()).expect("holder alive");
+        holder.join().expect("holder");
+        // Its next event (here: the control plane finding it idle) applies the reload.
+        let mut pair = lock(&device.pairs[0]);
+        assert_ne!(pair.datapath.flows().policy().limits.max_flows, 7);
+        pair.sync();
+        assert_eq!(pair.datapath.flows().policy().limits.max_flows, 7);
+    }
+}

@@ -533,3 +533,25 @@ impl QueuePair {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames handed between pairs wait within a byte bound (by count alone, 4096 x 64 KiB).
+    #[test]
+    fn handoff_inbox_is_bounded_in_bytes() {
+        let inbox = Inbox::new().expect("eventfd");
+        let taken = (0..MAX_HANDOFF)
+            .filter(|_| inbox.push(vec![0u8; 65_550]))
+            .count();
+        assert_eq!(taken, MAX_HANDOFF_BYTES / 65_550);
+        assert!(inbox.push(vec![0u8; MAX_HANDOFF_BYTES % 65_550]));
+        assert!(!inbox.push(vec![0u8; 1]));
+        assert_eq!(inbox.take().len(), taken + 1);
+        assert!(
+            inbox.push(vec![0u8; 65_550]),
+            "taking the frames frees their room"
+        );
+    }
+}
