@@ -507,3 +507,73 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
         "a warning line says max_flows was clamped:\n{log}"
     );
 }
+
+/// The control socket is owner-only from the moment it exists: moat binds it under umask
+/// 0177 (it was bound, then chmod-ed: in between, anyone the umask let in could connect).
+/// Observed with strace, since the window was microseconds wide; skipped without strace
+/// (fails under CI).
+#[test]
+fn control_socket_is_bound_owner_only() {
+    let have_strace = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_strace {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v.is_empty()),
+            "CI must run this test: strace missing"
+        );
+        eprintln!("skipped: strace missing");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vm.toml"), policy("")).unwrap();
+    let control = dir.path().join("control.sock");
+    let trace = dir.path().join("trace");
+    let mut child = Command::new("strace")
+        .args(["-f", "-e", "trace=umask,bind", "-o"])
+        .arg(&trace)
+        .arg(moat_bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.path().join("moat.sock"))
+        .arg("--policy")
+        .arg(dir.path().join("vm.toml"))
+        .arg("--control")
+        .arg(&control)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("control socket", || control.exists());
+    // moat is strace's child: stop it (its pid opens every trace line), then strace ends.
+    let traced: Option<i32> = std::fs::read_to_string(&trace)
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok());
+    if let Some(pid) = traced {
+        // SAFETY: kill(2) on the pid of the moat this test started (under strace).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let control = control.to_string_lossy().into_owned();
+    let mut umask = None;
+    let mut at_bind = None;
+    for line in text.lines() {
+        if let Some(rest) = line.split_once("umask(").map(|(_, r)| r) {
+            umask = rest.split(')').next().map(str::to_string);
+        }
+        if line.contains("bind(") && line.contains(&control) {
+            at_bind = Some(umask.clone());
+        }
+    }
+    assert_eq!(
+        at_bind,
+        Some(Some("0177".to_string())),
+        "the umask when the control socket was bound:\n{text}"
+    );
+}
