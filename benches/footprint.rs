@@ -76,30 +76,6 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Raise RLIMIT_NOFILE (soft and, as root, hard) so this process and the moat children it
-/// starts can hold many sockets. Returns the soft limit now in force.
-fn raise_nofile(want: u64) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    let both = libc::rlimit {
-        rlim_cur: want.max(lim.rlim_cur),
-        rlim_max: want.max(lim.rlim_max),
-    };
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &both) } != 0 {
-        // Not allowed to raise the hard limit: take what it allows.
-        let soft = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) };
-    }
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    lim.rlim_cur
-}
-
 fn guest(socket: &Path) -> GuestNet {
     let sim =
         SimGuest::connect(socket, GuestOptions::default()).expect("attach the simulated guest");

@@ -4,6 +4,7 @@
 #   cargo bench --bench egress_tcp   TCP through moat, and through passt when PASST=path is set
 #   cargo bench --bench verdict      parse + verdict ns/frame vs etherparse's bare parse
 #   cargo bench --bench footprint    RSS and idle CPU vs the issue's targets
+#   cargo bench --bench many_flows   one flow's RR with thousands of other flows open vs none
 # then ONE summary table (peer, figure, moat, peer value, ratio) in target/bench/summary.txt.
 # Each step's full output is in target/bench/<step>.log.
 #
@@ -37,12 +38,18 @@ step() { # step NAME CMD...: run, log, remember the exit status
   [ "$rc" = 0 ] || echo "bench: $name failed (exit $rc); see $out/$name.log" >&2
 }
 
-rm -f "$out"/{egress_tcp,verdict,footprint}.txt
-pps_mark=$(wc -l <"$out/pps.txt" 2>/dev/null || echo 0)
+rm -f "$out"/{egress_tcp,verdict,footprint,many_flows}.txt
+# Lines of earlier runs in pps.txt (appended to by every run); none on a fresh tree.
+pps_mark=0
+[ -f "$out/pps.txt" ] && pps_mark=$(wc -l <"$out/pps.txt")
 step pps scripts/bench-pps.sh
 step egress_tcp cargo bench --bench egress_tcp
 step verdict cargo bench --bench verdict
 step footprint cargo bench --bench footprint
+if [ "$quick" != 0 ] && [ -n "$quick" ]; then
+  export MOAT_FLOWS=${MOAT_FLOWS:-1000} MOAT_BUSY=${MOAT_BUSY:-200} MOAT_RR=${MOAT_RR:-500}
+fi
+step many_flows cargo bench --bench many_flows
 
 summary() {
   printf '%-30s %-42s %24s %24s %9s\n' peer figure moat "peer value" ratio
@@ -89,6 +96,15 @@ summary() {
         tv = ($2 ~ /^~0/) ? $2 : t[2] " " t[3]
         printf "%-30s %-42s %24s %24s %9s\n", "issue target", substr($1, 1, 42), m[1] " " m[2], tv, $4
       }' "$out/footprint.txt"
+  fi
+  if [ -f "$out/many_flows.txt" ]; then
+    # "phase  p50 p99 ratio": the first phase (no other flow) is the peer of the others.
+    awk '/^#/ || /^phase/ || /^moat CPU/ || /^\(/ { next }
+      {
+        n = NF; ratio = $n; p50 = $(n - 2); name = $0; sub(/ +[0-9.]+ +[0-9.]+ +[0-9.]+$/, "", name)
+        if (base == "") { base = p50; next }
+        printf "%-30s %-42s %24s %24s %9s\n", "same flow, nothing else open", "RR p50 us, " substr(name, 3, 32), p50, base, ratio
+      }' "$out/many_flows.txt"
   fi
 }
 

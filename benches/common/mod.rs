@@ -58,18 +58,22 @@ pub fn start_moat(proxy: SocketAddr, max_flows: usize) -> Moat {
 
 /// `start_moat` with more `moat serve` options (`--busy-poll-us 200`, `--queues 2`).
 pub fn start_moat_with(proxy: SocketAddr, max_flows: usize, options: &[&str]) -> Moat {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("moat.sock");
-    let policy = dir.path().join("bench.toml");
-    std::fs::write(
-        &policy,
-        format!(
+    start_moat_policy(
+        &format!(
             "[vm]\nname = \"bench\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n\
              [proxy]\nhttp = \"{proxy}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [80]\nto = [\"bench.example\"]\n\
              [dns]\nallow = [\"bench.example\"]\n[limits]\nmax_flows = {max_flows}\n"
         ),
+        options,
     )
-    .unwrap();
+}
+
+/// The release moat serving `policy` (text), with more `moat serve` options.
+pub fn start_moat_policy(policy_text: &str, options: &[&str]) -> Moat {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("moat.sock");
+    let policy = dir.path().join("bench.toml");
+    std::fs::write(&policy, policy_text).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_moat"))
         .args(["serve", "--socket"])
         .arg(&socket)
@@ -93,4 +97,32 @@ pub fn start_moat_with(proxy: SocketAddr, max_flows: usize, options: &[&str]) ->
         _dir: dir,
         socket,
     }
+}
+
+/// Raise RLIMIT_NOFILE (soft and, as root, hard) so this process and the moat children it
+/// starts can hold many sockets. Returns the soft limit now in force.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we own.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let both = libc::rlimit {
+        rlim_cur: want.max(lim.rlim_cur),
+        rlim_max: want.max(lim.rlim_max),
+    };
+    // SAFETY: setrlimit reads the rlimit we own; a refusal is an error code, handled below.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &both) } != 0 {
+        // Not allowed to raise the hard limit: take what it allows.
+        let soft = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) };
+    }
+    // SAFETY: as the first call.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    lim.rlim_cur
 }

@@ -431,6 +431,18 @@ impl Flow {
         }
     }
 
+    /// Whether a deadline of the flow has passed (handshake, idle): a sweep steps only
+    /// these, so flows with nothing to do cost no socket work.
+    pub fn due(&self, now: Instant) -> bool {
+        match self.phase {
+            Phase::Connecting | Phase::Handshake => {
+                now.duration_since(self.started) > HANDSHAKE_TIMEOUT
+            }
+            Phase::Open => now.duration_since(self.active) > self.idle_timeout,
+            Phase::Done(_) => true,
+        }
+    }
+
     /// Reset the flow after `idle` without traffic (default [`DEFAULT_IDLE`]).
     pub fn set_idle_timeout(&mut self, idle: Duration) {
         self.idle_timeout = idle;

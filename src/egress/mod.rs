@@ -15,7 +15,7 @@ pub mod socks5;
 pub mod steering;
 pub mod udp;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -47,7 +47,38 @@ pub trait Registrar: Send + Sync {
 enum Owner {
     Flow(FlowKey),
     Listener(usize),
-    Udp,
+    Udp(udp::UdpKey),
+    /// The upstream resolver's socket (read on every pump).
+    Upstream,
+}
+
+/// What a stack socket belongs to.
+#[derive(Clone, Copy, Debug)]
+enum SocketOwner {
+    Flow(FlowKey),
+    Waiting(FlowKey),
+    Dns(u64),
+}
+
+/// What the next pump must look at: the flows with news (their socket changed, their proxy
+/// socket is ready, the guest sent them something), so that the work of an event is in
+/// proportion to the flows it concerns, not to the flows open. Everything is looked at
+/// anyway every `sweep_every`, for timeouts.
+#[derive(Debug, Default)]
+struct Pending {
+    flows: HashSet<FlowKey>,
+    waiting: HashSet<FlowKey>,
+    dns: HashSet<u64>,
+    udp: HashSet<udp::UdpKey>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+            && self.waiting.is_empty()
+            && self.dns.is_empty()
+            && self.udp.is_empty()
+    }
 }
 
 /// Gateway-side ports of forwarded connections, as the guest sees them.
@@ -82,6 +113,8 @@ enum WaitKind {
 }
 /// Rounds of stack <-> proxy progress per pump, at most (bounded work per event).
 const MAX_ROUNDS: usize = 64;
+/// Every open flow is looked at this often (idle, handshake and sniffing timeouts), at most.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// Where a guest packet of a flow went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,8 +144,16 @@ pub struct Flows {
     udp_scratch: Option<Box<[u8]>>,
     /// Forwards added at run time (`moat forward add`), on top of the policy's.
     runtime_forwards: Vec<Forward>,
-    /// Guest connections to the gateway's DNS over TCP.
-    dns_conns: Vec<dns_tcp::DnsConn>,
+    /// Guest connections to the gateway's DNS over TCP, by id, and their ids by flow key.
+    dns_conns: HashMap<u64, dns_tcp::DnsConn>,
+    dns_by_key: HashMap<FlowKey, u64>,
+    /// Who each stack socket belongs to.
+    by_socket: HashMap<SocketHandle, SocketOwner>,
+    /// What the next pump must look at.
+    pending: Pending,
+    /// When everything is looked at next (timeouts), and how often.
+    next_sweep: Instant,
+    sweep_every: Duration,
     next_dns_conn: u64,
     /// Accepted guest connections waiting for their first bytes (sniffing, explicit proxy).
     waiting: HashMap<FlowKey, Waiting>,
@@ -149,7 +190,12 @@ impl Flows {
             by_token: HashMap::new(),
             listeners: Vec::new(),
             waiting: HashMap::new(),
-            dns_conns: Vec::new(),
+            dns_conns: HashMap::new(),
+            dns_by_key: HashMap::new(),
+            by_socket: HashMap::new(),
+            pending: Pending::default(),
+            next_sweep: Instant::now(),
+            sweep_every: SWEEP_EVERY.min(idle_timeout() / 10),
             next_dns_conn: 0,
             runtime_forwards: Vec::new(),
             udp: HashMap::new(),
@@ -298,19 +344,20 @@ impl Flows {
             }
         }
         // Explicit-proxy clients still sending their request: gone with the port.
-        let stack = &mut self.stack;
-        let steering = &self.steering;
-        self.waiting.retain(|key, w| {
-            let keep = w.kind != WaitKind::Front || explicit_port == Some(key.dst_port);
-            if !keep {
-                stack.socket(w.handle).abort();
-                stack.poll();
-                stack.remove(w.handle);
-                steering.release(SteerKey::Tcp(*key));
-                reset += 1;
-            }
-            keep
-        });
+        let gone: Vec<(FlowKey, SocketHandle)> = self
+            .waiting
+            .iter()
+            .filter(|(key, w)| w.kind == WaitKind::Front && explicit_port != Some(key.dst_port))
+            .map(|(key, w)| (*key, w.handle))
+            .collect();
+        for (key, handle) in gone {
+            self.stack.socket(handle).abort();
+            self.forget_waiting(key, handle);
+            reset += 1;
+        }
+        // Every flow is judged again: the reset ones end at the next pump.
+        self.pending.flows.extend(self.flows.keys().copied());
+        self.pending.udp.extend(self.udp.keys().copied());
         if self.registrar.is_some() {
             self.open_listeners();
         }
@@ -432,6 +479,8 @@ impl Flows {
                 return Err(DropReason::ProxyUnreachable);
             }
         }
+        self.by_socket.insert(handle, SocketOwner::Flow(key));
+        self.pending.flows.insert(key);
         let route = FlowRoute::Forward {
             peer,
             guest_port: forward.guest_port,
@@ -453,10 +502,7 @@ impl Flows {
             let _ = flow.stream.shutdown(std::net::Shutdown::Both);
             self.steering.release(SteerKey::Tcp(key));
         }
-        let tcp = self
-            .waiting
-            .keys()
-            .chain(self.dns_conns.iter().map(|c| &c.key));
+        let tcp = self.waiting.keys().chain(self.dns_by_key.keys());
         for key in tcp.copied().map(SteerKey::Tcp) {
             self.steering.release(key);
         }
@@ -469,6 +515,9 @@ impl Flows {
             .store(0, std::sync::atomic::Ordering::Relaxed);
         self.waiting.clear();
         self.dns_conns.clear();
+        self.dns_by_key.clear();
+        self.by_socket.clear();
+        self.pending = Pending::default();
         self.udp.clear();
         self.upstream = None;
         self.by_token.clear();
@@ -494,7 +543,7 @@ impl Flows {
         };
         let local = self.flows.contains_key(&key)
             || self.waiting.contains_key(&key)
-            || (self.steering.is_shared() && self.dns_conns.iter().any(|c| c.key == key));
+            || (self.steering.is_shared() && self.dns_by_key.contains_key(&key));
         if !local {
             if let Some(pair) = self.steering.elsewhere(SteerKey::Tcp(key)) {
                 return Ok(Carried::Elsewhere(pair));
@@ -532,8 +581,11 @@ impl Flows {
                 .listen(key.dst, key.dst_port, key.guest_port, false)
                 .ok_or(DropReason::TcpNoFlow)?;
             self.next_dns_conn += 1;
+            let id = self.next_dns_conn;
             self.dns_conns
-                .push(dns_tcp::DnsConn::new(self.next_dns_conn, key, handle));
+                .insert(id, dns_tcp::DnsConn::new(id, key, handle));
+            self.dns_by_key.insert(key, id);
+            self.by_socket.insert(handle, SocketOwner::Dns(id));
             self.steering.claim(SteerKey::Tcp(key));
             return Ok(());
         }
@@ -579,6 +631,7 @@ impl Flows {
                 seen: 0,
             },
         );
+        self.by_socket.insert(handle, SocketOwner::Waiting(key));
         self.steering.claim(SteerKey::Tcp(key));
         Ok(())
     }
@@ -628,6 +681,8 @@ impl Flows {
         tracing::debug!(flow = %key, target = %admitted.target(), %proxy, "flow requested");
         self.counters.flow(FlowEvent::Opened);
         self.by_token.insert(token, Owner::Flow(key));
+        self.by_socket.insert(handle, SocketOwner::Flow(key));
+        self.pending.flows.insert(key);
         let route = FlowRoute::Egress(admitted);
         let mut flow = Flow::new(key, route, negotiation, handle, stream, token);
         flow.set_idle_timeout(self.idle);
@@ -644,9 +699,15 @@ impl Flows {
         let key = match self.by_token.get(&token) {
             Some(Owner::Flow(key)) => *key,
             Some(Owner::Listener(index)) => return self.accept(*index),
-            // UDP associations read and write until WouldBlock on every pump.
-            Some(Owner::Udp) | None => return,
+            // An association reads and writes until WouldBlock when it is run.
+            Some(Owner::Udp(key)) => {
+                self.pending.udp.insert(*key);
+                return;
+            }
+            // The resolver's socket is read on every pump.
+            Some(Owner::Upstream) | None => return,
         };
+        self.pending.flows.insert(key);
         let Some(flow) = self.flows.get_mut(&key) else {
             return;
         };
@@ -676,6 +737,7 @@ impl Flows {
         }
         if let Some(assoc) = self.udp.get_mut(&key) {
             assoc.send(udp.payload);
+            self.pending.udp.insert(key);
         }
         Ok(Carried::Here)
     }
@@ -723,8 +785,9 @@ impl Flows {
             self.free_tokens.extend([ct, rt]);
             return Err(DropReason::ProxyUnreachable);
         }
-        self.by_token.insert(ct, Owner::Udp);
-        self.by_token.insert(rt, Owner::Udp);
+        self.by_token.insert(ct, Owner::Udp(key));
+        self.by_token.insert(rt, Owner::Udp(key));
+        self.pending.udp.insert(key);
         self.counters.flow(FlowEvent::Opened);
         tracing::debug!(flow = %key, target = %route.target(), proxy = %route.proxy(), "udp association requested");
         self.udp
@@ -759,7 +822,7 @@ impl Flows {
                 self.free_tokens.push(token);
                 return Err(DropReason::ProxyUnreachable);
             }
-            self.by_token.insert(token, Owner::Udp);
+            self.by_token.insert(token, Owner::Upstream);
             self.upstream = Some(upstream);
         }
         self.upstream.as_mut().ok_or(DropReason::ProxyUnreachable)
@@ -776,15 +839,16 @@ impl Flows {
         let scratch = self
             .udp_scratch
             .get_or_insert_with(|| vec![0; 65_536].into_boxed_slice());
-        for assoc in self.udp.values_mut() {
+        let mut done = Vec::new();
+        for key in self.pending.udp.drain() {
+            let Some(assoc) = self.udp.get_mut(&key) else {
+                continue;
+            };
             assoc.step(guest, mtu, scratch, out);
+            if assoc.is_done() {
+                done.push(key);
+            }
         }
-        let done: Vec<udp::UdpKey> = self
-            .udp
-            .iter()
-            .filter(|(_, a)| a.is_done())
-            .map(|(k, _)| *k)
-            .collect();
         for key in done {
             let Some(assoc) = self.udp.remove(&key) else {
                 continue;
@@ -809,34 +873,37 @@ impl Flows {
         }
     }
 
-    /// Serve DNS-over-TCP connections; forget finished ones.
+    /// Serve the DNS-over-TCP connections with news; forget finished ones.
     fn answer_dns(&mut self) {
-        let (stack, dns, names, counters, steering) = (
-            &mut self.stack,
-            &self.policy.dns,
-            &self.names,
-            &self.counters,
-            &self.steering,
-        );
-        self.dns_conns.retain_mut(|conn| {
-            let alive = conn.step(stack, dns, names, counters);
-            if !alive {
-                stack.poll();
-                stack.remove(conn.handle);
-                steering.release(SteerKey::Tcp(conn.key));
+        let mut finished = Vec::new();
+        let mut queued: Vec<(u64, Vec<u8>, String)> = Vec::new();
+        for id in self.pending.dns.drain() {
+            let Some(conn) = self.dns_conns.get_mut(&id) else {
+                continue;
+            };
+            if !conn.step(
+                &mut self.stack,
+                &self.policy.dns,
+                &self.names,
+                &self.counters,
+            ) {
+                finished.push(id);
+                continue;
             }
-            alive
-        });
-        // mode = "upstream": what the connections could not answer goes to the resolver.
-        let queued: Vec<(u64, Vec<u8>, String)> = self
-            .dns_conns
-            .iter_mut()
-            .flat_map(|c| {
-                let id = c.id;
-                c.awaiting += c.to_upstream.len();
-                c.to_upstream.drain(..).map(move |(q, n)| (id, q, n))
-            })
-            .collect();
+            // mode = "upstream": what the connection could not answer goes to the resolver.
+            conn.awaiting += conn.to_upstream.len();
+            queued.extend(conn.to_upstream.drain(..).map(|(q, n)| (id, q, n)));
+        }
+        for id in finished {
+            let Some(conn) = self.dns_conns.remove(&id) else {
+                continue;
+            };
+            self.dns_by_key.remove(&conn.key);
+            self.by_socket.remove(&conn.handle);
+            self.stack.poll();
+            self.stack.remove(conn.handle);
+            self.steering.release(SteerKey::Tcp(conn.key));
+        }
         for (id, query, name) in queued {
             let sent = self
                 .upstream()
@@ -853,7 +920,7 @@ impl Flows {
     /// Decide the waiting connections whose first bytes have arrived: sniffed flows by
     /// their SNI or Host, explicit-proxy clients by their request; each through the gate.
     fn decide_waiting(&mut self) {
-        let keys: Vec<FlowKey> = self.waiting.keys().copied().collect();
+        let keys: Vec<FlowKey> = self.pending.waiting.drain().collect();
         for key in keys {
             let Some(w) = self.waiting.get(&key).copied() else {
                 continue;
@@ -894,6 +961,7 @@ impl Flows {
                 tracing::debug!(flow = %key, target = %admitted.target(), "admitted by its first bytes");
                 let is_front = front.is_some();
                 self.waiting.remove(&key);
+                self.by_socket.remove(&w.handle);
                 self.steering.release(SteerKey::Tcp(key));
                 self.connect_proxy(key, admitted, Some(w.handle), front)
                     .map_err(|reason| (reason, if is_front { 503 } else { 0 }))
@@ -921,6 +989,7 @@ impl Flows {
                         ..w
                     },
                 );
+                self.by_socket.insert(w.handle, SocketOwner::Waiting(key));
                 self.steering.claim(SteerKey::Tcp(key));
             } else {
                 self.stack.socket(w.handle).abort();
@@ -974,27 +1043,87 @@ impl Flows {
 
     fn forget_waiting(&mut self, key: FlowKey, handle: SocketHandle) {
         self.waiting.remove(&key);
+        self.by_socket.remove(&handle);
         self.steering.release(SteerKey::Tcp(key));
         self.stack.poll();
         self.stack.remove(handle);
     }
 
+    /// Everything is looked at now and then: timeouts need no event of their own.
+    fn sweep_if_due(&mut self) {
+        let now = Instant::now();
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + self.sweep_every;
+        let due = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.due(now))
+            .map(|(k, _)| *k);
+        self.pending.flows.extend(due);
+        let due = self.waiting.iter().filter(|(_, w)| {
+            let limit = match w.kind {
+                WaitKind::Answered => ANSWER_LINGER,
+                WaitKind::Sniff | WaitKind::Front => SNIFF_TIMEOUT,
+            };
+            now.duration_since(w.since) > limit
+        });
+        self.pending.waiting.extend(due.map(|(k, _)| *k));
+        self.pending.dns.extend(self.dns_conns.keys().copied());
+        self.pending.udp.extend(self.udp.keys().copied());
+    }
+
+    /// The flows whose stack socket changed in the last poll now have news.
+    fn note_touched(&mut self) {
+        for handle in self.stack.take_touched() {
+            match self.by_socket.get(&handle) {
+                Some(SocketOwner::Flow(key)) => {
+                    self.pending.flows.insert(*key);
+                }
+                Some(SocketOwner::Waiting(key)) => {
+                    self.pending.waiting.insert(*key);
+                }
+                Some(SocketOwner::Dns(id)) => {
+                    self.pending.dns.insert(*id);
+                }
+                None => {}
+            }
+        }
+    }
+
     /// Move everything that can move; return the IP packets for the guest.
     pub fn pump(&mut self) -> Vec<Vec<u8>> {
+        self.sweep_if_due();
+        let mut done = Vec::new();
         for _ in 0..MAX_ROUNDS {
             self.stack.poll();
+            self.note_touched();
+            if self.pending.flows.is_empty()
+                && self.pending.waiting.is_empty()
+                && self.pending.dns.is_empty()
+            {
+                break;
+            }
             self.decide_waiting();
             self.answer_dns();
-            let mut moved = false;
-            for flow in self.flows.values_mut() {
-                moved |= flow.step(&mut self.stack);
-            }
-            if !moved {
-                break;
+            for key in std::mem::take(&mut self.pending.flows) {
+                let Some(flow) = self.flows.get_mut(&key) else {
+                    continue;
+                };
+                if flow.step(&mut self.stack) {
+                    // It moved: it may move again once the stack has run.
+                    self.pending.flows.insert(key);
+                }
+                if matches!(flow.phase, Phase::Done(_)) {
+                    self.pending.flows.remove(&key);
+                    done.push(key);
+                }
             }
         }
         self.stack.poll();
-        self.reap();
+        self.note_touched();
+        self.reap(done);
         let mut out = self.stack.take_egress();
         self.run_udp(&mut out);
         let open = self.flows.len() + self.udp.len() + self.dns_conns.len() + self.waiting.len();
@@ -1010,8 +1139,9 @@ impl Flows {
             if !tcp.is_empty() {
                 // Answers for DNS-over-TCP connections: into their streams, out at once.
                 for (id, reply) in tcp {
-                    if let Some(conn) = self.dns_conns.iter_mut().find(|c| c.id == id) {
+                    if let Some(conn) = self.dns_conns.get_mut(&id) {
                         conn.reply(&reply);
+                        self.pending.dns.insert(id);
                     }
                 }
                 self.answer_dns();
@@ -1022,17 +1152,13 @@ impl Flows {
         out
     }
 
-    fn reap(&mut self) {
-        let done: Vec<FlowKey> = self
-            .flows
-            .iter()
-            .filter(|(_, f)| matches!(f.phase, Phase::Done(_)))
-            .map(|(k, _)| *k)
-            .collect();
+    /// Retire finished flows (`done`: the ones that finished in this pump).
+    fn reap(&mut self, done: Vec<FlowKey>) {
         for key in done {
             let Some(flow) = self.flows.remove(&key) else {
                 continue;
             };
+            self.by_socket.remove(&flow.handle);
             self.steering.release(SteerKey::Tcp(key));
             self.by_token.remove(&flow.token);
             if let Some(r) = &self.registrar {
@@ -1069,28 +1195,21 @@ impl Flows {
         }
     }
 
-    /// When the stack next needs a poll of its own (retransmits, keepalives).
+    /// When the flow table next needs a pump of its own: news not yet looked at (now), a
+    /// socket timer (retransmits, delayed ACKs), or the next sweep while anything is open.
     pub fn poll_delay(&mut self) -> Option<Duration> {
+        if !self.pending.is_empty() {
+            return Some(Duration::ZERO);
+        }
         let stack = self.stack.poll_delay();
-        // Flows waiting on the proxy are checked for their handshake deadline too.
-        let waiting = self
-            .flows
-            .values()
-            .any(|f| matches!(f.phase, Phase::Connecting | Phase::Handshake));
-        let waiting = waiting
+        let open = !self.flows.is_empty()
             || !self.waiting.is_empty()
             || !self.dns_conns.is_empty()
             || !self.udp.is_empty();
-        // Open flows are checked for idleness now and then (a tenth of the timeout).
-        let stack = match (stack, self.flows.is_empty()) {
-            (s, true) => s,
-            (None, false) => Some(self.idle / 10),
-            (Some(d), false) => Some(d.min(self.idle / 10)),
-        };
-        match (stack, waiting) {
-            (Some(d), true) => Some(d.min(Duration::from_millis(500))),
-            (None, true) => Some(Duration::from_millis(500)),
-            (d, false) => d,
+        let sweep = open.then(|| self.next_sweep.saturating_duration_since(Instant::now()));
+        match (stack, sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 }
