@@ -112,15 +112,24 @@ pub fn clamp_max_flows(policy: &mut Policy) -> Option<usize> {
 /// Before pair `pair` opens a flow needing `needed` descriptors, its flows holding `held`:
 /// Ok if the VM's flows stay within the budget.
 pub fn check(pair: usize, held: usize, needed: usize) -> Result<(), DropReason> {
-    let limit = LIMIT.load(Ordering::Relaxed);
+    check_in(&HELD, LIMIT.load(Ordering::Relaxed), pair, held, needed)
+}
+
+fn check_in(
+    slots: &[AtomicUsize],
+    limit: usize,
+    pair: usize,
+    held: usize,
+    needed: usize,
+) -> Result<(), DropReason> {
     if limit == usize::MAX {
         return Ok(());
     }
-    let Some(slot) = HELD.get(pair) else {
+    let Some(slot) = slots.get(pair) else {
         return Err(DropReason::FdBudget);
     };
     slot.store(held, Ordering::Relaxed);
-    let total: usize = HELD.iter().map(|h| h.load(Ordering::Relaxed)).sum();
+    let total: usize = slots.iter().map(|h| h.load(Ordering::Relaxed)).sum();
     if total.saturating_add(needed) > limit {
         return Err(DropReason::FdBudget);
     }
@@ -138,6 +147,37 @@ pub fn note(pair: usize, held: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every pair's descriptors count against one budget; what a pair gives back is seen
+    /// at its next look.
+    #[test]
+    fn the_budget_is_shared_by_the_pairs() {
+        let slots = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        assert_eq!(check_in(&slots, 10, 0, 4, 2), Ok(()));
+        assert_eq!(
+            check_in(&slots, 10, 1, 4, 2),
+            Ok(()),
+            "8 held + 2 fit in 10"
+        );
+        assert_eq!(
+            check_in(&slots, 10, 1, 5, 2),
+            Err(DropReason::FdBudget),
+            "9 held + a UDP association's 2 do not"
+        );
+        assert_eq!(check_in(&slots, 10, 1, 5, 1), Ok(()));
+        slots[0].store(0, Ordering::Relaxed); // pair 0's flows closed (note)
+        assert_eq!(check_in(&slots, 10, 1, 6, 2), Ok(()));
+        assert_eq!(
+            check_in(&slots, 10, 2, 0, 1),
+            Err(DropReason::FdBudget),
+            "no such pair"
+        );
+        assert_eq!(
+            check_in(&slots, usize::MAX, 0, 1000, 2),
+            Ok(()),
+            "no budget"
+        );
+    }
 
     #[test]
     fn reserve_grows_with_pairs_and_forwards() {
