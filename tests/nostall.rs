@@ -433,8 +433,7 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
     let guest = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
     let mut net = moat::guest::GuestNet::new(guest, GUEST_MAC.0, GUEST, 24, GW, 1500);
     let site = net
-        .resolve("example.com", Duration::from_secs(10))
-        .unwrap()
+        .resolve_a("example.com", Duration::from_secs(10))
         .expect("example.com resolves");
     let guest = net.sim();
     let mut answered = std::collections::HashMap::new();

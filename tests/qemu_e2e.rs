@@ -63,6 +63,17 @@ fn row<'a>(table: &'a str, check: &str) -> (&'a str, &'a str, &'a str) {
     (cols[1], cols[2], cols[3])
 }
 
+/// A counter from moat's table at the end of qemu-e2e.sh's output (`group counter value`,
+/// non-zero rows only: a missing row is 0).
+fn counter(stdout: &str, name: &str) -> u64 {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("--- moat counters ---"))
+        .find(|l| l.split_whitespace().nth(1) == Some(name))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn assert_rows(table: &str, expected: &[(&str, &str)]) {
     for &(check, want) in expected {
         let observed = if want == "pass" { "ok" } else { "blocked" };
@@ -152,13 +163,7 @@ fn real_guest_gets_dhcp_pings_gateway_and_reaches_nothing_else() {
         ],
     );
     // moat saw the forbidden attempts and dropped them for the right reasons.
-    let counter = |name: &str| -> u64 {
-        stdout
-            .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(name))
-            .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
-            .unwrap_or(0)
-    };
+    let counter = |name: &str| counter(&stdout, name);
     assert!(
         counter("dhcp") >= 2,
         "DISCOVER and REQUEST answered\n{stdout}"
@@ -248,6 +253,7 @@ fn egress_and_forward(queues: u16) {
             ("dns-allowed", "pass"),
             ("dns-denied", "fail"),
             ("wget-transparent", "pass"),
+            ("wget-64k-body", "pass"),
             ("wget-explicit-proxy", "pass"),
             ("wget-ip-literal", "fail"),
             ("smuggle-host-127.0.0.1", "fail"),
@@ -262,6 +268,23 @@ fn egress_and_forward(queues: u16) {
             ("forward-httpd", "pass"),
             ("host-fetch-forward", "pass"),
         ],
+    );
+    // moat's side of the same run: the flows it carried, the 64 KiB it delivered, the
+    // names it refused, the attempts it dropped.
+    let c = |name: &str| counter(&stdout, name);
+    assert!(c("opened") >= 3, "transparent, 64 KiB, explicit\n{stdout}");
+    assert!(
+        c("rx_bytes") >= 65536,
+        "the 64 KiB body reached the guest\n{stdout}"
+    );
+    assert!(c("nxdomain") >= 1, "evil.test refused\n{stdout}");
+    assert!(
+        c("not_allowed") + c("reserved_destination") >= 4,
+        "the IP literal and the smuggled Host headers dropped\n{stdout}"
+    );
+    assert!(
+        c("forward_refused") == 0,
+        "the forward's peer was allowed\n{stdout}"
     );
     // tinyproxy's own log is the witness that the refused attempts never reached it, while
     // the allowed ones did.
@@ -288,6 +311,7 @@ fn a_killed_and_restarted_moat_gets_the_running_guest_back() {
     if !required("qemu-system-x86_64") {
         return;
     }
+    let _one = one_guest();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let workdir = tempfile::tempdir().unwrap();
     let out = Command::new(repo.join("scripts/qemu-e2e.sh"))

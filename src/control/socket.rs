@@ -109,7 +109,8 @@ fn answer(conn: UnixStream, vm: &VmState) -> std::io::Result<()> {
 /// `debug exec` calls execve (seccomp kills the process; without the sandbox it fails with
 /// ENOENT), `debug read PATH` reads a file (Landlock refuses paths outside moat's own),
 /// `debug connect IP:PORT` opens a TCP connection (Landlock refuses ports other than the
-/// policy's proxies and upstream).
+/// policy's proxies and upstream), `debug socket raw|packet|netlink|udp` opens a socket of
+/// that family (seccomp allows only unix, TCP and UDP).
 #[cfg(debug_assertions)]
 fn debug_probe(probe: &[&str]) -> String {
     match probe {
@@ -132,7 +133,24 @@ fn debug_probe(probe: &[&str]) -> String {
             },
             Err(e) => format!("error {addr}: {e}\n"),
         },
-        _ => "error debug probes: exec, read PATH, connect IP:PORT\n".to_string(),
+        ["socket", family] => {
+            let (domain, kind, protocol) = match *family {
+                "raw" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP),
+                "packet" => (libc::AF_PACKET, libc::SOCK_RAW, 0),
+                "netlink" => (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE),
+                "udp" => (libc::AF_INET, libc::SOCK_DGRAM, 0),
+                other => return format!("error socket {other}: raw, packet, netlink or udp\n"),
+            };
+            // SAFETY: socket(2) with constant arguments; the descriptor is closed at once.
+            let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
+            if fd < 0 {
+                return format!("error {}\n", std::io::Error::last_os_error());
+            }
+            // SAFETY: `fd` was just returned by socket(2) and is owned here.
+            unsafe { libc::close(fd) };
+            format!("ok {family} socket opened\n")
+        }
+        _ => "error debug probes: exec, read PATH, connect IP:PORT, socket FAMILY\n".to_string(),
     }
 }
 

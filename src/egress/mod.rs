@@ -102,6 +102,11 @@ struct Waiting {
     seen: usize,
 }
 
+/// What a waiting connection's first bytes decided: admitted (with the explicit-proxy
+/// front's work, if it came from there), or refused with the HTTP status an explicit-proxy
+/// client gets (0: a reset).
+type FirstBytes = Result<(Admitted, Option<Front>), (DropReason, u16)>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum WaitKind {
     /// An IP literal that only a name rule can allow: its SNI or Host decides.
@@ -416,7 +421,9 @@ impl Flows {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
-            if self.steering.open_flows(self.flows.len()) >= self.policy.limits.max_flows
+            let held =
+                self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len();
+            if self.steering.open_flows(held) >= self.policy.limits.max_flows
                 || crate::device::fd_budget::check(self.fd_slot, self.host_fds(), 0).is_err()
             {
                 self.counters.flow(FlowEvent::ForwardRefused);
@@ -568,10 +575,9 @@ impl Flows {
 
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
         self.admit(1)?;
-        if self
-            .steering
-            .open_flows(self.flows.len() + self.waiting.len() + self.dns_conns.len())
-            >= self.policy.limits.max_flows
+        if self.steering.open_flows(
+            self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len(),
+        ) >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
         }
@@ -935,8 +941,7 @@ impl Flows {
                 }
                 continue;
             }
-            let decided: Option<Result<(Admitted, Option<Front>), (DropReason, u16)>> = match state
-            {
+            let decided: Option<FirstBytes> = match state {
                 State::Listen | State::Closed => Some(Err((DropReason::NotAllowed, 0))),
                 _ if w.since.elapsed() > SNIFF_TIMEOUT => Some(Err((DropReason::NotAllowed, 0))),
                 State::Established => {
@@ -1000,12 +1005,7 @@ impl Flows {
 
     /// What a waiting connection's first bytes decide: `None` to wait for more; an error
     /// carries the HTTP status an explicit-proxy client gets (0: a reset).
-    fn judge_first_bytes(
-        &self,
-        key: &FlowKey,
-        kind: WaitKind,
-        first: &[u8],
-    ) -> Option<Result<(Admitted, Option<Front>), (DropReason, u16)>> {
+    fn judge_first_bytes(&self, key: &FlowKey, kind: WaitKind, first: &[u8]) -> Option<FirstBytes> {
         match kind {
             WaitKind::Sniff => match sniff::sniff(first) {
                 sniff::Sniffed::NeedMore => None,

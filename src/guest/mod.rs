@@ -47,7 +47,7 @@ use frontend::{Negotiated, Watchdog};
 pub use memory::GuestMemWriter;
 use memory::GuestMemory;
 pub use memory::GPA_BASE;
-pub use net::GuestNet;
+pub use net::{DnsReply, GuestNet, ResponseCode};
 use ring::SplitRing;
 pub use ring::{RawDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 
@@ -90,6 +90,13 @@ pub enum GuestError {
     ChainLength { len: usize, queue_size: u16 },
     #[error("no free TX descriptor: the device is not returning them")]
     TxStalled,
+    /// The gateway's DNS sent nothing back (neither an answer nor an error code).
+    #[error("no DNS reply for {name} within {after:?}")]
+    DnsTimeout { name: String, after: Duration },
+    /// A query that cannot be built, or a reply that is not the answer to it (wrong ID,
+    /// question, source or no DNS message at all).
+    #[error("DNS: {0}")]
+    Dns(String),
 }
 
 /// How the simulated guest sets itself up.
@@ -214,6 +221,8 @@ pub struct SimGuest {
     rx_next: usize,
     /// Start of the memory no ring or buffer uses.
     scratch: u64,
+    /// The longest frame received so far (without its virtio-net header).
+    largest_rx: usize,
 }
 
 impl SimGuest {
@@ -311,6 +320,7 @@ impl SimGuest {
             active_tx: 0,
             rx_next: 0,
             scratch,
+            largest_rx: 0,
         };
         // Post every RX buffer before the device starts, as a driver does at probe time.
         for p in 0..guest.pairs.len() {
@@ -598,6 +608,7 @@ impl SimGuest {
                     let buf = self.take_rx(p, used);
                     if let Some(frame) = self.assemble(p, buf) {
                         self.rx_next = (p + 1) % n;
+                        self.largest_rx = self.largest_rx.max(frame.1.len());
                         return Ok(Some(frame));
                     }
                 }
@@ -688,6 +699,12 @@ impl SimGuest {
     /// (guest-physical address, length) of each memory region, in address order.
     pub fn guest_mem_layout(&self) -> Vec<(u64, usize)> {
         self.mem.layout()
+    }
+
+    /// The longest frame received so far, in bytes without the virtio-net header (every
+    /// frame, also those a [`GuestNet`] took in).
+    pub fn largest_rx_frame(&self) -> usize {
+        self.largest_rx
     }
 
     /// Start of guest memory the rings and buffers (of every pair) do not use (at least
