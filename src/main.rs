@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use moat::control::{self, VmState};
 use moat::device::server::{self, ServeOptions};
-use moat::device::Tuning;
+use moat::device::{fd_budget, Tuning};
 use moat::policy::Policy;
 use moat::sandbox;
 use moat::telemetry::{metrics, Counters};
@@ -159,6 +159,8 @@ enum LogFormat {
 }
 
 const EXIT_RUNTIME: u8 = 1;
+/// Forward listeners `moat forward add` may add, counted in the descriptor reserve.
+const RUNTIME_FORWARD_ROOM: usize = 16;
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
@@ -538,13 +540,30 @@ fn enter_landlock(
 
 fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
     let (metrics_addr, control_path) = (ep.metrics, ep.control);
-    let policy = match Policy::load(policy_path) {
+    let mut policy = match Policy::load(policy_path) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Descriptors: the soft limit raised to the hard one, a budget for flows, max_flows
+    // clamped (with a warning) if it could need more.
+    match fd_budget::plan(
+        opts.tuning.queue_pairs,
+        policy.forward.len() + RUNTIME_FORWARD_ROOM,
+    ) {
+        Ok(plan) => {
+            fd_budget::clamp_max_flows(&mut policy);
+            tracing::info!(
+                nofile = plan.nofile,
+                flow_fds = plan.flow_fds,
+                max_flows = policy.limits.max_flows,
+                "descriptor budget"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE: no descriptor budget"),
+    }
     if ep.sandbox {
         if let Err(e) = enter_landlock(policy_path, &policy, opts, ep) {
             eprintln!("moat: {e}");
@@ -630,13 +649,24 @@ fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
 fn handle_signals(vm: Arc<VmState>, cleanup: Vec<PathBuf>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    // Reloads run on their own thread, so a SIGTERM that follows a SIGHUP is acted on at
+    // once; SIGHUPs that come while one runs are folded into one more.
+    let (reload, reloads) = std::sync::mpsc::sync_channel::<()>(1);
+    let reloader = Arc::clone(&vm);
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for () in reloads {
+                // Outcome logged (and counted) by reload itself.
+                let _ = reloader.reload();
+            }
+        })?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
-                    // Outcome logged (and counted) by reload itself.
-                    let _ = vm.reload();
+                    let _ = reload.try_send(());
                     continue;
                 }
                 tracing::info!(signal = sig, "stopping");

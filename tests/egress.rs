@@ -253,7 +253,8 @@ fn max_flows_refuses_new_connections_and_counts_them() {
     let a = established(&mut net, addr, 80);
     let b = established(&mut net, addr, 80);
     let state = never_established(&mut net, addr, 80, Duration::from_millis(1500));
-    assert_eq!(state, State::SynSent);
+    // Refused at once with a RST (issue 11), not left to retry its SYN.
+    assert_eq!(state, State::Closed);
     assert!(served.counters.drops(DropReason::FlowLimit) >= 1);
     // The flows inside the limit still carry bytes both ways.
     send_all(&mut net, a, b"Eok");

@@ -85,6 +85,39 @@ fn assert_rows(table: &str, expected: &[(&str, &str)]) {
     }
 }
 
+/// How much moat's RSS may grow while the real guest pipelines up to 100 MB of DNS-over-TCP
+/// queries and never reads an answer: one connection's worst case (README, limits: 280 KiB)
+/// plus the allocator's slack. Before the bound: +418 MiB for 290 MB of queries.
+const DNS_FLOOD_RSS_BOUND_KB: u64 = 16 * 1024;
+
+/// The guest's DNS-over-TCP flood (scripts/guest/dnsflood.c) left moat's memory bounded.
+fn dns_flood_kept_moat_bounded(stdout: &str) {
+    let field = |line: &str, key: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.parse().ok())
+    };
+    let Some(flood) = stdout.lines().find(|l| l.starts_with("dns-flood:")) else {
+        panic!("no dns-flood line\n{stdout}");
+    };
+    let sent = field(flood, "sent=").unwrap_or_else(|| {
+        panic!("the guest's dnsflood did not run (is gcc here to build it?)\n{stdout}")
+    });
+    let rss = stdout
+        .lines()
+        .find(|l| l.starts_with("moat-rss-kb"))
+        .unwrap_or_else(|| panic!("no moat-rss-kb line\n{stdout}"));
+    let (base, peak) = (
+        field(rss, "baseline=").unwrap_or(0),
+        field(rss, "peak=").unwrap_or(0),
+    );
+    eprintln!("{flood}; {rss}");
+    assert!(sent > 0 && base > 0, "{flood}; {rss}");
+    assert!(
+        peak.saturating_sub(base) < DNS_FLOOD_RSS_BOUND_KB,
+        "moat's RSS grew from {base} to {peak} kB while the guest sent {sent} bytes of unread DNS-over-TCP queries (bound +{DNS_FLOOD_RSS_BOUND_KB} kB)"
+    );
+}
+
 #[test]
 fn real_guest_gets_dhcp_pings_gateway_and_reaches_nothing_else() {
     if !required("qemu-system-x86_64") {
@@ -100,11 +133,14 @@ fn real_guest_gets_dhcp_pings_gateway_and_reaches_nothing_else() {
         .arg(repo.join("policy/example.toml"))
         .arg("--workdir")
         .arg(workdir.path())
+        .arg("--dns-flood")
+        .arg("100000000")
         .output()
         .expect("run scripts/qemu-e2e.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "qemu-e2e failed\n{stdout}\n{stderr}");
+    dns_flood_kept_moat_bounded(&stdout);
     assert_rows(
         &stdout,
         &[

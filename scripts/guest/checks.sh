@@ -99,6 +99,14 @@ check tcp-gateway-2375 fail tcp "$gw" 2375
 # row of its own, never a pass with rows missing.
 /bin/canary-guest.sh eth0 || [ $? = 1 ] || echo 'MOAT-CHECK canary-aborted pass blocked -'
 
+# A hostile DNS-over-TCP client (moat.dnsflood=BYTES): pipelines queries to the gateway and
+# never reads the answers; the host watches moat's memory meanwhile (qemu-e2e.sh --dns-flood).
+flood=$(arg moat.dnsflood)
+if [ -n "$flood" ] && [ -x /bin/dnsflood ]; then
+  echo "MOAT-DNSFLOOD-START $(cut -d' ' -f1 /proc/uptime)"
+  echo "MOAT-DNSFLOOD $(/bin/dnsflood "$gw" "$flood" 20)"
+fi
+
 # Egress, when the test gives an origin port (moat.egress=PORT): names resolve only if
 # allowed, flows go through the proxy, and a host peer reaches the guest through a forward.
 egress=$(arg moat.egress)

@@ -187,6 +187,9 @@ struct QueuePair {
     tx_inflight: HashMap<u16, Vec<u16>>,
     tx_completed: u64,
     tx_posted: u64,
+    /// Length each RX descriptor is posted with (at most the buffer's size; a hostile guest
+    /// posts less, down to zero: [`SimGuest::set_rx_buffer_len`]).
+    rx_post_len: u32,
 }
 
 impl QueuePair {
@@ -303,6 +306,7 @@ impl SimGuest {
                 tx_inflight: HashMap::new(),
                 tx_completed: 0,
                 tx_posted: 0,
+                rx_post_len: opts.rx_buffer_size,
             });
         }
         let mut guest = SimGuest {
@@ -412,12 +416,34 @@ impl SimGuest {
         let pair = &mut self.pairs[p];
         let desc = RawDesc {
             addr: pair.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
-            len: self.rx_buffer_size,
+            len: pair.rx_post_len,
             flags: VIRTQ_DESC_F_WRITE,
             next: 0,
         };
         pair.rings[RX].write_desc(&self.mem, i, desc);
         pair.rings[RX].publish(&self.mem, i)
+    }
+
+    /// As a hostile driver: from now on post every RX buffer of queue pair `pair` `len`
+    /// bytes long (zero included; at most the buffers' real size), and rewrite the
+    /// descriptors of its RX buffers already posted to that length (the device reads a
+    /// descriptor only when it takes the chain).
+    ///
+    /// # Panics
+    /// If `pair` is not below [`SimGuest::queue_pairs`] (a bug in the caller).
+    pub fn set_rx_buffer_len(&mut self, pair: usize, len: u32) {
+        let size = self.rx_buffer_size;
+        let pair = &mut self.pairs[pair];
+        pair.rx_post_len = len.min(size);
+        for i in 0..pair.rings[RX].size {
+            let desc = RawDesc {
+                addr: pair.rx_base + u64::from(i) * u64::from(size),
+                len: pair.rx_post_len,
+                flags: VIRTQ_DESC_F_WRITE,
+                next: 0,
+            };
+            pair.rings[RX].write_desc(&self.mem, i, desc);
+        }
     }
 
     /// Send a frame behind an all-zero virtio-net header.
