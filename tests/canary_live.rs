@@ -484,7 +484,9 @@ fn a_policy_edited_between_rounds_is_tested_as_edited() {
     assert_eq!(alerts[0]["attempt"], "tcp to cloud metadata :80");
     assert_eq!(alerts[0]["severity"], "P1");
     assert_eq!(alerts[0]["policy"]["hash"], hash(&after));
-    // The metrics follow the round's events: wait until they count the failed round.
+    // The metrics follow the round's events. A round that passed on the old file while we
+    // wrote may have moved the heartbeat legitimately, so compare across failing rounds:
+    // once the first failure is counted, the heartbeat must stay put through the next one.
     let fails = |text: &str| {
         metric(
             text,
@@ -492,20 +494,40 @@ fn a_policy_edited_between_rounds_is_tested_as_edited() {
         )
         .unwrap_or(0)
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let mut text = scrape(&metrics);
-    while fails(&text) < 1 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        text = scrape(&metrics);
-    }
-    assert!(fails(&text) >= 1, "the failed round is counted:\n{text}");
-    assert_eq!(
+    let heartbeat = |text: &str| {
         metric(
-            &text,
-            "moat_canary_last_success_timestamp_seconds{vm=\"canary-live\"}"
-        ),
-        Some(success),
-        "a failed round does not move the heartbeat:\n{text}"
+            text,
+            "moat_canary_last_success_timestamp_seconds{vm=\"canary-live\"}",
+        )
+    };
+    let wait_fails = |at_least: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut text = scrape(&metrics);
+        while fails(&text) < at_least && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            text = scrape(&metrics);
+        }
+        assert!(
+            fails(&text) >= at_least,
+            "{at_least} failed rounds counted:\n{text}"
+        );
+        text
+    };
+    let first_fail = wait_fails(1);
+    let before_next = heartbeat(&first_fail);
+    assert!(
+        before_next.is_some_and(|t| t >= success),
+        "the heartbeat only ever moves forward:\n{first_fail}"
+    );
+    let counted = fails(&first_fail);
+    // The next round, on the same leaky file, fails too.
+    let (_, next) = next_round(&rx);
+    assert_eq!(next["result"], "fail", "{next}");
+    let next_fail = wait_fails(counted + 1);
+    assert_eq!(
+        heartbeat(&next_fail),
+        before_next,
+        "a failed round does not move the heartbeat:\n{next_fail}"
     );
 }
 
