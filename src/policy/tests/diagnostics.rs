@@ -1,0 +1,162 @@
+//! Errors before validation: TOML syntax, unknown and missing keys, values of the wrong type.
+
+use super::*;
+
+#[test]
+fn syntax_errors() {
+    let err = fails("[vm\nname = 1\n", "vm", (1, 4), "fix the TOML syntax");
+    assert!(matches!(err, PolicyError::Syntax { .. }), "{err:?}");
+    fails(
+        &format!("{VM}mtu = 1500 x\n"),
+        "vm.mtu",
+        (5, 7),
+        "string values must be quoted",
+    );
+    fails(
+        &format!("{VM}name = \"u\"\n"),
+        "vm.name",
+        (5, 1),
+        "duplicate key; a key may appear once in a table, keep one",
+    );
+    fails(
+        &format!("{VM}{PROXY}[[outbound]]\nports = [80\n"),
+        "outbound[0].ports",
+        (9, 12),
+        "unclosed array, expected `]`; fix the TOML syntax",
+    );
+}
+
+#[test]
+fn unknown_keys_anywhere() {
+    let err = fails(
+        &format!("{VM}nmae = \"x\"\n"),
+        "vm.nmae",
+        (5, 1),
+        "unknown key `nmae`; did you mean `name`?",
+    );
+    assert!(matches!(err, PolicyError::UnknownKey { .. }), "{err:?}");
+    fails(
+        &format!("{VM}[vpn]\nx = 1\n"),
+        "vpn",
+        (5, 2),
+        "unknown key `vpn`; remove it (allowed here: `vm`, `proxy`, `outbound`, `dns`, `forward`, `limits`)",
+    );
+    fails(
+        &rule("protocol = \"tcp\"\nports = [80]\nvai = \"http\"\n"),
+        "outbound[0].vai",
+        (11, 1),
+        "did you mean `via`?",
+    );
+    fails(
+        &rule("protocol = \"tcp\"\nports = [80]\n[[outbound]]\nprotocol = \"tcp\"\nports = [80]\nto_ = []\n"),
+        "outbound[1].to_",
+        (14, 1),
+        "did you mean `to`?",
+    );
+    fails(
+        "vm = { name = \"t\", mac = \"52:54:00:12:34:56\", adress = \"10.0.0.2/30\" }\n",
+        "vm.adress",
+        (1, 47),
+        "did you mean `address`?",
+    );
+    fails(
+        &format!("{VM}[dns]\nalow = []\n"),
+        "dns.alow",
+        (6, 1),
+        "did you mean `allow`?",
+    );
+    fails(
+        &format!("{VM}[[forward]]\nlisten = \"127.0.0.1:1\"\nguest_port = 1\nfrom_cidr = []\n"),
+        "forward[0].from_cidr",
+        (8, 1),
+        "unknown key `from_cidr`",
+    );
+    fails(
+        &format!("{VM}[limits]\nmax_flow = 1\n"),
+        "limits.max_flow",
+        (6, 1),
+        "did you mean `max_flows`?",
+    );
+    fails(
+        &format!("{VM}[vm.extra]\nx = 1\n"),
+        "vm.extra",
+        (5, 5),
+        "unknown key `extra`",
+    );
+}
+
+#[test]
+fn missing_required_keys() {
+    let err = fails(
+        "[proxy]\nhttp = \"127.0.0.1:3128\"\n",
+        "vm",
+        (1, 1),
+        "add a [vm] table with name, mac and address",
+    );
+    assert!(matches!(err, PolicyError::MissingKey { .. }), "{err:?}");
+    fails("", "vm", (1, 1), "required key is missing");
+    fails(
+        "\n[vm]\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/30\"\n",
+        "vm.name",
+        (2, 1),
+        "required key is missing; add name = \"sandbox-17\"",
+    );
+    fails(
+        "[vm]\nname = \"t\"\naddress = \"10.0.0.2/30\"\n",
+        "vm.mac",
+        (1, 1),
+        "add mac = \"52:54:00:12:34:56\"",
+    );
+    fails(
+        "[vm]\nname = \"t\"\nmac = \"52:54:00:12:34:56\"\n",
+        "vm.address",
+        (1, 1),
+        "add address = \"10.0.0.2/30\"",
+    );
+    fails(
+        &format!("{VM}{PROXY}[[outbound]]\nports = [1]\n"),
+        "outbound[0].protocol",
+        (8, 1),
+        "add protocol = \"tcp\"",
+    );
+    fails(
+        &format!("{VM}{PROXY}[[outbound]]\nprotocol = \"tcp\"\n"),
+        "outbound[0].ports",
+        (8, 1),
+        "add ports = [443]",
+    );
+    fails(
+        &format!("{VM}[[forward]]\nguest_port = 1\n"),
+        "forward[0].listen",
+        (5, 1),
+        "add listen = \"127.0.0.1:8080\"",
+    );
+}
+
+#[test]
+fn values_of_the_wrong_type() {
+    fails(
+        &format!("{VM}mtu = \"big\"\n"),
+        "vm.mtu",
+        (5, 7),
+        "invalid type: string \"big\", expected an integer",
+    );
+    fails(
+        &rule("protocol = \"tcp\"\nports = [true]\n"),
+        "outbound[0].ports",
+        (10, 10),
+        "expected a port such as 443 or a range such as \"8000-8100\"",
+    );
+    fails(
+        &rule("protocol = \"tcp\"\nports = 443\n"),
+        "outbound[0].ports",
+        (10, 9),
+        "expected an array",
+    );
+    fails(
+        &vm_with("\"t\"", "7"),
+        "vm.name",
+        (2, 8),
+        "expected a string",
+    );
+}
