@@ -200,43 +200,19 @@ pub(super) fn example_for(field: &str) -> Option<&'static str> {
 }
 
 /// The expected key nearest to a misspelt one, from serde's "`a`, `b` or `c`" / "one of
-/// `a`, `b`" list: one edit away, or two for keys of six characters or more.
+/// `a`, `b`" list: one edit away, or two for keys of six characters or more. Edits are those of
+/// the optimal string alignment distance: insertions, deletions, substitutions and swaps of two
+/// neighbours (`nmae` is one step from `name`).
 pub(super) fn closest<'e>(field: &str, expected: &'e str) -> Option<&'e str> {
     let most = if field.chars().count() >= 6 { 2 } else { 1 };
     expected
         .split('`')
         .skip(1)
         .step_by(2)
-        .map(|k| (edit_distance(field, k), k))
+        .map(|k| (strsim::osa_distance(field, k), k))
         .filter(|(d, _)| *d <= most)
         .min()
         .map(|(_, k)| k)
-}
-
-/// Optimal string alignment distance: insertions, deletions, substitutions and swaps of two
-/// neighbours (`nmae` is one step from `name`).
-pub(super) fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                best = best.min(d[i - 2][j - 2] + 1);
-            }
-            d[i][j] = best;
-        }
-    }
-    d[a.len()][b.len()]
 }
 
 /// `path.key`, quoting the key when it is not a bare TOML key (`dns.records."api.internal"`).

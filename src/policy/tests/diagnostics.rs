@@ -85,6 +85,40 @@ fn unknown_keys_anywhere() {
     );
 }
 
+/// A suggestion is one edit away (a swap of neighbours counts as one), or two for keys of six
+/// characters or more; anything farther lists the allowed keys instead.
+#[test]
+fn did_you_mean_is_one_edit_or_two_for_long_keys() {
+    let limits = |key: &str| format!("{VM}[limits]\n{key} = 1\n");
+    let dns = |key: &str| format!("{VM}[dns]\n{key} = 1\n");
+    for (text, key, line, near) in [
+        (limits("egres_bsp"), "limits.egres_bsp", 6, "egress_bps"),
+        (limits("ingressbps"), "limits.ingressbps", 6, "ingress_bps"),
+        (
+            limits("bursts_byte"),
+            "limits.bursts_byte",
+            6,
+            "burst_bytes",
+        ),
+        (dns("mdoe"), "dns.mdoe", 6, "mode"),
+        (dns("alloww"), "dns.alloww", 6, "allow"),
+        (format!("{VM}mc = 1\n"), "vm.mc", 5, "mac"),
+        (format!("{VM}gatwya = 1\n"), "vm.gatwya", 5, "gateway"),
+    ] {
+        fails(&text, key, (line, 1), &format!("did you mean `{near}`?"));
+    }
+    for (text, key) in [
+        (dns("mdo"), "dns.mdo"),
+        (format!("{VM}mx = 1\n"), "vm.mx"),
+        (limits("egress"), "limits.egress"),
+    ] {
+        let err = parse(&text).expect_err("unknown key");
+        let msg = err.to_string();
+        assert_eq!(err.key(), Some(key), "{msg}");
+        assert!(msg.contains("; remove it (allowed here: "), "{msg}");
+    }
+}
+
 #[test]
 fn missing_required_keys() {
     let err = fails(
