@@ -6,7 +6,7 @@ mod model;
 mod parse;
 mod summary;
 
-pub use error::{Location, PolicyError};
+pub use error::{ErrorKind, Located, Location, PolicyError};
 pub use model::*;
 
 use std::path::Path;
@@ -35,7 +35,7 @@ impl Policy {
 
     /// Parse and validate policy text; `source` is used in messages only.
     pub fn parse(text: &str, source: &Path) -> Result<Policy, PolicyError> {
-        parse::parse(text, source)
+        Ok(parse::parse(text, source)?)
     }
 
     /// The TCP ports moat connects to on the host for this policy: the proxies and the DNS

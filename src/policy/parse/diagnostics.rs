@@ -8,16 +8,7 @@ use std::path::Path;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use super::super::PolicyError;
-
-/// Which step refused the policy.
-#[derive(Clone, Copy)]
-pub(super) enum Kind {
-    Syntax,
-    UnknownKey,
-    MissingKey,
-    Invalid,
-}
+use super::super::{ErrorKind, Located};
 
 /// Turns spans into `file:line:col: key: reason` errors.
 pub(super) struct Ctx<'a> {
@@ -26,38 +17,15 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn error(&self, kind: Kind, span: Range<usize>, key: String, reason: String) -> PolicyError {
+    fn error(&self, kind: ErrorKind, span: Range<usize>, key: String, reason: String) -> Located {
         let (line, col) = line_col(self.text, span.start);
-        let file = self.file.to_path_buf();
-        match kind {
-            Kind::Syntax => PolicyError::Syntax {
-                file,
-                line,
-                col,
-                key,
-                reason,
-            },
-            Kind::UnknownKey => PolicyError::UnknownKey {
-                file,
-                line,
-                col,
-                key,
-                reason,
-            },
-            Kind::MissingKey => PolicyError::MissingKey {
-                file,
-                line,
-                col,
-                key,
-                reason,
-            },
-            Kind::Invalid => PolicyError::Invalid {
-                file,
-                line,
-                col,
-                key,
-                reason,
-            },
+        Located {
+            file: self.file.to_path_buf(),
+            line,
+            col,
+            key,
+            reason,
+            kind,
         }
     }
 
@@ -67,8 +35,8 @@ impl Ctx<'_> {
         span: Range<usize>,
         key: impl Into<String>,
         reason: impl Into<String>,
-    ) -> PolicyError {
-        self.error(Kind::Invalid, span, key.into(), reason.into())
+    ) -> Located {
+        self.error(ErrorKind::Invalid, span, key.into(), reason.into())
     }
 
     /// A validation error at a value.
@@ -77,12 +45,12 @@ impl Ctx<'_> {
         value: &Spanned<T>,
         key: impl Into<String>,
         reason: impl Into<String>,
-    ) -> PolicyError {
+    ) -> Located {
         self.err(value.span(), key, reason)
     }
 
     /// The TOML parser refused the text.
-    pub(super) fn syntax(&self, e: &toml::de::Error) -> PolicyError {
+    pub(super) fn syntax(&self, e: &toml::de::Error) -> Located {
         let span = e.span().unwrap_or(0..0);
         let message = one_line(e.message());
         let reason = if message.starts_with("duplicate key") {
@@ -91,7 +59,7 @@ impl Ctx<'_> {
             format!("{message}; fix the TOML syntax")
         };
         self.error(
-            Kind::Syntax,
+            ErrorKind::Syntax,
             span.clone(),
             syntax_key(self.text, span.start),
             reason,
@@ -99,7 +67,7 @@ impl Ctx<'_> {
     }
 
     /// serde refused the shape: an unknown or missing key, or a value of the wrong type.
-    pub(super) fn shape(&self, e: &toml::de::Error) -> PolicyError {
+    pub(super) fn shape(&self, e: &toml::de::Error) -> Located {
         let span = e.span().unwrap_or(0..0);
         let message = one_line(e.message());
         let path = DeTable::parse(self.text)
@@ -124,14 +92,14 @@ impl Ctx<'_> {
                     None => format!("unknown key `{field}`; remove it (see policy/example.toml)"),
                 },
             };
-            self.error(Kind::UnknownKey, span, key, reason)
+            self.error(ErrorKind::UnknownKey, span, key, reason)
         } else if let Some(field) = backticked(&message, "missing field `") {
             let key = push_key(path, field);
             let reason = match example_for(field) {
                 Some(example) => format!("required key is missing; add {example}"),
                 None => format!("required key is missing; add {field} (see policy/example.toml)"),
             };
-            self.error(Kind::MissingKey, span, key, reason)
+            self.error(ErrorKind::MissingKey, span, key, reason)
         } else {
             let key = if path.is_empty() {
                 "(document)".to_string()
@@ -142,13 +110,13 @@ impl Ctx<'_> {
                 "{}; see policy/example.toml for the expected form",
                 humanize(&message)
             );
-            self.error(Kind::Invalid, span, key, reason)
+            self.error(ErrorKind::Invalid, span, key, reason)
         }
     }
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
         offset -= 1;
@@ -160,7 +128,7 @@ pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// A parser message on one line.
-pub(super) fn one_line(message: &str) -> String {
+fn one_line(message: &str) -> String {
     message
         .lines()
         .map(str::trim)
@@ -170,7 +138,7 @@ pub(super) fn one_line(message: &str) -> String {
 }
 
 /// serde's type names in the words of a policy author.
-pub(super) fn humanize(message: &str) -> String {
+fn humanize(message: &str) -> String {
     message
         .replace("expected i64", "expected an integer")
         .replace("expected a sequence", "expected an array")
@@ -180,12 +148,12 @@ pub(super) fn humanize(message: &str) -> String {
 }
 
 /// The name in `` prefix`name` ``.
-pub(super) fn backticked<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
+fn backticked<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
     message.strip_prefix(prefix)?.split('`').next()
 }
 
 /// What to write for a required key.
-pub(super) fn example_for(field: &str) -> Option<&'static str> {
+fn example_for(field: &str) -> Option<&'static str> {
     Some(match field {
         "vm" => "a [vm] table with name, mac and address",
         "name" => "name = \"sandbox-17\"",
@@ -203,7 +171,7 @@ pub(super) fn example_for(field: &str) -> Option<&'static str> {
 /// `a`, `b`" list: one edit away, or two for keys of six characters or more. Edits are those of
 /// the optimal string alignment distance: insertions, deletions, substitutions and swaps of two
 /// neighbours (`nmae` is one step from `name`).
-pub(super) fn closest<'e>(field: &str, expected: &'e str) -> Option<&'e str> {
+fn closest<'e>(field: &str, expected: &'e str) -> Option<&'e str> {
     let most = if field.chars().count() >= 6 { 2 } else { 1 };
     expected
         .split('`')
@@ -236,7 +204,7 @@ pub(super) fn push_key(mut path: String, key: &str) -> String {
 /// `outbound[1].ports`. Arrays of tables get an index; elements of other arrays do not.
 /// An empty span at the start of the document (serde's place for a missing top-level key)
 /// is the document itself.
-pub(super) fn path_at(doc: &Spanned<DeTable<'_>>, span: &Range<usize>) -> String {
+fn path_at(doc: &Spanned<DeTable<'_>>, span: &Range<usize>) -> String {
     let mut path = String::new();
     if *span != doc.span() && !(span.is_empty() && span.start == 0) {
         locate(doc.get_ref(), span, &mut path);
@@ -244,11 +212,11 @@ pub(super) fn path_at(doc: &Spanned<DeTable<'_>>, span: &Range<usize>) -> String
     path
 }
 
-pub(super) fn covers(outer: Range<usize>, inner: &Range<usize>) -> bool {
+fn covers(outer: Range<usize>, inner: &Range<usize>) -> bool {
     outer.start < outer.end && outer.start <= inner.start && inner.end <= outer.end
 }
 
-pub(super) fn locate(table: &DeTable<'_>, span: &Range<usize>, path: &mut String) -> bool {
+fn locate(table: &DeTable<'_>, span: &Range<usize>, path: &mut String) -> bool {
     for (key, value) in table.iter() {
         let mut child = push_key(path.clone(), key.get_ref());
         if descend(value, span, &mut child)
@@ -262,11 +230,7 @@ pub(super) fn locate(table: &DeTable<'_>, span: &Range<usize>, path: &mut String
     false
 }
 
-pub(super) fn descend(
-    value: &Spanned<DeValue<'_>>,
-    span: &Range<usize>,
-    path: &mut String,
-) -> bool {
+fn descend(value: &Spanned<DeValue<'_>>, span: &Range<usize>, path: &mut String) -> bool {
     match value.get_ref() {
         DeValue::Table(table) => locate(table, span, path),
         DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
@@ -286,7 +250,7 @@ pub(super) fn descend(
 
 /// For a syntax error there is no tree to search: the table whose header comes last before
 /// `offset` (with `[[array]]` indices), and the key on the error's line if it has one.
-pub(super) fn syntax_key(text: &str, offset: usize) -> String {
+fn syntax_key(text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
     let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);

@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use super::super::model::*;
-use super::super::PolicyError;
+use super::super::Located;
 use super::diagnostics::{push_key, Ctx};
 use super::raw::RawDns;
 use super::values::{name_pattern, socket_addr};
 
-pub(super) fn dns(ctx: &Ctx<'_>, raw: Option<&RawDns>) -> Result<Dns, PolicyError> {
+pub(super) fn dns(ctx: &Ctx<'_>, raw: Option<&RawDns>) -> Result<Dns, Located> {
     let Some(raw) = raw else {
         return Ok(Dns::default());
     };

@@ -5,12 +5,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::{IpNet, Ipv4Net};
 
 use super::super::model::*;
-use super::super::PolicyError;
+use super::super::Located;
 use super::diagnostics::Ctx;
 use super::raw::RawForward;
 use super::values::{cidr, port, socket_addr};
 
-pub(super) fn forwards(ctx: &Ctx<'_>, raw: &[RawForward]) -> Result<Vec<Forward>, PolicyError> {
+pub(super) fn forwards(ctx: &Ctx<'_>, raw: &[RawForward]) -> Result<Vec<Forward>, Located> {
     let mut out: Vec<Forward> = Vec::new();
     for (i, r) in raw.iter().enumerate() {
         let key = |k: &str| format!("forward[{i}].{k}");
@@ -58,6 +58,6 @@ pub(super) fn forwards(ctx: &Ctx<'_>, raw: &[RawForward]) -> Result<Vec<Forward>
 }
 
 /// Two listen addresses collide: same port, and the same IP or either one unspecified.
-pub(super) fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }

@@ -3,13 +3,13 @@
 use toml::Spanned;
 
 use super::super::model::*;
-use super::super::PolicyError;
+use super::super::Located;
 use super::diagnostics::Ctx;
 use super::raw::RawLimits;
 
 pub(super) const RATE_HINT: &str = "0 for unlimited or a rate in bits per second";
 
-pub(super) fn limits(ctx: &Ctx<'_>, raw: Option<&RawLimits>) -> Result<Limits, PolicyError> {
+pub(super) fn limits(ctx: &Ctx<'_>, raw: Option<&RawLimits>) -> Result<Limits, Located> {
     let Some(raw) = raw else {
         return Ok(Limits::default());
     };
@@ -29,7 +29,7 @@ pub(super) fn limits(ctx: &Ctx<'_>, raw: Option<&RawLimits>) -> Result<Limits, P
             }
         },
     };
-    let amount = |v: &Option<Spanned<i64>>, key: &str, hint: &str| -> Result<u64, PolicyError> {
+    let amount = |v: &Option<Spanned<i64>>, key: &str, hint: &str| -> Result<u64, Located> {
         match v {
             None => Ok(0),
             Some(v) => u64::try_from(*v.get_ref())

@@ -18,11 +18,11 @@ use serde::Deserialize;
 use toml::de::DeTable;
 
 use super::model::*;
-use super::PolicyError;
+use super::Located;
 use diagnostics::Ctx;
 use raw::RawPolicy;
 
-pub fn parse(text: &str, file: &Path) -> Result<Policy, PolicyError> {
+pub fn parse(text: &str, file: &Path) -> Result<Policy, Located> {
     let ctx = Ctx { text, file };
     let doc = DeTable::parse(text).map_err(|e| ctx.syntax(&e))?;
     let raw =

@@ -6,7 +6,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::super::model::*;
-use super::super::PolicyError;
+use super::super::Located;
 use super::diagnostics::Ctx;
 use super::raw::{RawOutbound, RawPort};
 use super::values::{cidr, name_pattern};
@@ -16,7 +16,7 @@ pub(super) fn outbound(
     i: usize,
     rule: &RawOutbound,
     proxy: &Proxy,
-) -> Result<OutboundRule, PolicyError> {
+) -> Result<OutboundRule, Located> {
     let key = |k: &str| format!("outbound[{i}].{k}");
     let protocol = match rule.protocol.get_ref().as_str() {
         "tcp" => Protocol::Tcp,
@@ -114,11 +114,7 @@ pub(super) fn outbound(
     })
 }
 
-pub(super) fn port_range(
-    ctx: &Ctx<'_>,
-    raw: &Spanned<RawPort>,
-    key: &str,
-) -> Result<PortRange, PolicyError> {
+fn port_range(ctx: &Ctx<'_>, raw: &Spanned<RawPort>, key: &str) -> Result<PortRange, Located> {
     let bad = |what: String| ctx.at(raw, key, what);
     let one = |n: i64| u16::try_from(n).ok().filter(|p| *p > 0);
     match raw.get_ref() {
@@ -145,11 +141,7 @@ pub(super) fn port_range(
     }
 }
 
-pub(super) fn destination(
-    ctx: &Ctx<'_>,
-    raw: &Spanned<String>,
-    key: &str,
-) -> Result<Destination, PolicyError> {
+fn destination(ctx: &Ctx<'_>, raw: &Spanned<String>, key: &str) -> Result<Destination, Located> {
     let s = raw.get_ref();
     let ipv6 = || {
         ctx.at(

@@ -1,15 +1,15 @@
 //! `[proxy]`: the host's HTTP and SOCKS5 proxies and the explicit-proxy front.
 
 use super::super::model::*;
-use super::super::PolicyError;
+use super::super::Located;
 use super::diagnostics::Ctx;
 use super::raw::RawProxy;
 use super::values::{port, socket_addr};
 
 /// The gateway answers DNS on this port (UDP and TCP): the explicit proxy cannot have it.
-pub(super) const DNS_PORT: u16 = 53;
+const DNS_PORT: u16 = 53;
 
-pub(super) fn proxy(ctx: &Ctx<'_>, raw: Option<&RawProxy>) -> Result<Proxy, PolicyError> {
+pub(super) fn proxy(ctx: &Ctx<'_>, raw: Option<&RawProxy>) -> Result<Proxy, Located> {
     let Some(raw) = raw else {
         return Ok(Proxy::default());
     };

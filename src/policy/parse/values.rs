@@ -6,7 +6,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::super::model::NamePattern;
-use super::super::PolicyError;
+use super::super::Located;
 use super::diagnostics::Ctx;
 
 /// An address moat connects to (a proxy, the DNS upstream), or listens on when `listen`.
@@ -15,7 +15,7 @@ pub(super) fn socket_addr(
     raw: &Spanned<String>,
     key: &str,
     listen: bool,
-) -> Result<SocketAddr, PolicyError> {
+) -> Result<SocketAddr, Located> {
     let text = raw.get_ref();
     let example = if listen {
         "127.0.0.1:8080"
@@ -56,7 +56,7 @@ pub(super) fn socket_addr(
     Ok(addr)
 }
 
-pub(super) fn port(ctx: &Ctx<'_>, raw: &Spanned<i64>, key: &str) -> Result<u16, PolicyError> {
+pub(super) fn port(ctx: &Ctx<'_>, raw: &Spanned<i64>, key: &str) -> Result<u16, Located> {
     match u16::try_from(*raw.get_ref()) {
         Ok(p) if p > 0 => Ok(p),
         _ => Err(ctx.at(
@@ -96,7 +96,7 @@ pub(super) fn name_pattern(s: &str) -> Option<NamePattern> {
 }
 
 /// A CIDR as written, refusing host bits (`10.1.2.3/8` is a typo for something).
-pub(super) fn cidr(ctx: &Ctx<'_>, raw: &Spanned<String>, key: &str) -> Result<IpNet, PolicyError> {
+pub(super) fn cidr(ctx: &Ctx<'_>, raw: &Spanned<String>, key: &str) -> Result<IpNet, Located> {
     let text = raw.get_ref();
     let net: IpNet = text.parse().map_err(|_| {
         ctx.at(

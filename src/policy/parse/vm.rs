@@ -6,11 +6,11 @@ use ipnet::Ipv4Net;
 use toml::Spanned;
 
 use super::super::model::*;
-use super::super::{PolicyError, GATEWAY_MAC, SYNTHETIC_NET};
+use super::super::{Located, GATEWAY_MAC, SYNTHETIC_NET};
 use super::diagnostics::Ctx;
 use super::raw::RawVm;
 
-pub(super) fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Result<Vm, PolicyError> {
+pub(super) fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Result<Vm, Located> {
     let name = raw.name.get_ref();
     let name_ok = !name.is_empty()
         && name.len() <= 63
@@ -100,10 +100,7 @@ pub(super) fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Result<Vm, PolicyError> {
 }
 
 /// `vm.address`: a host address with a prefix that leaves room for the gateway.
-pub(super) fn vm_address(
-    ctx: &Ctx<'_>,
-    raw: &Spanned<String>,
-) -> Result<(Ipv4Addr, Ipv4Net), PolicyError> {
+fn vm_address(ctx: &Ctx<'_>, raw: &Spanned<String>) -> Result<(Ipv4Addr, Ipv4Net), Located> {
     let key = "vm.address";
     let text = raw.get_ref();
     let net: Ipv4Net = text.parse().map_err(|_| {
@@ -169,12 +166,12 @@ pub(super) fn vm_address(
     Ok((address, subnet))
 }
 
-pub(super) fn vm_gateway(
+fn vm_gateway(
     ctx: &Ctx<'_>,
     raw: &Spanned<String>,
     address: Ipv4Addr,
     subnet: Ipv4Net,
-) -> Result<Ipv4Addr, PolicyError> {
+) -> Result<Ipv4Addr, Located> {
     let key = "vm.gateway";
     let gw: Ipv4Addr = raw.get_ref().parse().map_err(|_| {
         ctx.at(

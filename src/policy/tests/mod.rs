@@ -126,7 +126,7 @@ fn error_line_is_file_line_col_key_reason() {
         (loc.file, loc.line, loc.col, loc.key),
         (Path::new("p.toml"), 3, 7, "vm.mac")
     );
-    assert!(matches!(err, PolicyError::Invalid { .. }));
+    assert_eq!(err.kind(), Some(ErrorKind::Invalid));
 }
 
 #[test]
@@ -150,6 +150,8 @@ fn unreadable_file_is_an_io_error() {
     let err = Policy::load(Path::new("/nonexistent/moat.toml")).unwrap_err();
     assert!(matches!(err, PolicyError::Io { .. }));
     assert_eq!(err.key(), None);
+    assert_eq!(err.kind(), None);
+    assert!(err.location().is_none() && err.located().is_none());
     let msg = err.to_string();
     assert!(
         msg.starts_with("/nonexistent/moat.toml: cannot read the policy: "),
