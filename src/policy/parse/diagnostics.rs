@@ -1,6 +1,7 @@
 //! From spans and parser messages to `file:line:col: key: reason` errors: line and column,
 //! the dotted key of a span, serde's messages in a policy author's words, and "did you mean".
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
@@ -10,13 +11,46 @@ use toml::Spanned;
 
 use super::super::{ErrorKind, Located};
 
-/// Turns spans into `file:line:col: key: reason` errors.
+/// Turns spans into `file:line:col: key: reason` errors, and keeps those found so far.
 pub(super) struct Ctx<'a> {
-    pub(super) text: &'a str,
-    pub(super) file: &'a Path,
+    text: &'a str,
+    file: &'a Path,
+    /// In the order the checks found them.
+    found: RefCell<Vec<Located>>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    pub(super) fn new(text: &'a str, file: &'a Path) -> Ctx<'a> {
+        Ctx {
+            text,
+            file,
+            found: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Keep `error` for the report.
+    pub(super) fn report(&self, error: Located) {
+        self.found.borrow_mut().push(error);
+    }
+
+    /// The value, or `None` once its error is kept for the report.
+    pub(super) fn keep<T>(&self, result: Result<T, Located>) -> Option<T> {
+        result.map_err(|e| self.report(e)).ok()
+    }
+
+    /// Every value, or `None` once the error of each bad one is kept (all are checked).
+    pub(super) fn all<T>(
+        &self,
+        results: impl IntoIterator<Item = Result<T, Located>>,
+    ) -> Option<Vec<T>> {
+        let kept: Vec<Option<T>> = results.into_iter().map(|r| self.keep(r)).collect();
+        kept.into_iter().collect()
+    }
+
+    /// The errors found, in the order the checks ran.
+    pub(super) fn into_found(self) -> Vec<Located> {
+        self.found.into_inner()
+    }
     fn error(&self, kind: ErrorKind, span: Range<usize>, key: String, reason: String) -> Located {
         let (line, col) = line_col(self.text, span.start);
         Located {
@@ -68,8 +102,12 @@ impl Ctx<'_> {
 
     /// serde refused the shape: an unknown or missing key, or a value of the wrong type.
     pub(super) fn shape(&self, e: &toml::de::Error) -> Located {
-        let span = e.span().unwrap_or(0..0);
-        let message = one_line(e.message());
+        self.shape_at(e.message(), e.span().unwrap_or(0..0))
+    }
+
+    /// [`Ctx::shape`] for a serde `message` about `span`.
+    pub(super) fn shape_at(&self, message: &str, span: Range<usize>) -> Located {
+        let message = one_line(message);
         let path = DeTable::parse(self.text)
             .map(|doc| path_at(&doc, &span))
             .unwrap_or_default();

@@ -8,73 +8,117 @@ use toml::Spanned;
 use super::super::model::*;
 use super::super::Located;
 use super::diagnostics::Ctx;
-use super::raw::{RawOutbound, RawPort};
+use super::raw::{RawOutbound, RawPort, RawProxy};
 use super::values::{cidr, name_pattern};
 
+/// Which proxies `[proxy]` names (rightly or not: a wrong address is its own error), for the
+/// rules that need one.
+#[derive(Clone, Copy)]
+pub(super) struct Proxies {
+    http: bool,
+    socks5: bool,
+}
+
+impl Proxies {
+    /// No `[proxy]` table.
+    pub(super) const NONE: Proxies = Proxies {
+        http: false,
+        socks5: false,
+    };
+
+    pub(super) fn named_in(raw: &RawProxy) -> Proxies {
+        Proxies {
+            http: raw.http.is_some(),
+            socks5: raw.socks5.is_some(),
+        }
+    }
+}
+
+/// Rule `i`. `proxies` is `None` when `[proxy]` is malformed: then a rule is not blamed for
+/// lacking one.
 pub(super) fn outbound(
     ctx: &Ctx<'_>,
     i: usize,
     rule: &RawOutbound,
-    proxy: &Proxy,
-) -> Result<OutboundRule, Located> {
+    proxies: Option<Proxies>,
+) -> Option<OutboundRule> {
     let key = |k: &str| format!("outbound[{i}].{k}");
-    let protocol = match rule.protocol.get_ref().as_str() {
-        "tcp" => Protocol::Tcp,
-        "udp" => Protocol::Udp,
-        other => {
-            return Err(ctx.at(
-                &rule.protocol,
-                key("protocol"),
-                format!("{other:?} is not a protocol; use \"tcp\" or \"udp\""),
-            ))
-        }
-    };
-    if rule.ports.get_ref().is_empty() {
-        return Err(ctx.at(
+    let protocol = ctx.keep(match rule.protocol.get_ref().as_str() {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        other => Err(ctx.at(
+            &rule.protocol,
+            key("protocol"),
+            format!("{other:?} is not a protocol; use \"tcp\" or \"udp\""),
+        )),
+    });
+    let ports = if rule.ports.get_ref().is_empty() {
+        ctx.report(ctx.at(
             &rule.ports,
             key("ports"),
             "is empty, so the rule allows nothing; list ports such as [80, 443] or ranges such as [\"8000-8100\"]",
         ));
-    }
-    let ports = rule
-        .ports
-        .get_ref()
-        .iter()
-        .map(|p| port_range(ctx, p, &key("ports")))
-        .collect::<Result<Vec<_>, _>>()?;
+        None
+    } else {
+        ctx.all(
+            rule.ports
+                .get_ref()
+                .iter()
+                .map(|p| port_range(ctx, p, &key("ports"))),
+        )
+    };
     let to = match &rule.to {
-        None => None,
+        None => Some(None),
         Some(list) if list.get_ref().is_empty() => {
-            return Err(ctx.at(
+            ctx.report(ctx.at(
                 list,
                 key("to"),
                 "is empty, so the rule allows nothing; remove `to` to allow any name, or list names and CIDRs",
             ));
+            None
         }
-        Some(list) => Some(
-            list.get_ref()
-                .iter()
-                .map(|d| destination(ctx, d, &key("to")))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+        Some(list) => ctx
+            .all(
+                list.get_ref()
+                    .iter()
+                    .map(|d| destination(ctx, d, &key("to"))),
+            )
+            .map(Some),
     };
     let via = match rule.via.as_ref() {
-        None => match protocol {
+        None => protocol.map(|protocol| match protocol {
             Protocol::Tcp => Via::Http,
             Protocol::Udp => Via::Socks5,
-        },
-        Some(v) => match v.get_ref().as_str() {
-            "http" => Via::Http,
-            "socks5" => Via::Socks5,
-            other => {
-                return Err(ctx.at(
-                    v,
-                    key("via"),
-                    format!("{other:?} is not a proxy kind; use \"http\" or \"socks5\""),
-                ))
-            }
-        },
+        }),
+        Some(v) => ctx.keep(match v.get_ref().as_str() {
+            "http" => Ok(Via::Http),
+            "socks5" => Ok(Via::Socks5),
+            other => Err(ctx.at(
+                v,
+                key("via"),
+                format!("{other:?} is not a proxy kind; use \"http\" or \"socks5\""),
+            )),
+        }),
     };
+    let (protocol, via) = (protocol?, via?);
+    ctx.keep(proxy_for(ctx, rule, &key("via"), protocol, via, proxies))?;
+    Some(OutboundRule {
+        protocol,
+        ports: ports?,
+        to: to?,
+        via,
+    })
+}
+
+/// The rule's proxy suits its protocol and `[proxy]` has it.
+fn proxy_for(
+    ctx: &Ctx<'_>,
+    rule: &RawOutbound,
+    key: &str,
+    protocol: Protocol,
+    via: Via,
+    proxies: Option<Proxies>,
+) -> Result<(), Located> {
     // A defaulted `via` is blamed on `protocol`, the key that chose it.
     let via_span = rule
         .via
@@ -83,13 +127,16 @@ pub(super) fn outbound(
     if protocol == Protocol::Udp && via == Via::Http {
         return Err(ctx.err(
             via_span,
-            key("via"),
+            key,
             "udp cannot go through an HTTP CONNECT proxy; use via = \"socks5\"",
         ));
     }
+    let Some(proxies) = proxies else {
+        return Ok(());
+    };
     let missing = match via {
-        Via::Http if proxy.http.is_none() => Some(("HTTP", "http = \"127.0.0.1:3128\"")),
-        Via::Socks5 if proxy.socks5.is_none() => Some(("SOCKS5", "socks5 = \"127.0.0.1:1080\"")),
+        Via::Http if !proxies.http => Some(("HTTP", "http = \"127.0.0.1:3128\"")),
+        Via::Socks5 if !proxies.socks5 => Some(("SOCKS5", "socks5 = \"127.0.0.1:1080\"")),
         _ => None,
     };
     if let Some((kind, example)) = missing {
@@ -100,18 +147,13 @@ pub(super) fn outbound(
         };
         return Err(ctx.err(
             via_span,
-            key("via"),
+            key,
             format!(
                 "this rule goes through the {kind} proxy{defaulted} but [proxy] has no {via} address; add {example} to [proxy]"
             ),
         ));
     }
-    Ok(OutboundRule {
-        protocol,
-        ports,
-        to,
-        via,
-    })
+    Ok(())
 }
 
 fn port_range(ctx: &Ctx<'_>, raw: &Spanned<RawPort>, key: &str) -> Result<PortRange, Located> {

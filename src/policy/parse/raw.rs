@@ -1,5 +1,6 @@
 //! The policy's serde shapes: what each table may contain, before validation. Every struct
-//! refuses unknown keys and keeps spans, so diagnostics can point at the place.
+//! refuses unknown keys and keeps spans, so diagnostics can point at the place. The top level
+//! (which tables there are) is shaped table by table in `mod.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,19 +8,6 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawPolicy {
-    pub(super) vm: RawVm,
-    pub(super) proxy: Option<RawProxy>,
-    #[serde(default)]
-    pub(super) outbound: Vec<RawOutbound>,
-    pub(super) dns: Option<RawDns>,
-    #[serde(default)]
-    pub(super) forward: Vec<RawForward>,
-    pub(super) limits: Option<RawLimits>,
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,8 +10,29 @@ use super::super::{Located, GATEWAY_MAC, SYNTHETIC_NET};
 use super::diagnostics::Ctx;
 use super::raw::RawVm;
 
-pub(super) fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Result<Vm, Located> {
-    let name = raw.name.get_ref();
+pub(super) fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Option<Vm> {
+    let name = ctx.keep(vm_name(ctx, &raw.name));
+    let mac = ctx.keep(vm_mac(ctx, &raw.mac));
+    let address = ctx.keep(vm_address(ctx, &raw.address));
+    // The gateway is judged against the subnet, so only once the address is valid.
+    let gateway = address.and_then(|(address, subnet)| match &raw.gateway {
+        Some(g) => ctx.keep(vm_gateway(ctx, g, address, subnet)),
+        None => ctx.keep(default_gateway(ctx, &raw.address, address, subnet)),
+    });
+    let mtu = ctx.keep(vm_mtu(ctx, raw.mtu.as_ref()));
+    let (address, subnet) = address?;
+    Some(Vm {
+        name: name?,
+        mac: mac?,
+        address,
+        prefix_len: subnet.prefix_len(),
+        gateway: gateway?,
+        mtu: mtu?,
+    })
+}
+
+fn vm_name(ctx: &Ctx<'_>, raw: &Spanned<String>) -> Result<String, Located> {
+    let name = raw.get_ref();
     let name_ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -19,16 +40,19 @@ pub(super) fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Result<Vm, Located> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !name_ok {
         return Err(ctx.at(
-            &raw.name,
+            raw,
             "vm.name",
             format!("{name:?} is not a valid VM name; use 1-63 characters of a-z, 0-9 and '-'"),
         ));
     }
+    Ok(name.clone())
+}
 
-    let text = raw.mac.get_ref();
+fn vm_mac(ctx: &Ctx<'_>, raw: &Spanned<String>) -> Result<MacAddr, Located> {
+    let text = raw.get_ref();
     let mac: MacAddr = text.parse().map_err(|_| {
         ctx.at(
-            &raw.mac,
+            raw,
             "vm.mac",
             format!("{text:?} is not a MAC address; write six hex bytes such as 52:54:00:12:34:56"),
         )
@@ -44,59 +68,54 @@ pub(super) fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Result<Vm, Located> {
     };
     if let Some(what) = unusable {
         return Err(ctx.at(
-            &raw.mac,
+            raw,
             "vm.mac",
             format!("{text:?} is {what}; use a unicast address such as 52:54:00:12:34:56"),
         ));
     }
+    Ok(mac)
+}
 
-    let (address, subnet) = vm_address(ctx, &raw.address)?;
-    let gateway = match &raw.gateway {
-        Some(g) => vm_gateway(ctx, g, address, subnet)?,
-        None if subnet.prefix_len() == 30 => subnet
-            .hosts()
-            .find(|h| *h != address)
-            .expect("a /30 has two host addresses"),
-        None => {
-            return Err(ctx.at(
-                &raw.address,
-                "vm.gateway",
-                format!(
-                    "required for a /{} subnet (only a /30 has an obvious gateway); add gateway = \"{}\" to [vm]",
-                    subnet.prefix_len(),
-                    subnet.hosts().find(|h| *h != address).expect("/29 or wider")
-                ),
-            ));
-        }
+/// Without `gateway`: the other host of a /30; wider subnets must name theirs (blamed on
+/// `address`, whose prefix asks for it).
+fn default_gateway(
+    ctx: &Ctx<'_>,
+    raw_address: &Spanned<String>,
+    address: Ipv4Addr,
+    subnet: Ipv4Net,
+) -> Result<Ipv4Addr, Located> {
+    let other = subnet.hosts().find(|h| *h != address);
+    match other {
+        Some(gw) if subnet.prefix_len() == 30 => Ok(gw),
+        _ => Err(ctx.at(
+            raw_address,
+            "vm.gateway",
+            format!(
+                "required for a /{} subnet (only a /30 has an obvious gateway); add gateway = \"{}\" to [vm]",
+                subnet.prefix_len(),
+                other.map_or_else(|| "10.0.0.1".to_string(), |h| h.to_string())
+            ),
+        )),
+    }
+}
+
+fn vm_mtu(ctx: &Ctx<'_>, raw: Option<&Spanned<i64>>) -> Result<u16, Located> {
+    let Some(m) = raw else {
+        return Ok(DEFAULT_MTU);
     };
-
-    let mtu = match &raw.mtu {
-        None => DEFAULT_MTU,
-        Some(m) => match u16::try_from(*m.get_ref()) {
-            Ok(v) if MTU_RANGE.contains(&v) => v,
-            _ => {
-                return Err(ctx.at(
-                    m,
-                    "vm.mtu",
-                    format!(
-                        "{} is outside {}..={}; use 1500 unless the guest needs jumbo frames",
-                        m.get_ref(),
-                        MTU_RANGE.start(),
-                        MTU_RANGE.end()
-                    ),
-                ))
-            }
-        },
-    };
-
-    Ok(Vm {
-        name: name.clone(),
-        mac,
-        address,
-        prefix_len: subnet.prefix_len(),
-        gateway,
-        mtu,
-    })
+    match u16::try_from(*m.get_ref()) {
+        Ok(v) if MTU_RANGE.contains(&v) => Ok(v),
+        _ => Err(ctx.at(
+            m,
+            "vm.mtu",
+            format!(
+                "{} is outside {}..={}; use 1500 unless the guest needs jumbo frames",
+                m.get_ref(),
+                MTU_RANGE.start(),
+                MTU_RANGE.end()
+            ),
+        )),
+    }
 }
 
 /// `vm.address`: a host address with a prefix that leaves room for the gateway.

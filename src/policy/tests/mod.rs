@@ -195,4 +195,5 @@ mod forward;
 mod limits;
 mod outbound;
 mod proxy;
+mod report;
 mod vm;
