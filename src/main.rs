@@ -286,20 +286,26 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Every error of the file on stderr, one a line (the first is the one `serve` would refuse
+/// the file with), then the warnings; or the summary on stdout, then the warnings.
 fn check(file: &Path) -> ExitCode {
-    match Policy::load(file) {
+    let checked = Policy::check(file);
+    let code = match &checked.result {
         Ok(policy) => {
             print!("{}", policy.summary());
-            for warning in policy.warnings() {
-                eprintln!("{}: warning: {warning}", file.display());
-            }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("{e}");
+        Err(errors) => {
+            for e in errors.iter() {
+                eprintln!("{e}");
+            }
             ExitCode::from(EXIT_USAGE)
         }
+    };
+    for warning in &checked.warnings {
+        eprintln!("{}: warning: {warning}", file.display());
     }
+    code
 }
 
 fn canary(path: &Path, json: bool, every: Option<&str>, alert: Option<&str>) -> ExitCode {

@@ -4,9 +4,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-/// Why a policy was refused. Every variant but `Io` points at a place in the file: 1-based
-/// line and column, the dotted key (`vm.mac`, `outbound[1].ports`) and a reason that says what
-/// is wrong and what to do.
+/// Why a policy was refused: the file could not be read, or a place in it is wrong.
 #[derive(Debug, Error)]
 pub enum PolicyError {
     /// The file could not be read.
@@ -15,45 +13,38 @@ pub enum PolicyError {
         file: PathBuf,
         source: std::io::Error,
     },
-    /// The text is not TOML.
-    #[error("{}:{line}:{col}: {key}: {reason}", file.display())]
-    Syntax {
-        file: PathBuf,
-        line: usize,
-        col: usize,
-        key: String,
-        reason: String,
-    },
-    /// A key the policy format does not have (usually a typo).
-    #[error("{}:{line}:{col}: {key}: {reason}", file.display())]
-    UnknownKey {
-        file: PathBuf,
-        line: usize,
-        col: usize,
-        key: String,
-        reason: String,
-    },
-    /// A required key is absent; the position is that of the table it belongs in.
-    #[error("{}:{line}:{col}: {key}: {reason}", file.display())]
-    MissingKey {
-        file: PathBuf,
-        line: usize,
-        col: usize,
-        key: String,
-        reason: String,
-    },
-    /// A value of the wrong type, or one that fails validation.
-    #[error("{}:{line}:{col}: {key}: {reason}", file.display())]
-    Invalid {
-        file: PathBuf,
-        line: usize,
-        col: usize,
-        key: String,
-        reason: String,
-    },
+    /// A place in the file: syntax, shape or meaning.
+    #[error(transparent)]
+    At(#[from] Located),
 }
 
-/// Where in the file an error is, and what it says: the fields shared by all variants but `Io`.
+/// Which step refused the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The text is not TOML.
+    Syntax,
+    /// A key the policy format does not have (usually a typo).
+    UnknownKey,
+    /// A required key is absent; the position is that of the table it belongs in.
+    MissingKey,
+    /// A value of the wrong type, or one that fails validation.
+    Invalid,
+}
+
+/// An error at a place in a policy file: 1-based line and column (in characters), the dotted
+/// key (`vm.mac`, `outbound[1].ports`) and a reason that says what is wrong and what to do.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{}:{line}:{col}: {key}: {reason}", file.display())]
+pub struct Located {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub key: String,
+    pub reason: String,
+    pub kind: ErrorKind,
+}
+
+/// Where in the file an error is, and what it says: a borrowed view of a [`Located`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Location<'a> {
     pub file: &'a Path,
@@ -63,46 +54,36 @@ pub struct Location<'a> {
     pub reason: &'a str,
 }
 
+impl Located {
+    /// The borrowed view callers match on.
+    pub fn location(&self) -> Location<'_> {
+        Location {
+            file: &self.file,
+            line: self.line,
+            col: self.col,
+            key: &self.key,
+            reason: &self.reason,
+        }
+    }
+}
+
 impl PolicyError {
     /// File, line, column, key and reason; `None` for `Io`.
     pub fn location(&self) -> Option<Location<'_>> {
+        self.located().map(Located::location)
+    }
+
+    /// The error at a place in the file; `None` for `Io`.
+    pub fn located(&self) -> Option<&Located> {
         match self {
             PolicyError::Io { .. } => None,
-            PolicyError::Syntax {
-                file,
-                line,
-                col,
-                key,
-                reason,
-            }
-            | PolicyError::UnknownKey {
-                file,
-                line,
-                col,
-                key,
-                reason,
-            }
-            | PolicyError::MissingKey {
-                file,
-                line,
-                col,
-                key,
-                reason,
-            }
-            | PolicyError::Invalid {
-                file,
-                line,
-                col,
-                key,
-                reason,
-            } => Some(Location {
-                file,
-                line: *line,
-                col: *col,
-                key,
-                reason,
-            }),
+            PolicyError::At(located) => Some(located),
         }
+    }
+
+    /// Which step refused the policy; `None` for `Io`.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        self.located().map(|l| l.kind)
     }
 
     /// The dotted key the error is about (`vm.mac`, `outbound[1].ports`); `None` for `Io`.

@@ -6,7 +6,7 @@ mod model;
 mod parse;
 mod summary;
 
-pub use error::{Location, PolicyError};
+pub use error::{ErrorKind, Located, Location, PolicyError};
 pub use model::*;
 
 use std::path::Path;
@@ -23,19 +23,69 @@ pub const SYNTHETIC_NET: ipnet::Ipv4Net =
         Err(_) => panic!("valid prefix"),
     };
 
+/// What `moat check` says about a policy file.
+#[derive(Debug)]
+pub struct Checked {
+    /// The policy, or every error of the file.
+    pub result: Result<Policy, PolicyErrors>,
+    /// [`Policy::warnings`] of the parts that are valid (of the whole policy when it is).
+    pub warnings: Vec<String>,
+}
+
+/// Every error of a policy file. `first` is the one [`Policy::load`] returns (a syntax
+/// error, else the first key of the wrong shape, else the first wrong value in the order
+/// of the contract's tables); `others` follow in file order.
+#[derive(Debug)]
+pub struct PolicyErrors {
+    pub first: PolicyError,
+    pub others: Vec<PolicyError>,
+}
+
+impl PolicyErrors {
+    /// `first`, then `others`.
+    pub fn iter(&self) -> impl Iterator<Item = &PolicyError> {
+        std::iter::once(&self.first).chain(&self.others)
+    }
+}
+
 impl Policy {
-    /// Read, parse and validate a policy file.
+    /// Read, parse and validate a policy file; the first error if it is invalid.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
-            file: path.to_path_buf(),
-            source,
-        })?;
-        Policy::parse(&text, path)
+        Policy::check(path).result.map_err(|e| e.first)
     }
 
     /// Parse and validate policy text; `source` is used in messages only.
     pub fn parse(text: &str, source: &Path) -> Result<Policy, PolicyError> {
-        parse::parse(text, source)
+        Policy::check_text(text, source).result.map_err(|e| e.first)
+    }
+
+    /// Read and check a policy file, finding every error rather than the first.
+    pub fn check(path: &Path) -> Checked {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Policy::check_text(&text, path),
+            Err(source) => Checked {
+                result: Err(PolicyErrors {
+                    first: PolicyError::Io {
+                        file: path.to_path_buf(),
+                        source,
+                    },
+                    others: Vec::new(),
+                }),
+                warnings: Vec::new(),
+            },
+        }
+    }
+
+    /// [`Policy::check`] for policy text; `source` is used in messages only.
+    pub fn check_text(text: &str, source: &Path) -> Checked {
+        let report = parse::check(text, source);
+        Checked {
+            result: report.result.map_err(|(first, others)| PolicyErrors {
+                first: first.into(),
+                others: others.into_iter().map(PolicyError::from).collect(),
+            }),
+            warnings: report.warnings,
+        }
     }
 
     /// The TCP ports moat connects to on the host for this policy: the proxies and the DNS

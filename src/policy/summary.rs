@@ -150,15 +150,20 @@ impl Policy {
         self.outbound
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.to.is_none())
-            .map(|(i, r)| {
-                let ports: Vec<String> = r.ports.iter().map(ToString::to_string).collect();
-                format!(
-                    "outbound[{i}] ({} ports {}) allows any name: where a name leads is then the proxy's decision alone; give the proxy destination ACLs for loopback, private, link-local and CGNAT ranges (README, \"Configure your proxy\") or list the names in `to`",
-                    r.protocol,
-                    ports.join(",")
-                )
-            })
+            .filter_map(|(i, r)| outbound_warning(i, r))
             .collect()
     }
+}
+
+/// The warning for rule `i`, if it deserves one: a rule for any name.
+pub(super) fn outbound_warning(i: usize, r: &OutboundRule) -> Option<String> {
+    if r.to.is_some() {
+        return None;
+    }
+    let ports: Vec<String> = r.ports.iter().map(ToString::to_string).collect();
+    Some(format!(
+        "outbound[{i}] ({} ports {}) allows any name: where a name leads is then the proxy's decision alone; give the proxy destination ACLs for loopback, private, link-local and CGNAT ranges (README, \"Configure your proxy\") or list the names in `to`",
+        r.protocol,
+        ports.join(",")
+    ))
 }
