@@ -74,16 +74,14 @@ attempt dns-not-allowlisted fail nslookup -type=a canary-forbidden.invalid "$gw"
 attempt dns-other-resolver fail dns_elsewhere 198.51.100.53
 attempt tcp-internet-literal fail tcp 192.0.2.10 9
 attempt udp-internet-literal fail udp9 192.0.2.10
+# (A few spellings only: each attempt costs seconds under TCG; moat canary and the
+# gate's tests try every spelling.)
 for port in 80 443; do
-  attempt "smuggle-host-loopback-$port" fail smuggle 127.0.0.1 "$port"
   attempt "smuggle-host-hex-loopback-$port" fail smuggle 0x7f000001 "$port"
-  attempt "smuggle-host-localhost-$port" fail smuggle localhost "$port"
   attempt "smuggle-host-metadata-$port" fail smuggle 169.254.169.254 "$port"
 done
-for port in 3128 8080; do
-  attempt "explicit-$port-loopback-ssh" fail explicit_connect "$port" 127.0.0.1:22
-  attempt "explicit-$port-metadata" fail explicit_connect "$port" 169.254.169.254:80
-done
+attempt explicit-3128-loopback-ssh fail explicit_connect 3128 127.0.0.1:22
+attempt explicit-3128-metadata fail explicit_connect 3128 169.254.169.254:80
 attempt arp-other-address fail arping -c 1 -w 2 -I "$ifc" "$near"
 # Claim the gateway's address; moat must keep answering for it with its own MAC.
 attempt control-gateway-mac-after-arp-spoof pass sh -c "arping -U -c 1 -I $ifc -s $gw $gw >/dev/null 2>&1; arping -c 1 -w 2 -I $ifc $gw | grep -qi 02:6d:6f:61:74:01"

@@ -7,13 +7,13 @@
 # Prints a table (check | expected | observed | verdict), then moat's counters; exit 0 iff
 # every check matched its expectation, the guest printed MOAT-DONE and moat stayed up and
 # stopped cleanly. Logs (serial.log, moat.log, qemu.log) stay in --workdir; a temporary
-# workdir is removed on success. MOAT_E2E_TIMEOUT (seconds, default 150) bounds the guest.
+# workdir is removed on success. MOAT_E2E_TIMEOUT (seconds, default 240) bounds the guest.
 # The guest talks only to moat: its one NIC is the vhost-user socket, and no QEMU
 # user-mode networking, TAP or bridge is involved.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-moat="" policy="" workdir="" guest_dir="$repo/target/guest" boot_timeout=${MOAT_E2E_TIMEOUT:-150}
+moat="" policy="" workdir="" guest_dir="$repo/target/guest" boot_timeout=${MOAT_E2E_TIMEOUT:-240}
 egress_port="" forward="" queues=1 dns_flood=""
 usage="usage: qemu-e2e.sh --moat BIN --policy FILE [--workdir DIR] [--guest-dir DIR] [--egress-port PORT --forward ADDR:PORT] [--queues N] [--dns-flood BYTES]"
 while [ $# -gt 0 ]; do
