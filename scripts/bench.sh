@@ -86,7 +86,18 @@ summary() {
     }' "$out/egress_tcp.txt"
   fi
   if [ -f "$out/verdict.txt" ]; then
-    awk 'NR > 1 { printf "%-30s %-42s %24s %24s %9s\n", "etherparse SlicedPacket", $1 " ns/frame", $3, $4, $5 }' \
+    # Column 7 ("like"): whether moat and etherparse do the same work on that frame; the
+    # rows that do not (IPv6 dropped on its ethertype, a truncated frame) are shown without a
+    # ratio and left out of the headline range.
+    awk 'NR > 1 {
+        if ($7 == "yes") {
+          printf "%-30s %-42s %24s %24s %9s\n", "etherparse SlicedPacket", $1 " ns/frame", $3, $4, $5
+          r = $5 + 0; n++; lg += log(r); if (lo == "" || r < lo) lo = r; if (hi == "" || r > hi) hi = r
+        } else {
+          printf "%-30s %-42s %24s %24s %9s\n", "etherparse (not like-for-like)", $1 " ns/frame", $3, $4, "-"
+        }
+      }
+      END { if (n) printf "%-30s %-42s %24s %24s %9s\n", "etherparse SlicedPacket", "parse+verdict, like-for-like rows", "range " lo " - " hi, "-", sprintf("%.2f", exp(lg / n)) }' \
       "$out/verdict.txt"
   fi
   if [ -f "$out/footprint.txt" ]; then
