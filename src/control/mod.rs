@@ -290,7 +290,14 @@ impl VmState {
                 .collect();
             let flows: Vec<serde_json::Value> = flows
                 .iter()
-                .map(|f| serde_json::json!({"flow": f.flow, "target": f.target, "state": f.state, "bytes_up": f.bytes_up, "bytes_down": f.bytes_down}))
+                .map(|f| {
+                    // "bytes_up" for a TCP flow, "datagrams_up" for a UDP association.
+                    let mut row =
+                        serde_json::json!({"flow": f.flow, "target": f.target, "state": f.state});
+                    row[format!("{}_up", f.unit)] = f.up.into();
+                    row[format!("{}_down", f.unit)] = f.down.into();
+                    row
+                })
                 .collect();
             let policy = self.policy();
             serde_json::json!({
@@ -305,13 +312,13 @@ impl VmState {
         } else {
             let mut out = self.counters.table();
             out.push_str(&format!(
-                "\n{:<34} {:<28} {:<10} {:>12} {:>12}\n",
-                "flow", "target", "state", "bytes_up", "bytes_down"
+                "\n{:<34} {:<28} {:<10} {:>12} {:>12} {}\n",
+                "flow", "target", "state", "up", "down", "unit"
             ));
             for f in &flows {
                 out.push_str(&format!(
-                    "{:<34} {:<28} {:<10} {:>12} {:>12}\n",
-                    f.flow, f.target, f.state, f.bytes_up, f.bytes_down
+                    "{:<34} {:<28} {:<10} {:>12} {:>12} {}\n",
+                    f.flow, f.target, f.state, f.up, f.down, f.unit
                 ));
             }
             if stale > 0 {
@@ -330,6 +337,9 @@ pub struct FlowRow {
     pub flow: String,
     pub target: String,
     pub state: String,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
+    /// Guest -> proxy and proxy -> guest, counted in `unit`.
+    pub up: u64,
+    pub down: u64,
+    /// "bytes" (a TCP flow) or "datagrams" (a UDP association).
+    pub unit: &'static str,
 }
