@@ -128,8 +128,13 @@ sending() { # the txonly side has put frames in the ring
        END { exit !found }' "$1"
 }
 
-sink_read() { # "time count": datagrams that arrived at the loopback sink, and when the sink counted them
-  cat "$work/sink.count" 2>/dev/null || echo "0 0"
+sink_read() { # "time arrived read dropped": datagrams that arrived at the loopback sink's
+  # socket (read by the sink + dropped on its full buffer), and when the sink counted them
+  cat "$work/sink.count" 2>/dev/null || echo "0 0 0 0"
+}
+
+udp_rcvbuf_errors() { # UDP datagrams dropped on a full receive buffer, all sockets (the relay's too)
+  awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) k[i] = $i; h = 1 } else for (i = 1; i <= NF; i++) if (k[i] == "RcvbufErrors") print $i }' /proc/net/snmp
 }
 
 moat_counter() { # moat_counter GROUP.NAME: one of moat's counters through its control socket
@@ -138,9 +143,6 @@ import json, sys
 print(json.load(sys.stdin)["counters"].get(sys.argv[1], 0))' "$1"
 }
 
-udp_dropped() { # UDP datagrams the kernel dropped on a full receive buffer (all sockets)
-  awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) k[i] = $i; h = 1 } else for (i = 1; i <= NF; i++) if (k[i] == "RcvbufErrors") print $i }' /proc/net/snmp
-}
 
 moat_frames() { # moat's traffic.tx_frames through its control socket
   "$moat" stats --control "$ctl" --json | grep -o '"traffic.tx_frames": *[0-9]*' | grep -o '[0-9]*$'
@@ -228,18 +230,18 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt|sink|answer) [testpmd opti
     sink)
       # Datagrams that arrived at the loopback sink, with the sink's own time of counting
       # (it rewrites "time count" about every 0.2 s): the same point for moat (through the
-      # SOCKS5 relay) and passt. Also the relay's CPU (dante, if any: $relay_pid) and the
-      # datagrams the kernel dropped on a full receive buffer in the window.
-      local r0 r1 u0 relay0=0
-      cpu0=$(cpu_ns "$rx_pid"); u0=$(udp_dropped)
-      [ -n "${relay_pid:-}" ] && relay0=$(relay_cpu_ns)
-      read -r t0 c0 < <(sink_read)
+      # SOCKS5 relay) and passt. "Arrived" includes what the sink's socket dropped on a
+      # full buffer (the sink may be starved of CPU): both are logged. Also the relay's CPU
+      # (dante, if any: $relay_pid).
+      local r0=0 r1=0 rd0 rd1 d0 d1 u0
+      cpu0=$(cpu_ns "$rx_pid"); u0=$(udp_rcvbuf_errors)
+      [ -n "${relay_pid:-}" ] && r0=$(relay_cpu_ns)
+      read -r t0 c0 rd0 d0 < <(sink_read)
       sleep "$secs"
-      read -r t1 c1 < <(sink_read)
+      read -r t1 c1 rd1 d1 < <(sink_read)
       cpu1=$(cpu_ns "$rx_pid")
-      r1=0 r0=0
-      if [ -n "${relay_pid:-}" ]; then r1=$(relay_cpu_ns); r0=$relay0; fi
-      extra="relay_cpu_s=$(awk -v a="$r0" -v b="$r1" 'BEGIN {printf "%.2f", (b - a) / 1e9}') sink_rcvbuf_drops=$(($(udp_dropped) - u0))"
+      [ -n "${relay_pid:-}" ] && r1=$(relay_cpu_ns)
+      extra="relay_cpu_s=$(awk -v a="$r0" -v b="$r1" 'BEGIN {printf "%.2f", (b - a) / 1e9}') sink_read=$((rd1 - rd0)) sink_socket_dropped=$((d1 - d0)) udp_rcvbuf_errors_all_sockets=$(($(udp_rcvbuf_errors) - u0))"
       ;;
     answer)
       # Answers the guest read from its RX ring: the frontend's virtio-user port (1)
@@ -394,7 +396,8 @@ done
 # from the same testpmd txonly stream, both counted where they arrive: datagrams the same
 # sink received (scripts/udp-sink.py), per second and per CPU-second of the backend (moat,
 # or passt). dante's CPU is not in moat's figure; it is logged apart in pps.txt
-# (relay_cpu_s), as are datagrams the kernel dropped on the sink's full buffer.
+# (relay_cpu_s). "Arrived" = read by the sink + dropped by its socket on a full buffer (the
+# sink is a Python loop and may be starved); both parts are logged in pps.txt.
 udp_port=9999
 if command -v danted >/dev/null && command -v python3 >/dev/null; then
   echo "bench-pps: UDP to the proxy side, 64 B frames, ${secs} s each ..." >&2
@@ -406,7 +409,8 @@ if command -v danted >/dev/null && command -v python3 >/dev/null; then
     "user.unprivileged: nobody" "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }" \
     "socks pass { from: 127.0.0.0/8 to: 127.0.0.0/8 command: udpassociate udpreply }" \
     "socks block { from: 0.0.0.0/0 to: 0.0.0.0/0 }" >"$work/danted.conf"
-  taskset -c 1 danted -f "$work/danted.conf" -p "$work/danted.pid" >/dev/null 2>&1 &
+  # dante shares moat's CPU: CPU 1 is the busy-polling testpmd's, where the relay starved.
+  taskset -c 0 danted -f "$work/danted.conf" -p "$work/danted.pid" >/dev/null 2>&1 &
   pids+=("$!")
   relay_cpu_ns() { # dante's CPU: its main process and the children it forked (live ones)
     local p total=0
