@@ -143,7 +143,6 @@ import json, sys
 print(json.load(sys.stdin)["counters"].get(sys.argv[1], 0))' "$1"
 }
 
-
 moat_frames() { # moat's traffic.tx_frames through its control socket
   "$moat" stats --control "$ctl" --json | grep -o '"traffic.tx_frames": *[0-9]*' | grep -o '[0-9]*$'
 }
@@ -229,7 +228,7 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt|sink|answer) [testpmd opti
       ;;
     sink)
       # Datagrams that arrived at the loopback sink, with the sink's own time of counting
-      # (it rewrites "time count" about every 0.2 s): the same point for moat (through the
+      # (it rewrites "time arrived read dropped" about every 0.2 s): the same point for moat (through the
       # SOCKS5 relay) and passt. "Arrived" includes what the sink's socket dropped on a
       # full buffer (the sink may be starved of CPU): both are logged. Also the relay's CPU
       # (dante, if any: $relay_pid).
