@@ -111,8 +111,9 @@ impl Meter<'_> {
 
     /// (backend, whole path) CPU seconds since `before`.
     fn since(&self, before: Cpu, now: Cpu) -> (f64, f64) {
-        let b = (now.backend - before.backend) as f64 / 1e9;
-        (b, b + (now.proxy - before.proxy) as f64 / 1e9)
+        // Saturating: a sum over live threads can shrink when one exits.
+        let b = now.backend.saturating_sub(before.backend) as f64 / 1e9;
+        (b, b + now.proxy.saturating_sub(before.proxy) as f64 / 1e9)
     }
 }
 
