@@ -1,7 +1,16 @@
 //! TCP through moat, guest <-> proxy: bulk throughput both ways, connection setup rate, and
-//! moat's CPU per gigabit. The load generator is the simulated guest with a smoltcp stack
-//! (in this process); moat is the real binary (its own process, so its CPU is its own); the
-//! proxy is a minimal CONNECT endpoint on loopback in front of a loopback sink/source.
+//! CPU per gigabit. The load generator is the simulated guest with a smoltcp stack (in this
+//! process); moat is the real binary (its own process, so its CPU is its own); the proxy is a
+//! minimal CONNECT endpoint (tests/support/proxy.rs) run as a separate process (this bench
+//! binary re-run with MOAT_BENCH_PROXY_TO=origin) in front of a loopback sink/source that
+//! stays in this process.
+//!
+//! CPU is reported twice: moat alone, and the whole path moat adds (moat + the proxy
+//! process), because moat's path has one more hop than passt's, which does all its socket
+//! work itself and is counted alone. moat's CPU is the sum of /proc/PID/task/*/schedstat; the
+//! proxy's is its process CPU clock (the same scheduler runtime, but including the
+//! per-connection threads that already exited, which /proc/PID/task no longer lists). The
+//! origin and the simulated guest are counted for neither side.
 //!
 //! Run: `cargo bench --bench egress_tcp` (MOAT_BENCH_MB=256 by default). Prints a table and
 //! writes the raw numbers to target/bench/egress_tcp.txt.
@@ -13,9 +22,10 @@ mod common;
 #[allow(dead_code)]
 mod proxy;
 
-use std::net::Ipv4Addr;
+use std::io::{BufRead, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -23,6 +33,89 @@ use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::iface::SocketHandle;
 
 const T: Duration = Duration::from_secs(120);
+
+/// The CONNECT proxy in a process of its own, so that its CPU can be read apart from the
+/// load generator's. Killed when dropped.
+struct ProxyProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ProxyProcess {
+    /// Re-run this bench binary as the proxy for `origin`; it prints its address and serves
+    /// until its stdin closes.
+    fn start(origin: SocketAddr) -> ProxyProcess {
+        let mut child = Command::new(std::env::current_exe().expect("the bench binary"))
+            .env("MOAT_BENCH_PROXY_TO", origin.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the proxy process");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("the proxy's address");
+        let addr = line.trim().parse().expect("the proxy prints its address");
+        ProxyProcess { child, addr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU of the proxy process so far, every thread it ever ran included.
+    fn cpu_ns(&self) -> u64 {
+        process_cpu_ns(self.pid())
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The proxy process's side: serve CONNECT to `origin` until stdin closes (the bench ended
+/// or died).
+fn proxy_process_main(origin: &str) {
+    let origin: SocketAddr = origin.parse().expect("MOAT_BENCH_PROXY_TO=ip:port");
+    let tp = proxy::TestProxy::start(proxy::ProxyMode::Accept, origin);
+    println!("{}", tp.addr);
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+/// CPU readings of one backend and, for moat, the proxy hop it adds (ns).
+#[derive(Clone, Copy)]
+struct Cpu {
+    backend: u64,
+    proxy: u64,
+}
+
+/// Who is counted: the backend's process (schedstat) and the proxy process, if the path has
+/// one (moat's does, passt's does not).
+#[derive(Clone, Copy)]
+struct Meter<'a> {
+    backend: u32,
+    proxy: Option<&'a ProxyProcess>,
+}
+
+impl Meter<'_> {
+    fn read(&self) -> Cpu {
+        Cpu {
+            backend: cpu_ns(self.backend),
+            proxy: self.proxy.map_or(0, ProxyProcess::cpu_ns),
+        }
+    }
+
+    /// (backend, whole path) CPU seconds since `before`.
+    fn since(&self, before: Cpu, now: Cpu) -> (f64, f64) {
+        // Saturating: a sum over live threads can shrink when one exits.
+        let b = now.backend.saturating_sub(before.backend) as f64 / 1e9;
+        (b, b + now.proxy.saturating_sub(before.proxy) as f64 / 1e9)
+    }
+}
 
 /// passt in vhost-user mode, foreground, the guest's address and gateway given (nothing to
 /// copy from a host without a default route), the gateway mapped to the host's loopback.
@@ -92,19 +185,39 @@ struct Row {
     name: String,
     value: f64,
     unit: &'static str,
+    /// The backend's own CPU (moat, or passt).
     moat_cpu_s: f64,
+    /// The whole path's CPU: the backend plus the proxy process (moat), the backend alone
+    /// (passt, which has no proxy hop).
+    path_cpu_s: f64,
     per: String,
 }
 
-/// Bulk TCP both ways through one moat: guest -> proxy, then proxy -> guest.
-fn bulk(net: &mut GuestNet, addr: (Ipv4Addr, u16), pid: u32, bytes: u64, label: &str) -> Vec<Row> {
+/// "X CPU-s/Gbit" for the backend alone and for the whole path.
+fn per_gbit(cpu: (f64, f64), bytes: u64) -> String {
+    let gbit = bytes as f64 * 8.0 / 1e9;
+    format!(
+        "{:.2} CPU-s/Gbit backend, {:.2} whole path",
+        cpu.0 / gbit,
+        cpu.1 / gbit
+    )
+}
+
+/// Bulk TCP both ways through one backend: guest -> proxy, then proxy -> guest.
+fn bulk(
+    net: &mut GuestNet,
+    addr: (Ipv4Addr, u16),
+    meter: Meter,
+    bytes: u64,
+    label: &str,
+) -> Vec<Row> {
     let net = &mut *net;
     let mut out = Vec::new();
     // Guest -> proxy bulk.
     let h = connect(net, addr);
     send(net, h, b"U");
     let chunk = proxy::pattern(0, 256 * 1024);
-    let (cpu0, t0) = (cpu_ns(pid), Instant::now());
+    let (cpu0, t0) = (meter.read(), Instant::now());
     let mut sent = 0u64;
     while sent < bytes {
         let n = (bytes - sent).min(chunk.len() as u64) as usize;
@@ -124,10 +237,7 @@ fn bulk(net: &mut GuestNet, addr: (Ipv4Addr, u16), pid: u32, bytes: u64, label: 
         reply.len() >= 16
     })
     .unwrap();
-    let (secs, cpu) = (
-        t0.elapsed().as_secs_f64(),
-        (cpu_ns(pid) - cpu0) as f64 / 1e9,
-    );
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), meter.since(cpu0, meter.read()));
     assert_eq!(
         u64::from_be_bytes(reply[..8].try_into().unwrap()),
         bytes,
@@ -138,8 +248,9 @@ fn bulk(net: &mut GuestNet, addr: (Ipv4Addr, u16), pid: u32, bytes: u64, label: 
         name: format!("tcp guest->proxy, {label}"),
         value: gbit,
         unit: "Gbit/s",
-        moat_cpu_s: cpu,
-        per: format!("{:.2} CPU-s/Gbit", cpu / (bytes as f64 * 8.0 / 1e9)),
+        moat_cpu_s: cpu.0,
+        path_cpu_s: cpu.1,
+        per: per_gbit(cpu, bytes),
     });
 
     // Proxy -> guest bulk.
@@ -147,7 +258,7 @@ fn bulk(net: &mut GuestNet, addr: (Ipv4Addr, u16), pid: u32, bytes: u64, label: 
     let mut req = b"B".to_vec();
     req.extend_from_slice(&bytes.to_be_bytes());
     send(net, h, &req);
-    let (cpu0, t0) = (cpu_ns(pid), Instant::now());
+    let (cpu0, t0) = (meter.read(), Instant::now());
     let (mut got, mut last) = (0u64, (t0, cpu0));
     // Stop when everything arrived, or after 5 s without progress (a stalled peer is
     // reported as such, its rate taken up to its last byte).
@@ -161,14 +272,14 @@ fn bulk(net: &mut GuestNet, addr: (Ipv4Addr, u16), pid: u32, bytes: u64, label: 
             });
         }
         if got > before {
-            last = (Instant::now(), cpu_ns(pid));
+            last = (Instant::now(), meter.read());
         }
         got >= bytes || last.0.elapsed() > Duration::from_secs(5)
     })
     .unwrap();
     let (secs, cpu) = (
         last.0.duration_since(t0).as_secs_f64(),
-        (last.1 - cpu0) as f64 / 1e9,
+        meter.since(cpu0, last.1),
     );
     net.tcp(h).abort();
     let gbit = got as f64 * 8.0 / secs / 1e9;
@@ -184,8 +295,9 @@ fn bulk(net: &mut GuestNet, addr: (Ipv4Addr, u16), pid: u32, bytes: u64, label: 
         name,
         value: gbit,
         unit: "Gbit/s",
-        moat_cpu_s: cpu,
-        per: format!("{:.2} CPU-s/Gbit", cpu / (got as f64 * 8.0 / 1e9)),
+        moat_cpu_s: cpu.0,
+        path_cpu_s: cpu.1,
+        per: per_gbit(cpu, got),
     });
 
     out
@@ -209,8 +321,7 @@ fn rr(net: &mut GuestNet, addr: (Ipv4Addr, u16), n: usize) -> (f64, f64) {
 
 /// The same round trips from the host over loopback, without moat or passt: straight to the
 /// origin (passt's floor), or through the same CONNECT proxy moat uses (moat's floor).
-fn rr_host(origin: std::net::SocketAddr, via_proxy: bool, n: usize) -> (f64, f64) {
-    use std::io::{BufRead, Read, Write};
+fn rr_host(origin: SocketAddr, via_proxy: bool, n: usize) -> (f64, f64) {
     let mut c = std::net::TcpStream::connect(origin).unwrap();
     c.set_nodelay(true).unwrap();
     if via_proxy {
@@ -242,11 +353,14 @@ fn percentiles(mut lat: Vec<f64>) -> (f64, f64) {
 }
 
 fn main() {
+    if let Ok(origin) = std::env::var("MOAT_BENCH_PROXY_TO") {
+        return proxy_process_main(&origin);
+    }
     let mb: u64 = env_or("MOAT_BENCH_MB", 256);
     let conns: usize = env_or("MOAT_BENCH_CONNS", 500);
     let bytes = mb << 20;
     let origin = proxy::origin();
-    let tp = proxy::TestProxy::start(proxy::ProxyMode::Accept, origin);
+    let tp = ProxyProcess::start(origin);
     let moat = start_moat(tp.addr, 8192);
     let mut net = guest(&moat.socket, true);
     let addr = net.resolve_a("bench.example", T).expect("resolves");
@@ -257,7 +371,11 @@ fn main() {
         let m = start_moat(tp.addr, 8192);
         let mut g = guest(&m.socket, offloads);
         let a = g.resolve_a("bench.example", T).expect("resolves");
-        rows.extend(bulk(&mut g, (a, 80), m.child.id(), bytes, label));
+        let meter = Meter {
+            backend: m.pid(),
+            proxy: Some(&tp),
+        };
+        rows.extend(bulk(&mut g, (a, 80), meter, bytes, label));
     }
     // The peer: passt in vhost-user mode (PASST=/path/to/passt, built from its public
     // source), the same simulated guest connecting straight to the origin through passt's
@@ -269,13 +387,11 @@ fn main() {
         ] {
             let p = start_passt(Path::new(&passt));
             let mut g = guest(&p.socket, offloads);
-            rows.extend(bulk(
-                &mut g,
-                (GW, origin.port()),
-                p.child.id(),
-                bytes,
-                label,
-            ));
+            let meter = Meter {
+                backend: p.pid(),
+                proxy: None,
+            };
+            rows.extend(bulk(&mut g, (GW, origin.port()), meter, bytes, label));
         }
     } else {
         println!(
@@ -325,6 +441,7 @@ fn main() {
             value: *p50,
             unit: "us p50",
             moat_cpu_s: 0.0,
+            path_cpu_s: 0.0,
             per: format!(
                 "p99 {p99:.1} us, added over the host path: p50 {:.1} p99 {:.1} us",
                 p50 - floor.0,
@@ -334,7 +451,11 @@ fn main() {
     }
 
     // Connection setup: SYN -> CONNECT -> 200 -> SYN-ACK -> one echo -> close.
-    let (cpu0, t0) = (cpu_ns(pid), Instant::now());
+    let meter = Meter {
+        backend: pid,
+        proxy: Some(&tp),
+    };
+    let (cpu0, t0) = (meter.read(), Instant::now());
     let (mut t_connect, mut t_echo) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..conns {
         let c0 = Instant::now();
@@ -355,30 +476,38 @@ fn main() {
             t_echo / conns as u32
         );
     }
-    let (secs, cpu) = (
-        t0.elapsed().as_secs_f64(),
-        (cpu_ns(pid) - cpu0) as f64 / 1e9,
-    );
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), meter.since(cpu0, meter.read()));
     rows.push(Row {
         name: "tcp connect+echo+close".into(),
         value: conns as f64 / secs,
         unit: "conn/s",
-        moat_cpu_s: cpu,
-        per: format!("{:.0} us CPU/conn", cpu / conns as f64 * 1e6),
+        moat_cpu_s: cpu.0,
+        path_cpu_s: cpu.1,
+        per: format!(
+            "{:.0} us CPU/conn moat, {:.0} whole path",
+            cpu.0 / conns as f64 * 1e6,
+            cpu.1 / conns as f64 * 1e6
+        ),
     });
 
     let mut table = format!(
-        "{:<58} {:>10} {:<8} {:>12} {}\n",
-        "figure", "value", "unit", "moat CPU s", "moat cost"
+        "{:<58} {:>10} {:<8} {:>12} {:>12} {}\n",
+        "figure", "value", "unit", "backend CPU", "path CPU s", "cost"
     );
     for r in &rows {
         table.push_str(&format!(
-            "{:<58} {:>10.3} {:<8} {:>12.3} {}\n",
-            r.name, r.value, r.unit, r.moat_cpu_s, r.per
+            "{:<58} {:>10.3} {:<8} {:>12.3} {:>12.3} {}\n",
+            r.name, r.value, r.unit, r.moat_cpu_s, r.path_cpu_s, r.per
         ));
     }
     print!("{table}");
     println!("({mb} MiB each way, {conns} connections; load generator = simulated guest with smoltcp in the bench process)");
+    println!(
+        "(backend CPU = moat's or passt's own (schedstat); path CPU = moat + the CONNECT proxy \
+         process (its process CPU clock, exited per-connection threads included) for moat \
+         rows, passt alone for passt rows (no proxy hop); the origin and the guest are in \
+         neither)"
+    );
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     let _ = std::fs::create_dir_all(&out);
     let _ = std::fs::write(out.join("egress_tcp.txt"), &table);

@@ -10,11 +10,16 @@
 #   moat-drop-ip  the same moat, frames addressed to the gateway MAC from the guest's IP to
 #                 gateway UDP port 9: parsed through IPv4/UDP and the firewall, dropped as
 #                 gateway_port_closed
-#   moat-answer   UDP to the gateway's DNS port (testpmd's payload is zeros: a DNS header
-#                 with no question), the answer path: moat parses it and builds a reply.
-#                 testpmd's txonly mode does not generate ICMP echo; this is the nearest answer
-#                 path it can drive. txonly does not read its RX ring, so once the ring is full
-#                 moat's replies are counted and dropped as no RX buffer.
+#   moat-answer   the answer path: real DNS queries to the gateway ("moat." A IN, one
+#                 question each, distinct IDs and ports, padded to the frame size with EDNS0
+#                 padding; scripts/dns-pcap.py), which moat parses and answers (NXDOMAIN under
+#                 deny-all). For these cases the frontend is not txonly: testpmd replays the
+#                 queries from a pcap (net_pcap, infinite_rx) into the virtio-user port in io
+#                 mode and reads the virtio-user RX ring (dropping what it reads), so the
+#                 figure is answers that arrived in the guest's RX ring, counted by the guest.
+#                 The guest still offers queries as fast as it can, faster than it reads: the
+#                 answers moat built but found no RX buffer for are reported apart (drop
+#                 rx_queue_full), not counted as answered.
 #   passt         passt --vhost-user (only with PASST=/path/to/passt; Debian 12's passt,
 #                 0.0~git20230309, predates --vhost-user: build a 2024-11 or later passt)
 # for 64 B and 1518 B frames (--txpkts). Note: deny-all.toml has mtu 1500, so moat takes
@@ -25,8 +30,9 @@
 # its control socket (`moat stats --json`) over the wall time between the two reads; the vhost
 # PMD's RX-packets from its periodic statistics within the window, over the periods testpmd
 # itself measured (TSC); passt has no counter, so its figure is the frames testpmd got into
-# the ring (TX-packets, same method), which passt had to consume. CPU is
-# the receiver's, from /proc/PID/task/*/schedstat (ns on CPU).
+# the ring (TX-packets, same method), which passt had to consume. The answer cases (moat and
+# the PMD's macswap alike) count at the guest: the frontend's virtio-user RX-packets, same
+# method. CPU is the receiver's, from /proc/PID/task/*/schedstat (ns on CPU).
 #
 # Env: MOAT_PPS_SECS (default 10; 3 with MOAT_BENCH_QUICK=1), PASST, MOAT_PPS_SIZES
 # (default "64 1518"), MOAT_PPS_KEEP=1 keeps the testpmd and moat logs. Prints a table; appends raw numbers to target/bench/pps.txt.
@@ -102,8 +108,10 @@ stat_at() { # stat_at FILE KEY TIME
 # Frames and seconds within [T0, T1] from testpmd's periodic statistics: each block's
 # counter delta, and its own period from that delta and the rate testpmd measured (TSC), so
 # the figure does not depend on when the lines were read (a starved reader stamps late).
-pmd_window() { # pmd_window FILE COUNT_KEY PPS_KEY T0 T1 -> "frames seconds"
-  awk -v ck="$2" -v pk="$3" -v t0="$4" -v t1="$5" '
+pmd_window() { # pmd_window FILE COUNT_KEY PPS_KEY T0 T1 [PORT] -> "frames seconds"
+  awk -v ck="$2" -v pk="$3" -v t0="$4" -v t1="$5" -v port="${6:-}" '
+    { for (i = 2; i < NF; i++) if ($i == "statistics" && $(i + 1) == "for" && $(i + 2) == "port") cur = $(i + 3) }
+    port != "" && cur != port { next }
     { for (i = 2; i < NF; i++) {
         if ($i == ck && $(i + 2) != "RX-dropped:" && $(i + 2) != "TX-dropped:") { stamp = $1; cnt = $(i + 1) }
         if ($i == pk) {
@@ -120,14 +128,19 @@ sending() { # the txonly side has put frames in the ring
        END { exit !found }' "$1"
 }
 
-udp_up_of_moat() { # datagrams moat sent to the relay: its UDP flows' "bytes_up" (datagrams)
-  "$moat" stats --control "$ctl" --json | python3 -c '
-import json, sys
-print(sum(f["bytes_up"] for f in json.load(sys.stdin)["flows"] if f["flow"].startswith("udp")))'
+sink_read() { # "time arrived read dropped": datagrams that arrived at the loopback sink's
+  # socket (read by the sink + dropped on its full buffer), and when the sink counted them
+  cat "$work/sink.count" 2>/dev/null || echo "0 0 0 0"
 }
 
-sink_count() { # datagrams the loopback sink received so far
-  awk '{print $2}' "$work/sink.count" 2>/dev/null || echo 0
+udp_rcvbuf_errors() { # UDP datagrams dropped on a full receive buffer, all sockets (the relay's too)
+  awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) k[i] = $i; h = 1 } else for (i = 1; i <= NF; i++) if (k[i] == "RcvbufErrors") print $i }' /proc/net/snmp
+}
+
+moat_counter() { # moat_counter GROUP.NAME: one of moat's counters through its control socket
+  "$moat" stats --control "$ctl" --json | python3 -c '
+import json, sys
+print(json.load(sys.stdin)["counters"].get(sys.argv[1], 0))' "$1"
 }
 
 moat_frames() { # moat's traffic.tx_frames through its control socket
@@ -147,6 +160,22 @@ start_tx() { # start_tx NAME SOCKET SIZE [testpmd options...]
   pids+=("$tx_pid")
 }
 
+# The answer cases' frontend: real DNS queries replayed from a pcap (port 0, net_pcap,
+# infinite_rx; what it is given to send is dropped) into the virtio-user port (port 1) in io
+# mode, which also reads port 1's RX ring: the answers are read and counted by the guest.
+start_tx_pcap() { # start_tx_pcap NAME SOCKET SIZE
+  local name=$1 sock=$2 size=$3
+  [ -f "$work/dns-$size.pcap" ] || python3 scripts/dns-pcap.py "$size" "$work/dns-$size.pcap" 256
+  taskset -c 1 dpdk-testpmd --no-huge -m 1024 --no-shconf --file-prefix "moat-pps-tx-$$-$name" \
+    --lcores '0@1,1@1' --no-pci \
+    --vdev "net_pcap0,rx_pcap=$work/dns-$size.pcap,infinite_rx=1" \
+    --vdev "net_virtio_user0,path=$sock,mac=52:54:00:12:34:56" \
+    -- --forward-mode=io --total-num-mbufs=16384 --stats-period 1 \
+    </dev/null > >(stamp >"$work/$name.tx") 2>"$work/$name.tx.err" &
+  tx_pid=$!
+  pids+=("$tx_pid")
+}
+
 stop() { # stop PID SIGNAL: signal and wait (up to 20 s)
   kill -"$2" "$1" 2>/dev/null || return 0
   local i
@@ -159,10 +188,11 @@ stop() { # stop PID SIGNAL: signal and wait (up to 20 s)
 }
 
 results=()
+notes=()
 
 # One measurement. The receiver is already up (pid $rx_pid); measure() starts the sender,
 # waits for it to send, then counts for $secs seconds.
-measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
+measure() { # measure CASE SIZE KIND(moat|vhost|passt|sink|answer) [testpmd options...]
   local case=$1 size=$2 kind=$3
   shift 3
   local name="$case-$size"
@@ -171,7 +201,11 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
     results+=("$case $size - - - failed")
     return
   fi
-  start_tx "$name" "$sock" "$size" "$@"
+  if [ "$kind" = answer ]; then
+    start_tx_pcap "$name" "$sock" "$size"
+  else
+    start_tx "$name" "$sock" "$size" "$@"
+  fi
   if ! wait_for 90 sending "$work/$name.tx"; then
     echo "bench-pps: $name: testpmd sent nothing" >&2
     sed -n '1,40p' "$work/$name.tx.err" >&2 || true
@@ -180,20 +214,50 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
     return
   fi
   sleep 1 # ramp up
-  local c0 c1 t0 t1 cpu0 cpu1 n1 n w
+  local c0 c1 t0 t1 cpu0 cpu1 n1 n w extra=""
   case $kind in
-    moat|moat-udp|sink)
-      # Counters read between two stamps, each read stamped at the middle of its round trip:
-      # moat's TX frames, or the datagrams moat sent to the SOCKS5 relay (its UDP flow's
-      # datagrams up), or what reached the loopback sink (passt keeps no count).
-      local read_count=moat_frames a b
-      [ "$kind" = moat-udp ] && read_count=udp_up_of_moat
-      [ "$kind" = sink ] && read_count=sink_count
-      a=$(now); c0=$($read_count); b=$(now); cpu0=$(cpu_ns "$rx_pid")
+    moat)
+      # moat's TX frames, read between two stamps, each read stamped at the middle of its
+      # round trip.
+      local a b
+      a=$(now); c0=$(moat_frames); b=$(now); cpu0=$(cpu_ns "$rx_pid")
       t0=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
       sleep "$secs"
-      a=$(now); c1=$($read_count); b=$(now); cpu1=$(cpu_ns "$rx_pid")
+      a=$(now); c1=$(moat_frames); b=$(now); cpu1=$(cpu_ns "$rx_pid")
       t1=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.6f", (a + b) / 2}')
+      ;;
+    sink)
+      # Datagrams that arrived at the loopback sink, with the sink's own time of counting
+      # (it rewrites "time arrived read dropped" about every 0.2 s): the same point for moat (through the
+      # SOCKS5 relay) and passt. "Arrived" includes what the sink's socket dropped on a
+      # full buffer (the sink may be starved of CPU): both are logged. Also the relay's CPU
+      # (dante, if any: $relay_pid).
+      local r0=0 r1=0 rd0 rd1 d0 d1 u0
+      cpu0=$(cpu_ns "$rx_pid"); u0=$(udp_rcvbuf_errors)
+      [ -n "${relay_pid:-}" ] && r0=$(relay_cpu_ns)
+      read -r t0 c0 rd0 d0 < <(sink_read)
+      sleep "$secs"
+      read -r t1 c1 rd1 d1 < <(sink_read)
+      cpu1=$(cpu_ns "$rx_pid")
+      [ -n "${relay_pid:-}" ] && r1=$(relay_cpu_ns)
+      extra="relay_cpu_s=$(awk -v a="$r0" -v b="$r1" 'BEGIN {printf "%.2f", (b - a) / 1e9}') sink_read=$((rd1 - rd0)) sink_socket_dropped=$((d1 - d0)) udp_rcvbuf_errors_all_sockets=$(($(udp_rcvbuf_errors) - u0))"
+      ;;
+    answer)
+      # Answers the guest read from its RX ring: the frontend's virtio-user port (1)
+      # RX-packets within the window, over the periods testpmd measured. For moat, also the
+      # answers it built but had no RX buffer for (the guest offers more than it reads).
+      local q0=0 q1=0
+      [ "${case#moat}" != "$case" ] && q0=$(moat_counter drop.rx_queue_full)
+      t0=$(now); cpu0=$(cpu_ns "$rx_pid")
+      sleep "$secs"
+      t1=$(now); cpu1=$(cpu_ns "$rx_pid")
+      [ "${case#moat}" != "$case" ] && q1=$(moat_counter drop.rx_queue_full)
+      sleep 1.2 # the statistics printed within the window, first and last
+      read -r n w < <(pmd_window "$work/$name.tx" RX-packets: Rx-pps: "$t0" "$t1" 1) || true
+      c0=0 c1=$n
+      extra="answers_dropped_rx_full=$((q1 - q0)) over_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')"
+      [ "${case#moat}" != "$case" ] && notes+=("$case $size: $((q1 - q0)) answers built but dropped for want of an RX buffer in $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}') s (not counted)")
+      t0=0 t1=$w
       ;;
     vhost|passt)
       # The vhost PMD counts what it received; passt has no counter, so what testpmd got
@@ -222,8 +286,8 @@ measure() { # measure CASE SIZE KIND(moat|vhost|passt) [testpmd options...]
   mpps=$(awk -v a="$c0" -v b="$c1" -v w="$wall" 'BEGIN {printf "%.3f", (b - a) / w / 1e6}')
   cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN {printf "%.2f", (b - a) / 1e9}')
   results+=("$case $size $mpps $cpu $wall ok")
-  printf '%s case=%s size=%s frames=%s wall_s=%s mpps=%s rx_cpu_s=%s tx_sent_total=%s\n' \
-    "$(date -u +%FT%TZ)" "$case" "$size" "$((c1 - c0))" "$wall" "$mpps" "$cpu" "${n1:-0}" >>"$raw"
+  printf '%s case=%s size=%s frames=%s wall_s=%s mpps=%s rx_cpu_s=%s tx_sent_total=%s %s\n' \
+    "$(date -u +%FT%TZ)" "$case" "$size" "$((c1 - c0))" "$wall" "$mpps" "$cpu" "${n1:-0}" "$extra" >>"$raw"
 }
 
 start_moat() { # start_moat FRAME_SIZE [moat serve options...]: deny-all.toml
@@ -277,10 +341,10 @@ for size in $sizes; do
     results+=("ceiling $size - - - failed")
   fi
   stop "$rx_pid" INT
-  # The answer path's peer: the vhost PMD swapping MACs and sending every frame back into
-  # the frontend's RX ring (which txonly does not read either: both answer into a full ring).
+  # The answer path's peer: the vhost PMD swapping MACs and sending every query back into
+  # the frontend's RX ring, fed and counted by the same pcap-replaying, RX-reading frontend.
   if start_vhost "ceiling-macswap-$size" macswap; then
-    measure ceiling-macswap "$size" vhost
+    measure ceiling-macswap "$size" answer
   else
     results+=("ceiling-macswap $size - - - failed")
   fi
@@ -289,7 +353,7 @@ for size in $sizes; do
   if start_moat "$size"; then
     measure moat-drop "$size" moat
     measure moat-drop-ip "$size" moat --eth-peer=0,$gw_mac --tx-ip=10.0.0.2,10.0.0.1 --tx-udp=40000,9
-    measure moat-answer "$size" moat --eth-peer=0,$gw_mac --tx-ip=10.0.0.2,10.0.0.1 --tx-udp=40000,53
+    measure moat-answer "$size" answer
   else
     echo "bench-pps: moat did not start:" >&2
     cat "$work/moat.log" >&2
@@ -300,7 +364,7 @@ for size in $sizes; do
   # sleeps, so a sending guest never needs to kick it.
   if start_moat "$size" --busy-poll-us 50; then
     measure moat-drop-poll "$size" moat
-    measure moat-answer-poll "$size" moat --eth-peer=0,$gw_mac --tx-ip=10.0.0.2,10.0.0.1 --tx-udp=40000,53
+    measure moat-answer-poll "$size" answer
   else
     results+=("moat-drop-poll $size - - - failed" "moat-answer-poll $size - - - failed")
   fi
@@ -328,8 +392,11 @@ done
 # UDP forwarded to the proxy side, 64 B frames (22 B of payload): moat relays each
 # datagram through a SOCKS5 UDP association (dante on loopback) to a sink on loopback;
 # passt sends each to the sink itself (its gateway mapped to the host's loopback). Both
-# from the same testpmd txonly stream; the figure that compares is datagrams per CPU-second
-# of the backend (dante's and the sink's CPU are not counted for either).
+# from the same testpmd txonly stream, both counted where they arrive: datagrams the same
+# sink received (scripts/udp-sink.py), per second and per CPU-second of the backend (moat,
+# or passt). dante's CPU is not in moat's figure; it is logged apart in pps.txt
+# (relay_cpu_s). "Arrived" = read by the sink + dropped by its socket on a full buffer (the
+# sink is a Python loop and may be starved); both parts are logged in pps.txt.
 udp_port=9999
 if command -v danted >/dev/null && command -v python3 >/dev/null; then
   echo "bench-pps: UDP to the proxy side, 64 B frames, ${secs} s each ..." >&2
@@ -341,14 +408,24 @@ if command -v danted >/dev/null && command -v python3 >/dev/null; then
     "user.unprivileged: nobody" "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }" \
     "socks pass { from: 127.0.0.0/8 to: 127.0.0.0/8 command: udpassociate udpreply }" \
     "socks block { from: 0.0.0.0/0 to: 0.0.0.0/0 }" >"$work/danted.conf"
-  taskset -c 1 danted -f "$work/danted.conf" -p "$work/danted.pid" >/dev/null 2>&1 &
+  # dante shares moat's CPU: CPU 1 is the busy-polling testpmd's, where the relay starved.
+  taskset -c 0 danted -f "$work/danted.conf" -p "$work/danted.pid" >/dev/null 2>&1 &
   pids+=("$!")
+  relay_cpu_ns() { # dante's CPU: its main process and the children it forked (live ones)
+    local p total=0
+    for p in "$relay_pid" $(pgrep -P "$relay_pid" 2>/dev/null || true); do
+      total=$((total + $(cpu_ns "$p")))
+    done
+    echo "$total"
+  }
   cp policy/deny-all.toml "$work/udp.toml"
   printf '\n[proxy]\nsocks5 = "127.0.0.1:%s"\n[[outbound]]\nprotocol = "udp"\nports = [%s]\nto = ["127.0.0.1/32"]\n' \
     "$dante_port" "$udp_port" >>"$work/udp.toml"
   if wait_for 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$dante_port" 2>/dev/null &&
     start_moat_policy "$work/udp.toml"; then
-    measure moat-udp 64 moat-udp --eth-peer=0,$gw_mac --tx-ip=10.0.0.2,127.0.0.1 --tx-udp=40000,$udp_port
+    relay_pid=$(cat "$work/danted.pid" 2>/dev/null || true)
+    measure moat-udp 64 sink --eth-peer=0,$gw_mac --tx-ip=10.0.0.2,127.0.0.1 --tx-udp=40000,$udp_port
+    relay_pid=""
   else
     echo "bench-pps: moat or dante did not start for the UDP case" >&2
     results+=("moat-udp 64 - - - failed")
@@ -396,7 +473,10 @@ fi
   done
 } | tee "$work/table"
 echo "(1518 B moat cases: deny-all.toml + mtu = 1504, else they would be dropped as oversized unparsed)"
-echo "(Mpps from the receiver's counters; CPU s = receiver CPU over the window; the vhost PMD polls, so its CPU is its whole window; answer path = UDP DNS to the gateway, not ICMP: testpmd txonly cannot send ICMP)"
+echo "(Mpps from the receiver's counters; CPU s = receiver CPU over the window; the vhost PMD polls, so its CPU is its whole window)"
+echo "(answer cases: real DNS queries replayed from a pcap, Mpps = answers the guest read from its RX ring (frontend's virtio-user RX-packets), for moat and for the PMD's macswap alike; not ICMP: testpmd cannot send it)"
+echo "(moat-udp, passt-udp: Mpps = datagrams that arrived at the same loopback sink; CPU s = the backend's (moat, or passt), dante's apart in pps.txt)"
+for n in "${notes[@]}"; do echo "note: $n"; done
 for size in $sizes; do
   [ -f "$work/moat-$size.log" ] || continue
   echo "moat drop reasons, ${size} B cases:"

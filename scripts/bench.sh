@@ -75,18 +75,33 @@ summary() {
       }'
   fi
   if [ -f "$out/egress_tcp.txt" ]; then
-    # Rows are "{name:<W} {value:>10.3} {unit:<8} {cpu:>12.3} {cost}": the name may have
-    # spaces; W from where the header's right-aligned "value" ends.
+    # Rows are "{name:<W} {value:>10.3} {unit:<8} {cpu:>12.3} {path cpu:>12.3} {cost}": the
+    # name may have spaces; W from where the header's right-aligned "value" ends.
     awk 'NR == 1 { w = index($0, "value") + 4 - 11; next }
       {
       name = substr($0, 1, w); sub(/ +$/, "", name)
       split(substr($0, w + 2), f, " ")
       peer = (name ~ /passt|loopback/) ? "(is the peer row)" : "egress_tcp: see passt rows"
       printf "%-30s %-42s %24s %24s %9s\n", peer, name " " f[2], f[1], "-", "-"
+      # Bulk rows: CPU-s per Gbit of the backend alone / of the whole path (moat + proxy
+      # process; passt alone), from the cost column "X CPU-s/Gbit backend, Y whole path".
+      if (f[6] == "CPU-s/Gbit")
+        printf "%-30s %-42s %24s %24s %9s\n", peer, name " CPU-s/Gbit backend / path", f[5] " / " f[8], "-", "-"
     }' "$out/egress_tcp.txt"
   fi
   if [ -f "$out/verdict.txt" ]; then
-    awk 'NR > 1 { printf "%-30s %-42s %24s %24s %9s\n", "etherparse SlicedPacket", $1 " ns/frame", $3, $4, $5 }' \
+    # Column 7 ("like"): whether moat and etherparse do the same work on that frame; the
+    # rows that do not (IPv6 dropped on its ethertype, a truncated frame) are shown without a
+    # ratio and left out of the headline range.
+    awk 'NR > 1 {
+        if ($7 == "yes") {
+          printf "%-30s %-42s %24s %24s %9s\n", "etherparse SlicedPacket", $1 " ns/frame", $3, $4, $5
+          r = $5 + 0; n++; lg += log(r); if (lo == "" || r < lo) lo = r; if (hi == "" || r > hi) hi = r
+        } else {
+          printf "%-30s %-42s %24s %24s %9s\n", "etherparse (not like-for-like)", $1 " ns/frame", $3, $4, "-"
+        }
+      }
+      END { if (n) printf "%-30s %-42s %24s %24s %9s\n", "etherparse SlicedPacket", "parse+verdict, like-for-like rows", "range " lo " - " hi, "-", sprintf("%.2f", exp(lg / n)) }' \
       "$out/verdict.txt"
   fi
   if [ -f "$out/footprint.txt" ]; then

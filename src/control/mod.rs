@@ -288,10 +288,7 @@ impl VmState {
                 .into_iter()
                 .map(|(g, n, v)| (format!("{g}.{n}"), v.into()))
                 .collect();
-            let flows: Vec<serde_json::Value> = flows
-                .iter()
-                .map(|f| serde_json::json!({"flow": f.flow, "target": f.target, "state": f.state, "bytes_up": f.bytes_up, "bytes_down": f.bytes_down}))
-                .collect();
+            let flows: Vec<serde_json::Value> = flows.iter().map(FlowRow::to_json).collect();
             let policy = self.policy();
             serde_json::json!({
                 "vm": policy.vm.name,
@@ -305,13 +302,13 @@ impl VmState {
         } else {
             let mut out = self.counters.table();
             out.push_str(&format!(
-                "\n{:<34} {:<28} {:<10} {:>12} {:>12}\n",
-                "flow", "target", "state", "bytes_up", "bytes_down"
+                "\n{:<34} {:<28} {:<10} {:>12} {:>12} {}\n",
+                "flow", "target", "state", "up", "down", "unit"
             ));
             for f in &flows {
                 out.push_str(&format!(
-                    "{:<34} {:<28} {:<10} {:>12} {:>12}\n",
-                    f.flow, f.target, f.state, f.bytes_up, f.bytes_down
+                    "{:<34} {:<28} {:<10} {:>12} {:>12} {}\n",
+                    f.flow, f.target, f.state, f.up, f.down, f.unit
                 ));
             }
             if stale > 0 {
@@ -330,6 +327,51 @@ pub struct FlowRow {
     pub flow: String,
     pub target: String,
     pub state: String,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
+    /// Guest -> proxy and proxy -> guest, counted in `unit`.
+    pub up: u64,
+    pub down: u64,
+    /// "bytes" (a TCP flow) or "datagrams" (a UDP association).
+    pub unit: &'static str,
+}
+
+impl FlowRow {
+    /// The row in `stats --json`: `bytes_up`/`bytes_down` for a TCP flow,
+    /// `datagrams_up`/`datagrams_down` for a UDP association (named for what they count).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut row =
+            serde_json::json!({"flow": self.flow, "target": self.target, "state": self.state});
+        row[format!("{}_up", self.unit)] = self.up.into();
+        row[format!("{}_down", self.unit)] = self.down.into();
+        row
+    }
+}
+
+#[cfg(test)]
+mod flow_row_tests {
+    use super::FlowRow;
+
+    fn row(flow: &str, unit: &'static str) -> FlowRow {
+        FlowRow {
+            flow: flow.into(),
+            target: "example.com:443".into(),
+            state: "open".into(),
+            up: 7,
+            down: 3,
+            unit,
+        }
+    }
+
+    /// A UDP association's counts are datagrams and are named so; no "bytes" field claims
+    /// them (the UDP bench once read datagrams out of a field called bytes_up).
+    #[test]
+    fn udp_rows_name_datagrams_and_tcp_rows_bytes() {
+        let udp = row("udp 10.0.0.2:40000 -> 127.0.0.1:9999", "datagrams").to_json();
+        assert_eq!(udp["datagrams_up"], 7);
+        assert_eq!(udp["datagrams_down"], 3);
+        assert!(udp.get("bytes_up").is_none() && udp.get("bytes_down").is_none());
+        let tcp = row("tcp 10.0.0.2:40001 -> 203.0.113.7:443", "bytes").to_json();
+        assert_eq!(tcp["bytes_up"], 7);
+        assert_eq!(tcp["bytes_down"], 3);
+        assert!(tcp.get("datagrams_up").is_none());
+    }
 }

@@ -378,16 +378,18 @@ impl Flows {
                 flow: format!("tcp {}", f.key),
                 target: f.route.describe(),
                 state: f.state().to_string(),
-                bytes_up: f.bytes_up,
-                bytes_down: f.bytes_down,
+                up: f.bytes_up,
+                down: f.bytes_down,
+                unit: "bytes",
             })
             .collect();
         rows.extend(self.udp.values().map(|a| crate::control::FlowRow {
             flow: a.key.to_string(),
             target: format!("{}:{}", a.route.target(), a.route.port()),
             state: if a.is_done() { "done" } else { "open" }.to_string(),
-            bytes_up: a.datagrams_up,
-            bytes_down: a.datagrams_down,
+            up: a.datagrams_up,
+            down: a.datagrams_down,
+            unit: "datagrams",
         }));
         rows.sort_by(|a, b| a.flow.cmp(&b.flow));
         rows
