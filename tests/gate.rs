@@ -634,3 +634,56 @@ fn reload_readmits_flows_by_how_they_were_admitted() {
         .expect("the guest's reply over the forward");
     assert_eq!(&reply, b"yes");
 }
+
+/// A client that sends its request and half-closes at once (`printf ... | nc`) is answered
+/// at once: the explicit-proxy front judges the request it has, a sniffed flow is named by
+/// the bytes it has; nothing waits for the sniffing timeout.
+#[test]
+fn half_closing_clients_are_judged_on_what_they_sent() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let served = Served::start(&any_name_policy(proxy.addr), true);
+    let mut net = guest_net(&served);
+    let ask = |net: &mut GuestNet, dst: Ipv4Addr, port: u16, request: &[u8]| {
+        let h = established(net, dst, port);
+        assert!(net.tcp_send_all(h, request, T).unwrap());
+        net.tcp(h).close();
+        let started = std::time::Instant::now();
+        let mut got = Vec::new();
+        net.run_until(T, |n| {
+            let s = n.tcp(h);
+            while let Ok(d) = s.recv(|d| (d.len(), d.to_vec())) {
+                if d.is_empty() {
+                    break;
+                }
+                got.extend_from_slice(&d);
+            }
+            matches!(s.state(), State::Closed | State::TimeWait)
+        })
+        .unwrap();
+        net.remove(h);
+        (
+            String::from_utf8_lossy(&got).into_owned(),
+            started.elapsed(),
+        )
+    };
+    let (got, took) = ask(&mut net, GW, 3128, b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n");
+    assert!(got.starts_with("HTTP/1.1 403 Forbidden"), "{got:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "answered, not timed out: {took:?}"
+    );
+    let (got, _) = ask(&mut net, GW, 3128, b"CONNECT www.exam");
+    assert!(got.starts_with("HTTP/1.1 400 Bad Request"), "{got:?}");
+    // An allowed name, half-closed: it goes to the proxy, and the origin's answer comes back.
+    let (got, _) = ask(
+        &mut net,
+        Ipv4Addr::new(198, 51, 100, 20),
+        80,
+        b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n",
+    );
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.ends_with("ok"),
+        "{got:?}"
+    );
+    assert_eq!(proxy.requests(), vec!["www.example.com:80".to_string()]);
+}

@@ -946,9 +946,12 @@ impl Flows {
             let decided: Option<FirstBytes> = match state {
                 State::Listen | State::Closed => Some(Err((DropReason::NotAllowed, 0))),
                 _ if w.since.elapsed() > SNIFF_TIMEOUT => Some(Err((DropReason::NotAllowed, 0))),
-                State::Established => {
+                // A client may send its request and half-close at once (`printf | nc`): its
+                // bytes are read in CloseWait too, and there they are all it will send.
+                State::Established | State::CloseWait => {
+                    let finished = state == State::CloseWait;
                     let queued = socket.recv_queue();
-                    if queued <= w.seen {
+                    if queued <= w.seen && !finished {
                         None
                     } else {
                         if let Some(w) = self.waiting.get_mut(&key) {
@@ -958,7 +961,13 @@ impl Flows {
                             Ok(first) => first.to_vec(),
                             Err(_) => Vec::new(),
                         };
-                        self.judge_first_bytes(&key, w.kind, &first)
+                        match self.judge_first_bytes(&key, w.kind, &first) {
+                            None if finished => Some(Err(match w.kind {
+                                WaitKind::Front => (DropReason::ExplicitProxyMalformed, 400),
+                                _ => (DropReason::NotAllowed, 0),
+                            })),
+                            decided => decided,
+                        }
                     }
                 }
                 _ => None,
