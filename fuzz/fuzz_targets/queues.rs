@@ -13,14 +13,14 @@
 //! Oracle: a model of the chain built from the descriptors as laid out (not from the
 //! queue's reading of them): the read fails on the first device-writable descriptor, the
 //! first one past `max`, or the first outside guest memory (vm-memory's own `read_slice`
-//! decides what is inside) — with the count read before it — and otherwise returns the
+//! decides what is inside; an empty descriptor must start inside a region) — with the count read before it — and otherwise returns the
 //! chain's total length, with exactly the bytes vm-memory reads at each descriptor.
 use libfuzzer_sys::fuzz_target;
 use moat::device::queues::{read_tx_chain, ChainError, GuestReader};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -104,7 +104,10 @@ fuzz_target!(|data: &[u8]| {
                     break;
                 }
                 let mut bytes = vec![0u8; d.len as usize];
-                if mem.read_slice(&mut bytes, GuestAddress(d.addr)).is_err() {
+                // An empty descriptor must still point into guest memory (vm-memory reads
+                // nothing anywhere; moat refuses an address outside memory either way).
+                let outside = d.len == 0 && !mem.address_in_range(GuestAddress(d.addr));
+                if outside || mem.read_slice(&mut bytes, GuestAddress(d.addr)).is_err() {
                     expected = Err((ChainError::Bad, read));
                     break;
                 }
