@@ -110,4 +110,5 @@ fuzz_target!(|data: &[u8]| {
     }
     h.settle();
     check(&h);
+    harness::trace(&h);
 });

@@ -165,4 +165,5 @@ fuzz_target!(|data: &[u8]| {
     }
     h.settle();
     h.check_streams();
+    harness::trace(&h);
 });

@@ -65,6 +65,8 @@ pub struct ProxyConn {
     pub down: Vec<u8>,
     pub scripted: bool,
     socks_stage: u8,
+    /// moat closed its side.
+    pub eof: bool,
 }
 
 /// A guest TCP connection, with just enough TCP to follow moat's side.
@@ -309,6 +311,7 @@ impl Harness {
                     down: Vec::new(),
                     scripted: true,
                     socks_stage: 0,
+                    eof: false,
                 });
                 moved = true;
             }
@@ -317,9 +320,13 @@ impl Harness {
         for p in &mut self.proxy {
             let Some(s) = p.stream.as_mut() else { continue };
             loop {
+                if p.eof {
+                    break;
+                }
                 match s.read(&mut buf) {
                     Ok(0) => {
-                        p.stream = None;
+                        // moat half-closed: keep the socket (a proxy answers, then closes).
+                        p.eof = true;
                         break;
                     }
                     Ok(n) => {
@@ -407,8 +414,11 @@ impl Harness {
             for t in tokens {
                 self.dp.flows().host_event(t, EventSet::IN | EventSet::OUT);
             }
+            let registered = self.reg.0.lock().unwrap_or_else(|e| e.into_inner()).len();
             let mut out = Vec::new();
             self.dp.pump(|frame, hdr| out.push((frame, hdr)));
+            // A new proxy connection is accepted (and answered) in the next round.
+            moved |= registered != self.reg.0.lock().unwrap_or_else(|e| e.into_inner()).len();
             let mut acks = Vec::new();
             for (frame, hdr) in out {
                 moved = true;
@@ -592,4 +602,31 @@ impl Drop for Harness {
         // Reset the stand-in's side first (no TIME_WAIT on either side), then moat's.
         self.proxy.clear();
     }
+}
+
+/// With MOAT_FUZZ_TRACE set (run one input: `cargo fuzz run -O frame FILE`), say how far the
+/// input got: to check that a seed reaches the splice.
+pub fn trace(h: &Harness) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("MOAT_FUZZ_TRACE").is_some()) {
+        return;
+    }
+    for c in &h.conns {
+        eprintln!(
+            "guest {} -> {}:{}: sent {} acked {} received {} reset {} tainted {}",
+            c.port, c.dst, c.dst_port, c.sent.len(), c.acked, c.received.len(), c.reset, c.tainted
+        );
+    }
+    for (j, p) in h.proxy.iter().enumerate() {
+        eprintln!(
+            "proxy {j}: got {} (head {:?}: {:?}) replied {} down {} open {}",
+            p.got.len(),
+            p.head_len,
+            String::from_utf8_lossy(&p.got[..p.head_len.unwrap_or(0).min(p.got.len())]),
+            p.replied,
+            p.down.len(),
+            p.stream.is_some()
+        );
+    }
+    eprintln!("{}", h.counters.table());
 }
