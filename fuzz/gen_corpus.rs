@@ -216,16 +216,28 @@ fn main() {
         put("dns_upstream", &format!("reply_{i}"), &[&asked.to_be_bytes()[..], &[guest.len() as u8], &guest, &reply].concat());
     }
 
-    // queues: [max, then 8-byte descriptors: addr (3), len (2), flags, fill, spare]
+    // queues: [mode (bit 0: RX, bit 1: MRG_RXBUF), then for TX: max, 8-byte descriptors
+    // (addr (3), len (2), flags, fill, spare); for RX: frame shape, 4-byte descriptors
+    // (len (2), flags, spare)]
     let desc = |addr: u32, len: u16, flags: u8, fill: u8| {
         let a = addr.to_le_bytes();
         let l = len.to_le_bytes();
         [a[0], a[1], a[2], l[0], l[1], flags, fill, 0]
     };
-    put("queues", "one", &[&[5u8][..], &desc(0x100, 1514, 2, 0xaa)].concat());
-    put("queues", "header_then_frame", &[&[5u8][..], &desc(0x100, 12, 0, 1), &desc(0x2000, 1502, 2, 2)].concat());
-    put("queues", "across_regions", &[&[250u8][..], &desc(0xe000, 0x2000, 0, 3), &desc(0x1f000, 0x100, 2, 4)].concat());
-    put("queues", "write_only", &[&[5u8][..], &desc(0x100, 12, 1, 1), &desc(0x200, 100, 2, 2), &desc(0x300, 100, 2, 2)].concat());
-    put("queues", "too_long", &[&[0u8][..], &desc(0x100, 60000, 0, 1), &desc(0x20000, 60000, 2, 2)].concat());
-    put("queues", "in_the_hole", &[&[5u8][..], &desc(0x10000, 64, 2, 1)].concat());
+    put("queues", "one", &[&[0u8, 5][..], &desc(0x100, 1514, 2, 0xaa)].concat());
+    put("queues", "header_then_frame", &[&[0u8, 5][..], &desc(0x100, 12, 0, 1), &desc(0x2000, 1502, 2, 2)].concat());
+    put("queues", "across_regions", &[&[0u8, 250][..], &desc(0xe000, 0x2000, 0, 3), &desc(0x1f000, 0x100, 2, 4)].concat());
+    put("queues", "write_only", &[&[0u8, 5][..], &desc(0x100, 12, 1, 1), &desc(0x200, 100, 2, 2), &desc(0x300, 100, 2, 2)].concat());
+    put("queues", "too_long", &[&[0u8, 0][..], &desc(0x100, 60000, 0, 1), &desc(0x20000, 60000, 2, 2)].concat());
+    put("queues", "in_the_hole", &[&[0u8, 5][..], &desc(0x10000, 64, 2, 1)].concat());
+    let rxd = |len: u16, flags: u8| {
+        let l = len.to_le_bytes();
+        [l[0], l[1], flags, 0]
+    };
+    put("queues", "rx_one", &[&[1u8, 0b0100][..], &rxd(2048, 2)].concat());
+    put("queues", "rx_mrg", &[&[3u8, 0b0001_0101][..], &rxd(1526, 2), &rxd(1526, 2), &rxd(4096, 2), &rxd(4096, 0), &rxd(512, 2)].concat());
+    put("queues", "rx_too_small", &[&[1u8, 0b0101][..], &rxd(100, 2), &rxd(2048, 2)].concat());
+    put("queues", "rx_readable", &[&[3u8, 0b0001][..], &rxd(2048, 3), &rxd(2048, 2)].concat());
+    put("queues", "rx_outside", &[&[3u8, 0b0100][..], &rxd(1000, 0), &rxd(1000, 6), &rxd(2048, 2)].concat());
+    put("queues", "rx_no_buffers", &[&[3u8, 0b1111_0011][..], &rxd(1526, 2)].concat());
 }

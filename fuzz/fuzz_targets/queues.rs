@@ -44,6 +44,15 @@ thread_local! {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    if mode & 1 == 0 {
+        tx(rest);
+    } else {
+        rx(mode & 2 != 0, rest);
+    }
+});
+
+fn tx(data: &[u8]) {
     let Some((&max_byte, records)) = data.split_first() else { return };
     let max = 64 + usize::from(max_byte) * 300; // up to ~76 KiB: below and past 64 KiB frames
     let mut chains: Vec<Vec<Desc>> = vec![Vec::new()];
@@ -122,4 +131,145 @@ fuzz_target!(|data: &[u8]| {
         }
         assert!(queue.pop_descriptor_chain(mem).is_none(), "more chains than laid out");
     });
-});
+}
+
+/// RX: frames placed into the guest's posted chains by `RxQueue::flush` (through a real
+/// `VringRwLock` on the synthesized ring), with and without MRG_RXBUF.
+///
+/// Input: byte 0: frame count and sizes; then 4-byte records, one descriptor each: length
+/// (2 bytes), flags (bit 0: device-readable, i.e. wrong for RX; bit 1: last of its chain;
+/// bit 2: placed outside guest memory), spare. Buffers do not overlap (so what is read back
+/// is what moat wrote).
+///
+/// Oracle, from the used ring alone: read back, the bytes of the used chains are the
+/// pushed frames, whole, in order (some may be dropped, none reordered, altered or cut),
+/// each behind a plain header whose num_buffers is the number of chains it used (1 without
+/// MRG_RXBUF); a chain is never filled past its capacity; every pushed frame is delivered,
+/// dropped (counted) or still pending.
+fn rx(mrg: bool, data: &[u8]) {
+    use moat::device::queues::RxQueue;
+    use moat::frame::virtio_hdr::{OutHdr, VIRTIO_NET_HDR_LEN};
+    use moat::telemetry::{Counters, Traffic};
+    use vhost_user_backend::{VringRwLock, VringT};
+    use vm_memory::GuestMemoryAtomic;
+
+    let Some((&shape, records)) = data.split_first() else { return };
+    let sizes = [60usize, 1514, 3000, 9000, 65_550];
+    let frames: Vec<Vec<u8>> = (0..1 + usize::from(shape & 3))
+        .map(|i| {
+            let len = sizes[usize::from(shape >> (2 + i)) % sizes.len()];
+            (0..len).map(|k| (k * 7 + i * 31) as u8).collect()
+        })
+        .collect();
+    let mut chains: Vec<Vec<Desc>> = vec![Vec::new()];
+    let mut cursor = BUFFERS;
+    for r in records.chunks_exact(4).take(usize::from(QUEUE)) {
+        let len = u32::from(u16::from_le_bytes([r[0], r[1]]));
+        let outside = r[2] & 4 != 0;
+        let addr = if outside { 0x18000 } else { cursor };
+        if !outside {
+            if cursor + u64::from(len) > 0x10000 {
+                cursor = 0x20000; // the second region
+            }
+            if cursor + u64::from(len) > 0x30000 {
+                break;
+            }
+        }
+        let addr = if outside { addr } else { cursor };
+        if !outside {
+            cursor += u64::from(len);
+        }
+        chains.last_mut().expect("one open chain").push(Desc { addr, len, write: r[2] & 1 == 0 });
+        if r[2] & 2 != 0 {
+            chains.push(Vec::new());
+        }
+    }
+    if chains.last().is_some_and(Vec::is_empty) {
+        chains.pop();
+    }
+    MEM.with(|mem| {
+        let _ = mem.write_slice(&[0u8; 0x1000], GuestAddress(0));
+        let mock = MockSplitQueue::create(mem, GuestAddress(0), QUEUE);
+        let mut raw = Vec::new();
+        let mut heads = Vec::new();
+        for chain in &chains {
+            heads.push(raw.len() as u16);
+            for (i, d) in chain.iter().enumerate() {
+                let last = i + 1 == chain.len();
+                let flags = if d.write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                let next = if last { 0 } else { raw.len() as u16 + 1 };
+                raw.push(RawDescriptor::from(SplitDescriptor::new(d.addr, d.len, flags, next)));
+            }
+        }
+        if !raw.is_empty() {
+            mock.add_desc_chains(&raw, 0).expect("descriptors fit the table");
+        }
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let vring = VringRwLock::new(atomic.clone(), QUEUE).expect("a vring");
+        vring
+            .set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, mock.used_addr().0)
+            .expect("ring addresses");
+        vring.set_queue_size(QUEUE);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let counters = Counters::default();
+        let mut rxq = RxQueue::default();
+        for f in &frames {
+            rxq.push_copy(f, OutHdr::Plain, &counters);
+        }
+        rxq.flush(&vring, &atomic, mrg, &counters).expect("no call eventfd: nothing to fail");
+        let delivered = counters.traffic(Traffic::RxFrames) as usize;
+        let dropped = counters.total_drops() as usize;
+        assert_eq!(delivered + dropped + rxq.pending(), frames.len(), "frames lost");
+
+        // Read the used ring back.
+        let used = mock.used_addr();
+        let idx: u16 = mem.read_obj(GuestAddress(used.0 + 2)).expect("used idx");
+        let mut entries = Vec::new();
+        for i in 0..idx {
+            let at = used.0 + 4 + 8 * u64::from(i % QUEUE);
+            let id: u32 = mem.read_obj(GuestAddress(at)).expect("used id");
+            let len: u32 = mem.read_obj(GuestAddress(at + 4)).expect("used len");
+            let c = heads.iter().position(|h| u32::from(*h) == id).expect("a used id that is a head");
+            let cap: u64 = chains[c].iter().map(|d| u64::from(d.len)).sum();
+            assert!(u64::from(len) <= cap, "chain {c} filled with {len} bytes, holds {cap}");
+            let mut bytes = Vec::new();
+            let mut left = len as usize;
+            for d in &chains[c] {
+                let n = left.min(d.len as usize);
+                let mut b = vec![0u8; n];
+                mem.read_slice(&mut b, GuestAddress(d.addr)).expect("written, so readable");
+                bytes.extend_from_slice(&b);
+                left -= n;
+            }
+            entries.push(bytes);
+        }
+        assert!(entries.len() <= chains.len());
+        let mut next_frame = 0;
+        let mut i = 0;
+        let mut seen = 0;
+        while i < entries.len() {
+            if entries[i].is_empty() {
+                i += 1; // a chain returned unused (its frame dropped)
+                continue;
+            }
+            assert!(entries[i].len() >= VIRTIO_NET_HDR_LEN, "a chain with less than a header");
+            let hdr = &entries[i][..VIRTIO_NET_HDR_LEN];
+            assert_eq!(&hdr[..10], &[0u8; 10], "not a plain header");
+            let n = usize::from(u16::from_le_bytes([hdr[10], hdr[11]]));
+            assert!(n >= 1 && (mrg || n == 1), "num_buffers {n} (mrg_rxbuf {mrg})");
+            assert!(i + n <= entries.len(), "num_buffers {n} past the used ring");
+            let whole: Vec<u8> = entries[i..i + n].concat();
+            assert!(entries[i..i + n].iter().all(|e| !e.is_empty()), "an empty chain inside a frame");
+            let frame = &whole[VIRTIO_NET_HDR_LEN..];
+            let at = frames[next_frame..]
+                .iter()
+                .position(|f| f[..] == *frame)
+                .unwrap_or_else(|| panic!("delivered {} bytes that are no pushed frame (in order)", frame.len()));
+            next_frame += at + 1;
+            seen += 1;
+            i += n;
+        }
+        assert_eq!(seen, delivered, "frames counted delivered vs found in the used ring");
+    });
+}
