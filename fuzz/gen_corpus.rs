@@ -239,5 +239,8 @@ fn main() {
     put("queues", "rx_too_small", &[&[1u8, 0b0101][..], &rxd(100, 2), &rxd(2048, 2)].concat());
     put("queues", "rx_readable", &[&[3u8, 0b0001][..], &rxd(2048, 3), &rxd(2048, 2)].concat());
     put("queues", "rx_outside", &[&[3u8, 0b0100][..], &rxd(1000, 0), &rxd(1000, 6), &rxd(2048, 2)].concat());
+    // MRG_RXBUF, one chain posted, too little room for the frames: flush spun for ever on
+    // main (found by this target; MOAT_FUZZ_RX_MRG=1 to fuzz MRG_RXBUF, see queues.rs).
+    put("queues", "rx_mrg_spin", &[0x23, 0x04, 0x00, 0x01, 0x08, 0x08, 0x00, 0x04, 0x00, 0x02, 0x00]);
     put("queues", "rx_no_buffers", &[&[3u8, 0b1111_0011][..], &rxd(1526, 2)].concat());
 }
