@@ -99,6 +99,8 @@ pub struct Harness {
     listeners: &'static [TcpListener; 2],
     /// Send segments with partial checksums (NEEDS_CSUM), large ones as TSO.
     pub offload: bool,
+    /// Frames moat sent the guest as TSO segments (for the trace).
+    pub tso_frames: usize,
 }
 
 fn listeners() -> &'static [TcpListener; 2] {
@@ -140,7 +142,7 @@ impl Harness {
         for l in listeners {
             while l.accept().is_ok() {}
         }
-        Harness { dp, counters, policy, reg, conns: Vec::new(), proxy: Vec::new(), listeners, offload: false }
+        Harness { dp, counters, policy, reg, conns: Vec::new(), proxy: Vec::new(), listeners, offload: false, tso_frames: 0 }
     }
 
     // ---- the guest ----
@@ -172,7 +174,11 @@ impl Harness {
             .ipv4(GUEST.octets(), conn.dst.octets(), 64)
             .tcp(conn.port, conn.dst_port, if syn { conn.iss } else { conn.snd_nxt }, 65535);
         if syn {
-            b = b.syn();
+            // An MSS option, as every guest sends (moat raises it for a GUEST_TSO4 guest).
+            b = b
+                .syn()
+                .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])
+                .expect("one option fits");
         }
         if let Some(ack) = conn.rcv_nxt {
             b = b.ack(ack);
@@ -443,6 +449,7 @@ impl Harness {
     /// acknowledge it.
     fn observe(&mut self, frame: &[u8], hdr: OutHdr) -> Option<usize> {
         check_rx_frame(frame, hdr);
+        self.tso_frames += usize::from(matches!(hdr, OutHdr::Tso { .. }));
         let p = SlicedPacket::from_ethernet(&frame[VIRTIO_NET_HDR_LEN..]).expect("checked");
         let Some(NetSlice::Ipv4(ip)) = &p.net else { return None };
         let Some(TransportSlice::Tcp(tcp)) = &p.transport else { return None };
@@ -628,5 +635,6 @@ pub fn trace(h: &Harness) {
             p.stream.is_some()
         );
     }
+    eprintln!("tso frames to the guest: {}", h.tso_frames);
     eprintln!("{}", h.counters.table());
 }
