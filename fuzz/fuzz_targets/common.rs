@@ -44,7 +44,11 @@ pub fn check_dns_reply(dns: &moat::policy::Dns, query: &[u8], reply: &[u8], rela
     assert!(query.len() >= 2, "an answer to a query without an id");
     let id = u16::from_be_bytes([query[0], query[1]]);
     assert_eq!(r.metadata.id, id, "answer id is not the query's");
-    assert_eq!(r.metadata.message_type, MessageType::Response, "answer is not a response");
+    assert_eq!(
+        r.metadata.message_type,
+        MessageType::Response,
+        "answer is not a response"
+    );
     let q = decode(query);
     if let Some(q) = &q {
         let well_formed = q.metadata.message_type == MessageType::Query
@@ -55,7 +59,9 @@ pub fn check_dns_reply(dns: &moat::policy::Dns, query: &[u8], reply: &[u8], rela
         }
     }
     if !r.queries.is_empty() {
-        let q = q.as_ref().expect("a question in the answer to a message that does not parse");
+        let q = q
+            .as_ref()
+            .expect("a question in the answer to a message that does not parse");
         assert_eq!(r.queries, q.queries[..1], "answer carries another question");
     }
     if r.answers.is_empty() {
@@ -63,10 +69,21 @@ pub fn check_dns_reply(dns: &moat::policy::Dns, query: &[u8], reply: &[u8], rela
     }
     let question = r.queries.first().expect("answers without a question");
     let name = plain_name(question.name());
-    assert!(dns.allows(&name), "an answer for {name:?}, which is not allowlisted");
+    assert!(
+        dns.allows(&name),
+        "an answer for {name:?}, which is not allowlisted"
+    );
     for a in &r.answers {
-        assert_eq!(a.record_type(), RecordType::A, "a non-A record in an answer: {a:?}");
-        assert_eq!(&a.name, question.name(), "an answer record owned by another name");
+        assert_eq!(
+            a.record_type(),
+            RecordType::A,
+            "a non-A record in an answer: {a:?}"
+        );
+        assert_eq!(
+            &a.name,
+            question.name(),
+            "an answer record owned by another name"
+        );
         let RData::A(addr) = &a.data else {
             panic!("A record without A data")
         };

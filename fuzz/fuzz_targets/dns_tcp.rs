@@ -23,7 +23,9 @@ fn frames(stream: &[u8]) -> (Vec<&[u8]>, usize) {
     let mut at = 0;
     while let Some(len) = stream.get(at..at + 2) {
         let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-        let Some(m) = stream.get(at + 2..at + 2 + len) else { break };
+        let Some(m) = stream.get(at + 2..at + 2 + len) else {
+            break;
+        };
         out.push(m);
         at += 2 + len;
     }
@@ -82,11 +84,18 @@ fuzz_target!(|data: &[u8]| {
             1 | 5 => {
                 let len = usize::from(next().unwrap_or(0));
                 let bytes: Vec<u8> = (0..len).map_while(|_| next()).collect();
-                let mutate = (op % 7 == 5).then(|| (usize::from(next().unwrap_or(0)), next().unwrap_or(1) | 1));
+                let mutate = (op % 7 == 5)
+                    .then(|| (usize::from(next().unwrap_or(0)), next().unwrap_or(1) | 1));
                 h.data(c, &bytes, mutate);
             }
             2 => {
-                let names = ["example.com", "www.example.com", "api.internal", "evil.test", "a.b.example.com"];
+                let names = [
+                    "example.com",
+                    "www.example.com",
+                    "api.internal",
+                    "evil.test",
+                    "a.b.example.com",
+                ];
                 let name = names[usize::from(next().unwrap_or(0)) % names.len()];
                 let qtype = [1u16, 28, 15, 255][usize::from(next().unwrap_or(0)) % 4];
                 let id = [next().unwrap_or(0), next().unwrap_or(0)];

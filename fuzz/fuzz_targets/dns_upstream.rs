@@ -52,7 +52,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let id = u16::from_be_bytes([data[0], data[1]]);
     let qlen = usize::from(data[2]);
-    let Some(guest_query) = data.get(3..3 + qlen) else { return };
+    let Some(guest_query) = data.get(3..3 + qlen) else {
+        return;
+    };
     let reply = &data[3 + qlen..];
     POLICY_.with(|policy| {
         let Some(name) = dns::upstream_name(&policy.dns, guest_query) else {

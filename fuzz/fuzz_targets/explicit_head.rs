@@ -31,36 +31,87 @@ fuzz_target!(|data: &[u8]| {
         Head::NeedMore => assert!(data.len() < MAX_HEAD, "NeedMore past MAX_HEAD"),
         Head::Malformed(why) => assert!(!why.is_empty()),
         Head::Request { host, port, front } => {
-            assert!(front.head_len > 0 && front.head_len <= data.len(), "head_len {} of {}", front.head_len, data.len());
-            assert!(!host.is_empty(), "a request with an empty host: {:?}", String::from_utf8_lossy(&data[..front.head_len]));
+            assert!(
+                front.head_len > 0 && front.head_len <= data.len(),
+                "head_len {} of {}",
+                front.head_len,
+                data.len()
+            );
+            assert!(
+                !host.is_empty(),
+                "a request with an empty host: {:?}",
+                String::from_utf8_lossy(&data[..front.head_len])
+            );
             assert_ne!(port, 0);
             assert_eq!(
                 read_head(&data[..front.head_len]),
-                Head::Request { host: host.clone(), port, front: front.clone() },
+                Head::Request {
+                    host: host.clone(),
+                    port,
+                    front: front.clone()
+                },
                 "the head alone is another request"
             );
             if front.to_origin.is_empty() {
-                assert!(front.to_guest.starts_with(b"HTTP/1.1 200 "), "CONNECT without a 200 for the guest");
+                assert!(
+                    front.to_guest.starts_with(b"HTTP/1.1 200 "),
+                    "CONNECT without a 200 for the guest"
+                );
                 return;
             }
             assert!(front.to_guest.is_empty());
             let head = &front.to_origin;
-            assert!(head.ends_with(b"\r\n\r\n"), "rewritten head does not end with CRLFCRLF: {:?}", String::from_utf8_lossy(head));
+            assert!(
+                head.ends_with(b"\r\n\r\n"),
+                "rewritten head does not end with CRLFCRLF: {:?}",
+                String::from_utf8_lossy(head)
+            );
             let first_blank = head.windows(4).position(|w| w == b"\r\n\r\n");
-            assert_eq!(first_blank, Some(head.len() - 4), "a blank line inside the rewritten head: {:?}", String::from_utf8_lossy(head));
-            assert!(!head[..head.len() - 2].windows(2).any(|w| w == b"\n\n"), "bare blank line in the rewritten head");
+            assert_eq!(
+                first_blank,
+                Some(head.len() - 4),
+                "a blank line inside the rewritten head: {:?}",
+                String::from_utf8_lossy(head)
+            );
+            assert!(
+                !head[..head.len() - 2].windows(2).any(|w| w == b"\n\n"),
+                "bare blank line in the rewritten head"
+            );
             let body: Vec<&[u8]> = lines(&head[..head.len() - 4]).collect();
-            assert!(body.iter().skip(1).any(|l| header_named(l, "connection") == Some(b"close")), "no Connection: close");
-            assert!(body.iter().skip(1).all(|l| header_named(l, "proxy-authorization").is_none() && header_named(l, "proxy-connection").is_none()), "proxy header passed to the origin");
-            let hosts: Vec<&[u8]> = body.iter().skip(1).filter_map(|l| header_named(l, "host")).collect();
-            assert_eq!(hosts.len(), 1, "{} Host headers for the origin", hosts.len());
+            assert!(
+                body.iter()
+                    .skip(1)
+                    .any(|l| header_named(l, "connection") == Some(b"close")),
+                "no Connection: close"
+            );
+            assert!(
+                body.iter()
+                    .skip(1)
+                    .all(|l| header_named(l, "proxy-authorization").is_none()
+                        && header_named(l, "proxy-connection").is_none()),
+                "proxy header passed to the origin"
+            );
+            let hosts: Vec<&[u8]> = body
+                .iter()
+                .skip(1)
+                .filter_map(|l| header_named(l, "host"))
+                .collect();
+            assert_eq!(
+                hosts.len(),
+                1,
+                "{} Host headers for the origin",
+                hosts.len()
+            );
             let with_port = format!("{host}:{port}");
             assert!(
                 hosts[0] == host.as_bytes() || hosts[0] == with_port.as_bytes(),
                 "origin's Host {:?} is not the admitted host {host:?}",
                 String::from_utf8_lossy(hosts[0])
             );
-            assert!(!body[0].contains(&b'\r') && body[0].ends_with(b" HTTP/1.1") || body[0].ends_with(b" HTTP/1.0"));
+            assert!(
+                !body[0].contains(&b'\r') && body[0].ends_with(b" HTTP/1.1")
+                    || body[0].ends_with(b" HTTP/1.0")
+            );
         }
     }
 });

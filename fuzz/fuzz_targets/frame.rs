@@ -56,8 +56,12 @@ fn resolve(h: &mut Harness) -> Option<Ipv4Addr> {
     q.extend_from_slice(&[0, 0, 1, 0, 1]);
     let answer = h.udp((GW, 53), &q)?;
     let f = moat::frame::parse(&answer).ok()?;
-    let moat::frame::Network::Ipv4(ip) = f.net else { return None };
-    let moat::frame::Transport::Udp(udp) = ip.transport else { return None };
+    let moat::frame::Network::Ipv4(ip) = f.net else {
+        return None;
+    };
+    let moat::frame::Transport::Udp(udp) = ip.transport else {
+        return None;
+    };
     let m = decode(udp.payload)?;
     m.answers.iter().find_map(|a| match &a.data {
         hickory_proto::rr::RData::A(a) => Some(a.0),
@@ -79,7 +83,10 @@ fuzz_target!(|data: &[u8]| {
         };
         match op % 13 {
             0 => {
-                let len = usize::from(u16::from_le_bytes([input.byte().unwrap_or(0), input.byte().unwrap_or(0)]));
+                let len = usize::from(u16::from_le_bytes([
+                    input.byte().unwrap_or(0),
+                    input.byte().unwrap_or(0),
+                ]));
                 let buf = input.bytes(len);
                 h.raw(buf);
             }
@@ -103,7 +110,9 @@ fuzz_target!(|data: &[u8]| {
                 h.connect(dst, port);
             }
             2 | 5 => {
-                let Some(c) = conn(&h, input.byte()) else { continue };
+                let Some(c) = conn(&h, input.byte()) else {
+                    continue;
+                };
                 let len = input.byte().unwrap_or(0);
                 let mut payload = input.bytes(usize::from(len & 0x7f)).to_vec();
                 if len & 0x80 != 0 && !payload.is_empty() {
@@ -132,7 +141,11 @@ fuzz_target!(|data: &[u8]| {
             }
             6..=10 => {
                 let j = usize::from(input.byte().unwrap_or(0));
-                let j = if h.proxy.is_empty() { continue } else { j % h.proxy.len() };
+                let j = if h.proxy.is_empty() {
+                    continue;
+                } else {
+                    j % h.proxy.len()
+                };
                 match op % 13 {
                     6 => h.proxy_accept(j),
                     7 => {
@@ -158,7 +171,11 @@ fuzz_target!(|data: &[u8]| {
                 let len = usize::from(input.byte().unwrap_or(0));
                 let to_dns = len & 1 == 0;
                 let payload = input.bytes(len).to_vec();
-                let dst = if to_dns { (GW, 53) } else { (Ipv4Addr::new(198, 51, 100, 3), 5001) };
+                let dst = if to_dns {
+                    (GW, 53)
+                } else {
+                    (Ipv4Addr::new(198, 51, 100, 3), 5001)
+                };
                 h.udp(dst, &payload);
             }
         }

@@ -83,14 +83,21 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (ctl, port) = (data[0], u16::from_be_bytes([data[1], data[2]]));
-    let protocol = if ctl & 4 == 0 { Protocol::Tcp } else { Protocol::Udp };
+    let protocol = if ctl & 4 == 0 {
+        Protocol::Tcp
+    } else {
+        Protocol::Udp
+    };
     let rest = &data[3..];
     let text_of = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let requested = match (ctl >> 3) & 3 {
         0 | 1 => Requested::Text {
             text: text_of(rest),
-            source: [NameSource::Sni, NameSource::HttpHost, NameSource::ExplicitProxy]
-                [usize::from(ctl >> 5) % 3],
+            source: [
+                NameSource::Sni,
+                NameSource::HttpHost,
+                NameSource::ExplicitProxy,
+            ][usize::from(ctl >> 5) % 3],
         },
         kind => {
             let Some(ip) = rest.get(..4) else { return };
@@ -105,7 +112,11 @@ fuzz_target!(|data: &[u8]| {
             return;
         };
         let rule = &policy.outbound[admitted.rule()];
-        assert!(rule.protocol == protocol && rule.allows_port(port), "rule {} does not cover {protocol:?}:{port}", admitted.rule());
+        assert!(
+            rule.protocol == protocol && rule.allows_port(port),
+            "rule {} does not cover {protocol:?}:{port}",
+            admitted.rule()
+        );
         assert_eq!((admitted.port(), admitted.protocol()), (port, protocol));
         assert_eq!(admitted.via(), rule.via);
         let proxy = match rule.via {
@@ -129,37 +140,60 @@ fuzz_target!(|data: &[u8]| {
         };
         match admitted.target() {
             Target::Ip(ip) => {
-                let named = |c: &Ipv4Net| c.contains(ip) && reserved(*ip).is_none_or(|r| r.contains(c));
+                let named =
+                    |c: &Ipv4Net| c.contains(ip) && reserved(*ip).is_none_or(|r| r.contains(c));
                 assert!(
                     cidrs.iter().any(named),
                     "{requested} admitted as {ip} by rule {} ({:?}): no CIDR there names it{}",
                     admitted.rule(),
                     rule.to,
-                    reserved(*ip).map(|r| format!(" inside {r}")).unwrap_or_default()
+                    reserved(*ip)
+                        .map(|r| format!(" inside {r}"))
+                        .unwrap_or_default()
                 );
                 if let Some(text) = asked_text {
                     let text = text.strip_suffix('.').unwrap_or(text);
                     if let Some(read) = aton(text) {
-                        assert_eq!(read, *ip, "{text:?} admitted as {ip}, inet_aton reads {read}");
+                        assert_eq!(
+                            read, *ip,
+                            "{text:?} admitted as {ip}, inet_aton reads {read}"
+                        );
                     }
                 }
             }
             Target::Name(name) => {
                 assert!(!name.is_empty());
                 assert!(
-                    name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)),
+                    name.bytes().all(|b| b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || b"-_.".contains(&b)),
                     "admitted name {name:?} is not a plain lowercase DNS name"
                 );
-                assert!(!ends_in_a_number(name), "admitted name {name:?} ends in a number: an address");
-                assert_eq!(aton(name), None, "admitted name {name:?} reads as an address");
+                assert!(
+                    !ends_in_a_number(name),
+                    "admitted name {name:?} ends in a number: an address"
+                );
+                assert_eq!(
+                    aton(name),
+                    None,
+                    "admitted name {name:?} reads as an address"
+                );
                 assert!(
                     name != "localhost" && !name.ends_with(".localhost"),
                     "admitted name {name:?} is loopback"
                 );
-                assert!(rule.allows_name(name), "rule {} does not allow {name:?}", admitted.rule());
+                assert!(
+                    rule.allows_name(name),
+                    "rule {} does not allow {name:?}",
+                    admitted.rule()
+                );
                 let text = asked_text.expect("a name admitted for a bare address");
                 let lower = text.to_ascii_lowercase();
-                assert_eq!(lower.strip_suffix('.').unwrap_or(&lower), name, "admitted a name other than the one asked");
+                assert_eq!(
+                    lower.strip_suffix('.').unwrap_or(&lower),
+                    name,
+                    "admitted a name other than the one asked"
+                );
             }
         }
     });

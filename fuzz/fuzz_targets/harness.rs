@@ -43,11 +43,17 @@ struct Reg(Arc<Mutex<HashMap<u64, RawFd>>>);
 
 impl Registrar for Reg {
     fn register(&self, fd: RawFd, token: u64) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(token, fd);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token, fd);
         Ok(())
     }
     fn unregister(&self, _fd: RawFd, token: u64) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&token);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&token);
         Ok(())
     }
 }
@@ -120,7 +126,10 @@ pub fn egress_policy() -> Policy {
     let [http, socks] = listeners();
     let text = include_str!("../policies/egress.toml")
         .replace("HTTP_PROXY", &http.local_addr().expect("bound").to_string())
-        .replace("SOCKS_PROXY", &socks.local_addr().expect("bound").to_string());
+        .replace(
+            "SOCKS_PROXY",
+            &socks.local_addr().expect("bound").to_string(),
+        );
     Policy::parse(&text, Path::new("egress.toml")).expect("egress policy parses")
 }
 
@@ -133,7 +142,12 @@ impl Harness {
             Arc::new(Mutex::new(NamePool::new(64))),
             Arc::clone(&counters),
         );
-        dp.set_offloads(Offloads { csum: true, host_tso4: true, guest_csum: true, guest_tso4: true });
+        dp.set_offloads(Offloads {
+            csum: true,
+            host_tso4: true,
+            guest_csum: true,
+            guest_tso4: true,
+        });
         let reg = Reg::default();
         dp.flows().place(FIRST_TOKEN, Steering::default());
         dp.flows().attach(Box::new(reg.clone()));
@@ -142,7 +156,17 @@ impl Harness {
         for l in listeners {
             while l.accept().is_ok() {}
         }
-        Harness { dp, counters, policy, reg, conns: Vec::new(), proxy: Vec::new(), listeners, offload: false, tso_frames: 0 }
+        Harness {
+            dp,
+            counters,
+            policy,
+            reg,
+            conns: Vec::new(),
+            proxy: Vec::new(),
+            listeners,
+            offload: false,
+            tso_frames: 0,
+        }
     }
 
     // ---- the guest ----
@@ -172,7 +196,12 @@ impl Harness {
         let conn = &self.conns[c];
         let mut b = PacketBuilder::ethernet2(GUEST_MAC.0, GATEWAY_MAC.0)
             .ipv4(GUEST.octets(), conn.dst.octets(), 64)
-            .tcp(conn.port, conn.dst_port, if syn { conn.iss } else { conn.snd_nxt }, 65535);
+            .tcp(
+                conn.port,
+                conn.dst_port,
+                if syn { conn.iss } else { conn.snd_nxt },
+                65535,
+            );
         if syn {
             // An MSS option, as every guest sends (moat raises it for a GUEST_TSO4 guest).
             b = b
@@ -283,7 +312,11 @@ impl Harness {
         let answers: u64 = Service::ALL.iter().map(|s| self.counters.answers(*s)).sum();
         let answer = self.dp.guest_frame(buf);
         let dropped = self.counters.total_drops() - drops;
-        let answered: u64 = Service::ALL.iter().map(|s| self.counters.answers(*s)).sum::<u64>() - answers;
+        let answered: u64 = Service::ALL
+            .iter()
+            .map(|s| self.counters.answers(*s))
+            .sum::<u64>()
+            - answers;
         assert!(dropped <= 1, "one frame, {dropped} drops");
         if let Some(a) = &answer {
             assert_eq!(dropped, 0, "answered and dropped");
@@ -357,7 +390,9 @@ impl Harness {
     }
 
     fn proxy_write(&mut self, j: usize, bytes: &[u8]) {
-        let Some(p) = self.proxy.get_mut(j) else { return };
+        let Some(p) = self.proxy.get_mut(j) else {
+            return;
+        };
         if let Some(s) = p.stream.as_mut() {
             let _ = s.write_all(bytes);
         }
@@ -366,7 +401,9 @@ impl Harness {
 
     /// Answer connection `j` as a proxy that accepts: `200` to CONNECT, SOCKS5 success.
     pub fn proxy_accept(&mut self, j: usize) {
-        let Some(p) = self.proxy.get_mut(j) else { return };
+        let Some(p) = self.proxy.get_mut(j) else {
+            return;
+        };
         let reply: &[u8] = if p.got.starts_with(b"CONNECT ") && !p.replied {
             b"HTTP/1.1 200 Connection established\r\n\r\n"
         } else if p.got.first() == Some(&5) && p.socks_stage == 0 {
@@ -384,7 +421,9 @@ impl Harness {
 
     /// Bytes for the guest, after the reply.
     pub fn proxy_data(&mut self, j: usize, bytes: &[u8]) {
-        let Some(p) = self.proxy.get_mut(j) else { return };
+        let Some(p) = self.proxy.get_mut(j) else {
+            return;
+        };
         if !p.replied {
             return;
         }
@@ -394,13 +433,17 @@ impl Harness {
 
     /// Anything, as a misbehaving proxy would say it.
     pub fn proxy_raw(&mut self, j: usize, bytes: &[u8]) {
-        let Some(p) = self.proxy.get_mut(j) else { return };
+        let Some(p) = self.proxy.get_mut(j) else {
+            return;
+        };
         p.scripted = false;
         self.proxy_write(j, bytes);
     }
 
     pub fn proxy_close(&mut self, j: usize, reset: bool) {
-        let Some(p) = self.proxy.get_mut(j) else { return };
+        let Some(p) = self.proxy.get_mut(j) else {
+            return;
+        };
         if reset {
             p.stream = None; // SO_LINGER 0: an RST
         } else if let Some(s) = &p.stream {
@@ -416,7 +459,14 @@ impl Harness {
     pub fn settle(&mut self) {
         for _ in 0..ROUNDS {
             let mut moved = self.serve_proxy();
-            let tokens: Vec<u64> = self.reg.0.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+            let tokens: Vec<u64> = self
+                .reg
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .copied()
+                .collect();
             for t in tokens {
                 self.dp.flows().host_event(t, EventSet::IN | EventSet::OUT);
             }
@@ -451,8 +501,12 @@ impl Harness {
         check_rx_frame(frame, hdr);
         self.tso_frames += usize::from(matches!(hdr, OutHdr::Tso { .. }));
         let p = SlicedPacket::from_ethernet(&frame[VIRTIO_NET_HDR_LEN..]).expect("checked");
-        let Some(NetSlice::Ipv4(ip)) = &p.net else { return None };
-        let Some(TransportSlice::Tcp(tcp)) = &p.transport else { return None };
+        let Some(NetSlice::Ipv4(ip)) = &p.net else {
+            return None;
+        };
+        let Some(TransportSlice::Tcp(tcp)) = &p.transport else {
+            return None;
+        };
         let src = ip.header().source_addr();
         let c = self.conns.iter().position(|c| {
             c.port == tcp.destination_port() && c.dst == src && c.dst_port == tcp.source_port()
@@ -463,7 +517,9 @@ impl Harness {
             return None;
         }
         if tcp.ack() {
-            let acked = tcp.acknowledgment_number().wrapping_sub(conn.iss.wrapping_add(1)) as usize;
+            let acked = tcp
+                .acknowledgment_number()
+                .wrapping_sub(conn.iss.wrapping_add(1)) as usize;
             if acked <= conn.sent.len() + 1 {
                 conn.acked = conn.acked.max(acked.min(conn.sent.len()));
             }
@@ -498,18 +554,27 @@ impl Harness {
             if up.is_empty() || p.got.first() == Some(&5) {
                 continue;
             }
-            let ok = self.conns.iter().any(|c| c.tainted || c.dst == GW || c.sent.starts_with(up));
-            assert!(ok, "the proxy got {up:02x?}, which no guest connection sent");
+            let ok = self
+                .conns
+                .iter()
+                .any(|c| c.tainted || c.dst == GW || c.sent.starts_with(up));
+            assert!(
+                ok,
+                "the proxy got {up:02x?}, which no guest connection sent"
+            );
         }
         for c in &self.conns {
             if c.received.is_empty() || c.tainted || c.dst == GW {
                 continue;
             }
-            let ok = self
-                .proxy
-                .iter()
-                .any(|p| !p.scripted || p.got.first() == Some(&5) || p.down.starts_with(&c.received));
-            assert!(ok, "guest {} received {:02x?}, which no proxy sent", c.port, c.received);
+            let ok = self.proxy.iter().any(|p| {
+                !p.scripted || p.got.first() == Some(&5) || p.down.starts_with(&c.received)
+            });
+            assert!(
+                ok,
+                "guest {} received {:02x?}, which no proxy sent",
+                c.port, c.received
+            );
         }
     }
 }
@@ -535,7 +600,10 @@ fn check_proxy_request(policy: &Policy, head: &[u8]) {
         .strip_prefix("CONNECT ")
         .and_then(|l| l.strip_suffix(" HTTP/1.1"))
         .unwrap_or_else(|| panic!("moat opened a proxy connection with {text:?}"));
-    assert!(text == format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"), "{text:?}");
+    assert!(
+        text == format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+        "{text:?}"
+    );
     let (host, port) = target.rsplit_once(':').expect("host:port");
     let port: u16 = port.parse().expect("a port");
     let rules: Vec<_> = policy
@@ -543,7 +611,10 @@ fn check_proxy_request(policy: &Policy, head: &[u8]) {
         .iter()
         .filter(|r| r.protocol == Protocol::Tcp && r.allows_port(port))
         .collect();
-    assert!(!rules.is_empty(), "CONNECT to port {port}, which no rule allows");
+    assert!(
+        !rules.is_empty(),
+        "CONNECT to port {port}, which no rule allows"
+    );
     match host.parse::<Ipv4Addr>() {
         Ok(ip) => {
             let reserved = moat::firewall::gate::reserved_range(ip);
@@ -557,7 +628,8 @@ fn check_proxy_request(policy: &Policy, head: &[u8]) {
                 rules.iter().any(|r| r.allows_name(host)),
                 "CONNECT {target}: no rule allows the name"
             );
-            assert!(moat::firewall::gate::normalize(host).is_ok_and(|h| h == moat::firewall::gate::Host::Name(host.to_string())));
+            assert!(moat::firewall::gate::normalize(host)
+                .is_ok_and(|h| h == moat::firewall::gate::Host::Name(host.to_string())));
         }
     }
 }
@@ -574,31 +646,53 @@ pub fn check_rx_frame(frame: &[u8], hdr: OutHdr) {
     assert_eq!(&f[12..14], &[0x08, 0x00], "not IPv4");
     let ip = &f[14..];
     let ihl = usize::from(ip[0] & 0xf) * 4;
-    assert_eq!(moat::frame::internet_checksum(&ip[..ihl]), 0, "bad IPv4 header checksum");
+    assert_eq!(
+        moat::frame::internet_checksum(&ip[..ihl]),
+        0,
+        "bad IPv4 header checksum"
+    );
     assert_eq!(&ip[16..20], &GUEST.octets(), "not to the guest");
     assert_ne!(&ip[12..16], &GUEST.octets(), "from the guest's own address");
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     assert_eq!(total, ip.len(), "IPv4 length is not the packet's");
     match hdr {
         OutHdr::Plain | OutHdr::DataValid => {
-            assert!(ip.len() <= MTU, "{} bytes over the MTU without TSO", ip.len());
-            assert!(moat::frame::checksum::verify(ip), "bad L4 checksum for the guest");
+            assert!(
+                ip.len() <= MTU,
+                "{} bytes over the MTU without TSO",
+                ip.len()
+            );
+            assert!(
+                moat::frame::checksum::verify(ip),
+                "bad L4 checksum for the guest"
+            );
         }
-        OutHdr::Tso { hdr_len, mss, csum_start, csum_offset } => {
+        OutHdr::Tso {
+            hdr_len,
+            mss,
+            csum_start,
+            csum_offset,
+        } => {
             assert!(ip.len() > MTU, "TSO header on a packet within the MTU");
             assert_eq!(ip[9], 6, "TSO on a non-TCP packet");
             let tcp_len = usize::from(ip[ihl + 12] >> 4) * 4;
             assert_eq!(usize::from(csum_start), 14 + ihl);
             assert_eq!(csum_offset, 16);
             assert_eq!(usize::from(hdr_len), 14 + ihl + tcp_len);
-            assert!(mss > 0 && usize::from(mss) + ihl + tcp_len <= MTU, "mss {mss}");
+            assert!(
+                mss > 0 && usize::from(mss) + ihl + tcp_len <= MTU,
+                "mss {mss}"
+            );
             // Completed the way the guest's driver would, the checksum holds.
             let mut full = ip.to_vec();
             moat::frame::checksum::fill(&mut full).expect("a layout");
             assert!(moat::frame::checksum::verify(&full));
             let mut partial = full.clone();
             moat::frame::checksum::leave_partial(&mut partial);
-            assert_eq!(partial, ip, "the partial checksum is not the pseudo-header sum");
+            assert_eq!(
+                partial, ip,
+                "the partial checksum is not the pseudo-header sum"
+            );
         }
     }
     let _ = Network::Arp; // (frame::Network kept in scope for the targets)
@@ -621,7 +715,14 @@ pub fn trace(h: &Harness) {
     for c in &h.conns {
         eprintln!(
             "guest {} -> {}:{}: sent {} acked {} received {} reset {} tainted {}",
-            c.port, c.dst, c.dst_port, c.sent.len(), c.acked, c.received.len(), c.reset, c.tainted
+            c.port,
+            c.dst,
+            c.dst_port,
+            c.sent.len(),
+            c.acked,
+            c.received.len(),
+            c.reset,
+            c.tainted
         );
     }
     for (j, p) in h.proxy.iter().enumerate() {

@@ -17,8 +17,13 @@ fuzz_target!(|data: &[u8]| {
         Ok(policy) => {
             let summary = policy.summary();
             let warnings = policy.warnings();
-            let again = Policy::parse(text, Path::new("fuzz.toml")).expect("parsed once, parses again");
-            assert_eq!(format!("{policy:?}"), format!("{again:?}"), "re-parse differs");
+            let again =
+                Policy::parse(text, Path::new("fuzz.toml")).expect("parsed once, parses again");
+            assert_eq!(
+                format!("{policy:?}"),
+                format!("{again:?}"),
+                "re-parse differs"
+            );
             assert_eq!(summary, again.summary());
             assert_eq!(warnings, again.warnings());
         }

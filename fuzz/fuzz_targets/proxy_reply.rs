@@ -12,7 +12,11 @@ use moat::egress::{connect, socks5};
 fuzz_target!(|data: &[u8]| {
     match connect::parse_reply(data) {
         connect::Reply::Accepted { header_len } => {
-            assert!(header_len <= data.len(), "header_len {header_len} > {}", data.len());
+            assert!(
+                header_len <= data.len(),
+                "header_len {header_len} > {}",
+                data.len()
+            );
             assert!(header_len > 0);
             assert_eq!(
                 connect::parse_reply(&data[..header_len]),
@@ -26,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
     }
     for parse in [socks5::parse_method, socks5::parse_connect_reply] {
         if let socks5::Reply::Done(n) = parse(data) {
-            assert!(n <= data.len(), "socks5 reply of {n} bytes in {}", data.len());
+            assert!(
+                n <= data.len(),
+                "socks5 reply of {n} bytes in {}",
+                data.len()
+            );
             assert_eq!(parse(&data[..n]), socks5::Reply::Done(n));
         }
     }

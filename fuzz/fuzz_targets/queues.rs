@@ -44,7 +44,9 @@ thread_local! {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     if mode & 1 == 0 {
         tx(rest);
     } else {
@@ -63,14 +65,22 @@ fn rx_mrg() -> bool {
 }
 
 fn tx(data: &[u8]) {
-    let Some((&max_byte, records)) = data.split_first() else { return };
+    let Some((&max_byte, records)) = data.split_first() else {
+        return;
+    };
     let max = 64 + usize::from(max_byte) * 300; // up to ~76 KiB: below and past 64 KiB frames
     let mut chains: Vec<Vec<Desc>> = vec![Vec::new()];
     let mut fills = Vec::new();
     for r in records.chunks_exact(8).take(usize::from(QUEUE)) {
-        let addr = BUFFERS + (u64::from(u32::from_le_bytes([r[0], r[1], r[2], 0])) % 0x40000) + u64::from(r[7] & 7);
+        let addr = BUFFERS
+            + (u64::from(u32::from_le_bytes([r[0], r[1], r[2], 0])) % 0x40000)
+            + u64::from(r[7] & 7);
         let len = u32::from(u16::from_le_bytes([r[3], r[4]]));
-        let d = Desc { addr, len, write: r[5] & 1 != 0 };
+        let d = Desc {
+            addr,
+            len,
+            write: r[5] & 1 != 0,
+        };
         fills.push((d, r[6]));
         chains.last_mut().expect("one open chain").push(d);
         if r[5] & 2 != 0 {
@@ -97,10 +107,13 @@ fn tx(data: &[u8]) {
                 let last = i + 1 == chain.len();
                 let flags = if d.write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
                 let next = if last { 0 } else { raw.len() as u16 + 1 };
-                raw.push(RawDescriptor::from(SplitDescriptor::new(d.addr, d.len, flags, next)));
+                raw.push(RawDescriptor::from(SplitDescriptor::new(
+                    d.addr, d.len, flags, next,
+                )));
             }
         }
-        mock.add_desc_chains(&raw, 0).expect("descriptors fit the table");
+        mock.add_desc_chains(&raw, 0)
+            .expect("descriptors fit the table");
         let mut queue: Queue = mock.create_queue().expect("a valid queue");
         let mut reader = GuestReader::new(mem);
         let mut buf = vec![0u8; 80 * 1024];
@@ -136,10 +149,16 @@ fn tx(data: &[u8]) {
             assert_eq!(got, expected, "chain {chain:x?} (max {max})");
             if let Ok(n) = got {
                 assert!(n <= max);
-                assert!(buf[..n] == expected_bytes[..], "chain {chain:x?}: bytes differ from guest memory");
+                assert!(
+                    buf[..n] == expected_bytes[..],
+                    "chain {chain:x?}: bytes differ from guest memory"
+                );
             }
         }
-        assert!(queue.pop_descriptor_chain(mem).is_none(), "more chains than laid out");
+        assert!(
+            queue.pop_descriptor_chain(mem).is_none(),
+            "more chains than laid out"
+        );
     });
 }
 
@@ -163,7 +182,9 @@ fn rx(mrg: bool, data: &[u8]) {
     use vhost_user_backend::{VringRwLock, VringT};
     use vm_memory::GuestMemoryAtomic;
 
-    let Some((&shape, records)) = data.split_first() else { return };
+    let Some((&shape, records)) = data.split_first() else {
+        return;
+    };
     let sizes = [60usize, 1514, 3000, 9000, 65_550];
     let frames: Vec<Vec<u8>> = (0..1 + usize::from(shape & 3))
         .map(|i| {
@@ -189,7 +210,11 @@ fn rx(mrg: bool, data: &[u8]) {
         if !outside {
             cursor += u64::from(len);
         }
-        chains.last_mut().expect("one open chain").push(Desc { addr, len, write: r[2] & 1 == 0 });
+        chains.last_mut().expect("one open chain").push(Desc {
+            addr,
+            len,
+            write: r[2] & 1 == 0,
+        });
         if r[2] & 2 != 0 {
             chains.push(Vec::new());
         }
