@@ -249,14 +249,14 @@ fn main() {
     let tp = proxy::TestProxy::start(proxy::ProxyMode::Accept, origin);
     let moat = start_moat(tp.addr, 8192);
     let mut net = guest(&moat.socket, true);
-    let addr = net.resolve("bench.example", T).unwrap().expect("resolves");
+    let addr = net.resolve_a("bench.example", T).expect("resolves");
     let pid = moat.child.id();
     let mut rows = Vec::new();
 
     for (offloads, label) in [(false, "1500 B frames"), (true, "TSO/CSUM")] {
         let m = start_moat(tp.addr, 8192);
         let mut g = guest(&m.socket, offloads);
-        let a = g.resolve("bench.example", T).unwrap().expect("resolves");
+        let a = g.resolve_a("bench.example", T).expect("resolves");
         rows.extend(bulk(&mut g, (a, 80), m.child.id(), bytes, label));
     }
     // The peer: passt in vhost-user mode (PASST=/path/to/passt, built from its public
@@ -303,7 +303,7 @@ fn main() {
     {
         let m = start_moat_with(tp.addr, 64, &["--busy-poll-us", "200"]);
         let mut g = guest(&m.socket, false);
-        let a = g.resolve("bench.example", T).unwrap().expect("resolves");
+        let a = g.resolve_a("bench.example", T).expect("resolves");
         rr_rows.push((
             "guest -> moat, busy poll -> proxy -> origin",
             rr(&mut g, (a, 80), rounds),

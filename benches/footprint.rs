@@ -173,7 +173,7 @@ fn main() {
     let tp = proxy::TestProxy::start(proxy::ProxyMode::Accept, origin);
     let moat = start_moat(tp.addr, 4096);
     let mut net = guest(&moat.socket);
-    let addr = net.resolve("bench.example", T).unwrap().expect("resolves");
+    let addr = net.resolve_a("bench.example", T).expect("resolves");
     let h = net.tcp_established(addr, 80, T).unwrap().expect("connect");
     assert!(net.tcp_send_all(h, b"Eping", T).unwrap());
     let mut echoed = Vec::new();
@@ -238,7 +238,7 @@ fn main() {
     let (hp, held) = holding_proxy();
     let moat = start_moat(hp, flows.max(1));
     let mut net = guest(&moat.socket);
-    let addr = net.resolve("bench.example", T).unwrap().expect("resolves");
+    let addr = net.resolve_a("bench.example", T).expect("resolves");
     let pid = moat.pid();
     std::thread::sleep(Duration::from_millis(300));
     let base = mem(pid);

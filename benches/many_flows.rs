@@ -197,7 +197,7 @@ fn main() {
     );
     let moat = start_moat_policy(&policy, &[]);
     let mut net = guest(&moat.socket);
-    let name = net.resolve("bench.example", T).unwrap().expect("resolves");
+    let name = net.resolve_a("bench.example", T).expect("resolves");
     let active = net.tcp_established(name, 80, T).unwrap().expect("connect");
     assert!(net.tcp_send_all(active, b"E", T).unwrap());
     rr(&mut net, active, 200); // warm up

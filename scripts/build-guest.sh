@@ -100,6 +100,10 @@ cp "$here/guest/udhcpc.script" "$root/etc/udhcpc/default.script"
 cp "$here/guest/checks.sh" "$root/bin/checks.sh"
 cp "$here/canary-guest.sh" "$root/bin/canary-guest.sh"
 cp "$here/guest/restart.sh" "$root/bin/restart.sh"
+# A hostile DNS-over-TCP client (static: the guest has no libc), when a compiler is here.
+if command -v gcc >/dev/null; then
+  gcc -static -O2 -o "$root/bin/dnsflood" "$here/guest/dnsflood.c" || die "cannot build guest/dnsflood.c (glibc's static libs come with build-essential)"
+fi
 chmod +x "$root/init" "$root/etc/udhcpc/default.script" "$root/bin/checks.sh" "$root/bin/canary-guest.sh" "$root/bin/restart.sh"
 tmp="$out/initramfs.cpio.gz.tmp.$$"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 >"$tmp")

@@ -3,6 +3,7 @@
 # gets its address by DHCP, reaches its gateway, and reaches nothing else.
 # Usage: scripts/qemu-e2e.sh --moat BIN --policy FILE [--workdir DIR] [--guest-dir DIR]
 #                            [--egress-port PORT --forward ADDR:PORT] [--queues N]
+#                            [--dns-flood BYTES]
 # Prints a table (check | expected | observed | verdict), then moat's counters; exit 0 iff
 # every check matched its expectation, the guest printed MOAT-DONE and moat stayed up and
 # stopped cleanly. Logs (serial.log, moat.log, qemu.log) stay in --workdir; a temporary
@@ -13,8 +14,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 moat="" policy="" workdir="" guest_dir="$repo/target/guest" boot_timeout=${MOAT_E2E_TIMEOUT:-150}
-egress_port="" forward="" queues=1
-usage="usage: qemu-e2e.sh --moat BIN --policy FILE [--workdir DIR] [--guest-dir DIR] [--egress-port PORT --forward ADDR:PORT] [--queues N]"
+egress_port="" forward="" queues=1 dns_flood=""
+usage="usage: qemu-e2e.sh --moat BIN --policy FILE [--workdir DIR] [--guest-dir DIR] [--egress-port PORT --forward ADDR:PORT] [--queues N] [--dns-flood BYTES]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --moat) moat=${2:?$usage}; shift 2 ;;
@@ -25,6 +26,7 @@ while [ $# -gt 0 ]; do
     --kill-moat) kill_moat=1; shift ;;                  # SIGKILL moat mid-run, restart it, expect the network back
     --forward) forward=${2:?$usage}; shift 2 ;;         # host addr:port of a [[forward]] to fetch from
     --queues) queues=${2:?$usage}; shift 2 ;;           # queue pairs (moat --queues, QEMU mq=on, N vCPUs)
+    --dns-flood) dns_flood=${2:?$usage}; shift 2 ;;     # guest pipelines this many bytes of DNS-over-TCP queries, never reading; moat's RSS is watched
     -h|--help) echo "$usage"; exit 0 ;;
     *) echo "qemu-e2e: unknown argument $1" >&2; echo "$usage" >&2; exit 2 ;;
   esac
@@ -49,9 +51,9 @@ if [ -z "$gateway" ]; then # a /30's other host address
   net=$(( last & ~3 )); gateway="$base.$(( last == net + 1 ? net + 2 : net + 1 ))"
 fi
 
-moat_pid="" qemu_pid="" fetch_pid="" killer_pid=""
+moat_pid="" qemu_pid="" fetch_pid="" killer_pid="" rss_pid=""
 cleanup() {
-  for p in $qemu_pid $fetch_pid $killer_pid $moat_pid $(cat "$workdir/moat2.pid" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+  for p in $qemu_pid $fetch_pid $killer_pid $rss_pid $moat_pid $(cat "$workdir/moat2.pid" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -75,10 +77,27 @@ timeout -k 5 "$boot_timeout" qemu-system-x86_64 \
   -netdev vhost-user,id=net0,chardev=net0,queues="$queues" \
   -device virtio-net-pci,netdev=net0,mac="$mac",vectors=0,romfile=$mq \
   -kernel "$guest_dir/vmlinux" -initrd "$guest_dir/initramfs.cpio.gz" \
-  -append "console=ttyS0 quiet panic=-1 moat.expect_ip=$address moat.gateway=$gateway${egress_port:+ moat.egress=$egress_port}${kill_moat:+ moat.run=/bin/restart.sh}" \
+  -append "console=ttyS0 quiet panic=-1 moat.expect_ip=$address moat.gateway=$gateway${egress_port:+ moat.egress=$egress_port}${kill_moat:+ moat.run=/bin/restart.sh}${dns_flood:+ moat.dnsflood=$dns_flood}" \
   -display none -serial "file:$serial" -monitor none -nodefaults -no-user-config -no-reboot \
   >"$workdir/qemu.log" 2>&1 </dev/null &
 qemu_pid=$!
+if [ -n "$dns_flood" ]; then
+  # moat's resident memory (kB) when the guest starts its DNS-over-TCP flood, and the most
+  # it reaches from then on.
+  (
+    base="" peak=0
+    while kill -0 "$qemu_pid" 2>/dev/null; do
+      rss=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$moat_pid/status" 2>/dev/null || true)
+      if [ -n "$rss" ]; then
+        if [ -z "$base" ] && grep -q MOAT-DNSFLOOD-START "$serial" 2>/dev/null; then base=$rss; fi
+        if [ -n "$base" ] && [ "$rss" -gt "$peak" ]; then peak=$rss; fi
+        echo "${base:-0} $peak" >"$workdir/rss.txt"
+      fi
+      sleep 0.2
+    done
+  ) &
+  rss_pid=$!
+fi
 if [ -n "$forward" ]; then
   # When the guest's httpd is up, fetch its page from the host through the forward
   # (loopback only; proxies from the environment are ignored).
@@ -109,6 +128,7 @@ if [ -n "$killer_pid" ]; then
   moat_pid=$(cat "$workdir/moat2.pid" 2>/dev/null)
 fi
 qemu_pid=""
+[ -n "$rss_pid" ] && { wait "$rss_pid" 2>/dev/null || true; rss_pid=""; }
 elapsed=$(( $(date +%s) - start ))
 [ -n "$fetch_pid" ] && { wait "$fetch_pid" 2>/dev/null || true; fetch_pid=""; }
 
@@ -165,6 +185,11 @@ if [ "$fail" != 0 ]; then
   echo "--- qemu ($workdir/qemu.log) ---"; tail -n 20 "$workdir/qemu.log"
   echo "--- moat (tail, $moat_log) ---"; tail -n 60 "$moat_log"
   exit 1
+fi
+if [ -n "$dns_flood" ]; then
+  read -r rss_base rss_peak <"$workdir/rss.txt" 2>/dev/null || rss_base=0 rss_peak=0
+  echo "dns-flood: $(sed -n 's/^MOAT-DNSFLOOD \(sent=.*\)/\1/p' "$serial.txt" | head -n 1)"
+  echo "moat-rss-kb baseline=${rss_base:-0} peak=${rss_peak:-0}"
 fi
 echo "--- moat counters ---"
 sed -n '/^group /,$p' "$moat_log"

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use moat::control::{self, VmState};
 use moat::device::server::{self, ServeOptions};
-use moat::device::Tuning;
+use moat::device::{fd_budget, Tuning};
 use moat::policy::Policy;
 use moat::sandbox;
 use moat::telemetry::{metrics, Counters};
@@ -79,20 +79,59 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
     },
-    /// Isolation self-test: an in-process moat for the policy, a simulated guest making the
-    /// forbidden attempts (must fail) and the allowed ones (must work). Exit 0 if all passed.
+    /// Isolation self-test: a moat for the policy, a simulated guest making the forbidden
+    /// attempts (must fail) and the allowed ones (must work). Exit 0 if all passed, 1 if
+    /// not, 2 for a bad policy or command line. Without --live: an in-process copy with
+    /// stand-in proxies. With --live: the deployment's proxies, resolver, sandbox and
+    /// tuning, the policy re-read every round, the proxies asked directly for what moat
+    /// never sends, alert events and a heartbeat.
     Canary {
         #[arg(long, value_name = "FILE")]
         policy: PathBuf,
-        /// One JSON object per attempt instead of a table.
+        /// One JSON object a line (without --live: per attempt; with --live: alert and
+        /// resolved events, and a `round` summary per run) instead of a table.
         #[arg(long)]
         json: bool,
         /// Repeat forever at this interval (30s, 5m, 1h).
         #[arg(long, value_name = "DUR")]
         every: Option<String>,
-        /// On a failed run, run this command (sh -c) with the failures as JSON lines on stdin.
+        /// Run this command (sh -c) with the alert events as JSON lines on stdin (on a
+        /// failed run, and with --live once more when it passes again).
         #[arg(long, value_name = "CMD")]
         alert_cmd: Option<String>,
+        /// Test the deployment: the policy's real proxies, resolver and forwards, moat's
+        /// sandbox and the --queues/--busy-poll-us moat serve runs with.
+        #[arg(long)]
+        live: bool,
+        /// --live: heartbeat metrics, served on a loopback IP:PORT at /metrics or written
+        /// to a node-exporter textfile PATH (atomically; it also keeps state between runs).
+        #[arg(long, value_name = "ADDR|PATH", requires = "live")]
+        metrics: Option<String>,
+        /// --live: also ask the proxies for this name (one that resolves to a private or
+        /// loopback address on the proxy's host); they must refuse it.
+        #[arg(long, value_name = "NAME", requires = "live")]
+        rebind_name: Option<String>,
+        /// --live: a control destination (http://, https:// or tcp://host:port) used for
+        /// the rule that allows it; repeatable.
+        #[arg(long, value_name = "URL", requires = "live")]
+        control_url: Vec<String>,
+        /// --live: make no real requests through the proxies (no controls).
+        #[arg(long, requires = "live")]
+        no_controls: bool,
+        /// --live: the running moat's control socket; its policy generation is reported.
+        #[arg(long, value_name = "PATH", requires = "live")]
+        control: Option<PathBuf>,
+        /// --live: as `moat serve --queues`.
+        #[arg(long, value_name = "N", default_value_t = 1, requires = "live",
+              value_parser = clap::value_parser!(u16).range(1..=moat::device::MAX_QUEUE_PAIRS as i64))]
+        queues: u16,
+        /// --live: as `moat serve --busy-poll-us`.
+        #[arg(long, value_name = "US", default_value_t = 0, requires = "live",
+              value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        busy_poll_us: u64,
+        /// --live: as `moat serve --no-sandbox` (debugging only).
+        #[arg(long, requires = "live")]
+        no_sandbox: bool,
     },
     /// Add, remove or list host -> guest forwards of a running moat (run-time `[[forward]]`).
     Forward {
@@ -120,6 +159,8 @@ enum LogFormat {
 }
 
 const EXIT_RUNTIME: u8 = 1;
+/// Forward listeners `moat forward add` may add, counted in the descriptor reserve.
+const RUNTIME_FORWARD_ROOM: usize = 16;
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
@@ -168,7 +209,55 @@ fn main() -> ExitCode {
             json,
             every,
             alert_cmd,
-        } => canary(&policy, json, every.as_deref(), alert_cmd.as_deref()),
+            live,
+            metrics,
+            rebind_name,
+            control_url,
+            no_controls,
+            control,
+            queues,
+            busy_poll_us,
+            no_sandbox,
+        } => {
+            if !live {
+                return canary(&policy, json, every.as_deref(), alert_cmd.as_deref());
+            }
+            let mut control_urls = Vec::new();
+            for url in &control_url {
+                match moat::canary::ControlUrl::parse(url) {
+                    Ok(u) => control_urls.push(u),
+                    Err(e) => {
+                        eprintln!("moat: {e}");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                }
+            }
+            let moat = match std::env::current_exe() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("moat: cannot find my own binary: {e}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
+            let opts = moat::canary::live::LiveOptions {
+                moat,
+                policy_path: policy,
+                queues,
+                busy_poll_us,
+                sandbox: !no_sandbox,
+                rebind_name,
+                control_urls,
+                controls: !no_controls,
+                control,
+            };
+            let out = LiveOutput {
+                json,
+                every: every.as_deref(),
+                alert: alert_cmd.as_deref(),
+                metrics: metrics.as_deref(),
+            };
+            canary_live(&opts, &out)
+        }
         Command::Forward { control, action } => match action {
             ForwardAction::Add { listen, guest_port } => {
                 ask(&control, &format!("forward add {listen} {guest_port}"))
@@ -184,9 +273,12 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A log that cannot be written (stderr is a closed pipe) must not panic the writing
     // thread: tracing-subscriber would report it with eprintln!, which panics on EPIPE.
+    // Colour only for a person at a terminal: a file or the journal gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
@@ -261,6 +353,112 @@ fn canary(path: &Path, json: bool, every: Option<&str>, alert: Option<&str>) -> 
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+    }
+}
+
+/// Where `canary --live` reports.
+struct LiveOutput<'a> {
+    json: bool,
+    every: Option<&'a str>,
+    alert: Option<&'a str>,
+    metrics: Option<&'a str>,
+}
+
+fn canary_live(opts: &moat::canary::live::LiveOptions, out: &LiveOutput) -> ExitCode {
+    use moat::canary::{digest, heartbeat, live, report};
+    let interval = match out.every.map(moat::canary::parse_duration) {
+        None => None,
+        Some(Some(d)) => Some(d),
+        Some(None) => {
+            eprintln!(
+                "moat: --every {}: give a duration like 30s, 5m or 1h",
+                out.every.unwrap_or_default()
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    // The first read decides the VM's name (and a bad file at start is bad usage).
+    let mut vm = match Policy::load(&opts.policy_path) {
+        Ok(p) => p.vm.name,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let (sink, mut beat) = match out.metrics.map(|m| heartbeat::open(m, &vm)) {
+        None => (None, heartbeat::Heartbeat::new(&vm)),
+        Some(Ok((sink, beat))) => (Some(sink), beat),
+        Some(Err(e)) => {
+            eprintln!("moat: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut tracker = report::Tracker {
+        failing: beat.failing.clone(),
+    };
+    loop {
+        let round = live::round(opts);
+        if let Some(name) = &round.vm {
+            vm = name.clone();
+        }
+        let now = digest::now_secs();
+        let time = digest::rfc3339(now);
+        let events = tracker.round(&vm, &round.policy, &time, &round.result);
+        let alerts: String = events.iter().map(report::Event::json_line).collect();
+        if out.json {
+            print!("{alerts}");
+            print!(
+                "{}",
+                report::summary(&vm, &round.policy, &time, &round.result)
+            );
+        } else {
+            let generation = round
+                .policy
+                .generation
+                .map(|g| format!(", running moat's policy generation {g}"))
+                .unwrap_or_default();
+            println!(
+                "{time} vm {vm}: policy {} {}{generation}",
+                round.policy.path, round.policy.hash
+            );
+            match &round.result {
+                report::RoundResult::Ran(outcomes) => {
+                    print!("{}", moat::canary::table(outcomes))
+                }
+                report::RoundResult::Failed(why) => println!("canary could not run: {why}"),
+            }
+            for e in events.iter().filter(|e| e.event == "resolved") {
+                println!("resolved: {} pass again", e.resolves.join(", "));
+            }
+        }
+        {
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+        if let (false, Some(cmd)) = (alerts.is_empty(), out.alert) {
+            alert_with(cmd, &alerts);
+        }
+        let result = match &round.result {
+            report::RoundResult::Failed(_) => "error",
+            report::RoundResult::Ran(_) if tracker.failing.is_empty() => "pass",
+            report::RoundResult::Ran(_) => "fail",
+        };
+        beat.record(now, result, &tracker.failing);
+        if let Some(sink) = &sink {
+            if let Err(e) = sink.publish(&beat) {
+                eprintln!("moat: {e}");
+            }
+        }
+        match interval {
+            Some(d) => std::thread::sleep(d),
+            None => {
+                return match result {
+                    "pass" => ExitCode::SUCCESS,
+                    _ if round.invalid_policy => ExitCode::from(EXIT_USAGE),
+                    _ => ExitCode::from(EXIT_RUNTIME),
                 }
             }
         }
@@ -342,13 +540,30 @@ fn enter_landlock(
 
 fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
     let (metrics_addr, control_path) = (ep.metrics, ep.control);
-    let policy = match Policy::load(policy_path) {
+    let mut policy = match Policy::load(policy_path) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Descriptors: the soft limit raised to the hard one, a budget for flows, max_flows
+    // clamped (with a warning) if it could need more.
+    match fd_budget::plan(
+        opts.tuning.queue_pairs,
+        policy.forward.len() + RUNTIME_FORWARD_ROOM,
+    ) {
+        Ok(plan) => {
+            fd_budget::clamp_max_flows(&mut policy);
+            tracing::info!(
+                nofile = plan.nofile,
+                flow_fds = plan.flow_fds,
+                max_flows = policy.limits.max_flows,
+                "descriptor budget"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE: no descriptor budget"),
+    }
     if ep.sandbox {
         if let Err(e) = enter_landlock(policy_path, &policy, opts, ep) {
             eprintln!("moat: {e}");
@@ -434,13 +649,24 @@ fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
 fn handle_signals(vm: Arc<VmState>, cleanup: Vec<PathBuf>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    // Reloads run on their own thread, so a SIGTERM that follows a SIGHUP is acted on at
+    // once; SIGHUPs that come while one runs are folded into one more.
+    let (reload, reloads) = std::sync::mpsc::sync_channel::<()>(1);
+    let reloader = Arc::clone(&vm);
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for () in reloads {
+                // Outcome logged (and counted) by reload itself.
+                let _ = reloader.reload();
+            }
+        })?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
-                    // Outcome logged (and counted) by reload itself.
-                    let _ = vm.reload();
+                    let _ = reload.try_send(());
                     continue;
                 }
                 tracing::info!(signal = sig, "stopping");

@@ -26,7 +26,7 @@ fn policy(proxy: std::net::SocketAddr) -> String {
 }
 
 fn connect(net: &mut GuestNet) -> SocketHandle {
-    let addr = net.resolve("slow.example", T).unwrap().unwrap();
+    let addr = net.resolve_a("slow.example", T).unwrap();
     let h = net.tcp_connect(addr, 80);
     assert!(net
         .run_until(T, |n| n.tcp(h).state() == State::Established)
@@ -140,25 +140,39 @@ fn an_idle_flow_is_reset() {
     let socket = dir.path().join("moat.sock");
     let file = dir.path().join("idle.toml");
     std::fs::write(&file, policy(proxy.addr)).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--once", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&file)
-        .env("MOAT_FLOW_IDLE", "1")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _moat = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--once", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&file)
+            .env("MOAT_FLOW_IDLE", "1")
+            .stderr(Stdio::null()),
+    );
     let sim = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
     let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
     let h = connect(&mut net);
-    net.tcp(h).send_slice(b"E").unwrap();
+    // 'W': the origin waits and records how its connection ends (through the test proxy,
+    // which passes a reset on as a reset).
+    net.tcp(h).send_slice(b"W").unwrap();
+    let mut saw_fin = false;
     let reset = net
-        .run_until(Duration::from_secs(5), |n| {
+        .run_until(Duration::from_secs(30), |n| {
+            saw_fin |= matches!(n.tcp(h).state(), State::CloseWait | State::LastAck);
             n.tcp(h).state() == State::Closed
         })
         .unwrap();
     assert!(reset, "idle flow still {:?}", net.tcp(h).state());
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(!saw_fin, "the guest's side is reset, not closed with a FIN");
+    // The proxy side too: the origin sees a reset, not an end of stream (nor nothing).
+    assert!(
+        net.run_until(T, |_| !support::proxy::PEER_END.lock().unwrap().is_empty())
+            .unwrap(),
+        "the proxy side of the idle flow was left open"
+    );
+    assert_eq!(
+        support::proxy::PEER_END.lock().unwrap().as_slice(),
+        ["reset"],
+        "the proxy side of the idle flow is reset"
+    );
 }

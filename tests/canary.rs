@@ -33,6 +33,12 @@ fn the_example_policy_passes_every_attempt() {
         "ipv6 tcp syn",
         "dns for a non-allowlisted name",
         "control: allowed flow via proxy",
+        "host header smuggling 127.0.0.1",
+        "host header smuggling 0x7f000001",
+        "tls sni smuggling localhost",
+        "host header smuggling 169.254.169.254",
+        "explicit proxy CONNECT 127.0.0.1:22 HTTP/1.1",
+        "explicit proxy GET http://2130706433:2375/version HTTP/1.1",
     ] {
         assert!(
             table
@@ -120,4 +126,41 @@ fn every_runs_again_and_alerts_with_the_failures() {
     )
     .unwrap();
     assert_eq!(first["attempt"], "tcp to cloud metadata :80");
+}
+
+/// A policy that lets any name out on port 80 and has an explicit-proxy port: the canary
+/// tries names smuggled in Host and SNI and forbidden explicit-proxy requests, and each must
+/// be refused by moat's gate (a moat whose gate reads `localhost` as a plain name fails it).
+#[test]
+fn smuggled_names_and_explicit_proxy_requests_are_attempted_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("any-name.toml");
+    std::fs::write(
+        &file,
+        "[vm]\nname = \"any-name\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/30\"\n\
+         [proxy]\nhttp = \"127.0.0.1:3128\"\nexplicit_port = 3128\n\
+         [[outbound]]\nprotocol = \"tcp\"\nports = [80]\n",
+    )
+    .unwrap();
+    let out = Command::new(moat_bin())
+        .args(["canary", "--json", "--policy"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let failed: Vec<&serde_json::Value> = lines.iter().filter(|v| v["verdict"] == "fail").collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(out.status.code(), Some(0), "{lines:?}");
+    let tried = |prefix: &str| {
+        lines
+            .iter()
+            .filter(|v| v["attempt"].as_str().is_some_and(|a| a.starts_with(prefix)))
+            .count()
+    };
+    assert_eq!(tried("host header smuggling "), 5, "{lines:?}");
+    assert_eq!(tried("tls sni smuggling "), 5, "{lines:?}");
+    assert_eq!(tried("explicit proxy "), 4, "{lines:?}");
 }

@@ -52,11 +52,11 @@ fn the_units_command_lines_serve_reload_and_stop() {
     assert!(status.status.success(), "ExecStartPre: {status:?}");
 
     let start = argv(&directive("ExecStart"), root.path());
-    let child = Command::new(&start[0])
-        .args(&start[1..])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(&start[0])
+            .args(&start[1..])
+            .stderr(Stdio::piped()),
+    );
     let socket = root.path().join("run/vm1.sock");
     eventually("the vhost-user socket", || socket.exists());
     eventually("the control socket", || {
@@ -80,9 +80,10 @@ fn the_units_command_lines_serve_reload_and_stop() {
 
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "SIGTERM: {:?}", out.status);
-    let log = String::from_utf8_lossy(&out.stderr);
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM: {status:?}");
     assert!(
         log.lines().any(|l| l.starts_with('{')),
         "--log-format json: {log}"

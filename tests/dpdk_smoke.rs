@@ -225,24 +225,25 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
         !drops.is_empty(),
         "no drop counter above zero in moat's output\n{table}"
     );
-    // With today's table (`group counter value`) check the numbers, not just their presence:
-    // deny-all and a destination MAC that is not the gateway's, so every frame is dropped.
-    if let (Some(seen), Some(dropped)) =
-        (counter(&table, "tx_frames"), counter(&table, "total_drops"))
-    {
-        // testpmd counts a burst as sent once it is in the ring; the last burst may still be
-        // unprocessed when testpmd disconnects. At most one ring's worth.
-        assert!(
-            seen <= sent && sent - seen <= 256,
-            "moat saw {seen} of {sent} frames\n{table}"
-        );
-        assert_eq!(dropped, seen, "every frame dropped\n{table}");
-        assert_eq!(
-            counter(&table, "dst_mac_not_gateway"),
-            Some(seen),
-            "dropped as not for the gateway\n{table}"
-        );
-    }
+    // The exact accounting, from moat's table (`group counter value`): deny-all and a
+    // destination MAC that is not the gateway's, so every frame is dropped. A table without
+    // these rows fails here (the `drop` lines above would be satisfied by any drop counter).
+    let row = |name: &str| {
+        counter(&table, name).unwrap_or_else(|| panic!("no {name} row in moat's table\n{table}"))
+    };
+    let (seen, dropped) = (row("tx_frames"), row("total_drops"));
+    // testpmd counts a burst as sent once it is in the ring; the last burst may still be
+    // unprocessed when testpmd disconnects. At most one ring's worth.
+    assert!(
+        seen > 0 && seen <= sent && sent - seen <= 256,
+        "moat saw {seen} of {sent} frames\n{table}"
+    );
+    assert_eq!(dropped, seen, "every frame dropped\n{table}");
+    assert_eq!(
+        row("dst_mac_not_gateway"),
+        seen,
+        "dropped as not for the gateway\n{table}"
+    );
     eprintln!(
         "testpmd sent {sent} frames; moat's drop lines:\n{}",
         drops.join("\n")

@@ -62,8 +62,7 @@ fn allowed_name_goes_to_the_proxy_by_name_and_echoes() {
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let addr = net
-        .resolve("www.example.com", T)
-        .unwrap()
+        .resolve_a("www.example.com", T)
         .expect("allowed name resolves");
     let h = established(&mut net, addr, 80);
     send_all(&mut net, h, b"Ehello through moat");
@@ -92,7 +91,7 @@ fn sixteen_mib_up_with_half_close_arrives_byte_exact() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("upload.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("upload.example.com", T).unwrap();
     let h = established(&mut net, addr, 443);
     send_all(&mut net, h, b"U");
     let total: u64 = 16 << 20;
@@ -122,7 +121,7 @@ fn sixteen_mib_down_arrives_byte_exact() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("download.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("download.example.com", T).unwrap();
     let h = established(&mut net, addr, 80);
     send_all(&mut net, h, b"D");
     let (mut len, mut hash) = (0u64, Fnv::default());
@@ -141,7 +140,7 @@ fn a_refusing_proxy_resets_the_guest_connection() {
     let proxy = TestProxy::start(ProxyMode::Refuse(403), origin());
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     let state = never_established(&mut net, addr, 443, T);
     assert_eq!(state, State::Closed, "reset promptly");
     assert_eq!(proxy.requests(), vec!["www.example.com:443".to_string()]);
@@ -158,7 +157,7 @@ fn a_dead_proxy_resets_the_guest_connection() {
     };
     let served = Served::start(&proxied_policy(dead, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     assert_eq!(never_established(&mut net, addr, 80, T), State::Closed);
     eventually("proxy failure counted", || {
         served.counters.flows(FlowEvent::ProxyFailed) == 1
@@ -171,11 +170,11 @@ fn destinations_the_policy_does_not_allow_never_reach_the_proxy() {
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
     let evil = net
-        .resolve("evil.test", T)
-        .unwrap()
+        .resolve_a("evil.test", T)
         .expect("resolvable, but no outbound rule");
-    let allowed = net.resolve("www.example.com", T).unwrap().unwrap();
-    assert_eq!(net.resolve("not-listed.test", T).unwrap(), None, "NXDOMAIN");
+    let allowed = net.resolve_a("www.example.com", T).unwrap();
+    let unlisted = net.resolve("not-listed.test", T).unwrap();
+    assert!(unlisted.is_nxdomain(), "NXDOMAIN, not {unlisted:?}");
     let quick = Duration::from_millis(1500);
     for (dst, port) in [
         (evil, 443),                             // name not in any rule's `to`
@@ -250,13 +249,25 @@ fn max_flows_refuses_new_connections_and_counts_them() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&proxied_policy(proxy.addr, 2), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     let a = established(&mut net, addr, 80);
     let b = established(&mut net, addr, 80);
     let state = never_established(&mut net, addr, 80, Duration::from_millis(1500));
-    assert_eq!(state, State::SynSent);
+    // Refused at once with a RST (issue 11), not left to retry its SYN.
+    assert_eq!(state, State::Closed);
     assert!(served.counters.drops(DropReason::FlowLimit) >= 1);
+    // The flows inside the limit still carry bytes both ways.
     send_all(&mut net, a, b"Eok");
+    let mut echo = Vec::new();
+    assert!(
+        net.tcp_recv(a, T, |d| {
+            echo.extend_from_slice(d);
+            echo.len() >= 2
+        })
+        .unwrap(),
+        "no echo on a surviving flow"
+    );
+    assert_eq!(echo, b"ok");
     net.tcp(b).abort();
 }
 
@@ -322,7 +333,9 @@ fn ip_literal_flows_with_a_disallowed_or_missing_name_are_reset() {
 /// Regression: a stack timer that fired while the loop was busy left the worker blocked in a
 /// read of the re-armed timerfd, stalling the queue until the next expiry (1 s per connection
 /// with a 512-entry queue). 50 sequential connect+echo round trips must not stall: without
-/// the bug they take about 50 ms here; with it, about 10 s.
+/// the bug they take about 50 ms here (debug build, unloaded); with it, about 10 s. The bound
+/// sits between the two with room for a loaded machine: 5 s is 100 times the healthy run and
+/// half the stalled one. Speed itself is the benches' matter.
 #[test]
 fn sequential_connections_never_stall_the_queue() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
@@ -334,7 +347,7 @@ fn sequential_connections_never_stall_the_queue() {
     };
     let sim = moat::guest::SimGuest::connect(&served.socket, opts).unwrap();
     let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     let start = std::time::Instant::now();
     for _ in 0..50 {
         let h = established(&mut net, addr, 80);
@@ -351,8 +364,9 @@ fn sequential_connections_never_stall_the_queue() {
         net.remove(h);
     }
     let took = start.elapsed();
+    eprintln!("50 sequential round trips took {took:?}");
     assert!(
-        took < Duration::from_secs(10),
+        took < Duration::from_secs(5),
         "50 round trips took {took:?}: the queue stalled"
     );
 }
@@ -403,14 +417,13 @@ fn upstream_mode_resolves_allowed_names_and_names_their_flows() {
     let served = Served::start(&text, true);
     let mut net = guest_net(&served);
     let addr = net
-        .resolve("www.example.com", T)
-        .unwrap()
+        .resolve_a("www.example.com", T)
         .expect("answered by the upstream resolver");
     assert_eq!(addr, Ipv4Addr::new(203, 0, 113, 77));
-    assert_eq!(
-        net.resolve("evil.test", T).unwrap(),
-        None,
-        "not allowed: NXDOMAIN here"
+    let evil = net.resolve("evil.test", T).unwrap();
+    assert!(
+        evil.is_nxdomain(),
+        "not allowed: NXDOMAIN here, not {evil:?}"
     );
     assert_eq!(
         asked.load(std::sync::atomic::Ordering::SeqCst),
@@ -436,7 +449,7 @@ fn resets_propagate_both_ways() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
     let mut net = guest_net(&served);
-    let addr = net.resolve("www.example.com", T).unwrap().unwrap();
+    let addr = net.resolve_a("www.example.com", T).unwrap();
     // The far side resets: the guest's connection is reset, not closed cleanly.
     let h = established(&mut net, addr, 80);
     send_all(&mut net, h, b"Rxxxx");
@@ -451,8 +464,12 @@ fn resets_propagate_both_ways() {
     // The guest resets: the far side sees a reset, not an end of stream.
     let g = established(&mut net, addr, 80);
     send_all(&mut net, g, b"W");
-    net.run_until(Duration::from_millis(200), |_| false)
-        .unwrap();
+    // Reset only once the origin is waiting on the far end of the flow.
+    assert!(net
+        .run_until(T, |_| support::proxy::PEER_WAITING
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1)
+        .unwrap());
     net.tcp(g).abort();
     net.poll(Duration::from_millis(10)).unwrap();
     assert!(net

@@ -27,7 +27,7 @@ fn policy(proxy: std::net::SocketAddr) -> String {
 }
 
 fn download(net: &mut GuestNet, len: u64, stop_after: Option<u64>) -> (u64, u64) {
-    let addr = net.resolve("data.example", T).unwrap().unwrap();
+    let addr = net.resolve_a("data.example", T).unwrap();
     let h = net.tcp_connect(addr, 80);
     assert!(net
         .run_until(T, |n| n.tcp(h).state() == State::Established)
@@ -106,7 +106,7 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
         .replace("ports = [80]", &format!("ports = [{}]", origin.port()));
     let served = Served::start(&text, true);
     let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let dst = net.resolve("localhost", T).unwrap().unwrap();
+    let dst = net.resolve_a("localhost", T).unwrap();
     // An open flow when the proxy dies: reset, never left hanging.
     let h = net.tcp_connect(dst, origin.port());
     assert!(net
@@ -115,12 +115,30 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
     net.tcp(h).send_slice(b"E").unwrap();
     net.poll(Duration::from_millis(50)).unwrap();
     drop(peer);
+    // The dead proxy's sockets close: moat sees a reset, or a FIN when tinyproxy had read
+    // everything (a clean end of stream that moat cannot tell from the origin closing).
+    // Either way the flow ends: reset at once, or FIN and then a reset of the guest's next
+    // write (nothing may carry the guest's bytes any more). Never left open.
+    let ended = |n: &mut GuestNet| matches!(n.tcp(h).state(), State::Closed | State::CloseWait);
     assert!(
-        net.run_until(T, |n| n.tcp(h).state() == State::Closed
-            || n.tcp(h).state() == State::CloseWait)
-            .unwrap(),
-        "flow ended when the proxy died"
+        net.run_until(T, ended).unwrap(),
+        "flow ended when the proxy died, still {:?}",
+        net.tcp(h).state()
     );
+    let fin = net.tcp(h).state() == State::CloseWait;
+    eprintln!(
+        "the proxy's death reached the guest as a {}",
+        if fin { "FIN" } else { "reset" }
+    );
+    if fin {
+        net.tcp(h).send_slice(b"Eanyone there?").unwrap();
+        assert!(
+            net.run_until(T, |n| n.tcp(h).state() == State::Closed)
+                .unwrap(),
+            "after the dead proxy's FIN, the guest's write is reset, not left hanging: {:?}",
+            net.tcp(h).state()
+        );
+    }
     // During the outage: refused promptly.
     let d = net.tcp_connect(dst, origin.port());
     assert!(
@@ -129,7 +147,7 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
         "reset during the outage"
     );
     // The proxy returns on the same address: new flows work.
-    let again = restart_tinyproxy_on(addr);
+    let again = support::peers::tinyproxy_on(addr.port());
     let e = net.tcp_connect(dst, origin.port());
     assert!(
         net.run_until(T, |n| n.tcp(e).state() == State::Established)
@@ -154,24 +172,6 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
     drop(again);
 }
 
-fn restart_tinyproxy_on(addr: std::net::SocketAddr) -> std::process::Child {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let conf = dir.join("tinyproxy.conf");
-    std::fs::write(&conf, format!("Port {}\nListen 127.0.0.1\nTimeout 30\nMaxClients 64\nAllow 127.0.0.1\nDisableViaHeader Yes\n", addr.port())).unwrap();
-    let child = Command::new("tinyproxy")
-        .arg("-d")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    eventually("tinyproxy back", || {
-        std::net::TcpStream::connect(addr).is_ok()
-    });
-    child
-}
-
 /// RSS of a process in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -194,15 +194,15 @@ fn a_flood_next_to_a_legitimate_stream() {
     let socket = dir.path().join("moat.sock");
     let file = dir.path().join("vm.toml");
     std::fs::write(&file, policy(proxy.addr)).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&file)
-        .env("MOAT_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&file)
+            .env("MOAT_LOG", "warn")
+            .stderr(Stdio::piped()),
+    );
     let opts = GuestOptions {
         queue_size: 512,
         mem_size: 32 << 20,
@@ -216,7 +216,7 @@ fn a_flood_next_to_a_legitimate_stream() {
         GW,
         1500,
     );
-    let addr = net.resolve("data.example", T).unwrap().unwrap();
+    let addr = net.resolve_a("data.example", T).unwrap();
     // Streams of 8 MiB, one after the other, for the whole flood; each must be byte-exact.
     let len: u64 = 8 << 20;
     let flood_for = Duration::from_secs(
@@ -317,4 +317,56 @@ fn a_flood_next_to_a_legitimate_stream() {
         table.contains("not_allowed") && table.contains("spoofed_src_ip"),
         "{table}"
     );
+}
+
+/// A proxy that opens the tunnel, ends its side at once (FIN), and resets the connection
+/// (SO_LINGER 0) as soon as anything more arrives: what a proxy that went away looks like.
+fn fin_then_reset_proxy() -> std::net::SocketAddr {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let mut conn = conn;
+                let _ = conn.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+                let mut b = [0u8; 1];
+                let _ = reader.read(&mut b);
+                let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    addr
+}
+
+/// After the proxy's FIN the guest may still send (a half-close); when the proxy answers
+/// that with a reset, the guest's connection is reset too, not left half-open.
+#[test]
+fn a_reset_after_the_proxys_fin_reaches_the_guest() {
+    let served = Served::start(&policy(fin_then_reset_proxy()), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let addr = net.resolve_a("data.example", T).unwrap();
+    let h = net.tcp_connect(addr, 80);
+    assert!(
+        net.run_until(T, |n| n.tcp(h).state() == State::CloseWait)
+            .unwrap(),
+        "the proxy's FIN reaches the guest: {:?}",
+        net.tcp(h).state()
+    );
+    net.tcp(h).send_slice(b"still there?").unwrap();
+    assert!(
+        net.run_until(T, |n| n.tcp(h).state() == State::Closed)
+            .unwrap(),
+        "the proxy's reset reaches the guest: still {:?}",
+        net.tcp(h).state()
+    );
+    eventually("counted as a proxy reset", || {
+        served.counters.flows(FlowEvent::Reset) + served.counters.flows(FlowEvent::ProxyFailed) >= 1
+    });
 }

@@ -595,7 +595,7 @@ fn reload_readmits_flows_by_how_they_were_admitted() {
     })
     .unwrap();
     assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
-    let name = net.resolve("api.example.com", T).unwrap().expect("allowed");
+    let name = net.resolve_a("api.example.com", T).expect("allowed");
     let by_name = established(&mut net, name, 443);
     eventually("three flows open", || {
         served.counters.flows(FlowEvent::Opened) == 3

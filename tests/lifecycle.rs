@@ -107,14 +107,17 @@ fn the_binary_serves_prints_counters_and_exits_on_once() {
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--once", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let control = dir.path().join("control.sock");
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--once", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--control")
+            .arg(&control)
+            .stderr(Stdio::piped()),
+    );
     let mut guest = SimGuest::connect(&socket, GuestOptions::default()).expect("connect to moat");
     ping_ok(&mut guest, 1);
     guest
@@ -124,7 +127,8 @@ fn the_binary_serves_prints_counters_and_exits_on_once() {
             std::net::Ipv4Addr::new(10, 0, 0, 9),
         ))
         .unwrap();
-    std::thread::sleep(QUIET);
+    // The drop is counted before the frontend goes away (then the table must show it).
+    wait_counter(&control, "drop.arp_not_for_gateway", 1);
     guest.disconnect();
     let status = wait_with_timeout(&mut child, Duration::from_secs(5));
     let mut stderr = String::new();
@@ -156,14 +160,14 @@ fn the_binary_stops_cleanly_on_sigterm() {
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .stderr(Stdio::piped()),
+    );
     let mut guest = SimGuest::connect(&socket, GuestOptions::default()).expect("connect to moat");
     ping_ok(&mut guest, 1);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -179,14 +183,14 @@ fn client_mode_dials_the_vmm_socket() {
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
     let listener = UnixListener::bind(&socket).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--client", "--once", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--client", "--once", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .stderr(Stdio::null()),
+    );
     let mut guest = SimGuest::accept(&listener, GuestOptions::default()).expect("moat dials in");
     ping_ok(&mut guest, 1);
     guest.disconnect();
@@ -348,14 +352,14 @@ fn an_idle_device_uses_no_cpu() {
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .stderr(Stdio::null()),
+    );
     let mut guest = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
     ping_ok(&mut guest, 1);
     let before = cpu_ns(child.id());
@@ -363,8 +367,11 @@ fn an_idle_device_uses_no_cpu() {
     let used = cpu_ns(child.id()) - before;
     let _ = child.kill();
     let _ = child.wait();
-    // Measured from /proc/PID/task/*/schedstat (ns on CPU). A poller would burn ~2e9 ns.
-    assert!(used < 20_000_000, "idle moat used {used} ns of CPU in 2 s");
+    // Measured from /proc/PID/task/*/schedstat (ns on CPU). A poller burns a whole CPU
+    // (~2e9 ns), or whatever share a loaded machine gives it; an idle moat sleeps (a few ms
+    // here, unloaded). A tenth of a CPU is far from both: robust to load, still a poller's
+    // failure. The exact idle cost is the footprint bench's (benches/footprint.rs).
+    assert!(used < 200_000_000, "idle moat used {used} ns of CPU in 2 s");
 }
 
 /// Nanoseconds on CPU of every thread of `pid` (the first field of schedstat).
@@ -385,14 +392,14 @@ fn sigterm_stops_moat_even_when_stderr_is_gone() {
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("vm.toml");
     std::fs::write(&policy, POLICY).unwrap();
-    let mut child = Command::new(moat_bin())
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(moat_bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .stderr(Stdio::piped()),
+    );
     eventually("socket", || socket.exists());
     drop(child.stderr.take());
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

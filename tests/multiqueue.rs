@@ -38,8 +38,7 @@ fn mq_guest(served: &Served) -> SimGuest {
 
 /// The allowed site's (synthetic) address: the test proxy takes names to the test origin.
 fn site(net: &mut GuestNet) -> Ipv4Addr {
-    net.resolve("example.com", T)
-        .unwrap()
+    net.resolve_a("example.com", T)
         .expect("the allowed name resolves")
 }
 

@@ -78,19 +78,23 @@ fn metrics_and_stats_show_what_moat_did() {
             std::net::Ipv4Addr::new(10, 0, 0, 9),
         ))
         .unwrap();
-    std::thread::sleep(QUIET);
-
-    let text = scrape(addr);
-    assert!(
-        text.starts_with("HTTP/1.") && text.contains(" 200 "),
-        "{text}"
-    );
-    for line in [
+    let lines = [
         "moat_answers_total{vm=\"ops\",service=\"icmp_echo\"} 1",
         "moat_drops_total{vm=\"ops\",reason=\"arp_not_for_gateway\"} 1",
         "moat_frames_total{vm=\"ops\",direction=\"tx\"} 2",
         "moat_policy_generation{vm=\"ops\"} 1",
-    ] {
+    ];
+    // Wait for the ARP drop to be counted, then every line must read exactly so.
+    let mut text = String::new();
+    wait_for("the ARP drop in /metrics", DEADLINE, || {
+        text = scrape(addr);
+        text.contains(lines[1]).then_some(())
+    });
+    assert!(
+        text.starts_with("HTTP/1.") && text.contains(" 200 "),
+        "{text}"
+    );
+    for line in lines {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
 
@@ -132,28 +136,48 @@ fn metrics_refuse_a_non_loopback_address() {
 
 #[test]
 fn json_logs_name_the_drop_reason_and_the_frame() {
-    let m = start(&policy(""), &["--log-format", "json"], Stdio::piped());
+    let mut m = start(&policy(""), &["--log-format", "json"], Stdio::piped());
+    // moat's stderr, line by line, as it comes.
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (stderr, pipe) = (
+            std::sync::Arc::clone(&stderr),
+            m.child.stderr.take().unwrap(),
+        );
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok)
+            {
+                let mut s = stderr.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        })
+    };
     let mut guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
     let spoofed = moat::policy::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
     guest
         .send_frame(&craft::icmp_echo(spoofed, GW_MAC, GUEST, GW, 1, 1, b""))
         .unwrap();
-    std::thread::sleep(QUIET);
+    let drop_line = wait_for("the JSON drop line", DEADLINE, || {
+        stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["fields"]["reason"] == "spoofed_src_mac")
+    });
     drop(guest);
-    let mut m = m;
     let _ = m.child.kill();
-    let mut stderr = String::new();
-    m.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let drop_line = stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["fields"]["reason"] == "spoofed_src_mac")
-        .unwrap_or_else(|| panic!("no JSON drop line:\n{stderr}"));
+    let _ = m.child.wait();
+    reader.join().unwrap();
+    let stderr = stderr.lock().unwrap().clone();
+    // Every line moat wrote is JSON.
+    for line in stderr.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
     assert_eq!(drop_line["level"], "INFO");
     assert_eq!(
         drop_line["span"]["vm"], "ops",
@@ -181,8 +205,8 @@ fn reload_swaps_good_policies_refuses_bad_ones_and_resets_what_is_no_longer_allo
     let control = m.path("control.sock");
     let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
     let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let a = net.resolve("a.example", T).unwrap().unwrap();
-    let b = net.resolve("b.example", T).unwrap().unwrap();
+    let a = net.resolve_a("a.example", T).unwrap();
+    let b = net.resolve_a("b.example", T).unwrap();
     let ha = net.tcp_connect(a, 80);
     let hb = net.tcp_connect(b, 80);
     assert!(net
@@ -241,18 +265,24 @@ fn reload_swaps_good_policies_refuses_bad_ones_and_resets_what_is_no_longer_allo
     })
     .unwrap();
     assert_eq!(got, b"still here");
-    assert_eq!(
-        net.resolve("b.example", T).unwrap(),
-        None,
-        "new DNS answers follow the new policy"
+    let b_now = net.resolve("b.example", T).unwrap();
+    assert!(
+        b_now.is_nxdomain(),
+        "new DNS answers follow the new policy: NXDOMAIN, not {b_now:?}"
     );
 
     // SIGHUP reloads too.
     std::fs::write(m.path("vm.toml"), allow("\"a.example\", \"c.example\"")).unwrap();
     unsafe { libc::kill(m.child.id() as i32, libc::SIGHUP) };
+    // Until the reload lands, c.example is NXDOMAIN (an answer every time, never silence).
     let mut resolved = None;
     net.run_until(T, |n| {
-        resolved = n.resolve("c.example", Duration::from_millis(200)).unwrap();
+        let reply = n.resolve("c.example", T).unwrap();
+        assert!(
+            reply.addr().is_some() || reply.is_nxdomain(),
+            "c.example: an address after the reload, NXDOMAIN before it, not {reply:?}"
+        );
+        resolved = reply.addr();
         resolved.is_some()
     })
     .unwrap();
@@ -311,9 +341,180 @@ fn runtime_forwards_can_be_added_listed_and_removed() {
 
     let (code, _, err) = forward(&["remove", &listen], &control);
     assert_eq!(code, 0, "{err}");
-    std::thread::sleep(Duration::from_millis(200));
+    wait_for("the listener closed after remove", DEADLINE, || {
+        TcpStream::connect(&listen).is_err().then_some(())
+    });
+}
+
+/// SIGHUP with a file that does not parse: nothing changes (generation, DNS answers, open
+/// flows), the refusal is counted in `moat_policy_reloads_total{result="refused"}`, and a
+/// good file afterwards is taken.
+#[test]
+fn sighup_with_a_bad_file_changes_nothing_and_counts_the_refusal() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let allow = |names: &str| {
+        policy(&format!(
+            "[proxy]\nhttp = \"{}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [80]\nto = [{names}]\n[dns]\nallow = [{names}]\n",
+            proxy.addr
+        ))
+    };
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let m = start(
+        &allow("\"a.example\""),
+        &["--metrics", &metrics.to_string()],
+        Stdio::null(),
+    );
+    let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
+    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let a = net.resolve_a("a.example", T).unwrap();
+    let h = established(&mut net, a, 80);
+    assert!(net.tcp_send_all(h, b"E", T).unwrap());
+    let reloads = |text: &str, result: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| {
+                l.starts_with("moat_policy_reloads_total{")
+                    && l.contains(&format!("result=\"{result}\""))
+            })?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+
+    std::fs::write(
+        m.path("vm.toml"),
+        allow("\"a.example\", \"b.example\"").replace("[dns]", "[dns\n"),
+    )
+    .unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(m.child.id() as i32, libc::SIGHUP) };
+    let text = wait_for("the refused reload counted", DEADLINE, || {
+        let text = scrape(metrics);
+        (reloads(&text, "refused") == Some(1)).then_some(text)
+    });
+    assert_eq!(reloads(&text, "ok"), Some(0), "{text}");
     assert!(
-        TcpStream::connect(&listen).is_err(),
-        "listener closed after remove"
+        text.contains("moat_policy_generation{vm=\"ops\"} 1"),
+        "{text}"
+    );
+    let b = net.resolve("b.example", T).unwrap();
+    assert!(b.is_nxdomain(), "the bad file's names are not taken: {b:?}");
+    assert_eq!(net.resolve_a("a.example", T).unwrap(), a);
+    assert!(net.tcp_send_all(h, b"still", T).unwrap());
+    let mut echo = Vec::new();
+    net.tcp_recv(h, T, |d| {
+        echo.extend_from_slice(d);
+        echo.len() >= 5
+    })
+    .unwrap();
+    assert_eq!(echo, b"still", "the open flow carries on");
+
+    // A good file afterwards is taken.
+    std::fs::write(m.path("vm.toml"), allow("\"a.example\", \"b.example\"")).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(m.child.id() as i32, libc::SIGHUP) };
+    let text = wait_for("the good reload counted", DEADLINE, || {
+        let text = scrape(metrics);
+        (reloads(&text, "ok") == Some(1)).then_some(text)
+    });
+    assert_eq!(reloads(&text, "refused"), Some(1), "{text}");
+    assert!(net.resolve("b.example", T).unwrap().addr().is_some());
+}
+
+/// `--busy-poll-us` carries traffic like the default: DNS, a flow through the proxy, 1 MiB
+/// echoed byte for byte.
+#[test]
+fn busy_polling_carries_traffic() {
+    let proxy = TestProxy::start(ProxyMode::Accept, origin());
+    let text = policy(&format!(
+        "[proxy]\nhttp = \"{}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [80]\nto = [\"a.example\"]\n[dns]\nallow = [\"a.example\"]\n",
+        proxy.addr
+    ));
+    let m = start(&text, &["--busy-poll-us", "50"], Stdio::null());
+    let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
+    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let a = net.resolve_a("a.example", T).unwrap();
+    assert!(net.resolve("b.example", T).unwrap().is_nxdomain());
+    let h = established(&mut net, a, 80);
+    assert!(net.tcp_send_all(h, b"E", T).unwrap());
+    let data = support::proxy::pattern(0, 1 << 20);
+    let (mut sent, mut got) = (0usize, Vec::with_capacity(data.len()));
+    assert!(net
+        .run_until(Duration::from_secs(60), |n| {
+            let s = n.tcp(h);
+            if let Ok(k) = s.send_slice(&data[sent..]) {
+                sent += k;
+            }
+            while s.can_recv() {
+                let _ = s.recv(|d| {
+                    got.extend_from_slice(d);
+                    (d.len(), ())
+                });
+            }
+            got.len() == data.len()
+        })
+        .unwrap());
+    assert!(got == data, "byte for byte");
+    assert_eq!(proxy.requests(), ["a.example:80"]);
+}
+
+/// The drop log is rate-limited per reason: a guest sending a thousand bad frames gets a
+/// handful of log lines whose counts say how many there were, not a thousand lines.
+#[test]
+fn drop_logs_are_rate_limited_and_say_how_many() {
+    let mut m = start(&policy(""), &["--log-format", "json"], Stdio::piped());
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (stderr, pipe) = (
+            std::sync::Arc::clone(&stderr),
+            m.child.stderr.take().unwrap(),
+        );
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok)
+            {
+                let mut s = stderr.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        })
+    };
+    let mut guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
+    let spoofed = moat::policy::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
+    let frame = craft::icmp_echo(spoofed, GW_MAC, GUEST, GW, 1, 1, b"");
+    const SENT: u64 = 1000;
+    for _ in 0..SENT {
+        guest.send_frame(&frame).unwrap();
+    }
+    wait_counter(&m.path("control.sock"), "drop.spoofed_src_mac", SENT);
+    drop(guest);
+    let _ = m.child.kill();
+    let _ = m.child.wait();
+    reader.join().unwrap();
+    let counts: Vec<u64> = stderr
+        .lock()
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["reason"] == "spoofed_src_mac")
+        .map(|v| {
+            v["fields"]["count"]
+                .as_u64()
+                .expect("a count on each drop line")
+        })
+        .collect();
+    // Bounded: the first few, then about one line per doubling (log2(1000) < 10).
+    assert!(
+        (6..=20).contains(&counts.len()),
+        "{} drop lines for {SENT} drops: {:?}...",
+        counts.len(),
+        &counts[..counts.len().min(24)]
+    );
+    assert!(
+        counts.windows(2).all(|w| w[0] < w[1]),
+        "counts grow: {counts:?}"
+    );
+    assert!(
+        counts.last().is_some_and(|&c| c > SENT / 2 && c <= SENT),
+        "the last line says about how many: {counts:?}"
     );
 }

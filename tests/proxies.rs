@@ -117,7 +117,7 @@ fn tinyproxy_connect_by_name_is_byte_exact() {
     let proxy = tinyproxy();
     let served = Served::start(&policy(proxy.addr, proxy.addr, origin.port(), "http"), true);
     let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let addr = net.resolve("localhost", T).unwrap().expect("allowed name");
+    let addr = net.resolve_a("localhost", T).expect("allowed name");
     let h = established(&mut net, addr, origin.port());
     // tinyproxy tears a tunnel down when either side half-closes, so no half-close here.
     echo_and_check(&mut net, h);
@@ -192,7 +192,7 @@ fn dante_socks5_connect_by_name_is_byte_exact() {
         true,
     );
     let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let addr = net.resolve("localhost", T).unwrap().expect("allowed name");
+    let addr = net.resolve_a("localhost", T).expect("allowed name");
     let h = established(&mut net, addr, origin.port());
     upload_and_check(&mut net, h);
     // The guest keeps running its stack so the last ACKs flow and moat retires the flow.
@@ -255,7 +255,7 @@ fn dante_udp_associate_carries_datagrams_both_ways() {
     );
     let served = Served::start(&text, true);
     let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
-    let dst = net.resolve("localhost", T).unwrap().expect("allowed name");
+    let dst = net.resolve_a("localhost", T).expect("allowed name");
     let h = net.udp_bind(40123);
     let endpoint = smoltcp::wire::IpEndpoint::new(smoltcp::wire::IpAddress::Ipv4(dst), echo.port());
     let datagrams: Vec<Vec<u8>> = (0..5u8)
@@ -295,4 +295,417 @@ fn dante_udp_associate_carries_datagrams_both_ways() {
             .drops(moat::telemetry::DropReason::NotAllowed)
             >= 1
     );
+}
+
+/// What became of a connection moat must not carry: it is never answered (SYN dropped),
+/// or it opens and is reset once its first bytes name nothing the policy allows. Never
+/// does a byte come back.
+fn refused(net: &mut GuestNet, dst: Ipv4Addr, port: u16, first: &[u8]) -> &'static str {
+    let h = net.tcp_connect(dst, port);
+    let opened = net
+        .run_until(Duration::from_millis(1500), |n| {
+            matches!(n.tcp(h).state(), State::Established | State::Closed)
+        })
+        .unwrap();
+    let outcome = match net.tcp(h).state() {
+        State::SynSent if !opened => "dropped",
+        State::Closed => "reset at once",
+        State::Established => {
+            send_all(net, h, first);
+            let mut back = Vec::new();
+            assert!(
+                net.run_until(T, |n| {
+                    let s = n.tcp(h);
+                    while s.can_recv() {
+                        let _ = s.recv(|d| {
+                            back.extend_from_slice(d);
+                            (d.len(), ())
+                        });
+                    }
+                    s.state() == State::Closed
+                })
+                .unwrap(),
+                "{dst}:{port} {:?}: carried, still {:?}",
+                String::from_utf8_lossy(first),
+                net.tcp(h).state()
+            );
+            assert!(
+                back.is_empty(),
+                "{dst}:{port}: {} bytes came back",
+                back.len()
+            );
+            "reset after its first bytes"
+        }
+        other => panic!("{dst}:{port}: {other:?}"),
+    };
+    net.remove(h);
+    outcome
+}
+
+/// The guest speaks HTTP proxy protocol to gateway:3128 and gets back: the status line
+/// (`None` if the connection closed without one).
+fn explicit_request(net: &mut GuestNet, request: &str) -> Option<String> {
+    let h = established(net, GW, 3128);
+    send_all(net, h, request.as_bytes());
+    let mut head = Vec::new();
+    net.tcp_recv(h, T, |d| {
+        head.extend_from_slice(d);
+        head.windows(2).any(|w| w == b"\r\n")
+    })
+    .unwrap();
+    net.tcp(h).abort();
+    net.poll(Duration::ZERO).unwrap();
+    net.remove(h);
+    let head = String::from_utf8_lossy(&head).to_string();
+    head.lines().next().map(str::to_string)
+}
+
+/// tinyproxy's own log is the witness: of every attempt the policy forbids (names and
+/// addresses it does not allow, reserved ranges, other ports, the explicit proxy port
+/// asked for forbidden targets), none reached it; the one allowed flow did, and is the
+/// only connection and request tinyproxy ever saw.
+#[test]
+fn tinyproxy_never_sees_what_the_policy_forbids() {
+    if !available("tinyproxy", "tinyproxy") {
+        return;
+    }
+    let origin = origin();
+    let proxy = tinyproxy();
+    let port = origin.port();
+    let served = Served::start(&policy(proxy.addr, proxy.addr, port, "http"), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let local = net.resolve_a("localhost", T).expect("allowed name");
+    let evil = net.resolve("evil.test", T).unwrap();
+    assert!(evil.is_nxdomain(), "{evil:?}");
+    let forbidden: Vec<(Ipv4Addr, u16, Vec<u8>)> = vec![
+        // IP literals no CIDR covers, named (or not) by their first bytes.
+        (
+            Ipv4Addr::new(198, 51, 100, 7),
+            port,
+            b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec(),
+        ),
+        (
+            Ipv4Addr::new(198, 51, 100, 8),
+            port,
+            moat::frame::craft::tls_client_hello("evil.test"),
+        ),
+        (
+            Ipv4Addr::new(198, 51, 100, 9),
+            port,
+            b"\x00\x01 nameless".to_vec(),
+        ),
+        // The allowed name and the allowed loopback CIDR, on a port no rule has.
+        (local, 22, b"E".to_vec()),
+        (Ipv4Addr::LOCALHOST, 22, b"E".to_vec()),
+        // Reserved ranges and another VM.
+        (Ipv4Addr::new(169, 254, 169, 254), port, b"E".to_vec()),
+        (Ipv4Addr::new(192, 168, 1, 1), port, b"E".to_vec()),
+        (Ipv4Addr::new(10, 0, 0, 3), port, b"E".to_vec()),
+        // A synthetic address moat never handed out.
+        (Ipv4Addr::new(198, 18, 99, 99), port, b"E".to_vec()),
+    ];
+    for (dst, p, first) in &forbidden {
+        let outcome = refused(&mut net, *dst, *p, first);
+        eprintln!("{dst}:{p}: {outcome}");
+    }
+    for request in [
+        format!("CONNECT evil.test:{port} HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n"),
+        "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n".to_string(),
+        format!("CONNECT 192.0.2.1:{port} HTTP/1.1\r\nHost: 192.0.2.1:{port}\r\n\r\n"),
+        format!("GET http://evil.test:{port}/ HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n"),
+    ] {
+        let status = explicit_request(&mut net, &request);
+        let first = request.lines().next().unwrap_or_default();
+        assert!(
+            !status.as_deref().unwrap_or_default().contains(" 200 "),
+            "explicit proxy port: {first} answered {status:?}"
+        );
+    }
+    // The control: the allowed flow reaches tinyproxy (and the log shows it).
+    let h = established(&mut net, local, port);
+    send_all(&mut net, h, b"Eallowed");
+    assert_eq!(recv_exact(&mut net, h, 7), b"allowed");
+    // (`localhost` is loopback: moat names the flow 127.0.0.1, or localhost by DNS.)
+    let allowed = [
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1"),
+        format!("CONNECT localhost:{port} HTTP/1.1"),
+    ];
+    let (connects, requests) = wait_for("tinyproxy logs the allowed request", DEADLINE, || {
+        let seen = support::peers::tinyproxy_seen(&proxy);
+        (!seen.1.is_empty()).then_some(seen)
+    });
+    assert!(
+        connects == 1 && requests.len() == 1 && allowed.contains(&requests[0]),
+        "tinyproxy saw something besides the allowed flow:\n{}",
+        proxy.log()
+    );
+}
+
+/// dante's own log is the witness for SOCKS5: what the policy forbids (TCP and UDP) never
+/// reached it; the allowed TCP flow and UDP association did.
+#[test]
+fn dante_never_sees_what_the_policy_forbids() {
+    if !available("danted", "dante-server") {
+        return;
+    }
+    let origin = origin();
+    let echo = udp_echo();
+    let socks = dante();
+    let port = origin.port();
+    let text = format!(
+        "[vm]\nname = \"socks\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n\
+         [proxy]\nsocks5 = \"{s}\"\n\
+         [[outbound]]\nprotocol = \"tcp\"\nports = [{port}]\nto = [\"127.0.0.1/32\"]\nvia = \"socks5\"\n\
+         [[outbound]]\nprotocol = \"udp\"\nports = [{u}]\nto = [\"127.0.0.1/32\"]\n",
+        s = socks.addr,
+        u = echo.port()
+    );
+    let served = Served::start(&text, true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    for (dst, p, first) in [
+        (
+            Ipv4Addr::new(198, 51, 100, 7),
+            port,
+            b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec(),
+        ),
+        (Ipv4Addr::LOCALHOST, 22, b"E".to_vec()),
+        (Ipv4Addr::new(169, 254, 169, 254), port, b"E".to_vec()),
+        (Ipv4Addr::new(10, 0, 0, 3), port, b"E".to_vec()),
+    ] {
+        let outcome = refused(&mut net, dst, p, &first);
+        eprintln!("{dst}:{p}: {outcome}");
+    }
+    let h = net.udp_bind(40124);
+    for (dst, p) in [
+        (Ipv4Addr::new(198, 51, 100, 1), echo.port()),
+        (Ipv4Addr::LOCALHOST, echo.port() ^ 1),
+        (Ipv4Addr::new(169, 254, 169, 254), echo.port()),
+    ] {
+        let to = smoltcp::wire::IpEndpoint::new(smoltcp::wire::IpAddress::Ipv4(dst), p);
+        net.udp(h).send_slice(b"nope", to).unwrap();
+    }
+    net.run_until(Duration::from_millis(500), |_| false)
+        .unwrap();
+    assert!(net.udp(h).recv().is_err(), "no reply to forbidden UDP");
+    let before = dante_seen(&socks.log());
+    assert_eq!(
+        before,
+        (0, vec![]),
+        "dante saw forbidden attempts:\n{}",
+        socks.log()
+    );
+    // The controls: the allowed TCP flow and UDP association reach dante, and its log shows it.
+    let t = established(&mut net, Ipv4Addr::LOCALHOST, port);
+    send_all(&mut net, t, b"Eallowed");
+    assert_eq!(recv_exact(&mut net, t, 7), b"allowed");
+    let to = smoltcp::wire::IpEndpoint::new(
+        smoltcp::wire::IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        echo.port(),
+    );
+    net.udp(h).send_slice(b"allowed", to).unwrap();
+    let mut back = None;
+    net.run_until(T, |n| {
+        back = n.udp(h).recv().ok().map(|(d, _)| d.to_vec());
+        back.is_some()
+    })
+    .unwrap();
+    assert_eq!(back.as_deref(), Some(&b"allowed"[..]));
+    let want = vec![
+        format!("tcp/connect -> 127.0.0.1.{port}"),
+        "udp/udpassociate".to_string(),
+    ];
+    let seen = wait_for("dante logs the allowed flows", DEADLINE, || {
+        let seen = dante_seen(&socks.log());
+        (seen.1.len() >= 2).then_some(seen)
+    });
+    assert_eq!(
+        seen,
+        (2, want),
+        "dante saw only the allowed flow and association:\n{}",
+        socks.log()
+    );
+}
+
+/// What dante's log (`log: connect`) says reached it: client connections accepted (less the
+/// start-up probe), and each SOCKS request it passed, as `tcp/connect -> ADDR.PORT` or
+/// `udp/udpassociate`.
+fn dante_seen(log: &str) -> (usize, Vec<String>) {
+    let accepts = log.lines().filter(|l| l.contains(": tcp/accept [")).count();
+    let requests = log
+        .lines()
+        .filter_map(|l| {
+            if l.contains(": udp/udpassociate [") {
+                Some("udp/udpassociate".to_string())
+            } else {
+                let (_, rest) = l.split_once(": tcp/connect [")?;
+                let dst = rest.split_whitespace().skip_while(|w| *w != "->").nth(2)?;
+                Some(format!("tcp/connect -> {dst}"))
+            }
+        })
+        .collect();
+    (accepts.saturating_sub(1), requests)
+}
+
+/// Naming by the flow's first bytes, seen by a real proxy: an IP-literal flow whose HTTP
+/// Host or TLS SNI names an allowed host goes to tinyproxy as CONNECT to that name (its log
+/// shows it). tinyproxy cannot reach those names (it connects only to loopback) and answers
+/// 502; a tinyproxy that allows CONNECT only to port 443 answers 403. Either refusal of a
+/// real proxy resets the guest's connection and is counted.
+#[test]
+fn tinyproxy_sees_flows_named_by_host_and_sni_and_its_refusals_reset_the_guest() {
+    if !available("tinyproxy", "tinyproxy") {
+        return;
+    }
+    let origin = origin();
+    let port = origin.port();
+    let text = |proxy: SocketAddr| {
+        policy(proxy, proxy, port, "http").replace(
+            "to = [\"localhost\", \"127.0.0.1/32\"]",
+            "to = [\"*.example.com\", \"127.0.0.1/32\"]",
+        )
+    };
+    let proxy = tinyproxy();
+    let served = Served::start(&text(proxy.addr), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    for (dst, first, want) in [
+        (
+            Ipv4Addr::new(198, 51, 100, 20),
+            b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n".to_vec(),
+            format!("CONNECT www.example.com:{port} HTTP/1.1"),
+        ),
+        (
+            Ipv4Addr::new(198, 51, 100, 21),
+            moat::frame::craft::tls_client_hello("api.example.com"),
+            format!("CONNECT api.example.com:{port} HTTP/1.1"),
+        ),
+    ] {
+        let outcome = refused(&mut net, dst, port, &first);
+        assert_eq!(outcome, "reset after its first bytes", "{want}");
+        wait_for(&format!("tinyproxy's log shows {want}"), DEADLINE, || {
+            support::peers::tinyproxy_seen(&proxy)
+                .1
+                .contains(&want)
+                .then_some(())
+        });
+    }
+    eventually("both refusals counted", || {
+        served.counters.flows(FlowEvent::ProxyFailed) == 2
+    });
+
+    // ConnectPort 443: tinyproxy refuses CONNECT to the origin's port with 403.
+    let strict = support::peers::tinyproxy_with(support::peers::free_port(), "ConnectPort 443");
+    let served = Served::start(&text(strict.addr), true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let h = net.tcp_connect(Ipv4Addr::LOCALHOST, port);
+    let mut opened = false;
+    assert!(net
+        .run_until(T, |n| {
+            opened |= n.tcp(h).state() == State::Established;
+            n.tcp(h).state() == State::Closed
+        })
+        .unwrap());
+    assert!(
+        !opened,
+        "a refused CONNECT never opens the guest's connection"
+    );
+    eventually("the refusal counted", || {
+        served.counters.flows(FlowEvent::ProxyFailed) == 1
+    });
+    let refused_line = format!("Refused CONNECT method on port {port}");
+    wait_for("tinyproxy's log shows its refusal", DEADLINE, || {
+        let log = strict.log();
+        let requests = support::peers::tinyproxy_seen(&strict).1;
+        (requests == [format!("CONNECT 127.0.0.1:{port} HTTP/1.1")] && log.contains(&refused_line))
+            .then_some(())
+    });
+}
+
+/// `limits.max_flows` counts everything moat holds open for the guest: TCP flows,
+/// DNS-over-TCP connections to the gateway and UDP associations, one budget.
+#[test]
+fn max_flows_counts_dns_over_tcp_connections_and_udp_associations() {
+    if !available("danted", "dante-server") {
+        return;
+    }
+    let origin = origin();
+    let echo = udp_echo();
+    let socks = dante();
+    let text = format!(
+        "[vm]\nname = \"budget\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n\
+         [proxy]\nsocks5 = \"{s}\"\n\
+         [[outbound]]\nprotocol = \"tcp\"\nports = [{t}]\nto = [\"127.0.0.1/32\"]\nvia = \"socks5\"\n\
+         [[outbound]]\nprotocol = \"udp\"\nports = [{u}]\nto = [\"127.0.0.1/32\"]\n\
+         [dns]\nallow = [\"a.example\"]\n[limits]\nmax_flows = 3\n",
+        s = socks.addr,
+        t = origin.port(),
+        u = echo.port()
+    );
+    let served = Served::start(&text, true);
+    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let refused_syn = |net: &mut GuestNet, dst: Ipv4Addr, port: u16| {
+        let h = net.tcp_connect(dst, port);
+        net.run_until(Duration::from_millis(1500), |n| {
+            n.tcp(h).state() != State::SynSent
+        })
+        .unwrap();
+        let state = net.tcp(h).state();
+        net.remove(h);
+        state == State::SynSent
+    };
+    // Two DNS-over-TCP connections and one UDP association: the budget of 3 is spent.
+    let dns1 = established(&mut net, GW, 53);
+    let dns2 = established(&mut net, GW, 53);
+    let u = net.udp_bind(40125);
+    let to = smoltcp::wire::IpEndpoint::new(
+        smoltcp::wire::IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        echo.port(),
+    );
+    net.udp(u).send_slice(b"one", to).unwrap();
+    let mut back = None;
+    net.run_until(T, |n| {
+        back = n.udp(u).recv().ok().map(|(d, _)| d.to_vec());
+        back.is_some()
+    })
+    .unwrap();
+    assert_eq!(back.as_deref(), Some(&b"one"[..]), "the association works");
+    // Nothing more opens: a TCP flow, a third DNS-over-TCP connection, a second association.
+    assert!(
+        refused_syn(&mut net, Ipv4Addr::LOCALHOST, origin.port()),
+        "a TCP flow past the budget"
+    );
+    assert!(
+        refused_syn(&mut net, GW, 53),
+        "a DNS-over-TCP connection past the budget"
+    );
+    let u2 = net.udp_bind(40126);
+    net.udp(u2).send_slice(b"two", to).unwrap();
+    net.run_until(Duration::from_millis(1500), |_| false)
+        .unwrap();
+    assert!(
+        net.udp(u2).recv().is_err(),
+        "a UDP association past the budget"
+    );
+    assert!(
+        served
+            .counters
+            .drops(moat::telemetry::DropReason::FlowLimit)
+            >= 3
+    );
+    // Give back a DNS-over-TCP connection: a TCP flow fits again.
+    net.tcp(dns1).close();
+    let _ = dns2;
+    let h = wait_for("a TCP flow fits once a connection closed", DEADLINE, || {
+        let h = net.tcp_connect(Ipv4Addr::LOCALHOST, origin.port());
+        let up = net
+            .run_until(Duration::from_secs(2), |n| {
+                n.tcp(h).state() == State::Established
+            })
+            .unwrap();
+        if !up {
+            net.remove(h);
+        }
+        up.then_some(h)
+    });
+    send_all(&mut net, h, b"Efits");
+    assert_eq!(recv_exact(&mut net, h, 4), b"fits");
 }

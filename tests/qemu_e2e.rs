@@ -63,6 +63,17 @@ fn row<'a>(table: &'a str, check: &str) -> (&'a str, &'a str, &'a str) {
     (cols[1], cols[2], cols[3])
 }
 
+/// A counter from moat's table at the end of qemu-e2e.sh's output (`group counter value`,
+/// non-zero rows only: a missing row is 0).
+fn counter(stdout: &str, name: &str) -> u64 {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("--- moat counters ---"))
+        .find(|l| l.split_whitespace().nth(1) == Some(name))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn assert_rows(table: &str, expected: &[(&str, &str)]) {
     for &(check, want) in expected {
         let observed = if want == "pass" { "ok" } else { "blocked" };
@@ -72,6 +83,39 @@ fn assert_rows(table: &str, expected: &[(&str, &str)]) {
             "{check}\n{table}"
         );
     }
+}
+
+/// How much moat's RSS may grow while the real guest pipelines up to 100 MB of DNS-over-TCP
+/// queries and never reads an answer: one connection's worst case (README, limits: 280 KiB)
+/// plus the allocator's slack. Before the bound: +418 MiB for 290 MB of queries.
+const DNS_FLOOD_RSS_BOUND_KB: u64 = 16 * 1024;
+
+/// The guest's DNS-over-TCP flood (scripts/guest/dnsflood.c) left moat's memory bounded.
+fn dns_flood_kept_moat_bounded(stdout: &str) {
+    let field = |line: &str, key: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.parse().ok())
+    };
+    let Some(flood) = stdout.lines().find(|l| l.starts_with("dns-flood:")) else {
+        panic!("no dns-flood line\n{stdout}");
+    };
+    let sent = field(flood, "sent=").unwrap_or_else(|| {
+        panic!("the guest's dnsflood did not run (is gcc here to build it?)\n{stdout}")
+    });
+    let rss = stdout
+        .lines()
+        .find(|l| l.starts_with("moat-rss-kb"))
+        .unwrap_or_else(|| panic!("no moat-rss-kb line\n{stdout}"));
+    let (base, peak) = (
+        field(rss, "baseline=").unwrap_or(0),
+        field(rss, "peak=").unwrap_or(0),
+    );
+    eprintln!("{flood}; {rss}");
+    assert!(sent > 0 && base > 0, "{flood}; {rss}");
+    assert!(
+        peak.saturating_sub(base) < DNS_FLOOD_RSS_BOUND_KB,
+        "moat's RSS grew from {base} to {peak} kB while the guest sent {sent} bytes of unread DNS-over-TCP queries (bound +{DNS_FLOOD_RSS_BOUND_KB} kB)"
+    );
 }
 
 #[test]
@@ -89,11 +133,14 @@ fn real_guest_gets_dhcp_pings_gateway_and_reaches_nothing_else() {
         .arg(repo.join("policy/example.toml"))
         .arg("--workdir")
         .arg(workdir.path())
+        .arg("--dns-flood")
+        .arg("100000000")
         .output()
         .expect("run scripts/qemu-e2e.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "qemu-e2e failed\n{stdout}\n{stderr}");
+    dns_flood_kept_moat_bounded(&stdout);
     assert_rows(
         &stdout,
         &[
@@ -116,13 +163,7 @@ fn real_guest_gets_dhcp_pings_gateway_and_reaches_nothing_else() {
         ],
     );
     // moat saw the forbidden attempts and dropped them for the right reasons.
-    let counter = |name: &str| -> u64 {
-        stdout
-            .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(name))
-            .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
-            .unwrap_or(0)
-    };
+    let counter = |name: &str| counter(&stdout, name);
     assert!(
         counter("dhcp") >= 2,
         "DISCOVER and REQUEST answered\n{stdout}"
@@ -212,6 +253,7 @@ fn egress_and_forward(queues: u16) {
             ("dns-allowed", "pass"),
             ("dns-denied", "fail"),
             ("wget-transparent", "pass"),
+            ("wget-64k-body", "pass"),
             ("wget-explicit-proxy", "pass"),
             ("wget-ip-literal", "fail"),
             ("smuggle-host-127.0.0.1", "fail"),
@@ -226,6 +268,23 @@ fn egress_and_forward(queues: u16) {
             ("forward-httpd", "pass"),
             ("host-fetch-forward", "pass"),
         ],
+    );
+    // moat's side of the same run: the flows it carried, the 64 KiB it delivered, the
+    // names it refused, the attempts it dropped.
+    let c = |name: &str| counter(&stdout, name);
+    assert!(c("opened") >= 3, "transparent, 64 KiB, explicit\n{stdout}");
+    assert!(
+        c("rx_bytes") >= 65536,
+        "the 64 KiB body reached the guest\n{stdout}"
+    );
+    assert!(c("nxdomain") >= 1, "evil.test refused\n{stdout}");
+    assert!(
+        c("not_allowed") + c("reserved_destination") >= 4,
+        "the IP literal and the smuggled Host headers dropped\n{stdout}"
+    );
+    assert!(
+        c("forward_refused") == 0,
+        "the forward's peer was allowed\n{stdout}"
     );
     // tinyproxy's own log is the witness that the refused attempts never reached it, while
     // the allowed ones did.
@@ -252,6 +311,7 @@ fn a_killed_and_restarted_moat_gets_the_running_guest_back() {
     if !required("qemu-system-x86_64") {
         return;
     }
+    let _one = one_guest();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let workdir = tempfile::tempdir().unwrap();
     let out = Command::new(repo.join("scripts/qemu-e2e.sh"))

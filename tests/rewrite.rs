@@ -22,7 +22,11 @@ use moat::guest::{RawDesc, SimGuest};
 use moat::telemetry::{DropReason, Service};
 use support::*;
 
+/// Posts at least this many, and more until every outcome was seen (pure A, pure B, pure C
+/// and a torn copy), up to MAX_POSTS: a run where the flipping thread never raced moat's
+/// reads proves nothing, and fails.
 const POSTS: u64 = 5000;
+const MAX_POSTS: u64 = 200_000;
 /// Posts between two drains of the RX queue (well below the 256 RX buffers).
 const BATCH: u64 = 100;
 const PAYLOAD_LEN: usize = 1400;
@@ -190,7 +194,7 @@ fn settle(
     payloads: &[Vec<u8>],
     replies: &mut Replies,
 ) {
-    let deadline = Instant::now() + TIMEOUT;
+    let deadline = Instant::now() + DEADLINE;
     loop {
         while let Some(f) = guest.recv_frame(Duration::from_millis(5)).expect("recv") {
             let p = reply_payload(&f);
@@ -298,8 +302,12 @@ fn a_buffer_rewritten_under_moat_is_checked_and_answered_as_one_copy() {
 
     let mut replies = Replies::default();
     let mut posted = 0;
-    while posted < POSTS {
-        for _ in 0..BATCH.min(POSTS - posted) {
+    let c = &served.counters;
+    let torn = || c.drops(DropReason::Ipv4BadChecksum) + c.drops(DropReason::L4BadChecksum);
+    let all_seen =
+        |r: &Replies| r.a > 0 && r.b > 0 && c.drops(DropReason::NotAllowed) > 0 && torn() > 0;
+    while posted < POSTS || (!all_seen(&replies) && posted < MAX_POSTS) {
+        for _ in 0..BATCH {
             guest.send_raw_chain(&[desc]).expect("post");
             posted += 1;
         }
@@ -308,13 +316,12 @@ fn a_buffer_rewritten_under_moat_is_checked_and_answered_as_one_copy() {
     stop.store(true, Ordering::Relaxed);
     flipper.join().expect("flipper");
 
-    let c = &served.counters;
     let ip_sum = c.drops(DropReason::Ipv4BadChecksum);
     let l4_sum = c.drops(DropReason::L4BadChecksum);
     let not_allowed = c.drops(DropReason::NotAllowed);
     let answers = c.answers(Service::IcmpEcho);
     println!(
-        "{POSTS} posts over {} flips ({} differing bytes, {} possible mixes checked): \
+        "{posted} posts over {} flips ({} differing bytes, {} possible mixes checked): \
          {} replies A, {} replies B; drops: {not_allowed} not_allowed (C), {ip_sum} \
          ipv4_bad_checksum + {l4_sum} l4_bad_checksum (torn copies)",
         flips.load(Ordering::Relaxed),
@@ -330,10 +337,23 @@ fn a_buffer_rewritten_under_moat_is_checked_and_answered_as_one_copy() {
         replies.a,
         replies.b,
     );
+    // The race happened: moat saw both answerable versions, the forbidden one, and copies
+    // torn mid-flip (only a mix fails a checksum: every pure version is valid).
+    assert!(
+        replies.a > 0 && replies.b > 0,
+        "both versions answered ({} A, {} B) in {posted} posts",
+        replies.a,
+        replies.b
+    );
+    assert!(not_allowed > 0, "the forbidden version C seen and dropped");
+    assert!(
+        ip_sum + l4_sum > 0,
+        "no torn copy in {posted} posts: the flipping thread never raced moat's reads"
+    );
     assert_eq!(replies.total(), answers, "one reply per answer");
     assert_eq!(
         answers + ip_sum + l4_sum + not_allowed,
-        POSTS,
+        posted,
         "every post answered or dropped exactly once"
     );
     assert_eq!(

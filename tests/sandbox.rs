@@ -191,3 +191,66 @@ fn the_sandbox_listing_names_every_call_and_why() {
     }
     assert!(!text.contains("execve"));
 }
+
+/// An editor saves by writing a new file and renaming it over the old one (a new inode):
+/// under Landlock, moat still reads the policy's directory, so the reload takes the new file.
+#[test]
+fn a_reload_after_an_editors_write_and_rename_works_under_the_sandbox() {
+    let (_service, proxy) = listeners();
+    let m = start(&[], port(&proxy));
+    let tighter = policy(port(&proxy)).replace("443", "8443");
+    let tmp = m.path(".vm.toml.swp");
+    std::fs::write(&tmp, &tighter).unwrap();
+    std::fs::rename(&tmp, m.path("vm.toml")).unwrap();
+    let (ok, answer) = m.ask("reload");
+    assert!(ok, "reload after write-and-rename: {answer}");
+    let (ok, stats) = m.ask("stats json");
+    assert!(ok, "{stats}");
+    assert!(stats.contains("\"policy_generation\":2"), "{stats}");
+    // And again, through SIGHUP, with a file that was never there before.
+    let back = policy(port(&proxy));
+    std::fs::write(&tmp, back).unwrap();
+    std::fs::rename(&tmp, m.path("vm.toml")).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(m.child.id() as i32, libc::SIGHUP) };
+    eventually("generation 3 after SIGHUP", || {
+        m.ask("stats json").1.contains("\"policy_generation\":3")
+    });
+    serves_a_guest(&m.path("moat.sock"));
+}
+
+/// seccomp allows sockets of the unix, TCP and UDP kinds only: a raw IP, a packet or a
+/// netlink socket kills the sandboxed moat (SIGSYS); a UDP one is fine. Without the sandbox
+/// the same calls go through (moat runs as root here) and moat lives on.
+#[test]
+fn raw_packet_and_netlink_sockets_are_refused_by_seccomp() {
+    let (_service, proxy) = listeners();
+    for family in ["raw", "packet", "netlink"] {
+        let mut m = start(&[], port(&proxy));
+        let (ok, answer) = m.ask("debug socket udp");
+        assert!(ok, "a UDP socket under the sandbox: {answer}");
+        let (_, answer) = m.ask(&format!("debug socket {family}"));
+        let status = m
+            .exit_within(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("moat survived a {family} socket ({answer})"));
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGSYS),
+            "{family}: killed by seccomp, got {status:?}"
+        );
+    }
+    let mut m = start(&["--no-sandbox"], port(&proxy));
+    for family in ["raw", "packet", "netlink"] {
+        let (ok, answer) = m.ask(&format!("debug socket {family}"));
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(
+            ok || !root,
+            "{family} without the sandbox, as root: {answer}"
+        );
+    }
+    assert!(
+        m.exit_within(Duration::from_millis(300)).is_none(),
+        "moat lives on"
+    );
+}

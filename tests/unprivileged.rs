@@ -37,23 +37,23 @@ fn serves_as_nobody_without_capabilities() {
     let bin = dir.path().join("moat");
     std::fs::copy(moat_bin(), &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut child = Command::new("setpriv")
-        .args([
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--no-new-privs",
-        ])
-        .arg(&bin)
-        .args(["serve", "--once", "--socket"])
-        .arg(&socket)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--no-new-privs",
+            ])
+            .arg(&bin)
+            .args(["serve", "--once", "--socket"])
+            .arg(&socket)
+            .arg("--policy")
+            .arg(&policy)
+            .stderr(Stdio::null()),
+    );
     let mut guest =
         SimGuest::connect(&socket, GuestOptions::default()).expect("moat (as nobody) listens");
     // The process really is unprivileged.

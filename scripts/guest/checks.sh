@@ -43,6 +43,13 @@ fetch() { # url: succeeds only if the body is exactly "ok" (busybox wget -T cras
   body=$(timeout 10 wget -q -O - "$1" 2>/dev/null) && [ "$body" = ok ]
 }
 
+fetch_big() { # url: the origin's 64 KiB /big body, byte for byte (rebuilt here with awk)
+  timeout 20 wget -q -O /tmp/big "$1" 2>/dev/null || return 1
+  want=$(awk 'BEGIN { for (i = 0; i < 4096; i++) printf "moat-line-%05d\n", i }' | md5sum | cut -d' ' -f1)
+  got=$(md5sum </tmp/big | cut -d' ' -f1)
+  [ "$(wc -c </tmp/big)" -eq 65536 ] && [ "$got" = "$want" ] || { echo "$(wc -c </tmp/big) bytes, md5 $got"; return 1; }
+}
+
 fetch_via() { # proxy url: the same through an explicit HTTP proxy
   body=$(http_proxy="$1" timeout 10 wget -q -O - "$2" 2>/dev/null) && [ "$body" = ok ]
 }
@@ -87,8 +94,18 @@ check http-internet fail fetch http://198.51.100.1/
 check tcp-gateway-22 fail tcp "$gw" 22
 check tcp-gateway-2375 fail tcp "$gw" 2375
 
-# The guest-side canary (scripts/canary-guest.sh): its rows are checked like these.
-/bin/canary-guest.sh eth0 || true
+# The guest-side canary (scripts/canary-guest.sh): its rows are checked like these. Exit 1
+# means it ran and its rows show what failed; anything else (aborted, killed) is a failed
+# row of its own, never a pass with rows missing.
+/bin/canary-guest.sh eth0 || [ $? = 1 ] || echo 'MOAT-CHECK canary-aborted pass blocked -'
+
+# A hostile DNS-over-TCP client (moat.dnsflood=BYTES): pipelines queries to the gateway and
+# never reads the answers; the host watches moat's memory meanwhile (qemu-e2e.sh --dns-flood).
+flood=$(arg moat.dnsflood)
+if [ -n "$flood" ] && [ -x /bin/dnsflood ]; then
+  echo "MOAT-DNSFLOOD-START $(cut -d' ' -f1 /proc/uptime)"
+  echo "MOAT-DNSFLOOD $(/bin/dnsflood "$gw" "$flood" 20)"
+fi
 
 # Egress, when the test gives an origin port (moat.egress=PORT): names resolve only if
 # allowed, flows go through the proxy, and a host peer reaches the guest through a forward.
@@ -97,6 +114,7 @@ if [ -n "$egress" ]; then
   check dns-allowed pass nslookup -type=a localhost "$gw"
   check dns-denied fail nslookup -type=a evil.test "$gw"
   check wget-transparent pass fetch "http://localhost:$egress/"
+  check wget-64k-body pass fetch_big "http://localhost:$egress/big"
   check wget-explicit-proxy pass fetch_via "http://$gw:3128" "http://localhost:$egress/"
   check wget-ip-literal fail fetch "http://198.51.100.1:$egress/"
   # The gate, as a hostile guest tries it (the policy allows any name on port 80): a public

@@ -5,7 +5,14 @@
 //! caught too.
 
 mod attempts;
+pub mod digest;
+pub mod heartbeat;
+pub mod live;
+pub mod probe;
+pub mod report;
 pub mod stub;
+
+pub use attempts::{ControlUrl, Mode};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -43,11 +50,34 @@ pub struct Outcome {
     pub expected: Expect,
     /// Whether the attempt got through (a reply, a connection that carried bytes, an answer).
     pub got_through: bool,
+    /// The canary could not make this attempt (a proxy down, a name that does not
+    /// resolve): it proves nothing, so it fails (P2).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unable: bool,
     pub detail: String,
+}
+
+/// What the canary reads from the moat under test: its drop counters and how many proxy
+/// connections it opened on the guest's behalf (the witness that a flow got through the gate).
+pub trait Witness {
+    fn drops(&self, reason: crate::telemetry::DropReason) -> u64;
+    fn proxy_flows(&self) -> u64;
+}
+
+impl Witness for Counters {
+    fn drops(&self, reason: crate::telemetry::DropReason) -> u64 {
+        Counters::drops(self, reason)
+    }
+    fn proxy_flows(&self) -> u64 {
+        self.flows(crate::telemetry::FlowEvent::Opened)
+    }
 }
 
 impl Outcome {
     pub fn passed(&self) -> bool {
+        if self.unable {
+            return false;
+        }
         match self.expected {
             Expect::Blocked => !self.got_through,
             Expect::Works => self.got_through,
@@ -102,14 +132,14 @@ pub fn run(policy: &Policy) -> Result<Vec<Outcome>, CanaryError> {
         policy.vm.gateway,
         policy.vm.mtu,
     );
-    let outcomes = attempts::all(&mut net, &policy, &counters);
+    let outcomes = attempts::all(&mut net, &policy, counters.as_ref(), &Mode::Stub);
     drop(net);
     let _ = serving.join();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(outcomes)
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf, CanaryError> {
+pub(crate) fn tempfile_dir() -> Result<std::path::PathBuf, CanaryError> {
     let dir = std::env::temp_dir().join(format!(
         "moat-canary-{}-{}",
         std::process::id(),
@@ -130,7 +160,13 @@ pub fn table(outcomes: &[Outcome]) -> String {
         "attempt", "expected", "observed", "verdict", "detail"
     );
     for o in outcomes {
-        let observed = if o.got_through { "through" } else { "blocked" };
+        let observed = if o.unable {
+            "unable"
+        } else if o.got_through {
+            "through"
+        } else {
+            "blocked"
+        };
         let expected = match o.expected {
             Expect::Blocked => "blocked",
             Expect::Works => "through",

@@ -42,6 +42,9 @@ pub struct Reloaded {
     pub generation: u64,
     /// Flows the new policy no longer allows, reset.
     pub flows_reset: usize,
+    /// Queue pairs too busy to apply it within a second: they do before their next frame,
+    /// and their resets are not counted in `flows_reset`.
+    pub pairs_pending: usize,
 }
 
 /// Process-wide state of the one VM this moat serves.
@@ -53,6 +56,8 @@ pub struct VmState {
     forwards: Mutex<Vec<Forward>>,
     /// TCP ports the sandbox still lets moat connect to (None: no sandbox).
     connect_ports: Mutex<Option<Vec<u16>>>,
+    /// One reload at a time (SIGHUP and `moat reload` may come together).
+    reloading: Mutex<()>,
 }
 
 impl VmState {
@@ -64,6 +69,7 @@ impl VmState {
             device: Mutex::new(Weak::new()),
             forwards: Mutex::new(Vec::new()),
             connect_ports: Mutex::new(None),
+            reloading: Mutex::new(()),
         }
     }
 
@@ -97,7 +103,7 @@ impl VmState {
         let result = self.try_reload();
         match &result {
             Ok(r) => {
-                tracing::info!(generation = r.generation, flows_reset = r.flows_reset, file = %self.path.display(), "policy reloaded")
+                tracing::info!(generation = r.generation, flows_reset = r.flows_reset, pairs_pending = r.pairs_pending, file = %self.path.display(), "policy reloaded")
             }
             Err(e) => {
                 self.counters
@@ -110,7 +116,9 @@ impl VmState {
     }
 
     fn try_reload(&self) -> Result<Reloaded, ReloadError> {
-        let new = Policy::load(&self.path)?;
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new = Policy::load(&self.path)?;
+        crate::device::fd_budget::clamp_max_flows(&mut new);
         let old = self.policy();
         let identity: [(&'static str, String, String); 5] = [
             ("name", old.vm.name.clone(), new.vm.name.clone()),
@@ -155,9 +163,9 @@ impl VmState {
         }
         let new = Arc::new(new);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&new);
-        let flows_reset = match self.device() {
+        let applied = match self.device() {
             Some(device) => device.reload(new),
-            None => 0,
+            None => crate::device::Applied::default(),
         };
         self.counters.reloads.fetch_add(1, Ordering::Relaxed);
         let generation = self
@@ -167,7 +175,8 @@ impl VmState {
             + 1;
         Ok(Reloaded {
             generation,
-            flows_reset,
+            flows_reset: applied.flows_reset,
+            pairs_pending: applied.pairs_pending,
         })
     }
 
@@ -271,7 +280,7 @@ impl VmState {
 
     /// Counters and the flow table, as a table or as JSON.
     pub fn stats(&self, json: bool) -> String {
-        let flows = self.device().map(|d| d.flow_table()).unwrap_or_default();
+        let (flows, stale) = self.device().map(|d| d.flow_table()).unwrap_or_default();
         if json {
             let counters: serde_json::Map<String, serde_json::Value> = self
                 .counters
@@ -289,6 +298,7 @@ impl VmState {
                 "policy_generation": self.counters.policy_generation.load(Ordering::Relaxed),
                 "counters": counters,
                 "flows": flows,
+                "flow_tables_stale": stale,
             })
             .to_string()
                 + "\n"
@@ -302,6 +312,11 @@ impl VmState {
                 out.push_str(&format!(
                     "{:<34} {:<28} {:<10} {:>12} {:>12}\n",
                     f.flow, f.target, f.state, f.bytes_up, f.bytes_down
+                ));
+            }
+            if stale > 0 {
+                out.push_str(&format!(
+                    "({stale} busy queue pair(s): their flows as last copied)\n"
                 ));
             }
             out

@@ -7,24 +7,60 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::VmState;
 
+/// Requests answered at once, at most (each on its own thread, so a slow reload does not
+/// hold up `moat stats`); more are refused until one ends.
+const MAX_CONCURRENT: usize = 4;
+
 /// Listen on `path` and answer requests from a thread.
 pub fn serve(path: &Path, vm: Arc<VmState>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_owner_only(path)?;
+    let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                let _ = answer(conn, &vm);
+                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                    let mut conn = conn;
+                    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = conn.write_all(b"error busy: too many control requests at once\n");
+                    continue;
+                }
+                let (vm, busy) = (Arc::clone(&vm), Arc::clone(&busy));
+                let spawned = std::thread::Builder::new()
+                    .name("control-request".into())
+                    .spawn(move || {
+                        let _ = answer(conn, &vm);
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    tracing::warn!("cannot start a thread for a control request");
+                }
             }
         })?;
     Ok(())
+}
+
+/// Bind a unix socket that is mode 0600 from the moment it exists (not bound, then
+/// chmod-ed: in between, the umask's mode would let others connect).
+fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
+    // SAFETY: umask only swaps the process's file mode mask; it cannot fail. Called during
+    // start-up, before the data path's threads create any file.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    // Belt and braces (a filesystem that ignores the umask for sockets).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 fn answer(conn: UnixStream, vm: &VmState) -> std::io::Result<()> {
@@ -39,6 +75,10 @@ fn answer(conn: UnixStream, vm: &VmState) -> std::io::Result<()> {
         ["stats"] => format!("ok\n{}", vm.stats(false)),
         ["stats", "json"] => format!("ok\n{}", vm.stats(true)),
         ["reload"] => match vm.reload() {
+            Ok(r) if r.pairs_pending > 0 => format!(
+                "ok generation {} flows_reset {} pairs_pending {}\n",
+                r.generation, r.flows_reset, r.pairs_pending
+            ),
             Ok(r) => format!(
                 "ok generation {} flows_reset {}\n",
                 r.generation, r.flows_reset
@@ -69,7 +109,8 @@ fn answer(conn: UnixStream, vm: &VmState) -> std::io::Result<()> {
 /// `debug exec` calls execve (seccomp kills the process; without the sandbox it fails with
 /// ENOENT), `debug read PATH` reads a file (Landlock refuses paths outside moat's own),
 /// `debug connect IP:PORT` opens a TCP connection (Landlock refuses ports other than the
-/// policy's proxies and upstream).
+/// policy's proxies and upstream), `debug socket raw|packet|netlink|udp` opens a socket of
+/// that family (seccomp allows only unix, TCP and UDP).
 #[cfg(debug_assertions)]
 fn debug_probe(probe: &[&str]) -> String {
     match probe {
@@ -92,7 +133,24 @@ fn debug_probe(probe: &[&str]) -> String {
             },
             Err(e) => format!("error {addr}: {e}\n"),
         },
-        _ => "error debug probes: exec, read PATH, connect IP:PORT\n".to_string(),
+        ["socket", family] => {
+            let (domain, kind, protocol) = match *family {
+                "raw" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP),
+                "packet" => (libc::AF_PACKET, libc::SOCK_RAW, 0),
+                "netlink" => (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE),
+                "udp" => (libc::AF_INET, libc::SOCK_DGRAM, 0),
+                other => return format!("error socket {other}: raw, packet, netlink or udp\n"),
+            };
+            // SAFETY: socket(2) with constant arguments; the descriptor is closed at once.
+            let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
+            if fd < 0 {
+                return format!("error {}\n", std::io::Error::last_os_error());
+            }
+            // SAFETY: `fd` was just returned by socket(2) and is owned here.
+            unsafe { libc::close(fd) };
+            format!("ok {family} socket opened\n")
+        }
+        _ => "error debug probes: exec, read PATH, connect IP:PORT, socket FAMILY\n".to_string(),
     }
 }
 

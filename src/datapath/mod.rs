@@ -229,6 +229,13 @@ impl Datapath {
                 match carried {
                     Ok(Carried::Here) => Ok(Outcome::Consumed),
                     Ok(Carried::Elsewhere(pair)) => Ok(Outcome::Handoff(pair)),
+                    Err(reason @ (DropReason::FlowLimit | DropReason::FdBudget)) => {
+                        // Refused for want of room: the guest hears it at once (a RST), not
+                        // after its SYN retries time out.
+                        self.counters
+                            .drop_frame(reason, format_args!("{}", summarize(&frame)));
+                        Ok(refusal(&frame).map_or(Outcome::Consumed, Outcome::Answer))
+                    }
                     Err(reason) => Err((reason, summarize(&frame))),
                 }
             }
@@ -294,6 +301,31 @@ fn complete_checksum(frame: &mut [u8], offload: TxOffload) -> Result<(), DropRea
         return Err(DropReason::BadVirtioHeader);
     }
     checksum::fill(ip)
+}
+
+/// The RST (with ACK) that refuses a guest's TCP SYN, as if from its destination.
+fn refusal(frame: &Frame<'_>) -> Option<Vec<u8>> {
+    let Network::Ipv4(ip) = &frame.net else {
+        return None;
+    };
+    let Transport::Tcp(tcp) = &ip.transport else {
+        return None;
+    };
+    if !tcp.flags.syn || tcp.flags.ack || tcp.flags.rst {
+        return None;
+    }
+    let acked = tcp
+        .seq
+        .wrapping_add(1)
+        .wrapping_add(tcp.payload.len() as u32);
+    let builder = etherparse::PacketBuilder::ethernet2(GATEWAY_MAC.0, frame.eth.src.0)
+        .ipv4(ip.dst.octets(), ip.src.octets(), 64)
+        .tcp(tcp.dst_port, tcp.src_port, 0, 0)
+        .rst()
+        .ack(acked);
+    let mut out = Vec::with_capacity(builder.size(0));
+    builder.write(&mut out, &[]).ok()?;
+    Some(out)
 }
 
 /// The RX header of a TCP segment over the MTU, its checksum left partial; `None` if the

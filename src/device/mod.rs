@@ -5,8 +5,10 @@
 //! each queue pair ([`pair::QueuePair`], one worker thread each) its events.
 
 pub mod config;
+pub mod fd_budget;
 pub mod pacer;
 pub mod pair;
+pub mod published;
 pub mod queues;
 pub mod server;
 
@@ -32,6 +34,7 @@ use crate::services::dns::NamePool;
 use crate::telemetry::Counters;
 use pacer::SharedPacer;
 use pair::{Inbox, PairSetup, QueuePair, Tokens};
+use published::{Control, Published, APPLY_WAIT, TABLE_WAIT};
 
 /// How the device is laid out and driven (`moat serve --queues`, `--busy-poll-us`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +65,18 @@ pub struct NetDevice {
     pairs: Vec<Mutex<QueuePair>>,
     inboxes: Arc<[Inbox]>,
     tokens: Tokens,
+    /// Policy, limits and run-time forwards as the control plane last set them.
+    published: Arc<Published>,
+}
+
+/// What a reload did to the device's flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Flows the new policy no longer allows, reset (by the pairs that answered).
+    pub flows_reset: usize,
+    /// Pairs busy past the wait: they apply the policy before reading another frame, and
+    /// their resets are not in `flows_reset`.
+    pub pairs_pending: usize,
 }
 
 /// Registers proxy sockets with one pair's vring worker: one loop for kicks, sockets, timer.
@@ -125,9 +140,10 @@ pub fn attach(
 
 /// Undo [`attach`] when the connection ends (breaks the device <-> loop reference cycle).
 pub fn detach(device: &Arc<NetDevice>) {
-    for pair in &device.pairs {
+    for (index, pair) in device.pairs.iter().enumerate() {
         let mut pair = lock(pair);
         pair.datapath.flows().detach();
+        fd_budget::note(index, 0);
         pair.timer = None;
         pair.loop_fd = None;
     }
@@ -153,6 +169,19 @@ impl NetDevice {
         let owners = (pairs > 1).then(|| Arc::new(FlowOwners::default()));
         let egress = SharedPacer::new(policy.limits.egress_bps, policy.limits.burst_bytes);
         let ingress = SharedPacer::new(policy.limits.ingress_bps, policy.limits.burst_bytes);
+        let published = Arc::new(Published::new(
+            pairs,
+            Control {
+                generation: 0,
+                policy: Arc::clone(&policy),
+                policy_gen: 0,
+                egress: egress.clone(),
+                ingress: ingress.clone(),
+                pacers_gen: 0,
+                forwards: Vec::new(),
+                forwards_gen: 0,
+            },
+        ));
         let pairs = (0..pairs)
             .map(|index| {
                 let mut datapath = Datapath::new(
@@ -164,6 +193,7 @@ impl NetDevice {
                     .as_ref()
                     .map_or_else(Steering::default, |o| Steering::pair(Arc::clone(o), index));
                 datapath.flows().place(tokens.first_flow, steering);
+                datapath.flows().set_fd_slot(index);
                 let setup = PairSetup {
                     index,
                     tokens,
@@ -171,6 +201,7 @@ impl NetDevice {
                     inboxes: Arc::clone(&inboxes),
                     egress: egress.clone(),
                     ingress: ingress.clone(),
+                    published: Arc::clone(&published),
                 };
                 Mutex::new(QueuePair::new(datapath, &policy, setup))
             })
@@ -180,6 +211,7 @@ impl NetDevice {
             pairs,
             inboxes,
             tokens,
+            published,
         })
     }
 
@@ -187,48 +219,102 @@ impl NetDevice {
         self.pairs.len()
     }
 
-    /// Swap in a reloaded policy (same VM identity); returns how many flows were reset.
-    pub fn reload(&self, policy: Arc<Policy>) -> usize {
-        let limits_changed = {
-            let mut first = lock(&self.pairs[0]);
-            let (old, new) = (&first.datapath.flows().policy().limits, &policy.limits);
-            (old.egress_bps, old.ingress_bps, old.burst_bytes)
-                != (new.egress_bps, new.ingress_bps, new.burst_bytes)
-        };
-        // New limits apply at once, from a full bucket (one bucket for all pairs).
-        let egress = SharedPacer::new(policy.limits.egress_bps, policy.limits.burst_bytes);
-        let ingress = SharedPacer::new(policy.limits.ingress_bps, policy.limits.burst_bytes);
-        let mut reset = 0;
-        for pair in &self.pairs {
-            let mut pair = lock(pair);
+    /// Swap in a reloaded policy (same VM identity). Never waits on a busy pair's lock:
+    /// idle pairs apply it here, busy ones at their next event (and before their next
+    /// frame); this waits up to [`APPLY_WAIT`] for their count of reset flows.
+    pub fn reload(&self, policy: Arc<Policy>) -> Applied {
+        let old = self.published.current();
+        let (old_limits, new) = (&old.policy.limits, &policy.limits);
+        let limits_changed = (
+            old_limits.egress_bps,
+            old_limits.ingress_bps,
+            old_limits.burst_bytes,
+        ) != (new.egress_bps, new.ingress_bps, new.burst_bytes);
+        let mut policy_gen = 0;
+        let generation = self.published.publish(|c| {
+            c.policy = policy;
+            c.policy_gen = c.generation;
+            policy_gen = c.generation;
             if limits_changed {
-                pair.set_pacers(egress.clone(), ingress.clone());
+                // New limits apply at once, from a full bucket (one bucket for all pairs).
+                let limits = &c.policy.limits;
+                c.egress = SharedPacer::new(limits.egress_bps, limits.burst_bytes);
+                c.ingress = SharedPacer::new(limits.ingress_bps, limits.burst_bytes);
+                c.pacers_gen = c.generation;
             }
-            reset += pair.datapath.reload(Arc::clone(&policy));
-            // Wake the loop at once so the resets reach the guest and the proxies.
-            pair.wake_soon();
-        }
-        reset
+        });
+        self.apply(generation, policy_gen)
     }
 
     /// Forwards added at run time, on top of the policy's (listened for by pair 0).
     pub fn set_runtime_forwards(&self, forwards: Vec<crate::policy::Forward>) {
-        for pair in &self.pairs {
-            let mut pair = lock(pair);
-            pair.datapath.flows().set_runtime_forwards(forwards.clone());
-            pair.wake_soon();
+        let generation = self.published.publish(|c| {
+            c.forwards = forwards;
+            c.forwards_gen = c.generation;
+        });
+        self.apply(generation, u64::MAX);
+    }
+
+    /// Have every pair apply `generation`: idle ones here, busy ones woken.
+    fn apply(&self, generation: u64, policy_gen: u64) -> Applied {
+        for (index, pair) in self.pairs.iter().enumerate() {
+            match pair.try_lock() {
+                Ok(mut pair) => pair.sync(),
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().sync(),
+                Err(std::sync::TryLockError::WouldBlock) => self.wake(index),
+            }
+        }
+        let (flows_reset, pairs_pending) = self.published.wait_applied(
+            generation,
+            policy_gen,
+            std::time::Instant::now() + APPLY_WAIT,
+        );
+        if pairs_pending > 0 {
+            tracing::warn!(
+                pairs_pending,
+                "reload: busy queue pairs apply it at their next event"
+            );
+        }
+        Applied {
+            flows_reset,
+            pairs_pending,
         }
     }
 
-    /// The flows of this connection (every pair's), for `moat stats`.
-    pub fn flow_table(&self) -> Vec<crate::control::FlowRow> {
-        let mut rows: Vec<_> = self
-            .pairs
-            .iter()
-            .flat_map(|p| lock(p).datapath.flows().table())
-            .collect();
+    /// Make pair `index`'s loop run an event soon (its handed-frames eventfd).
+    fn wake(&self, index: usize) {
+        if let Some(inbox) = self.inboxes.get(index) {
+            let _ = inbox.wake.write(1);
+        }
+    }
+
+    /// The flows of this connection (every pair's), for `moat stats`, and how many pairs
+    /// were too busy to copy theirs in time (their last copy is shown). Never waits on a
+    /// pair's lock.
+    pub fn flow_table(&self) -> (Vec<crate::control::FlowRow>, usize) {
+        let mut rows = Vec::new();
+        let mut asked = Vec::new();
+        for (index, pair) in self.pairs.iter().enumerate() {
+            match pair.try_lock() {
+                Ok(mut pair) => rows.extend(pair.datapath.flows().table()),
+                Err(std::sync::TryLockError::Poisoned(e)) => {
+                    rows.extend(e.into_inner().datapath.flows().table())
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    asked.push((index, self.published.want_table(index)));
+                    self.wake(index);
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + TABLE_WAIT;
+        let mut stale = 0;
+        for (index, seq) in asked {
+            let (table, old) = self.published.table(index, seq, deadline);
+            rows.extend(table);
+            stale += usize::from(old);
+        }
         rows.sort_by(|a, b| a.flow.cmp(&b.flow));
-        rows
+        (rows, stale)
     }
 }
 
@@ -301,5 +387,76 @@ impl VhostUserBackend for NetDevice {
             return Err(io::Error::other(format!("no queue pair {thread_id}")));
         };
         lock(pair).handle_event(device_event, evset, vrings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn policy(extra: &str) -> Arc<Policy> {
+        let text = format!(
+            "[vm]\nname = \"t\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n{extra}"
+        );
+        Arc::new(Policy::parse(&text, std::path::Path::new("t.toml")).expect("valid policy"))
+    }
+
+    fn device(pairs: usize) -> Arc<NetDevice> {
+        let tuning = Tuning {
+            queue_pairs: pairs,
+            ..Tuning::default()
+        };
+        let names = Arc::new(Mutex::new(NamePool::default()));
+        let device = NetDevice::new(policy(""), names, Arc::new(Counters::default()), tuning);
+        Arc::new(device.expect("device"))
+    }
+
+    /// A pair busy with an event (its lock held, as by a pair thread that never returns):
+    /// reload and stats still answer, within their bounded waits, and say which pair is
+    /// behind; the pair applies the reload as soon as it runs again.
+    #[test]
+    fn reload_and_stats_never_wait_on_a_busy_pair() {
+        let device = device(2);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+        let busy = Arc::clone(&device);
+        let holder = std::thread::spawn(move || {
+            let _guard = lock(&busy.pairs[0]);
+            locked.send(()).expect("test alive");
+            let _ = held.recv();
+        });
+        is_locked.recv().expect("pair 0 locked");
+
+        let started = Instant::now();
+        let applied = device.reload(policy("[limits]\nmax_flows = 7\n"));
+        let took = started.elapsed();
+        assert_eq!(
+            applied.pairs_pending, 1,
+            "pair 0 is busy, pair 1 applied it"
+        );
+        assert!(took < APPLY_WAIT + Duration::from_secs(5), "{took:?}");
+        let started = Instant::now();
+        let (rows, stale) = device.flow_table();
+        assert!(rows.is_empty());
+        assert_eq!(stale, 1, "pair 0's table is its last copy");
+        assert!(started.elapsed() < TABLE_WAIT + Duration::from_secs(5));
+        assert_eq!(
+            lock(&device.pairs[1])
+                .datapath
+                .flows()
+                .policy()
+                .limits
+                .max_flows,
+            7
+        );
+
+        release.send(()).expect("holder alive");
+        holder.join().expect("holder");
+        // Its next event (here: the control plane finding it idle) applies the reload.
+        let mut pair = lock(&device.pairs[0]);
+        assert_ne!(pair.datapath.flows().policy().limits.max_flows, 7);
+        pair.sync();
+        assert_eq!(pair.datapath.flows().policy().limits.max_flows, 7);
     }
 }

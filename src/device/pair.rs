@@ -28,10 +28,13 @@ use crate::telemetry::{DropReason, Traffic};
 
 use super::config::{self, RX_QUEUE, TX_QUEUE};
 use super::pacer::SharedPacer;
+use super::published::Published;
 use super::queues::{read_tx_chain, ChainError, GuestReader, RxQueue};
 
 /// Frames handed to a pair and not taken yet, at most (then they are dropped, counted).
 const MAX_HANDOFF: usize = 4096;
+/// Bytes of frames handed to a pair and not taken yet, at most (32 segments of 64 KiB).
+pub const MAX_HANDOFF_BYTES: usize = 2 << 20;
 
 /// Event ids of a pair's loop. vhost-user-backend keeps 0..=2N (N pairs) for itself: the
 /// pair's two queue kicks are 0 (RX) and 1 (TX), 2N its exit event. Ours come after.
@@ -56,30 +59,33 @@ impl Tokens {
 
 /// Frames other pairs read for this pair's flows, and the eventfd that wakes its loop.
 pub struct Inbox {
-    frames: Mutex<VecDeque<Vec<u8>>>,
+    /// The frames, and their bytes.
+    frames: Mutex<(VecDeque<Vec<u8>>, usize)>,
     pub wake: EventFd,
 }
 
 impl Inbox {
     pub fn new() -> io::Result<Inbox> {
         Ok(Inbox {
-            frames: Mutex::new(VecDeque::new()),
+            frames: Mutex::new((VecDeque::new(), 0)),
             wake: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 
     /// Queue a frame; false (nothing queued) when the inbox is full.
     fn push(&self, frame: Vec<u8>) -> bool {
-        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
-        if frames.len() >= MAX_HANDOFF {
+        let mut guard = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let (frames, bytes) = &mut *guard;
+        if frames.len() >= MAX_HANDOFF || *bytes + frame.len() > MAX_HANDOFF_BYTES {
             return false;
         }
+        *bytes += frame.len();
         frames.push_back(frame);
         true
     }
 
     fn take(&self) -> VecDeque<Vec<u8>> {
-        std::mem::take(&mut *self.frames.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.frames.lock().unwrap_or_else(|e| e.into_inner())).0
     }
 }
 
@@ -114,6 +120,13 @@ pub struct QueuePair {
     tokens: Tokens,
     /// Every log line of this pair carries the VM's name.
     span: tracing::Span,
+    /// The control plane's policy, limits and forwards, and which of them this pair applied
+    /// (generation of the whole, then of each part).
+    published: Arc<Published>,
+    applied: u64,
+    policy_gen: u64,
+    pacers_gen: u64,
+    forwards_gen: u64,
 }
 
 /// How a queue pair is set up (the same for every pair of a device).
@@ -124,6 +137,7 @@ pub struct PairSetup {
     pub inboxes: Arc<[Inbox]>,
     pub egress: Option<SharedPacer>,
     pub ingress: Option<SharedPacer>,
+    pub published: Arc<Published>,
 }
 
 impl QueuePair {
@@ -146,7 +160,52 @@ impl QueuePair {
             handed: 0,
             tokens: setup.tokens,
             span: tracing::info_span!("vm", vm = %policy.vm.name, pair = setup.index),
+            published: setup.published,
+            applied: 0,
+            policy_gen: 0,
+            pacers_gen: 0,
+            forwards_gen: 0,
         }
+    }
+
+    /// Follow the control plane: apply what it published since the last look, and copy
+    /// the flow table if `moat stats` asked for it.
+    pub fn sync(&mut self) {
+        self.sync_policy();
+        if self.published.table_wanted(self.index) {
+            let rows = self.datapath.flows().table();
+            self.published.put_table(self.index, rows);
+        }
+    }
+
+    /// Apply a newer policy, limits or forwards, if any (one atomic load when none: called
+    /// before every frame, so no frame is judged by a policy older than the last reload).
+    fn sync_policy(&mut self) {
+        if self.published.generation() == self.applied {
+            return;
+        }
+        let control = self.published.current();
+        let mut policy_change = None;
+        if control.policy_gen != self.policy_gen {
+            let reset = self.datapath.reload(Arc::clone(&control.policy));
+            self.policy_gen = control.policy_gen;
+            policy_change = Some((control.policy_gen, reset));
+        }
+        if control.pacers_gen != self.pacers_gen {
+            self.set_pacers(control.egress.clone(), control.ingress.clone());
+            self.pacers_gen = control.pacers_gen;
+        }
+        if control.forwards_gen != self.forwards_gen {
+            self.datapath
+                .flows()
+                .set_runtime_forwards(control.forwards.clone());
+            self.forwards_gen = control.forwards_gen;
+        }
+        self.applied = control.generation;
+        // Wake the loop at once so resets reach the guest and the proxies.
+        self.wake_soon();
+        self.published
+            .ack(self.index, control.generation, policy_change);
     }
 
     /// New bandwidth limits (a reload changed them): from a full bucket.
@@ -188,7 +247,11 @@ impl QueuePair {
         evset: EventSet,
         vrings: &[VringRwLock],
     ) -> io::Result<()> {
+        self.sync();
         let Some(mem) = self.mem.clone() else {
+            if device_event == self.tokens.handoff {
+                self.take_handoffs();
+            }
             return Ok(());
         };
         let [rx_vring, tx_vring] = vrings else {
@@ -236,9 +299,11 @@ impl QueuePair {
         let rx = &mut self.rx;
         self.datapath
             .pump(|frame, hdr| rx.push(frame, hdr, &counters));
-        self.arm_timer();
         let mrg = config::has_feature(self.acked_features, VIRTIO_NET_F_MRG_RXBUF);
-        self.rx.flush(rx_vring, mem, mrg, &counters)
+        let flushed = self.rx.flush(rx_vring, mem, mrg, &counters);
+        self.arm_timer();
+        super::fd_budget::note(self.index, self.datapath.flows().host_fds());
+        flushed
     }
 
     /// Wake up when the stack next needs attention (retransmits, handshake deadlines).
@@ -249,7 +314,12 @@ impl QueuePair {
             .as_ref()
             .filter(|_| self.tx_paused)
             .map(SharedPacer::wait);
-        for wait in [egress, self.rx.pacing_delay()].into_iter().flatten() {
+        // The guest was still posting RX buffers when a flush stopped retrying.
+        let rx_retry = self.rx.retry_soon().then_some(Duration::from_millis(1));
+        for wait in [egress, self.rx.pacing_delay(), rx_retry]
+            .into_iter()
+            .flatten()
+        {
             delay = Some(delay.map_or(wait, |d| d.min(wait)));
         }
         self.set_timer(delay);
@@ -379,6 +449,7 @@ impl QueuePair {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                 break;
             };
+            self.sync_policy();
             let head = chain.head_index();
             let read = read_tx_chain(chain, &mut reader, &mut self.tx_buf, max);
             let len = match read {
@@ -448,13 +519,39 @@ impl QueuePair {
 
     /// Frames other pairs read for this pair's flows.
     fn take_handoffs(&mut self) {
-        let inbox = &self.inboxes[self.index];
-        let _ = inbox.wake.read();
-        for mut frame in inbox.take() {
+        let frames = {
+            let inbox = &self.inboxes[self.index];
+            let _ = inbox.wake.read();
+            inbox.take()
+        };
+        for mut frame in frames {
+            self.sync_policy();
             if let Outcome::Answer(answer) = self.datapath.handle(&mut frame, Origin::Handoff) {
                 self.rx
                     .push_copy(&answer, OutHdr::Plain, self.datapath.counters());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames handed between pairs wait within a byte bound (by count alone, 4096 x 64 KiB).
+    #[test]
+    fn handoff_inbox_is_bounded_in_bytes() {
+        let inbox = Inbox::new().expect("eventfd");
+        let taken = (0..MAX_HANDOFF)
+            .filter(|_| inbox.push(vec![0u8; 65_550]))
+            .count();
+        assert_eq!(taken, MAX_HANDOFF_BYTES / 65_550);
+        assert!(inbox.push(vec![0u8; MAX_HANDOFF_BYTES % 65_550]));
+        assert!(!inbox.push(vec![0u8; 1]));
+        assert_eq!(inbox.take().len(), taken + 1);
+        assert!(
+            inbox.push(vec![0u8; 65_550]),
+            "taking the frames frees their room"
+        );
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
@@ -130,10 +130,26 @@ fn write_chain(
 pub struct RxQueue {
     /// Each frame behind room for its virtio-net header, written in place when delivered.
     pending: VecDeque<(Vec<u8>, OutHdr)>,
+    /// Bytes of `pending` (at most [`MAX_PENDING_RX_BYTES`]).
+    pending_bytes: usize,
     /// `limits.ingress_bps`: frames wait for the bucket instead of being dropped.
     pacer: Option<SharedPacer>,
     paced: bool,
+    /// The guest's avail index when the frame in front last found too little room: nothing
+    /// is tried again until the guest posts more (a kick, or any later event, sees it move).
+    stalled_at: Option<u16>,
+    /// The guest kept posting while a flush kept retrying: try again soon rather than
+    /// spend more of this event on it.
+    retry_soon: bool,
 }
+
+/// Frames waiting for RX buffers, at most this many bytes (then new ones are dropped):
+/// 64 frames of 64 KiB, 2 700 of 1 514 bytes.
+pub const MAX_PENDING_RX_BYTES: usize = 4 << 20;
+
+/// Immediate retries of one flush while the guest posts buffers under it (after that, the
+/// pair's timer brings the next try).
+const MAX_FLUSH_RETRIES: usize = 8;
 
 impl RxQueue {
     pub fn set_pacer(&mut self, pacer: Option<SharedPacer>) {
@@ -155,6 +171,12 @@ impl RxQueue {
         self.pacer.as_ref().map(SharedPacer::wait)
     }
 
+    /// Whether a flush stopped retrying while the guest was still posting buffers (the
+    /// pair then wakes itself shortly, in case the guest's kick was suppressed).
+    pub fn retry_soon(&self) -> bool {
+        self.retry_soon
+    }
+
     /// Queue a frame built without room for the header (the gateway's answers): copied once
     /// behind the room.
     pub fn push_copy(&mut self, frame: &[u8], hdr: OutHdr, counters: &Counters) {
@@ -165,15 +187,22 @@ impl RxQueue {
     }
 
     /// Queue a frame whose first VIRTIO_NET_HDR_LEN bytes are room for its header; drops
-    /// (counted) when too many are already waiting.
+    /// (counted) when too many frames or bytes are already waiting.
     pub fn push(&mut self, frame: Vec<u8>, hdr: OutHdr, counters: &Counters) {
-        if self.pending.len() >= MAX_PENDING_RX {
+        if self.pending.len() >= MAX_PENDING_RX
+            || self.pending_bytes + frame.len() > MAX_PENDING_RX_BYTES
+        {
             counters.drop_frame(
                 DropReason::RxQueueFull,
-                format_args!("{} frames already wait for rx buffers", self.pending.len()),
+                format_args!(
+                    "{} frames ({} bytes) already wait for rx buffers",
+                    self.pending.len(),
+                    self.pending_bytes
+                ),
             );
             return;
         }
+        self.pending_bytes += frame.len();
         self.pending.push_back((frame, hdr));
     }
 
@@ -183,9 +212,23 @@ impl RxQueue {
 
     pub fn clear(&mut self) {
         self.pending.clear();
+        self.pending_bytes = 0;
+        self.stalled_at = None;
+        self.retry_soon = false;
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((buf, _)) = self.pending.pop_front() {
+            self.pending_bytes -= buf.len();
+        }
     }
 
     /// Put as many pending frames as fit into the RX queue; notify the guest once.
+    ///
+    /// A frame that finds too little room waits, and is tried again only once the guest's
+    /// avail index has moved (it posted buffers): a guest that posts buffers too small to
+    /// hold it (zero-length ones included) costs one try per batch of buffers it posts,
+    /// never a spin. A frame larger than a whole ring of the guest's buffers is dropped.
     pub fn flush(
         &mut self,
         vring: &VringRwLock,
@@ -193,13 +236,26 @@ impl RxQueue {
         mrg_rxbuf: bool,
         counters: &Counters,
     ) -> std::io::Result<()> {
+        self.retry_soon = false;
         // A queue the driver disabled (fewer queue pairs in use) is not written: its frames
         // wait until it is enabled again.
         if self.pending.is_empty() || !vring.get_ref().is_enabled() {
             return Ok(());
         }
         let mem = mem.memory();
+        if let Some(seen) = self.stalled_at {
+            let avail = vring
+                .get_ref()
+                .get_queue()
+                .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire);
+            match avail {
+                Ok(idx) if idx.0 != seen => self.stalled_at = None,
+                // Nothing posted since the last try: wait for the guest's kick.
+                _ => return Ok(()),
+            }
+        }
         let mut delivered = false;
+        let mut retries = 0;
         self.paced = false;
         while let Some((buf, hdr)) = self.pending.front_mut() {
             let len = buf.len() - VIRTIO_NET_HDR_LEN;
@@ -208,26 +264,30 @@ impl RxQueue {
                     self.paced = true;
                     break;
                 }
-                pacer.spend(len);
             }
             match place_frame(vring, &mem, buf, *hdr, mrg_rxbuf) {
                 Placed::Done => {
+                    if let Some(pacer) = self.pacer.as_ref() {
+                        pacer.spend(len);
+                    }
                     counters.add(Traffic::RxFrames, 1);
                     counters.add(Traffic::RxBytes, len as u64);
                     delivered = true;
-                    self.pending.pop_front();
+                    self.pop_front();
                 }
                 Placed::Dropped(reason) => {
                     delivered = true;
                     counters.drop_frame(reason, format_args!("rx frame of {len} bytes"));
-                    self.pending.pop_front();
+                    self.pop_front();
                 }
-                Placed::NoBuffers => {
-                    // Ask to be kicked when the guest posts buffers (with EVENT_IDX this
-                    // moves avail_event); if some arrived meanwhile, go on at once.
-                    if vring.enable_notification().unwrap_or(false) {
+                Placed::NoBuffers { seen, moved } => {
+                    // Posted meanwhile: go on at once (a few times; then the timer).
+                    if moved && retries < MAX_FLUSH_RETRIES {
+                        retries += 1;
                         continue;
                     }
+                    self.retry_soon = moved;
+                    self.stalled_at = Some(seen);
                     break;
                 }
             }
@@ -244,8 +304,12 @@ enum Placed {
     Done,
     /// The frame cannot be delivered into what the guest posted; the chains used are returned.
     Dropped(DropReason),
-    /// Not enough buffers yet; nothing was consumed.
-    NoBuffers,
+    /// Not enough buffers yet; nothing was consumed. `seen`: the guest's avail index this
+    /// try went up to; `moved`: it has moved since (notifications are enabled from `seen`).
+    NoBuffers {
+        seen: u16,
+        moved: bool,
+    },
 }
 
 /// Write one header+frame into as many RX chains as it needs.
@@ -262,10 +326,16 @@ fn place_frame(
     let mut capacity = 0usize;
     while capacity < data.len() {
         let Some(chain) = queue.pop_descriptor_chain(mem.clone()) else {
-            for _ in 0..chains.len() {
-                queue.go_to_previous_position();
+            if mrg_rxbuf && chains.len() >= usize::from(queue.size()) {
+                // A whole ring of the guest's buffers cannot hold the frame, and the guest
+                // cannot post more until some are used: it never fits. Give the buffers back.
+                for (c, _) in chains {
+                    let c: DescriptorChain<Mem> = c;
+                    let _ = queue.add_used(&**mem, c.head_index(), 0);
+                }
+                return Placed::Dropped(DropReason::RxRingTooSmall);
             }
-            return Placed::NoBuffers;
+            return no_buffers(queue, mem, chains.len());
         };
         let Some(cap) = rx_capacity(&chain) else {
             // A readable descriptor in an RX chain: return the chain unused, drop the frame.
@@ -316,9 +386,52 @@ fn place_frame(
     }
 }
 
+/// The guest posted too little room: put the `popped` chains back, and ask to be notified
+/// when it posts past what this try saw. (`enable_notification` sets the notification point
+/// at `next_avail`, which the rewind moved back: a guest whose next buffers lie past it
+/// would not kick. So it is set at the index seen, then the rewind is restored.)
+fn no_buffers(queue: &mut virtio_queue::Queue, mem: &Mem, popped: usize) -> Placed {
+    let at_none = queue.next_avail();
+    let avail = queue
+        .avail_idx(&**mem, std::sync::atomic::Ordering::Acquire)
+        .map_or(at_none, |w| w.0);
+    // An avail index more than a ring ahead of us is the guest's error (the queue refuses
+    // to pop): wait until it changes.
+    let seen = if avail.wrapping_sub(at_none) > queue.size() {
+        avail
+    } else {
+        at_none
+    };
+    let rewound = at_none.wrapping_sub(popped as u16);
+    queue.set_next_avail(seen);
+    let moved = queue.enable_notification(&**mem).unwrap_or(false);
+    queue.set_next_avail(rewound);
+    Placed::NoBuffers { seen, moved }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Frames for a guest that posts no RX buffers wait within a byte bound (by count
+    /// alone, 1024 x 64 KiB), the rest dropped and counted.
+    #[test]
+    fn rx_pending_is_bounded_in_bytes() {
+        let counters = Counters::default();
+        let mut rx = RxQueue::default();
+        for _ in 0..1024 {
+            rx.push(vec![0u8; 65_550], OutHdr::Plain, &counters);
+            assert!(rx.pending_bytes <= MAX_PENDING_RX_BYTES);
+        }
+        assert_eq!(rx.pending(), MAX_PENDING_RX_BYTES / 65_550);
+        assert_eq!(
+            counters.drops(DropReason::RxQueueFull),
+            (1024 - MAX_PENDING_RX_BYTES / 65_550) as u64
+        );
+        rx.clear();
+        rx.push(vec![0u8; 100], OutHdr::Plain, &counters);
+        assert_eq!(rx.pending_bytes, 100);
+    }
 
     #[test]
     fn guest_reader_reads_within_across_and_outside_regions() {

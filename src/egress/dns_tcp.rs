@@ -16,6 +16,14 @@ use crate::telemetry::Counters;
 const IDLE: Duration = Duration::from_secs(10);
 /// Largest message: the two-byte length allows 65535.
 const MAX_MESSAGE: usize = 65_535;
+/// Answers waiting for the guest to read them, at most this many bytes before moat stops
+/// reading queries (then the stack's receive buffer fills and the guest's window closes).
+/// One more answer may be added past it: at most 4 KiB from the resolver, a few hundred
+/// bytes from moat's own DNS.
+pub const OUTBOX_CAP: usize = 4096;
+/// Queries of one connection at the upstream resolver at once, at most (their answers
+/// land in the outbox whatever its size).
+pub const MAX_AWAITING: usize = 4;
 
 /// One guest connection to gateway:53.
 #[derive(Debug)]
@@ -63,7 +71,8 @@ impl DnsConn {
             socket.abort();
             return false;
         }
-        while socket.can_recv() && self.inbox.len() < MAX_MESSAGE + 2 {
+        // Read only while the guest reads its answers: otherwise they would pile up here.
+        while socket.can_recv() && self.inbox.len() < MAX_MESSAGE + 2 && !self.backed_up() {
             let room = MAX_MESSAGE + 2 - self.inbox.len();
             let inbox = &mut self.inbox;
             let _ = socket.recv(|data| {
@@ -73,7 +82,7 @@ impl DnsConn {
             });
             self.last = Instant::now();
         }
-        while self.inbox.len() >= 2 {
+        while self.inbox.len() >= 2 && !self.backed_up() {
             let len = usize::from(u16::from_be_bytes([self.inbox[0], self.inbox[1]]));
             if self.inbox.len() < 2 + len {
                 break;
@@ -103,6 +112,12 @@ impl DnsConn {
             }
         }
         self.send_pending(stack)
+    }
+
+    /// Whether answers wait for the guest (or the resolver) beyond the caps: take no more
+    /// queries until they drain.
+    fn backed_up(&self) -> bool {
+        self.outbox.len() > OUTBOX_CAP || self.awaiting + self.to_upstream.len() >= MAX_AWAITING
     }
 
     /// An answer for this connection (from the upstream resolver).

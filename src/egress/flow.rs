@@ -310,7 +310,9 @@ impl Flow {
             }
             _ => {
                 stack.socket(self.handle).abort();
-                let _ = self.stream.shutdown(Shutdown::Both);
+                // Both sides are reset: the proxy's too (SO_LINGER 0, no shutdown, so the
+                // close when the flow is reaped sends an RST and no FIN before it).
+                let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
             }
         }
         self.phase = Phase::Done(end);
@@ -527,6 +529,14 @@ impl Flow {
                 Ok(n) => self.bytes_down += n as u64,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,
                 Err(_) => return self.finish(stack, End::ProxyReset),
+            }
+        }
+        if self.upstream_eof && self.readable {
+            // Nothing is read after the proxy's FIN; a reset that follows it (the guest wrote
+            // to a proxy that is gone) shows as a pending socket error: pass it on.
+            self.readable = false;
+            if let Ok(Some(_)) = self.stream.take_error() {
+                return self.finish(stack, End::ProxyReset);
             }
         }
         if moved_before != (self.bytes_up, self.bytes_down) {

@@ -102,6 +102,11 @@ struct Waiting {
     seen: usize,
 }
 
+/// What a waiting connection's first bytes decided: admitted (with the explicit-proxy
+/// front's work, if it came from there), or refused with the HTTP status an explicit-proxy
+/// client gets (0: a reset).
+type FirstBytes = Result<(Admitted, Option<Front>), (DropReason, u16)>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum WaitKind {
     /// An IP literal that only a name rule can allow: its SNI or Host decides.
@@ -166,6 +171,8 @@ pub struct Flows {
     free_tokens: Vec<u64>,
     /// With several queue pairs: which pair this is, and the VM's flow owners.
     steering: Steering,
+    /// This pair's slot in the descriptor budget (crate::device::fd_budget).
+    fd_slot: usize,
 }
 
 impl std::fmt::Debug for Flows {
@@ -205,7 +212,30 @@ impl Flows {
             first_token: u64::MAX,
             free_tokens: Vec::new(),
             steering: Steering::default(),
+            fd_slot: 0,
         }
+    }
+
+    /// Which slot of the descriptor budget this flow table reports in (its queue pair).
+    pub fn set_fd_slot(&mut self, slot: usize) {
+        self.fd_slot = slot;
+    }
+
+    /// Room for one more flow needing `fds` descriptors: every kind of flow (TCP, sniffing,
+    /// DNS over TCP, UDP association) counts against `limits.max_flows`, and the VM's flows
+    /// stay within the descriptor budget.
+    fn admit(&self, fds: usize) -> Result<(), DropReason> {
+        let open = self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len();
+        if self.steering.open_flows(open) >= self.policy.limits.max_flows {
+            return Err(DropReason::FlowLimit);
+        }
+        crate::device::fd_budget::check(self.fd_slot, self.host_fds(), fds)
+    }
+
+    /// Descriptors the flows hold or are about to (registered sockets, and connections
+    /// still waiting to be admitted, which will need one), for the descriptor budget.
+    pub fn host_fds(&self) -> usize {
+        self.by_token.len() + self.waiting.len()
     }
 
     /// Where this flow table sits: the first event token it may hand out (those below
@@ -391,7 +421,11 @@ impl Flows {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
-            if self.steering.open_flows(self.flows.len()) >= self.policy.limits.max_flows {
+            let held =
+                self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len();
+            if self.steering.open_flows(held) >= self.policy.limits.max_flows
+                || crate::device::fd_budget::check(self.fd_slot, self.host_fds(), 0).is_err()
+            {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
             }
@@ -540,10 +574,10 @@ impl Flows {
     }
 
     fn open(&mut self, key: FlowKey) -> Result<(), DropReason> {
-        if self
-            .steering
-            .open_flows(self.flows.len() + self.waiting.len() + self.dns_conns.len())
-            >= self.policy.limits.max_flows
+        self.admit(1)?;
+        if self.steering.open_flows(
+            self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len(),
+        ) >= self.policy.limits.max_flows
         {
             return Err(DropReason::FlowLimit);
         }
@@ -715,6 +749,7 @@ impl Flows {
     }
 
     fn open_udp(&mut self, key: udp::UdpKey) -> Result<(), DropReason> {
+        self.admit(2)?;
         if self.steering.open_flows(
             self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len(),
         ) >= self.policy.limits.max_flows
@@ -906,8 +941,7 @@ impl Flows {
                 }
                 continue;
             }
-            let decided: Option<Result<(Admitted, Option<Front>), (DropReason, u16)>> = match state
-            {
+            let decided: Option<FirstBytes> = match state {
                 State::Listen | State::Closed => Some(Err((DropReason::NotAllowed, 0))),
                 _ if w.since.elapsed() > SNIFF_TIMEOUT => Some(Err((DropReason::NotAllowed, 0))),
                 State::Established => {
@@ -971,12 +1005,7 @@ impl Flows {
 
     /// What a waiting connection's first bytes decide: `None` to wait for more; an error
     /// carries the HTTP status an explicit-proxy client gets (0: a reset).
-    fn judge_first_bytes(
-        &self,
-        key: &FlowKey,
-        kind: WaitKind,
-        first: &[u8],
-    ) -> Option<Result<(Admitted, Option<Front>), (DropReason, u16)>> {
+    fn judge_first_bytes(&self, key: &FlowKey, kind: WaitKind, first: &[u8]) -> Option<FirstBytes> {
         match kind {
             WaitKind::Sniff => match sniff::sniff(first) {
                 sniff::Sniffed::NeedMore => None,

@@ -16,6 +16,8 @@ pub const IDLE: Duration = Duration::from_secs(60);
 const MAX_QUEUED: usize = 64;
 /// Datagrams sent to the relay in one sendmmsg, at most (then the batch goes out at once).
 const MAX_BATCH: usize = 256;
+/// Room an association keeps for its batch between bursts, at most.
+const KEPT_BATCH_BYTES: usize = 16 * 1024;
 /// UDP GSO (linux/udp.h UDP_SEGMENT; not in the libc crate for glibc): one send carries up
 /// to 64 datagrams of one size, split by the kernel as late as it can.
 const UDP_SEGMENT: libc::c_int = 103;
@@ -202,6 +204,8 @@ impl Assoc {
         self.datagrams_up += sent as u64;
         self.batch.clear();
         self.batch_lens.clear();
+        // A burst's room is not kept: every association of the VM could hold one.
+        self.batch.shrink_to(KEPT_BATCH_BYTES);
     }
 
     /// Drive the control connection, send what the guest sent since the last step, deliver

@@ -1,4 +1,4 @@
-//! The gate: the one decision that lets a connection out of the guest (DESIGN invariants 3
+//! The gate: the one decision that lets a connection out of the guest (docs/DESIGN.md, invariants 3
 //! and 7). Every rule of "what may leave" is in this file.
 //!
 //! A guest names where it wants to go in several ways: packets to an IPv4 address (a literal,

@@ -1,7 +1,7 @@
 //! The verdict for each guest frame: drop it (with a reason), answer it from one of the
 //! gateway's own services, or (with the egress work) carry it as a flow.
 //!
-//! The rules are the isolation invariants of DESIGN.md: the guest speaks only as itself
+//! The rules are the isolation invariants of docs/DESIGN.md: the guest speaks only as itself
 //! (its MAC, its address), reaches nothing but the gateway, and the gateway answers only
 //! ARP for itself, DHCP, ICMP echo and DNS. Nothing is bridged.
 

@@ -47,7 +47,7 @@ use frontend::{Negotiated, Watchdog};
 pub use memory::GuestMemWriter;
 use memory::GuestMemory;
 pub use memory::GPA_BASE;
-pub use net::GuestNet;
+pub use net::{DnsReply, GuestNet, ResponseCode};
 use ring::SplitRing;
 pub use ring::{RawDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 
@@ -90,6 +90,13 @@ pub enum GuestError {
     ChainLength { len: usize, queue_size: u16 },
     #[error("no free TX descriptor: the device is not returning them")]
     TxStalled,
+    /// The gateway's DNS sent nothing back (neither an answer nor an error code).
+    #[error("no DNS reply for {name} within {after:?}")]
+    DnsTimeout { name: String, after: Duration },
+    /// A query that cannot be built, or a reply that is not the answer to it (wrong ID,
+    /// question, source or no DNS message at all).
+    #[error("DNS: {0}")]
+    Dns(String),
 }
 
 /// How the simulated guest sets itself up.
@@ -180,6 +187,9 @@ struct QueuePair {
     tx_inflight: HashMap<u16, Vec<u16>>,
     tx_completed: u64,
     tx_posted: u64,
+    /// Length each RX descriptor is posted with (at most the buffer's size; a hostile guest
+    /// posts less, down to zero: [`SimGuest::set_rx_buffer_len`]).
+    rx_post_len: u32,
 }
 
 impl QueuePair {
@@ -211,6 +221,8 @@ pub struct SimGuest {
     rx_next: usize,
     /// Start of the memory no ring or buffer uses.
     scratch: u64,
+    /// The longest frame received so far (without its virtio-net header).
+    largest_rx: usize,
 }
 
 impl SimGuest {
@@ -294,6 +306,7 @@ impl SimGuest {
                 tx_inflight: HashMap::new(),
                 tx_completed: 0,
                 tx_posted: 0,
+                rx_post_len: opts.rx_buffer_size,
             });
         }
         let mut guest = SimGuest {
@@ -307,6 +320,7 @@ impl SimGuest {
             active_tx: 0,
             rx_next: 0,
             scratch,
+            largest_rx: 0,
         };
         // Post every RX buffer before the device starts, as a driver does at probe time.
         for p in 0..guest.pairs.len() {
@@ -402,12 +416,34 @@ impl SimGuest {
         let pair = &mut self.pairs[p];
         let desc = RawDesc {
             addr: pair.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
-            len: self.rx_buffer_size,
+            len: pair.rx_post_len,
             flags: VIRTQ_DESC_F_WRITE,
             next: 0,
         };
         pair.rings[RX].write_desc(&self.mem, i, desc);
         pair.rings[RX].publish(&self.mem, i)
+    }
+
+    /// As a hostile driver: from now on post every RX buffer of queue pair `pair` `len`
+    /// bytes long (zero included; at most the buffers' real size), and rewrite the
+    /// descriptors of its RX buffers already posted to that length (the device reads a
+    /// descriptor only when it takes the chain).
+    ///
+    /// # Panics
+    /// If `pair` is not below [`SimGuest::queue_pairs`] (a bug in the caller).
+    pub fn set_rx_buffer_len(&mut self, pair: usize, len: u32) {
+        let size = self.rx_buffer_size;
+        let pair = &mut self.pairs[pair];
+        pair.rx_post_len = len.min(size);
+        for i in 0..pair.rings[RX].size {
+            let desc = RawDesc {
+                addr: pair.rx_base + u64::from(i) * u64::from(size),
+                len: pair.rx_post_len,
+                flags: VIRTQ_DESC_F_WRITE,
+                next: 0,
+            };
+            pair.rings[RX].write_desc(&self.mem, i, desc);
+        }
     }
 
     /// Send a frame behind an all-zero virtio-net header.
@@ -572,6 +608,7 @@ impl SimGuest {
                     let buf = self.take_rx(p, used);
                     if let Some(frame) = self.assemble(p, buf) {
                         self.rx_next = (p + 1) % n;
+                        self.largest_rx = self.largest_rx.max(frame.1.len());
                         return Ok(Some(frame));
                     }
                 }
@@ -662,6 +699,12 @@ impl SimGuest {
     /// (guest-physical address, length) of each memory region, in address order.
     pub fn guest_mem_layout(&self) -> Vec<(u64, usize)> {
         self.mem.layout()
+    }
+
+    /// The longest frame received so far, in bytes without the virtio-net header (every
+    /// frame, also those a [`GuestNet`] took in).
+    pub fn largest_rx_frame(&self) -> usize {
+        self.largest_rx
     }
 
     /// Start of guest memory the rings and buffers (of every pair) do not use (at least

@@ -94,6 +94,31 @@ impl Device for Link<'_> {
     }
 }
 
+pub use hickory_proto::op::ResponseCode;
+
+/// What the gateway's DNS answered to an A query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsReply {
+    /// NoError, NXDomain, ServFail, Refused, ...
+    pub rcode: ResponseCode,
+    /// The A records of the answer section, in order.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+impl DnsReply {
+    /// The first address of a NOERROR reply (`None` for any other response code).
+    pub fn addr(&self) -> Option<Ipv4Addr> {
+        (self.rcode == ResponseCode::NoError)
+            .then(|| self.addrs.first().copied())
+            .flatten()
+    }
+
+    /// NXDOMAIN with no address in it.
+    pub fn is_nxdomain(&self) -> bool {
+        self.rcode == ResponseCode::NXDomain && self.addrs.is_empty()
+    }
+}
+
 /// The simulated guest with an IP address, a default route and sockets.
 pub struct GuestNet {
     guest: SimGuest,
@@ -318,24 +343,26 @@ impl GuestNet {
         self.sockets.get_mut::<udp::Socket>(handle)
     }
 
-    /// Resolve `name` (A record) at the gateway's DNS; `None` for NXDOMAIN or no answer.
-    pub fn resolve(
-        &mut self,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<Option<Ipv4Addr>, GuestError> {
-        use hickory_proto::op::{Message, Query};
+    /// Ask the gateway's DNS for `name`'s A records and wait up to `timeout` for the reply:
+    /// its response code and addresses, or [`GuestError::DnsTimeout`] when nothing came back
+    /// (so NXDOMAIN and silence are told apart). A reply that is not the answer to this query
+    /// (another ID or question, from anywhere but gateway:53) is [`GuestError::Dns`].
+    pub fn resolve(&mut self, name: &str, timeout: Duration) -> Result<DnsReply, GuestError> {
+        use hickory_proto::op::{Message, MessageType, Query};
         use hickory_proto::rr::{Name, RData, RecordType};
-        let Ok(qname) = Name::from_ascii(name) else {
-            return Ok(None);
-        };
+        let mut qname =
+            Name::from_ascii(name).map_err(|e| GuestError::Dns(format!("name {name:?}: {e}")))?;
+        // Replies carry the question as an absolute name.
+        qname.set_fqdn(true);
+        let id = self.port();
         let mut query = Message::query();
-        query.metadata.id = self.port();
+        query.metadata.id = id;
         query.metadata.recursion_desired = true;
-        query.add_query(Query::query(qname, RecordType::A));
-        let Ok(bytes) = query.to_vec() else {
-            return Ok(None);
-        };
+        let question = Query::query(qname, RecordType::A);
+        query.add_query(question.clone());
+        let bytes = query
+            .to_vec()
+            .map_err(|e| GuestError::Dns(format!("query for {name}: {e}")))?;
         let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]);
         let tx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]);
         let mut socket = udp::Socket::new(rx, tx);
@@ -345,22 +372,59 @@ impl GuestNet {
         let _ = socket.send_slice(&bytes, server);
         let handle = self.sockets.add(socket);
         let mut answer = None;
-        self.run_until(timeout, |net| {
+        let polled = self.run_until(timeout, |net| {
             let s = net.sockets.get_mut::<udp::Socket>(handle);
-            if let Ok((data, _)) = s.recv() {
-                answer = Some(data.to_vec());
+            if let Ok((data, meta)) = s.recv() {
+                answer = Some((data.to_vec(), meta.endpoint));
                 return true;
             }
             false
-        })?;
+        });
         self.sockets.remove(handle);
-        let Some(reply) = answer.and_then(|a| Message::from_vec(&a).ok()) else {
-            return Ok(None);
+        polled?;
+        let Some((bytes, from)) = answer else {
+            return Err(GuestError::DnsTimeout {
+                name: name.to_string(),
+                after: timeout,
+            });
         };
-        Ok(reply.answers.iter().find_map(|r| match r.data {
-            RData::A(a) => Some(a.0),
-            _ => None,
-        }))
+        if from != server {
+            return Err(GuestError::Dns(format!(
+                "reply for {name} from {from}, not {server}"
+            )));
+        }
+        let reply = Message::from_vec(&bytes)
+            .map_err(|e| GuestError::Dns(format!("reply for {name} does not parse: {e}")))?;
+        if reply.metadata.id != id
+            || reply.metadata.message_type != MessageType::Response
+            || reply.queries != [question]
+        {
+            return Err(GuestError::Dns(format!(
+                "reply for {name} is not the answer to the query (id {} for {id}, \
+                 questions {:?})",
+                reply.metadata.id, reply.queries
+            )));
+        }
+        Ok(DnsReply {
+            rcode: reply.metadata.response_code,
+            addrs: reply
+                .answers
+                .iter()
+                .filter_map(|r| match r.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect(),
+        })
+    }
+
+    /// Resolve `name`, expecting an address: the first A record of a NOERROR reply, else an
+    /// error that says what came back instead (NXDOMAIN, SERVFAIL, no records, nothing).
+    pub fn resolve_a(&mut self, name: &str, timeout: Duration) -> Result<Ipv4Addr, GuestError> {
+        let reply = self.resolve(name, timeout)?;
+        reply
+            .addr()
+            .ok_or_else(|| GuestError::Dns(format!("{name}: no address in {reply:?}")))
     }
 
     /// The simulated guest underneath (for raw frames).

@@ -1,4 +1,4 @@
-//! The per-VM policy: the TOML contract of DESIGN.md, parsed with serde and validated into a
+//! The per-VM policy: the TOML contract of docs/DESIGN.md, parsed with serde and validated into a
 //! typed model. Every error names the file, line, column and key, and says what to do.
 
 mod error;

@@ -50,18 +50,28 @@ pub fn map_flow_buffers() {
 }
 /// Guest packets waiting for the stack, at most (bounded: the guest cannot grow it).
 const MAX_QUEUED: usize = 4096;
+/// Bytes of guest packets waiting for the stack, at most: 16 segments of 64 KiB. A full
+/// queue is first handed to the stack (a poll), so only packets the stack cannot take
+/// are dropped.
+pub const MAX_QUEUED_BYTES: usize = 1 << 20;
+/// Bytes of packets the stack may make for the guest before they are taken, at most (then
+/// the sockets keep their data, and ask for a poll, until the packets are taken): 32
+/// segments of 64 KiB.
+pub const MAX_EGRESS_BYTES: usize = 2 << 20;
 
 /// One guest connection's device: the packets the guest sent on it, and the packets the
 /// stack makes (for every connection) on the way out.
 struct SlotDevice<'a> {
     inbox: &'a mut VecDeque<Vec<u8>>,
     out: &'a mut Vec<Vec<u8>>,
+    /// Bytes in `out`.
+    out_bytes: &'a mut usize,
     mtu: usize,
 }
 
 /// A received packet as a smoltcp RX token (also used by the simulated guest's stack).
 pub struct Rx(pub Vec<u8>);
-struct Tx<'a>(&'a mut Vec<Vec<u8>>);
+struct Tx<'a>(&'a mut Vec<Vec<u8>>, &'a mut usize);
 
 impl RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -75,6 +85,7 @@ impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut buf = vec![0u8; PACKET_HEADROOM + len];
         let r = f(&mut buf[PACKET_HEADROOM..]);
+        *self.1 += buf.len();
         self.0.push(buf);
         r
     }
@@ -92,11 +103,15 @@ impl Device for SlotDevice<'_> {
 
     fn receive(&mut self, _now: SmolInstant) -> Option<(Rx, Tx<'_>)> {
         let packet = self.inbox.pop_front()?;
-        Some((Rx(packet), Tx(self.out)))
+        // Answers to a received packet (ACKs, RSTs) always go: at most one per packet.
+        Some((Rx(packet), Tx(self.out, self.out_bytes)))
     }
 
     fn transmit(&mut self, _now: SmolInstant) -> Option<Tx<'_>> {
-        Some(Tx(self.out))
+        if *self.out_bytes >= MAX_EGRESS_BYTES {
+            return None; // the socket keeps its data until the packets are taken
+        }
+        Some(Tx(self.out, self.out_bytes))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -192,10 +207,12 @@ pub struct Stack {
     timers: BinaryHeap<Reverse<(SmolInstant, usize)>>,
     /// Slots whose poll changed something since the last `take_touched`.
     touched: Vec<SocketHandle>,
-    /// Guest packets in all inboxes.
+    /// Guest packets in all inboxes, and their bytes.
     queued: usize,
-    /// Packets for the guest.
+    queued_bytes: usize,
+    /// Packets for the guest, and their bytes.
     from_stack: Vec<Vec<u8>>,
+    from_stack_bytes: usize,
     /// Guest packets no socket takes: smoltcp answers them (a RST) from an empty set.
     unmatched: VecDeque<Vec<u8>>,
     no_sockets: SocketSet<'static>,
@@ -212,10 +229,11 @@ pub struct Stack {
 /// The interface: the gateway's address, any-IP (it answers for every destination the
 /// data path hands it), a default route.
 fn interface(mtu: usize, gateway: Ipv4Addr, prefix_len: u8) -> Interface {
-    let (mut inbox, mut out) = (VecDeque::new(), Vec::new());
+    let (mut inbox, mut out, mut out_bytes) = (VecDeque::new(), Vec::new(), 0);
     let mut device = SlotDevice {
         inbox: &mut inbox,
         out: &mut out,
+        out_bytes: &mut out_bytes,
         mtu,
     };
     let mut iface = Interface::new(
@@ -231,6 +249,11 @@ fn interface(mtu: usize, gateway: Ipv4Addr, prefix_len: u8) -> Interface {
     let _ = iface.routes_mut().add_default_ipv4_route(gateway);
     iface.set_any_ip(true);
     iface
+}
+
+/// Bytes of the packets in an inbox.
+fn inbox_bytes(inbox: &VecDeque<Vec<u8>>) -> usize {
+    inbox.iter().map(Vec::len).sum()
 }
 
 /// The endpoint a guest TCP packet is for: (destination, destination port, source port).
@@ -264,7 +287,9 @@ impl Stack {
             timers: BinaryHeap::new(),
             touched: Vec::new(),
             queued: 0,
+            queued_bytes: 0,
             from_stack: Vec::new(),
+            from_stack_bytes: 0,
             unmatched: VecDeque::new(),
             no_sockets: SocketSet::new(Vec::new()),
             mtu,
@@ -308,14 +333,21 @@ impl Stack {
 
     /// Hand a guest IP packet to the stack. Returns false if the queue is full (dropped).
     pub fn ingress(&mut self, packet: &[u8]) -> bool {
-        if self.queued >= MAX_QUEUED {
-            return false;
+        let full =
+            |s: &Stack| s.queued >= MAX_QUEUED || s.queued_bytes + packet.len() > MAX_QUEUED_BYTES;
+        if full(self) {
+            // Let the stack take what waits (into its sockets' bounded buffers) first.
+            self.poll();
+            if full(self) {
+                return false;
+            }
         }
         let mut packet = packet.to_vec();
         if self.raise_mss {
             raise_syn_mss(&mut packet, LARGE_SEGMENT_MSS);
         }
         self.queued += 1;
+        self.queued_bytes += packet.len();
         match endpoint_of(&packet).and_then(|e| self.by_endpoint.get(&e).copied()) {
             Some(index) => {
                 if let Some(Some(slot)) = self.slots.get_mut(index) {
@@ -344,9 +376,11 @@ impl Stack {
         }
         if !self.unmatched.is_empty() {
             self.queued -= self.unmatched.len();
+            self.queued_bytes -= inbox_bytes(&self.unmatched);
             let mut device = SlotDevice {
                 inbox: &mut self.unmatched,
                 out: &mut self.from_stack,
+                out_bytes: &mut self.from_stack_bytes,
                 mtu: self.mtu,
             };
             self.iface.poll(now, &mut device, &mut self.no_sockets);
@@ -357,9 +391,11 @@ impl Stack {
             };
             slot.dirty = false;
             self.queued -= slot.inbox.len();
+            self.queued_bytes -= inbox_bytes(&slot.inbox);
             let mut device = SlotDevice {
                 inbox: &mut slot.inbox,
                 out: &mut self.from_stack,
+                out_bytes: &mut self.from_stack_bytes,
                 mtu: self.mtu,
             };
             let changed = self.iface.poll(now, &mut device, &mut slot.set);
@@ -385,6 +421,7 @@ impl Stack {
     /// IP packets the stack sent to the guest since the last call, each behind
     /// PACKET_HEADROOM.
     pub fn take_egress(&mut self) -> Vec<Vec<u8>> {
+        self.from_stack_bytes = 0;
         std::mem::take(&mut self.from_stack)
     }
 
@@ -502,6 +539,7 @@ impl Stack {
             return;
         };
         self.queued -= slot.inbox.len();
+        self.queued_bytes -= inbox_bytes(&slot.inbox);
         self.by_endpoint.remove(&slot.endpoint);
         self.free.push(handle.0);
     }
@@ -610,6 +648,35 @@ mod tests {
         assert!(
             s.listen(DST, 80, 40002, false).is_none(),
             "one socket per endpoint"
+        );
+    }
+
+    /// A guest flooding 64 KiB segments the stack has no socket for: what waits for the
+    /// stack stays within its byte bound (by count alone it was 4096 x 64 KiB = 256 MiB).
+    #[test]
+    fn inbound_queue_is_bounded_in_bytes() {
+        let policy = crate::policy::Policy::parse(
+            "[vm]\nname = \"t\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .expect("valid policy");
+        let mut stack = Stack::new(&policy.vm);
+        stack.set_large_segments(true, true);
+        // An IPv4 header claiming TCP, then 64 KiB of zeros: parsed (and dropped) by the
+        // stack only when it polls.
+        let mut packet = vec![0u8; 65_000];
+        packet[0] = 0x45;
+        packet[9] = 6;
+        let mut taken = 0;
+        for _ in 0..4096 {
+            taken += usize::from(stack.ingress(&packet));
+            assert!(stack.queued_bytes <= MAX_QUEUED_BYTES);
+            assert!(stack.queued * packet.len() <= MAX_QUEUED_BYTES);
+            let _ = stack.take_egress();
+        }
+        assert_eq!(
+            taken, 4096,
+            "a full queue is handed to the stack, not dropped"
         );
     }
 }

@@ -99,8 +99,11 @@ reasons! {
     TcpNoFlow => "tcp_no_flow",
     /// A SYN with FIN or RST set.
     TcpBadFlags => "tcp_bad_flags",
-    /// `limits.max_flows` reached: new connections are refused.
+    /// `limits.max_flows` reached: new connections are refused (a SYN gets a RST).
     FlowLimit => "flow_limit",
+    /// The descriptor budget is spent (RLIMIT_NOFILE less moat's own and the operator's
+    /// reserve): new connections are refused (a SYN gets a RST).
+    FdBudget => "fd_budget",
     /// To a 198.18.0.0/15 address moat never gave out in DNS.
     UnknownSyntheticAddress => "unknown_synthetic_address",
     /// To a reserved range (loopback, private, link-local, metadata, ...) no rule names,
@@ -131,6 +134,9 @@ reasons! {
     RxQueueFull => "rx_queue_full",
     /// An answer for the guest did not fit the RX buffers it posted.
     RxBufferTooSmall => "rx_buffer_too_small",
+    /// A frame for the guest larger than a whole RX ring of the buffers it posted (with
+    /// mergeable RX buffers): it can never be delivered; the buffers go back to the guest.
+    RxRingTooSmall => "rx_ring_too_small",
 }
 
 /// Which of the gateway's own services answered.

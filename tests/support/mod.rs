@@ -22,7 +22,6 @@ pub const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 pub const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 pub const GW_MAC: MacAddr = GATEWAY_MAC;
-pub const TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for something that must NOT arrive.
 pub const QUIET: Duration = Duration::from_millis(300);
 
@@ -103,18 +102,34 @@ impl Served {
     }
 }
 
-/// Wait until `cond` holds (counters are updated by moat's worker thread).
-pub fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+/// How long a test waits for something that must happen: generous, because a loaded 2-CPU
+/// machine may be slow; waiting stops as soon as the condition holds.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Wait until `probe` gives a value (checked every 10 ms), or panic naming `what` after
+/// `within`. Tests wait for the condition they then check, never for a fixed time.
+pub fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// Receive frames until one satisfies `pred`, or fail after the timeout.
+/// Wait until `cond` holds (counters are updated by moat's worker thread), up to DEADLINE.
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    wait_for(what, DEADLINE, || cond().then_some(()))
+}
+
+/// Receive frames until one satisfies `pred`, or fail after DEADLINE.
 pub fn recv_matching(guest: &mut SimGuest, what: &str, pred: impl Fn(&[u8]) -> bool) -> Vec<u8> {
-    let deadline = Instant::now() + TIMEOUT;
+    let deadline = Instant::now() + DEADLINE;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(!left.is_zero(), "no frame: {what}");
@@ -141,10 +156,72 @@ pub fn moat_bin() -> &'static str {
     env!("CARGO_BIN_EXE_moat")
 }
 
+/// `moat stats --json` of the moat serving `control`, if it answers.
+pub fn stats_json(control: &Path) -> Option<serde_json::Value> {
+    let out = std::process::Command::new(moat_bin())
+        .args(["stats", "--json", "--control"])
+        .arg(control)
+        .output()
+        .ok()?;
+    out.status.success().then_some(())?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Wait until the running moat's counter `name` (as `moat stats --json` names it, e.g.
+/// `drop.arp_not_for_gateway`) reads `value`.
+pub fn wait_counter(control: &Path, name: &str, value: u64) {
+    let mut last = None;
+    wait_for(&format!("{name} = {value} in moat stats"), DEADLINE, || {
+        last = stats_json(control).and_then(|v| v["counters"][name].as_u64());
+        (last == Some(value)).then_some(())
+    });
+}
+
+/// A spawned process that is killed (SIGKILL) and reaped when dropped, also when the test
+/// panics. It leads its own process group, and the whole group goes with it (peers that
+/// fork workers). Derefs to the `Child` for everything else.
+pub struct Reaped(std::process::Child);
+
+impl Reaped {
+    pub fn spawn(cmd: &mut std::process::Command) -> Reaped {
+        use std::os::unix::process::CommandExt;
+        let child = cmd
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+        Reaped(child)
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // Not reaped yet (else the test already waited for it): the id still names our
+        // child and the group it leads.
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) on the process group our own, unreaped child leads.
+            unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The moat binary serving `vm.toml` in a temp dir, with `moat.sock` and `control.sock`
-/// there too; killed when dropped.
+/// there too; killed when dropped (before the directory goes).
 pub struct MoatProcess {
-    pub child: std::process::Child,
+    pub child: Reaped,
     pub dir: tempfile::TempDir,
 }
 
@@ -154,18 +231,18 @@ impl MoatProcess {
     pub fn start(policy: &str, extra: &[&str], stderr: std::process::Stdio) -> MoatProcess {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vm.toml"), policy).unwrap();
-        let child = std::process::Command::new(moat_bin())
-            .arg("serve")
-            .arg("--socket")
-            .arg(dir.path().join("moat.sock"))
-            .arg("--policy")
-            .arg(dir.path().join("vm.toml"))
-            .arg("--control")
-            .arg(dir.path().join("control.sock"))
-            .args(extra)
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let child = Reaped::spawn(
+            std::process::Command::new(moat_bin())
+                .arg("serve")
+                .arg("--socket")
+                .arg(dir.path().join("moat.sock"))
+                .arg("--policy")
+                .arg(dir.path().join("vm.toml"))
+                .arg("--control")
+                .arg(dir.path().join("control.sock"))
+                .args(extra)
+                .stderr(stderr),
+        );
         let m = MoatProcess { child, dir };
         eventually("control socket", || m.path("control.sock").exists());
         m
@@ -173,13 +250,6 @@ impl MoatProcess {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
-    }
-}
-
-impl Drop for MoatProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -38,8 +38,18 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
 
 pub const DOWNLOAD_LEN: u64 = 16 << 20;
 
+/// The origin's answer to `GET /big`: 4096 lines `moat-line-NNNNN` (65536 bytes), which a
+/// busybox guest rebuilds with awk to compare (scripts/guest/checks.sh `fetch_big`).
+pub fn big_body() -> Vec<u8> {
+    (0..4096)
+        .flat_map(|i| format!("moat-line-{i:05}\n").into_bytes())
+        .collect()
+}
+
 /// Bytes the origin has written in 'B' mode and read in 'S' mode, for backpressure tests.
 pub static BULK_WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// 'W' mode connections that started waiting (their mode byte arrived).
+pub static PEER_WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// How 'W' mode connections ended, in order.
 pub static PEER_END: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 /// 'S' mode waits until this is set before it reads anything.
@@ -102,8 +112,19 @@ fn serve_origin(mut conn: TcpStream) {
                 }
                 head.push(b[0]);
             }
-            let _ = conn
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            // `GET /big`: BIG_BODY (64 KiB a guest can check by itself); anything else "ok".
+            let body = if head.starts_with(b"GET /big ") {
+                big_body()
+            } else {
+                b"ok".to_vec()
+            };
+            let mut reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            reply.extend_from_slice(&body);
+            let _ = conn.write_all(&reply);
         }
         b'R' => {
             // Read a little, then reset the connection (SO_LINGER 0) instead of closing it.
@@ -114,6 +135,7 @@ fn serve_origin(mut conn: TcpStream) {
         }
         b'W' => {
             // Wait for the peer: report how the connection ended ("eof" or "reset").
+            PEER_WAITING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut rest = Vec::new();
             let end = match conn.read_to_end(&mut rest) {
                 Ok(_) => "eof",
