@@ -571,8 +571,9 @@ fn main() {
         ]
         .concat(),
     );
-    // MRG_RXBUF, one chain posted, too little room for the frames: flush spun for ever on
-    // main (found by this target; MOAT_FUZZ_RX_MRG=1 to fuzz MRG_RXBUF, see queues.rs).
+    // MRG_RXBUF, one chain posted, too little room for the frame: flush spun for ever before
+    // the nostall merge (enable_notification said "more" for the chain it had put back).
+    // Found by this target; the frame must now wait.
     put(
         "queues",
         "rx_mrg_spin",

@@ -50,19 +50,9 @@ fuzz_target!(|data: &[u8]| {
     if mode & 1 == 0 {
         tx(rest);
     } else {
-        rx(mode & 2 != 0 && rx_mrg(), rest);
+        rx(mode & 2 != 0, rest);
     }
 });
-
-/// MRG_RXBUF placement is fuzzed only with MOAT_FUZZ_RX_MRG set: on main, `RxQueue::flush`
-/// spins for ever when the guest posted some buffers but too little room for a merged frame
-/// (`enable_notification` is true while any chain is unread, and the frame's chains were
-/// put back: fuzz/corpus/queues/rx_mrg_spin hangs it). The fix is on the nostall branch
-/// (`no_buffers`); once merged, make this the default.
-fn rx_mrg() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("MOAT_FUZZ_RX_MRG").is_some())
-}
 
 fn tx(data: &[u8]) {
     let Some((&max_byte, records)) = data.split_first() else {
