@@ -1,7 +1,12 @@
 #![no_main]
 //! DNS query bytes -> moat::services::dns::answer.
+//!
+//! Oracle: every answer is a DNS response that carries the query's id and, when the query
+//! had one well-formed question, exactly that question; answer records are A records for
+//! the question's name, given only to names the policy lets the guest resolve, with an
+//! address from the synthetic pool or the name's static record (invariant 4).
 use libfuzzer_sys::fuzz_target;
-use moat::services::dns::{answer, NamePool};
+use moat::services::dns::{answer, decode, DnsOutcome, NamePool};
 mod common;
 
 thread_local! {
@@ -12,6 +17,16 @@ thread_local! {
 fuzz_target!(|data: &[u8]| {
     STATE.with(|s| {
         let (dns, pool) = &mut *s.borrow_mut();
-        let _ = answer(dns, pool, data);
+        let Some((reply, outcome)) = answer(dns, pool, data) else {
+            return;
+        };
+        common::check_dns_answer(dns, data, &reply);
+        let reply = decode(&reply).expect("checked above");
+        if !reply.answers.is_empty() {
+            assert!(
+                matches!(outcome, DnsOutcome::Synthetic | DnsOutcome::Static),
+                "{outcome:?} with answers"
+            );
+        }
     });
 });

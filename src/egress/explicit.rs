@@ -63,7 +63,7 @@ pub fn read_head(buf: &[u8]) -> Head {
         return Head::Malformed("not an HTTP request");
     };
     if method.eq_ignore_ascii_case("CONNECT") {
-        let Some((host, port)) = target.rsplit_once(':') else {
+        let Some((host, port)) = target.rsplit_once(':').filter(|(h, _)| !h.is_empty()) else {
             return Head::Malformed("CONNECT needs host:port");
         };
         let Some(port) = port.parse::<u16>().ok().filter(|p| *p != 0) else {
@@ -91,6 +91,9 @@ pub fn read_head(buf: &[u8]) -> Head {
     let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
         return Head::Malformed("no host in the URL");
     };
+    if port == 0 {
+        return Head::Malformed("the URL needs a port from 1 to 65535");
+    }
     let path = &url[url::Position::BeforePath..url::Position::AfterQuery];
     let path = if path.is_empty() { "/" } else { path };
     let version = if req.version == Some(0) { "1.0" } else { "1.1" };
@@ -190,8 +193,13 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_refused_with_a_reason() {
-        let cases: [&[u8]; 8] = [
+        let cases: [&[u8]; 10] = [
+            // Port 0 in absolute form, like CONNECT's (found by the same target).
+            b"GET http:0X:0/8/ HTTP/1.1\r\n\r\n",
             b"CONNECT example.com HTTP/1.1\r\n\r\n",
+            // No host at all (found by the `explicit_head` fuzz target): a bad request,
+            // not an empty host for the gate.
+            b"CONNECT :443 HTTP/1.1\r\n\r\n",
             b"CONNECT example.com:0 HTTP/1.1\r\n\r\n",
             b"CONNECT example.com:99999 HTTP/1.1\r\n\r\n",
             b"GET /relative HTTP/1.1\r\nHost: example.com\r\n\r\n",

@@ -294,9 +294,14 @@ pub fn normalize(raw: &str) -> Result<Host, DropReason> {
     Ok(Host::Name(host.to_string()))
 }
 
-/// WHATWG's "ends in a number": all decimal digits, or a `0x` hex number.
+/// WHATWG's "ends in a number": all decimal digits, or a `0x` hex number (of any length:
+/// one too long for an address is an invalid address, not a name).
 fn ends_in_a_number(label: &str) -> bool {
-    label.bytes().all(|b| b.is_ascii_digit()) || parse_ipv4_part(label).is_some()
+    let hex = label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"))
+        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    hex || label.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// One part of an IPv4 number form: decimal, `0x` hex (possibly empty: `0x` is 0), or octal
