@@ -1,13 +1,15 @@
 //! One active flow's round-trip time while many other flows are open: is an idle flow free?
 //!
-//! One moat (release binary, its own process), one simulated guest, one CONNECT proxy on
-//! loopback that answers 200 and echoes (single-threaded, epoll: its cost does not grow with
-//! the connections it holds). In the same run, the RR p50/p99 of one flow (1-byte round
-//! trips) is measured with no other flow open, then with N idle flows open (established,
-//! proxied, silent), then with N more half-sent flows waiting to be named (an HTTP request
-//! cut before its Host header, to an address only a name rule can allow), then with K flows
-//! each sending a little now and then. The guest forgets the other flows' sockets once they
-//! are open, so its own stack costs the same in every phase: what grows is moat's work.
+//! Two moats (release binary, their own processes), each with a simulated guest and one
+//! active flow through a CONNECT proxy on loopback that answers 200 and echoes
+//! (single-threaded, epoll: its cost does not grow with the connections it holds). One moat
+//! keeps only its active flow (the baseline); the other gets, phase by phase, N idle flows
+//! (established, proxied, silent), then N more half-sent flows waiting to be named (an HTTP
+//! request cut before its Host header, to an address only a name rule can allow), then K
+//! flows each sending a little between round trips. In each phase the two active flows' 1-byte
+//! round trips alternate in blocks of 50, so both see the same noise of this shared machine,
+//! and the ratio of their p50s is the figure. The guest forgets the other flows' sockets once
+//! they are open, so its own stack costs the same in every phase: what grows is moat's work.
 //!
 //! Run: `cargo bench --bench many_flows` (MOAT_FLOWS=4096, MOAT_BUSY=1000, MOAT_RR=2000).
 //! Prints a table and writes target/bench/many_flows.txt. Targets: issue 11 (4096 idle and
@@ -126,9 +128,8 @@ fn guest(socket: &std::path::Path) -> GuestNet {
     GuestNet::new(sim, MAC, GUEST, 24, GW, 1500)
 }
 
-/// 1-byte round trips on `h`: (p50, p99) in microseconds.
-fn rr(net: &mut GuestNet, h: SocketHandle, n: usize) -> (f64, f64) {
-    let mut lat = Vec::with_capacity(n);
+/// 1-byte round trips on `h`, each in microseconds.
+fn round_trips(net: &mut GuestNet, h: SocketHandle, n: usize, lat: &mut Vec<f64>) {
     for _ in 0..n {
         let t = Instant::now();
         assert!(net.tcp_send_all(h, b"x", T).unwrap());
@@ -141,9 +142,57 @@ fn rr(net: &mut GuestNet, h: SocketHandle, n: usize) -> (f64, f64) {
         assert!(got, "no echo");
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
+}
+
+fn percentiles(mut lat: Vec<f64>) -> (f64, f64) {
     lat.sort_by(f64::total_cmp);
     let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
     (at(0.5), at(0.99))
+}
+
+/// One VM: a moat, its guest, and the guest's active (echoing) flow.
+struct Vm {
+    moat: Moat,
+    net: GuestNet,
+    name: Ipv4Addr,
+    active: SocketHandle,
+}
+
+impl Vm {
+    fn start(policy: &str) -> Vm {
+        let moat = start_moat_policy(policy, &[]);
+        let mut net = guest(&moat.socket);
+        let name = net.resolve_a("bench.example", T).expect("resolves");
+        let active = net.tcp_established(name, 80, T).unwrap().expect("connect");
+        assert!(net.tcp_send_all(active, b"E", T).unwrap());
+        let mut warm = Vec::new();
+        round_trips(&mut net, active, 200, &mut warm);
+        Vm {
+            moat,
+            net,
+            name,
+            active,
+        }
+    }
+}
+
+/// The RR of `loaded`'s active flow against `base`'s (a moat with no other flow), in
+/// alternating blocks so that both see the same noise of this shared machine; `between`
+/// runs before each of `loaded`'s blocks (other flows' traffic). ((p50, p99) loaded, base).
+fn interleaved(
+    base: &mut Vm,
+    loaded: &mut Vm,
+    rounds: usize,
+    mut between: impl FnMut(&mut GuestNet),
+) -> ((f64, f64), (f64, f64)) {
+    let block = 50;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.div_ceil(block) {
+        round_trips(&mut base.net, base.active, block, &mut a);
+        between(&mut loaded.net);
+        round_trips(&mut loaded.net, loaded.active, block, &mut b);
+    }
+    (percentiles(b), percentiles(a))
 }
 
 /// Open `n` flows to `dst:port`, send `first` on each, then forget them in the guest (moat
@@ -195,22 +244,23 @@ fn main() {
          [dns]\nallow = [\"bench.example\"]\n[limits]\nmax_flows = {}\n",
         3 * flows + busy + 16
     );
-    let moat = start_moat_policy(&policy, &[]);
-    let mut net = guest(&moat.socket);
-    let name = net.resolve_a("bench.example", T).expect("resolves");
-    let active = net.tcp_established(name, 80, T).unwrap().expect("connect");
-    assert!(net.tcp_send_all(active, b"E", T).unwrap());
-    rr(&mut net, active, 200); // warm up
-    let mut rows: Vec<(String, (f64, f64))> = Vec::new();
-    rows.push(("no other flow".into(), rr(&mut net, active, rounds)));
+    // Two VMs in the same run: the baseline keeps only its active flow; the loaded one gets
+    // the other flows. Their round trips alternate, block by block.
+    let mut base = Vm::start(&policy);
+    let mut vm = Vm::start(&policy);
+    let mut rows: Vec<(String, (f64, f64), (f64, f64))> = Vec::new();
+    let (same, base_rr) = interleaved(&mut base, &mut vm, rounds, |_| {});
+    rows.push(("no other flow (two idle VMs)".into(), same, base_rr));
 
-    let idle = open_and_forget(&mut net, name, 80, flows, b"E");
+    let name = vm.name;
+    let idle = open_and_forget(&mut vm.net, name, 80, flows, b"E");
     // What the idle flows cost when nothing happens at all: moat's CPU over 2 s.
     std::thread::sleep(Duration::from_millis(500));
-    let (cpu0, t0) = (cpu_ns(moat.pid()), Instant::now());
+    let (cpu0, t0) = (cpu_ns(vm.moat.pid()), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
-    let idle_cpu = (cpu_ns(moat.pid()) - cpu0) as f64 / 1e6 / t0.elapsed().as_secs_f64();
-    rows.push((format!("+ {idle} idle flows"), rr(&mut net, active, rounds)));
+    let idle_cpu = (cpu_ns(vm.moat.pid()) - cpu0) as f64 / 1e6 / t0.elapsed().as_secs_f64();
+    let (loaded, base_rr) = interleaved(&mut base, &mut vm, rounds, |_| {});
+    rows.push((format!("{idle} idle flows"), loaded, base_rr));
 
     // Half-sent: a request cut before its Host header, to a public address only the any-name
     // rule on 8080 can allow, so moat waits for the rest (up to its 5 s sniffing timeout):
@@ -218,69 +268,61 @@ fn main() {
     let literal = Ipv4Addr::new(198, 51, 100, 7);
     let t0 = Instant::now();
     let sniffing = open_and_forget(
-        &mut net,
+        &mut vm.net,
         literal,
         8080,
         flows,
         b"GET / HTTP/1.1\r\nUser-Agent: a",
     );
     let opened_in = t0.elapsed();
+    let (loaded, base_rr) = interleaved(&mut base, &mut vm, rounds.min(1000), |_| {});
     rows.push((
-        format!("+ {sniffing} half-sent flows being named"),
-        rr(&mut net, active, rounds.min(1000)),
+        format!("{idle} idle + {sniffing} half-sent being named"),
+        loaded,
+        base_rr,
     ));
     let sniff_note = format!(
-        "(half-sent flows opened in {:.1} s; moat resets them 5 s after they open)",
+        "(half-sent flows opened in {:.1} s and measured at once; moat resets them 5 s after they open)",
         opened_in.as_secs_f64()
     );
 
-    // Busy: K flows that each send a byte now and then, interleaved with the round trips.
+    // Busy: K flows that each send a byte now and then, between the round trips.
     std::thread::sleep(Duration::from_secs(6)); // the sniffing flows time out
     let senders: Vec<SocketHandle> = (0..busy)
-        .filter_map(|_| net.tcp_established(name, 80, T).ok().flatten())
+        .filter_map(|_| vm.net.tcp_established(name, 80, T).ok().flatten())
         .collect();
     for &h in &senders {
-        let _ = net.tcp(h).send_slice(b"E");
+        let _ = vm.net.tcp(h).send_slice(b"E");
     }
-    let mut lat = Vec::with_capacity(rounds);
-    for i in 0..rounds {
-        // Each round, a few of the others send a byte (the echo comes back to them too).
-        for k in 0..8 {
-            let h = senders[(i * 8 + k) % senders.len().max(1)];
+    let mut next = 0;
+    let (loaded, base_rr) = interleaved(&mut base, &mut vm, rounds, |net| {
+        // Before each block, 50 of the others send a byte (echoed back to them).
+        for _ in 0..50 {
+            let h = senders[next % senders.len().max(1)];
+            next += 1;
             let _ = net.tcp(h).send_slice(b"y");
             let _ = net.tcp(h).recv(|d| (d.len(), ()));
         }
-        let t = Instant::now();
-        assert!(net.tcp_send_all(active, b"x", T).unwrap());
-        let mut got = false;
-        net.tcp_recv(active, T, |_| {
-            got = true;
-            true
-        })
-        .unwrap();
-        assert!(got);
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    lat.sort_by(f64::total_cmp);
-    let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
+    });
     rows.push((
-        format!("+ {idle} idle, {} flows sending a little", senders.len()),
-        (at(0.5), at(0.99)),
+        format!("{idle} idle + {} sending a little", senders.len()),
+        loaded,
+        base_rr,
     ));
 
-    let base = rows[0].1 .0;
     let mut out = String::new();
     out.push_str(&format!(
-        "# many_flows: one flow's 1-byte RR through moat and an echoing CONNECT proxy, {rounds} rounds per phase\n"
+        "# many_flows: one flow's 1-byte RR through moat and an echoing CONNECT proxy, {rounds} rounds per phase,\n\
+         # against the same flow of a second moat with nothing else open, in alternating blocks of 50\n"
     ));
     out.push_str(&format!(
-        "{:<48} {:>10} {:>10} {:>12}\n",
-        "phase", "p50 us", "p99 us", "p50/none"
+        "{:<48} {:>10} {:>10} {:>12} {:>12}\n",
+        "other flows open", "p50 us", "p99 us", "base p50 us", "p50/base"
     ));
-    for (name, (p50, p99)) in &rows {
+    for (name, (p50, p99), (b50, _)) in &rows {
         out.push_str(&format!(
-            "{name:<48} {p50:>10.1} {p99:>10.1} {:>12.2}\n",
-            p50 / base
+            "{name:<48} {p50:>10.1} {p99:>10.1} {b50:>12.1} {:>12.2}\n",
+            p50 / b50
         ));
     }
     out.push_str(&format!(
