@@ -150,6 +150,9 @@ fn percentiles(mut lat: Vec<f64>) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
+/// A phase: its name, the loaded flow's (p50, p99) and the baseline's.
+type Row = (String, (f64, f64), (f64, f64));
+
 /// One VM: a moat, its guest, and the guest's active (echoing) flow.
 struct Vm {
     moat: Moat,
@@ -248,7 +251,7 @@ fn main() {
     // the other flows. Their round trips alternate, block by block.
     let mut base = Vm::start(&policy);
     let mut vm = Vm::start(&policy);
-    let mut rows: Vec<(String, (f64, f64), (f64, f64))> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let (same, base_rr) = interleaved(&mut base, &mut vm, rounds, |_| {});
     rows.push(("no other flow (two idle VMs)".into(), same, base_rr));
 
