@@ -96,7 +96,9 @@ pub fn start_moat_policy(policy_text: &str, options: &[&str]) -> Moat {
     let socket = dir.path().join("moat.sock");
     let policy = dir.path().join("bench.toml");
     std::fs::write(&policy, policy_text).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_moat"))
+    // MOAT_BENCH_BIN: another moat binary (an older build, for a before/after run).
+    let bin = std::env::var("MOAT_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moat").into());
+    let child = Command::new(bin)
         .args(["serve", "--socket"])
         .arg(&socket)
         .arg("--policy")
