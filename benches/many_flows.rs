@@ -297,6 +297,10 @@ fn main() {
     for &h in &senders {
         let _ = vm.net.tcp(h).send_slice(b"E");
     }
+    assert!(
+        !senders.is_empty(),
+        "no busy flow could open (max_flows or the descriptor limit): lower MOAT_FLOWS"
+    );
     let mut next = 0;
     let (loaded, base_rr) = interleaved(&mut base, &mut vm, rounds, |net| {
         // Before each block, 50 of the others send a byte (echoed back to them).
