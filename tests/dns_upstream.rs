@@ -29,32 +29,6 @@ const RECORDS: &[(&str, Option<Ipv4Addr>)] = &[
     ("missing.example.com", None),
 ];
 
-fn policy(resolver: SocketAddr, proxy: SocketAddr) -> String {
-    format!(
-        r#"
-[vm]
-name = "dns-upstream"
-mac = "52:54:00:12:34:56"
-address = "10.0.0.2/24"
-gateway = "10.0.0.1"
-[proxy]
-http = "{proxy}"
-[[outbound]]
-protocol = "tcp"
-ports = [443]
-to = ["*.example.com"]
-[dns]
-allow = ["*.example.com"]
-mode = "upstream"
-upstream = "{resolver}"
-"#
-    )
-}
-
-fn guest_net(served: &Served) -> GuestNet {
-    GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500)
-}
-
 /// What a resolver that is down or silent may give the guest: nothing, or SERVFAIL, never
 /// an address.
 fn no_answer(net: &mut GuestNet, name: &str, within: Duration) -> String {
@@ -72,7 +46,7 @@ fn allowed_names_resolve_through_dnsmasq_and_other_names_never_reach_it() {
     }
     let resolver = dnsmasq(RECORDS);
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(resolver.addr, proxy.addr), true);
+    let served = Served::start(&upstream_policy(resolver.addr, proxy.addr), true);
     let mut net = guest_net(&served);
 
     let www = net.resolve("www.example.com", T).unwrap();
@@ -116,7 +90,7 @@ fn a_resolver_that_is_down_gets_the_guest_no_answer_and_moat_keeps_serving() {
     let resolver = dnsmasq(RECORDS);
     let port = resolver.addr.port();
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(resolver.addr, proxy.addr), true);
+    let served = Served::start(&upstream_policy(resolver.addr, proxy.addr), true);
     let mut net = guest_net(&served);
     assert_eq!(net.resolve_a("www.example.com", T).unwrap(), WWW);
 
@@ -189,7 +163,7 @@ fn response(q: &Message, id: u16, name: Option<&str>, addr: Ipv4Addr) -> Vec<u8>
 fn a_silent_resolver_times_out_and_moat_keeps_serving() {
     let (addr, asked) = stand_in(|_, _, _, _| {});
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(addr, proxy.addr), true);
+    let served = Served::start(&upstream_policy(addr, proxy.addr), true);
     let mut net = guest_net(&served);
     let outcome = no_answer(&mut net, "www.example.com", Duration::from_secs(3));
     eprintln!("silent resolver: {outcome}");
@@ -238,7 +212,7 @@ fn replies_that_are_not_the_answer_to_moats_question_are_not_relayed() {
         let _ = sock.send_to(&response(q, id, None, REAL), from);
     });
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
-    let served = Served::start(&policy(addr, proxy.addr), true);
+    let served = Served::start(&upstream_policy(addr, proxy.addr), true);
     let mut net = guest_net(&served);
     let reply = net.resolve("www.example.com", T).unwrap();
     assert_eq!(

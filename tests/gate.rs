@@ -68,10 +68,6 @@ fn named_policy(proxy: SocketAddr) -> String {
     )
 }
 
-fn guest_net(served: &Served) -> GuestNet {
-    GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500)
-}
-
 fn established(net: &mut GuestNet, dst: Ipv4Addr, port: u16) -> SocketHandle {
     net.tcp_established(dst, port, T)
         .unwrap()
@@ -413,30 +409,11 @@ impl Resolver {
     }
 }
 
+/// The proxy of the upstream-mode tests: nothing listens there (they open no flow).
+const NO_PROXY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9);
+
 const LOOPBACK: &[Ipv4Addr] = &[Ipv4Addr::new(127, 0, 0, 1)];
 const PUBLIC: &[Ipv4Addr] = &[Ipv4Addr::new(203, 0, 113, 77)];
-
-fn upstream_policy(resolver: SocketAddr) -> String {
-    format!(
-        r#"
-[vm]
-name = "gate-dns"
-mac = "52:54:00:12:34:56"
-address = "10.0.0.2/24"
-gateway = "10.0.0.1"
-[proxy]
-http = "127.0.0.1:9"
-[[outbound]]
-protocol = "tcp"
-ports = [443]
-to = ["*.example.com"]
-[dns]
-allow = ["*.example.com"]
-mode = "upstream"
-upstream = "{resolver}"
-"#
-    )
-}
 
 /// A raw query from the guest: its own id, flags and an EDNS record moat must not forward.
 /// Returns the reply, if any came within `wait`.
@@ -482,7 +459,7 @@ fn upstream_answers_into_reserved_ranges_never_reach_the_guest() {
         Ipv4Addr::new(203, 0, 113, 77),
     ];
     let resolver = Resolver::start(Answer::With(MIXED));
-    let served = Served::start(&upstream_policy(resolver.addr), true);
+    let served = Served::start(&upstream_policy(resolver.addr, NO_PROXY), true);
     let mut net = guest_net(&served);
     let reply = raw_query(&mut net, 0x4242, "www.example.com", T).expect("an answer");
     assert_eq!(reply.metadata.id, 0x4242, "under the guest's id");
@@ -495,7 +472,7 @@ fn upstream_answers_into_reserved_ranges_never_reach_the_guest() {
     );
     // Only reserved answers: an empty answer, and the addresses name nothing.
     let only_bad = Resolver::start(Answer::With(LOOPBACK));
-    let served = Served::start(&upstream_policy(only_bad.addr), true);
+    let served = Served::start(&upstream_policy(only_bad.addr, NO_PROXY), true);
     let mut net = guest_net(&served);
     let reply = raw_query(&mut net, 7, "rebind.example.com", T).expect("an answer");
     assert!(a_records(&reply).is_empty(), "{reply:?}");
@@ -510,7 +487,7 @@ fn upstream_answers_into_reserved_ranges_never_reach_the_guest() {
 #[test]
 fn moat_asks_its_own_question_and_relays_only_the_matching_reply() {
     let resolver = Resolver::start(Answer::With(PUBLIC));
-    let served = Served::start(&upstream_policy(resolver.addr), true);
+    let served = Served::start(&upstream_policy(resolver.addr, NO_PROXY), true);
     let mut net = guest_net(&served);
     for (i, id) in [0x1111u16, 0x1112, 0x1113].into_iter().enumerate() {
         let name = format!("h{i}.example.com");
@@ -543,7 +520,7 @@ fn moat_asks_its_own_question_and_relays_only_the_matching_reply() {
         (Answer::OtherSource, "a reply from another address"),
     ] {
         let resolver = Resolver::start(mode);
-        let served = Served::start(&upstream_policy(resolver.addr), true);
+        let served = Served::start(&upstream_policy(resolver.addr, NO_PROXY), true);
         let mut net = guest_net(&served);
         let reply = raw_query(&mut net, 5, "www.example.com", Duration::from_millis(1500));
         assert!(reply.is_none(), "{what} is not relayed: {reply:?}");

@@ -287,3 +287,32 @@ pub fn established(
         .unwrap()
         .unwrap_or_else(|| panic!("connection to {dst}:{port} not established"))
 }
+
+/// A VM in `dns.mode = "upstream"` asking `resolver`, whose TCP to `*.example.com:443` goes
+/// through the HTTP proxy at `proxy`.
+pub fn upstream_policy(resolver: std::net::SocketAddr, proxy: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+[vm]
+name = "dns-upstream"
+mac = "52:54:00:12:34:56"
+address = "10.0.0.2/24"
+gateway = "10.0.0.1"
+[proxy]
+http = "{proxy}"
+[[outbound]]
+protocol = "tcp"
+ports = [443]
+to = ["*.example.com"]
+[dns]
+allow = ["*.example.com"]
+mode = "upstream"
+upstream = "{resolver}"
+"#
+    )
+}
+
+/// The simulated guest's network stack (the policies' usual address and gateway, /24).
+pub fn guest_net(served: &Served) -> moat::guest::GuestNet {
+    moat::guest::GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500)
+}
