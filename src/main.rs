@@ -594,15 +594,16 @@ fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     }
-    if let Some(path) = control_path {
-        if let Err(e) = control::socket::serve(path, Arc::clone(&vm)) {
-            eprintln!(
-                "moat: cannot create the control socket {}: {e}",
-                path.display()
-            );
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    }
+    let control = match control_path {
+        None => None,
+        Some(path) => match control::socket::bind(path) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                eprintln!("moat: cannot create the control socket {}: {e}", path.display());
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        },
+    };
     let listener = if opts.client {
         None
     } else {
@@ -632,6 +633,14 @@ fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
         tracing::info!("sandbox: seccomp allow-list installed");
     } else {
         tracing::warn!("serving without the sandbox (--no-sandbox)");
+    }
+    // Only now does the control socket answer: a request that came during set-up has waited
+    // in the backlog, so it runs under the sandbox too.
+    if let Some(listener) = control {
+        if let Err(e) = control::socket::serve(listener, Arc::clone(&vm)) {
+            eprintln!("moat: cannot start the control socket's thread: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
     }
     let policy = vm.policy();
     tracing::info!(vm = %policy.vm.name, mac = %policy.vm.mac, address = %policy.vm.address, "moat serving");

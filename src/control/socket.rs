@@ -17,10 +17,20 @@ use super::VmState;
 /// hold up `moat stats`); more are refused until one ends.
 const MAX_CONCURRENT: usize = 4;
 
-/// Listen on `path` and answer requests from a thread.
-pub fn serve(path: &Path, vm: Arc<VmState>) -> std::io::Result<()> {
+/// The bound control socket, not yet answering.
+pub struct ControlListener(UnixListener);
+
+/// Bind the control socket at `path` (replacing a stale one). Requests wait in the backlog
+/// until `serve` starts answering: moat starts it only once the sandbox is in place, so no
+/// request (a debug probe included) runs with more rights than the data path has.
+pub fn bind(path: &Path) -> std::io::Result<ControlListener> {
     let _ = std::fs::remove_file(path);
-    let listener = bind_owner_only(path)?;
+    bind_owner_only(path).map(ControlListener)
+}
+
+/// Answer requests from a thread.
+pub fn serve(listener: ControlListener, vm: Arc<VmState>) -> std::io::Result<()> {
+    let ControlListener(listener) = listener;
     let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
