@@ -518,3 +518,35 @@ fn drop_logs_are_rate_limited_and_say_how_many() {
         "the last line says about how many: {counts:?}"
     );
 }
+
+/// The control socket's pool: clients that connect and say nothing (twice as many as it
+/// holds, as some may be refused before the workers wake) hold every worker and
+/// queue slot; one more is told "busy" in words (its request read first, so it is not reset),
+/// and once they go, requests are answered again. Then many requests one after another are
+/// all answered (a pool that counted a finishing thread as busy refused some under load).
+#[test]
+fn the_control_socket_refuses_in_words_when_full_and_serves_one_request_after_another() {
+    use std::os::unix::net::UnixStream;
+    let m = start(&policy(""), &[], Stdio::null());
+    let control = m.path("control.sock");
+    let silent: Vec<UnixStream> = (0..24)
+        .map(|_| UnixStream::connect(&control).unwrap())
+        .collect();
+    let (ok, answer) = support::wait_for("a busy answer", Duration::from_secs(10), || {
+        let reply = moat::control::socket::request(&control, "stats");
+        match reply {
+            Ok((false, answer)) if answer.contains("busy") => Some((false, answer)),
+            Ok(_) | Err(_) => None,
+        }
+    });
+    assert!(
+        !ok && answer.contains("too many control requests"),
+        "{answer}"
+    );
+    drop(silent);
+    for i in 0..50 {
+        let (ok, answer) = moat::control::socket::request(&control, "stats")
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert!(ok, "request {i}: {answer}");
+    }
+}

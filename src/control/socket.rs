@@ -7,55 +7,82 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::VmState;
 
-/// Requests answered at once, at most (each on its own thread, so a slow reload does not
-/// hold up `moat stats`); more are refused until one ends.
-const MAX_CONCURRENT: usize = 4;
+/// Requests answered at once (one worker thread each, so a slow reload does not hold up
+/// `moat stats`), and requests that may wait for a worker; more than both are refused.
+const WORKERS: usize = 4;
+const QUEUED: usize = 8;
 
 /// The bound control socket, not yet answering.
 pub struct ControlListener(UnixListener);
 
-/// Bind the control socket at `path` (replacing a stale one). Requests wait in the backlog
-/// until `serve` starts answering: moat starts it only once the sandbox is in place, so no
-/// request (a debug probe included) runs with more rights than the data path has.
+/// Bind the control socket at `path` (replacing a stale one). The socket is bound and
+/// listening under a temporary name, then renamed into place: whoever sees `path` exist can
+/// connect (bind-then-listen would refuse connections in between). Requests wait in the
+/// backlog until `serve` starts answering: moat starts it only once the sandbox is in
+/// place, so no request (a debug probe included) runs with more rights than the data path.
 pub fn bind(path: &Path) -> std::io::Result<ControlListener> {
-    let _ = std::fs::remove_file(path);
-    bind_owner_only(path).map(ControlListener)
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let staging = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = bind_owner_only(&staging)?;
+    if let Err(e) = std::fs::rename(&staging, path) {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    Ok(ControlListener(listener))
 }
 
-/// Answer requests from a thread.
+/// Answer requests: an accepting thread hands connections to `WORKERS` threads through a
+/// queue of `QUEUED`. A fixed pool, not a thread a request: the number of threads is bounded,
+/// and a client that sends one request after another never finds the pool "busy" because
+/// the previous request's thread had not quite ended.
 pub fn serve(listener: ControlListener, vm: Arc<VmState>) -> std::io::Result<()> {
     let ControlListener(listener) = listener;
-    let busy = Arc::new(AtomicUsize::new(0));
+    let (queue, work) = std::sync::mpsc::sync_channel::<UnixStream>(QUEUED);
+    let work = Arc::new(std::sync::Mutex::new(work));
+    for _ in 0..WORKERS {
+        let (vm, work) = (Arc::clone(&vm), Arc::clone(&work));
+        std::thread::Builder::new()
+            .name("control-worker".into())
+            .spawn(move || loop {
+                let next = match work.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                match next {
+                    Ok(conn) => {
+                        let _ = answer(conn, &vm);
+                    }
+                    Err(_) => return,
+                }
+            })?;
+    }
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
-                    busy.fetch_sub(1, Ordering::AcqRel);
-                    let mut conn = conn;
-                    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-                    let _ = conn.write_all(b"error busy: too many control requests at once\n");
-                    continue;
-                }
-                let (vm, busy) = (Arc::clone(&vm), Arc::clone(&busy));
-                let spawned = std::thread::Builder::new()
-                    .name("control-request".into())
-                    .spawn(move || {
-                        let _ = answer(conn, &vm);
-                        busy.fetch_sub(1, Ordering::AcqRel);
-                    });
-                if spawned.is_err() {
-                    tracing::warn!("cannot start a thread for a control request");
+                if let Err(std::sync::mpsc::TrySendError::Full(conn)) = queue.try_send(conn) {
+                    refuse_busy(conn);
                 }
             }
         })?;
     Ok(())
+}
+
+/// Tell a client the pool is full. Its request line is read first (briefly): closing a unix
+/// socket with unread data resets the connection, and the client would see a reset instead
+/// of the reason.
+fn refuse_busy(mut conn: UnixStream) {
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+    let mut line = String::new();
+    let _ = BufReader::new(&conn).take(4096).read_line(&mut line);
+    let _ = conn.write_all(b"error busy: too many control requests at once\n");
 }
 
 /// Bind a unix socket that is mode 0600 from the moment it exists (not bound, then
