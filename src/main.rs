@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use moat::control::{self, VmState};
@@ -93,8 +94,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Repeat forever at this interval (30s, 5m, 1h).
-        #[arg(long, value_name = "DUR")]
-        every: Option<String>,
+        #[arg(long, value_name = "DUR", value_parser = interval)]
+        every: Option<Duration>,
         /// Run this command (sh -c) with the alert events as JSON lines on stdin (on a
         /// failed run, and with --live once more when it passes again).
         #[arg(long, value_name = "CMD")]
@@ -186,7 +187,7 @@ fn main() -> ExitCode {
                 once,
                 tuning: Tuning {
                     queue_pairs: usize::from(queues),
-                    busy_poll: std::time::Duration::from_micros(busy_poll_us),
+                    busy_poll: Duration::from_micros(busy_poll_us),
                 },
             };
             let endpoints = Endpoints {
@@ -220,7 +221,7 @@ fn main() -> ExitCode {
             no_sandbox,
         } => {
             if !live {
-                return canary(&policy, json, every.as_deref(), alert_cmd.as_deref());
+                return canary(&policy, json, every, alert_cmd.as_deref());
             }
             let mut control_urls = Vec::new();
             for url in &control_url {
@@ -252,7 +253,7 @@ fn main() -> ExitCode {
             };
             let out = LiveOutput {
                 json,
-                every: every.as_deref(),
+                every,
                 alert: alert_cmd.as_deref(),
                 metrics: metrics.as_deref(),
             };
@@ -308,22 +309,21 @@ fn check(file: &Path) -> ExitCode {
     code
 }
 
-fn canary(path: &Path, json: bool, every: Option<&str>, alert: Option<&str>) -> ExitCode {
+/// `--every`: a duration as humantime reads it (`30s`, `5m`, `1h`, `500ms`, `1h 30m`), not
+/// zero (that would be a busy loop). A bad one is bad usage: clap exits 2, as for any flag.
+fn interval(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("not zero: give a duration like 30s, 5m or 1h".to_string()),
+        Err(e) => Err(format!("{e}: give a duration like 30s, 5m or 1h")),
+    }
+}
+
+fn canary(path: &Path, json: bool, interval: Option<Duration>, alert: Option<&str>) -> ExitCode {
     let policy = match Policy::load(path) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let interval = match every.map(moat::canary::parse_duration) {
-        None => None,
-        Some(Some(d)) => Some(d),
-        Some(None) => {
-            eprintln!(
-                "moat: --every {}: give a duration like 30s, 5m or 1h",
-                every.unwrap_or_default()
-            );
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -368,24 +368,13 @@ fn canary(path: &Path, json: bool, every: Option<&str>, alert: Option<&str>) -> 
 /// Where `canary --live` reports.
 struct LiveOutput<'a> {
     json: bool,
-    every: Option<&'a str>,
+    every: Option<Duration>,
     alert: Option<&'a str>,
     metrics: Option<&'a str>,
 }
 
 fn canary_live(opts: &moat::canary::live::LiveOptions, out: &LiveOutput) -> ExitCode {
     use moat::canary::{digest, heartbeat, live, report};
-    let interval = match out.every.map(moat::canary::parse_duration) {
-        None => None,
-        Some(Some(d)) => Some(d),
-        Some(None) => {
-            eprintln!(
-                "moat: --every {}: give a duration like 30s, 5m or 1h",
-                out.every.unwrap_or_default()
-            );
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
     // The first read decides the VM's name (and a bad file at start is bad usage).
     let mut vm = match Policy::load(&opts.policy_path) {
         Ok(p) => p.vm.name,
@@ -458,7 +447,7 @@ fn canary_live(opts: &moat::canary::live::LiveOptions, out: &LiveOutput) -> Exit
                 eprintln!("moat: {e}");
             }
         }
-        match interval {
+        match out.every {
             Some(d) => std::thread::sleep(d),
             None => {
                 return match result {
@@ -599,7 +588,10 @@ fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
         Some(path) => match control::socket::bind(path) {
             Ok(listener) => Some(listener),
             Err(e) => {
-                eprintln!("moat: cannot create the control socket {}: {e}", path.display());
+                eprintln!(
+                    "moat: cannot create the control socket {}: {e}",
+                    path.display()
+                );
                 return ExitCode::from(EXIT_RUNTIME);
             }
         },

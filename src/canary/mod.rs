@@ -16,7 +16,6 @@ pub use attempts::{ControlUrl, Mode};
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 use thiserror::Error;
@@ -196,21 +195,6 @@ pub fn json_lines(outcomes: &[Outcome]) -> String {
             v.to_string() + "\n"
         })
         .collect()
-}
-
-/// `--every 5m`, `30s`, `1h`, `500ms`.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = text.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return None,
-    };
-    (!d.is_zero()).then_some(d)
 }
 
 /// Whether a policy file exists and loads; for `moat canary` errors.
