@@ -287,3 +287,23 @@ fn alert_with(cmd: &str, input: &str) {
         Err(e) => eprintln!("moat: --alert-cmd failed to start: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_takes_the_documented_units_and_refuses_zero() {
+        for (text, want) in [
+            ("30s", Duration::from_secs(30)),
+            ("5m", Duration::from_secs(300)),
+            ("1h", Duration::from_secs(3600)),
+            ("500ms", Duration::from_millis(500)),
+        ] {
+            assert_eq!(interval(text), Ok(want), "{text}");
+        }
+        for bad in ["0s", "0", "5x", "", "-1s"] {
+            assert!(interval(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
