@@ -68,6 +68,7 @@ fn drop_lines(table: &str) -> Vec<&str> {
 }
 
 fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on the pid of a child this test started.
     unsafe { libc::kill(child.id() as i32, sig) };
 }
 

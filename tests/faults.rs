@@ -304,6 +304,7 @@ fn a_flood_next_to_a_legitimate_stream() {
     assert!(child.try_wait().unwrap().is_none(), "moat still up");
     eprintln!("flood: {sent} hostile frames during {took:?} next to {streams} byte-exact streams of 8 MiB, peak RSS {peak} KiB");
     assert!(peak < 64 * 1024, "RSS {peak} KiB");
+    // SAFETY: kill(2) on the pid of a child this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let mut table = String::new();
     child

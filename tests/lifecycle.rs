@@ -170,6 +170,7 @@ fn the_binary_stops_cleanly_on_sigterm() {
     );
     let mut guest = SimGuest::connect(&socket, GuestOptions::default()).expect("connect to moat");
     ping_ok(&mut guest, 1);
+    // SAFETY: kill(2) on the pid of a child this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_with_timeout(&mut child, Duration::from_secs(5));
     assert!(status.success(), "{status:?}");
@@ -402,6 +403,7 @@ fn sigterm_stops_moat_even_when_stderr_is_gone() {
     );
     eventually("socket", || socket.exists());
     drop(child.stderr.take());
+    // SAFETY: kill(2) on the pid of a child this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_with_timeout(&mut child, Duration::from_secs(5));
     assert!(status.success(), "{status:?}");

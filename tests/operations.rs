@@ -273,6 +273,7 @@ fn reload_swaps_good_policies_refuses_bad_ones_and_resets_what_is_no_longer_allo
 
     // SIGHUP reloads too.
     std::fs::write(m.path("vm.toml"), allow("\"a.example\", \"c.example\"")).unwrap();
+    // SAFETY: kill(2) on the pid of a child this test started.
     unsafe { libc::kill(m.child.id() as i32, libc::SIGHUP) };
     // Until the reload lands, c.example is NXDOMAIN (an answer every time, never silence).
     let mut resolved = None;

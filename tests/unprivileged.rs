@@ -15,6 +15,7 @@ use support::*;
 
 #[test]
 fn serves_as_nobody_without_capabilities() {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let setpriv = Command::new("sh")
         .args(["-c", "command -v setpriv"])

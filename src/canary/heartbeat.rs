@@ -269,18 +269,32 @@ impl Sink {
     }
 }
 
+/// A temporary file beside `path`, renamed over it: the textfile collector never reads half a
+/// file. Hidden (a leading dot) and not `*.prom` while it is written, so the collector skips
+/// it; mode 0666 less the umask, as a plain write would create it, so the collector (another
+/// user) can read the result.
 fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "moat-canary.prom".into());
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            format!("--metrics {}: cannot write: {e}", path.display())
-        })
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let cannot = |e: std::io::Error| format!("--metrics {}: cannot write: {e}", path.display());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)
+        .map_err(cannot)?;
+    // On failure the temporary file is removed when `tmp` drops.
+    tmp.write_all(text.as_bytes()).map_err(cannot)?;
+    tmp.persist(path).map_err(|e| cannot(e.error))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -307,5 +321,23 @@ mod tests {
         let never = Heartbeat::new("vm-1").render();
         assert!(never.contains("moat_canary_last_success_timestamp_seconds{vm=\"vm-1\"} 0"));
         assert_eq!(Heartbeat::parse("vm-1", &never).last_success, None);
+    }
+
+    #[test]
+    fn textfile_is_replaced_whole_and_readable_by_the_collector() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moat-canary.prom");
+        write_atomically(&path, "first\n").unwrap();
+        write_atomically(&path, "second\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "second\n");
+        // The same mode a plain write gets (0666 less the umask), not tempfile's 0600.
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&path), mode(&plain));
+        std::fs::remove_file(&plain).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
     }
 }

@@ -104,7 +104,8 @@ pub fn round(opts: &LiveOptions) -> Round {
 /// The `moat serve` under test; killed and its directory removed on drop.
 struct Served {
     child: Child,
-    dir: PathBuf,
+    /// Dropped after `Drop::drop` has stopped the child, so the directory goes last.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Served {
@@ -119,14 +120,13 @@ impl Drop for Served {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 impl Served {
     fn log_tail(&self) -> String {
         let mut log = String::new();
-        if let Ok(mut f) = std::fs::File::open(self.dir.join("serve.log")) {
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("serve.log")) {
             let _ = f.read_to_string(&mut log);
         }
         let lines: Vec<&str> = log.lines().collect();
@@ -161,19 +161,18 @@ fn run(
     bytes: &[u8],
     opts: &LiveOptions,
 ) -> Result<Vec<super::Outcome>, CanaryError> {
-    let dir = super::tempfile_dir()?;
-    let file = dir.join("policy.toml");
-    let socket = dir.join("canary.sock");
-    let control = dir.join("control.sock");
-    let log = dir.join("serve.log");
+    let dir = super::scratch_dir()?;
+    let file = dir.path().join("policy.toml");
+    let socket = dir.path().join("canary.sock");
+    let control = dir.path().join("control.sock");
+    let log = dir.path().join("serve.log");
     let prepared = std::fs::write(&file, bytes).and_then(|_| std::fs::File::create(&log));
     let log_file = match prepared {
         Ok(f) => f,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
             return Err(CanaryError::Setup(format!(
                 "cannot write {}: {e}",
-                dir.display()
+                dir.path().display()
             )));
         }
     };
@@ -202,7 +201,6 @@ fn run(
     let child = match child {
         Ok(c) => c,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
             return Err(CanaryError::Setup(format!(
                 "cannot start {} serve: {e}",
                 opts.moat.display()

@@ -16,7 +16,6 @@ pub use attempts::{ControlUrl, Mode};
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 use thiserror::Error;
@@ -106,7 +105,8 @@ fn canary_policy(policy: &Policy) -> Result<Policy, CanaryError> {
 /// Run every attempt once against a fresh in-process moat.
 pub fn run(policy: &Policy) -> Result<Vec<Outcome>, CanaryError> {
     let policy = canary_policy(policy)?;
-    let dir = tempfile_dir()?;
+    let scratch = scratch_dir()?;
+    let dir = scratch.path();
     let socket = dir.join("canary.sock");
     let listener = server::bind(&socket).map_err(|e| CanaryError::Setup(e.to_string()))?;
     let counters = Arc::new(Counters::default());
@@ -135,22 +135,16 @@ pub fn run(policy: &Policy) -> Result<Vec<Outcome>, CanaryError> {
     let outcomes = attempts::all(&mut net, &policy, counters.as_ref(), &Mode::Stub);
     drop(net);
     let _ = serving.join();
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(outcomes)
 }
 
-pub(crate) fn tempfile_dir() -> Result<std::path::PathBuf, CanaryError> {
-    let dir = std::env::temp_dir().join(format!(
-        "moat-canary-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| CanaryError::Setup(format!("cannot create {}: {e}", dir.display())))?;
-    Ok(dir)
+/// A fresh scratch directory for the moat under test's sockets and files (a unique name,
+/// so canaries side by side never share one), removed when dropped.
+pub(crate) fn scratch_dir() -> Result<tempfile::TempDir, CanaryError> {
+    tempfile::Builder::new()
+        .prefix("moat-canary-")
+        .tempdir()
+        .map_err(|e| CanaryError::Setup(format!("cannot create a scratch directory: {e}")))
 }
 
 /// The results as a table for a person.
@@ -196,21 +190,6 @@ pub fn json_lines(outcomes: &[Outcome]) -> String {
             v.to_string() + "\n"
         })
         .collect()
-}
-
-/// `--every 5m`, `30s`, `1h`, `500ms`.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = text.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return None,
-    };
-    (!d.is_zero()).then_some(d)
 }
 
 /// Whether a policy file exists and loads; for `moat canary` errors.

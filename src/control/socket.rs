@@ -88,12 +88,11 @@ fn refuse_busy(mut conn: UnixStream) {
 /// Bind a unix socket that is mode 0600 from the moment it exists (not bound, then
 /// chmod-ed: in between, the umask's mode would let others connect).
 fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
-    // SAFETY: umask only swaps the process's file mode mask; it cannot fail. Called during
-    // start-up, before the data path's threads create any file.
-    let old = unsafe { libc::umask(0o177) };
+    // The mask is the whole process's: this runs during start-up, before the data path's
+    // threads create any file.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let listener = bound?;
     // Belt and braces (a filesystem that ignores the umask for sockets).
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -171,21 +170,20 @@ fn debug_probe(probe: &[&str]) -> String {
             Err(e) => format!("error {addr}: {e}\n"),
         },
         ["socket", family] => {
+            use rustix::net::{ipproto, AddressFamily as Af, SocketFlags, SocketType as St};
+            // Protocol `None` is 0: NETLINK_ROUTE for netlink.
             let (domain, kind, protocol) = match *family {
-                "raw" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP),
-                "packet" => (libc::AF_PACKET, libc::SOCK_RAW, 0),
-                "netlink" => (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE),
-                "udp" => (libc::AF_INET, libc::SOCK_DGRAM, 0),
+                "raw" => (Af::INET, St::RAW, Some(ipproto::TCP)),
+                "packet" => (Af::PACKET, St::RAW, None),
+                "netlink" => (Af::NETLINK, St::RAW, None),
+                "udp" => (Af::INET, St::DGRAM, None),
                 other => return format!("error socket {other}: raw, packet, netlink or udp\n"),
             };
-            // SAFETY: socket(2) with constant arguments; the descriptor is closed at once.
-            let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
-            if fd < 0 {
-                return format!("error {}\n", std::io::Error::last_os_error());
+            // The descriptor is closed at once, when the OwnedFd drops.
+            match rustix::net::socket_with(domain, kind, SocketFlags::CLOEXEC, protocol) {
+                Ok(_fd) => format!("ok {family} socket opened\n"),
+                Err(e) => format!("error {}\n", std::io::Error::from(e)),
             }
-            // SAFETY: `fd` was just returned by socket(2) and is owned here.
-            unsafe { libc::close(fd) };
-            format!("ok {family} socket opened\n")
         }
         _ => "error debug probes: exec, read PATH, connect IP:PORT, socket FAMILY\n".to_string(),
     }

@@ -57,29 +57,26 @@ pub fn reserved(queue_pairs: usize, forwards: usize) -> usize {
 /// Raise the soft RLIMIT_NOFILE to the hard one, and set the budget for `queue_pairs`
 /// and `forwards` listeners (the policy's, plus room for run-time ones).
 pub fn plan(queue_pairs: usize, forwards: usize) -> std::io::Result<Plan> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // `None` is RLIM_INFINITY.
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    let mut soft = lim.current.unwrap_or(u64::MAX);
+    if soft < hard {
+        // Raising the soft limit up to the hard one needs no privilege.
+        let raised = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
         };
-        // SAFETY: setrlimit reads one rlimit struct we own; raising the soft limit up to the
-        // hard one needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim.rlim_cur = lim.rlim_max;
-        } else {
-            tracing::warn!(error = %std::io::Error::last_os_error(), soft = lim.rlim_cur, hard = lim.rlim_max, "cannot raise RLIMIT_NOFILE to its hard limit");
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => soft = hard,
+            Err(e) => {
+                tracing::warn!(error = %std::io::Error::from(e), soft, hard, "cannot raise RLIMIT_NOFILE to its hard limit")
+            }
         }
     }
     // RLIM_INFINITY, or a limit past what a usize holds: practically none.
-    let nofile = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    let nofile = usize::try_from(soft).unwrap_or(usize::MAX);
     let flow_fds = nofile.saturating_sub(reserved(queue_pairs, forwards));
     let plan = Plan {
         nofile,

@@ -113,11 +113,9 @@ pub fn attach(
         // Non-blocking: re-arming clears a pending expiry, so a read after epoll said "ready"
         // may find nothing; a blocking read would then stall the whole queue until the next
         // expiry (seen: 1 s stalls on connection setup).
-        // SAFETY: fcntl on a descriptor we own, with flags that only change blocking mode.
-        let set = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        if set < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // SAFETY: `timer` owns the descriptor and outlives this borrow (TimerFd has no AsFd).
+        let timer_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(timer.as_raw_fd()) };
+        rustix::fs::fcntl_setfl(timer_fd, rustix::fs::OFlags::NONBLOCK)?;
         handler.register_listener(
             timer.as_raw_fd(),
             EventSet::IN,

@@ -390,10 +390,17 @@ impl QueuePair {
         }
         let mem = mem.memory();
         let deadline = Instant::now() + self.busy_poll;
-        let mut pollfd = self.loop_fd.map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
+        // SAFETY: `loop_fd` is the worker's epoll descriptor, kept open by the handler the
+        // flows hold (see `attach`) until `detach` clears both; `detach` needs this pair,
+        // which `&self` holds for the whole borrow.
+        let epoll = self
+            .loop_fd
+            .map(|fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+        let mut pollfd = epoll.map(|fd| {
+            [rustix::event::PollFd::from_borrowed_fd(
+                fd,
+                rustix::event::PollFlags::IN,
+            )]
         });
         loop {
             {
@@ -406,9 +413,10 @@ impl QueuePair {
                 }
             }
             if let Some(p) = pollfd.as_mut() {
-                // SAFETY: one valid pollfd, zero timeout: only asks whether the epoll set
-                // has a ready event (without taking it, unlike epoll_wait).
-                if unsafe { libc::poll(p, 1, 0) } > 0 {
+                // Zero timeout: only asks whether the epoll set has a ready event (without
+                // taking it, unlike epoll_wait).
+                let zero = rustix::event::Timespec::default();
+                if rustix::event::poll(p, Some(&zero)).is_ok_and(|n| n > 0) {
                     return false;
                 }
             }

@@ -381,11 +381,11 @@ fn send_batch(socket: &UdpSocket, to: SocketAddr, buf: &[u8], lens: &[usize]) ->
         });
         offset += len;
     }
-    // SAFETY: zeroed msghdr/mmsghdr are valid (null pointers, zero lengths) before the
-    // fields below are set.
     let mut msgs: Vec<libc::mmsghdr> = iovecs
         .iter_mut()
         .map(|iov| {
+            // SAFETY: zeroed msghdr/mmsghdr are valid (null pointers, zero lengths) before
+            // the fields below are set.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
             m.msg_hdr.msg_namelen = addr.len();

@@ -6,6 +6,8 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use strum::{IntoStaticStr, VariantArray};
+
 use crate::services::dns::DnsOutcome;
 
 pub mod metrics;
@@ -13,134 +15,137 @@ pub mod metrics;
 /// How many drops of one reason are logged before logging thins out to powers of two.
 const LOG_FIRST: u64 = 5;
 
-macro_rules! reasons {
-    ($( $(#[$doc:meta])* $variant:ident => $name:literal, )*) => {
-        /// Why a frame (or an answer to the guest) was dropped. One counter each.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum DropReason { $( $(#[$doc])* $variant, )* }
-
-        impl DropReason {
-            /// Every reason, in counter order.
-            pub const ALL: &'static [DropReason] = &[$(DropReason::$variant,)*];
+/// The names are metric labels and `stats` keys, so they are a contract: strum derives them
+/// from the variant names (snake_case) and the variant list in declaration order, which is the
+/// counters' order; `labels!` gives every counter enum the same `ALL` and `as_str`.
+macro_rules! labels {
+    ($($t:ty),* $(,)?) => {$(
+        impl $t {
+            /// Every variant, in counter order.
+            pub const ALL: &'static [$t] = <$t as VariantArray>::VARIANTS;
 
             /// The stable snake_case name used in logs, tables and metrics.
             pub fn as_str(self) -> &'static str {
-                match self { $(DropReason::$variant => $name,)* }
+                self.into()
             }
         }
-    };
+    )*};
 }
 
-reasons! {
+/// Why a frame (or an answer to the guest) was dropped. One counter each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum DropReason {
     /// A descriptor chain that could not be read: outside guest memory, wrong direction,
     /// indirect inside indirect, too long, or the queue itself is malformed.
-    BadDescriptor => "bad_descriptor",
+    BadDescriptor,
     /// Shorter than the virtio-net header plus an Ethernet header.
-    Truncated => "truncated",
+    Truncated,
     /// Longer than the MTU allows.
-    Oversized => "oversized",
+    Oversized,
     /// A virtio-net header asking for offloads that were not negotiated.
-    BadVirtioHeader => "bad_virtio_header",
+    BadVirtioHeader,
     /// Source MAC is not the VM's.
-    SpoofedSrcMac => "spoofed_src_mac",
+    SpoofedSrcMac,
     /// Unicast to a MAC other than the gateway's: nothing is bridged.
-    DstMacNotGateway => "dst_mac_not_gateway",
+    DstMacNotGateway,
     /// Multicast Ethernet destination.
-    Multicast => "multicast",
+    Multicast,
     /// 802.1Q / QinQ tagged frame.
-    Vlan => "vlan",
+    Vlan,
     /// IPv6 of any kind (unsupported until it keeps the same invariants).
-    Ipv6 => "ipv6",
+    Ipv6,
     /// An ethertype other than IPv4 and ARP.
-    UnsupportedEthertype => "unsupported_ethertype",
+    UnsupportedEthertype,
     /// An ARP packet that is not Ethernet/IPv4 or is cut short.
-    ArpMalformed => "arp_malformed",
+    ArpMalformed,
     /// ARP whose sender MAC or IP is not the VM's.
-    ArpSpoofed => "arp_spoofed",
+    ArpSpoofed,
     /// ARP request for an address other than the gateway.
-    ArpNotForGateway => "arp_not_for_gateway",
+    ArpNotForGateway,
     /// ARP replies and gratuitous ARP from the guest.
-    ArpUnsolicited => "arp_unsolicited",
+    ArpUnsolicited,
     /// IPv4 header that does not parse or whose lengths disagree with the frame.
-    Ipv4Malformed => "ipv4_malformed",
+    Ipv4Malformed,
     /// IPv4 header checksum is wrong.
-    Ipv4BadChecksum => "ipv4_bad_checksum",
+    Ipv4BadChecksum,
     /// IPv4 header carries options.
-    Ipv4Options => "ipv4_options",
+    Ipv4Options,
     /// IPv4 fragment (more-fragments set or a non-zero offset).
-    Ipv4Fragment => "ipv4_fragment",
+    Ipv4Fragment,
     /// TTL of zero.
-    TtlExpired => "ttl_expired",
+    TtlExpired,
     /// IPv4 source is not the VM's address.
-    SpoofedSrcIp => "spoofed_src_ip",
+    SpoofedSrcIp,
     /// Broadcast (limited or directed) that is not DHCP.
-    Broadcast => "broadcast",
+    Broadcast,
     /// TCP/UDP/ICMP header cut short or inconsistent.
-    L4Malformed => "l4_malformed",
+    L4Malformed,
     /// A TCP/UDP/ICMP checksum that is wrong (checked where moat answers).
-    L4BadChecksum => "l4_bad_checksum",
+    L4BadChecksum,
     /// An IP protocol other than TCP, UDP and ICMP.
-    UnsupportedProtocol => "unsupported_protocol",
+    UnsupportedProtocol,
     /// To the gateway, on a port or protocol it does not serve.
-    GatewayPortClosed => "gateway_port_closed",
+    GatewayPortClosed,
     /// ICMP to the gateway that is not an echo request.
-    IcmpNotEcho => "icmp_not_echo",
+    IcmpNotEcho,
     /// To an address the policy does not allow.
-    NotAllowed => "not_allowed",
+    NotAllowed,
     /// DHCP message that does not parse.
-    DhcpMalformed => "dhcp_malformed",
+    DhcpMalformed,
     /// DHCP whose client hardware address is not the VM's MAC.
-    DhcpWrongClient => "dhcp_wrong_client",
+    DhcpWrongClient,
     /// DNS message without even a header to answer.
-    DnsMalformed => "dns_malformed",
+    DnsMalformed,
     /// DHCP message type the server does not act on (OFFER/ACK from the guest, DECLINE, ...).
-    DhcpIgnored => "dhcp_ignored",
+    DhcpIgnored,
     /// A TCP segment (not a SYN) for a connection moat does not know.
-    TcpNoFlow => "tcp_no_flow",
+    TcpNoFlow,
     /// A SYN with FIN or RST set.
-    TcpBadFlags => "tcp_bad_flags",
+    TcpBadFlags,
     /// `limits.max_flows` reached: new connections are refused (a SYN gets a RST).
-    FlowLimit => "flow_limit",
+    FlowLimit,
     /// The descriptor budget is spent (RLIMIT_NOFILE less moat's own and the operator's
     /// reserve): new connections are refused (a SYN gets a RST).
-    FdBudget => "fd_budget",
+    FdBudget,
     /// To a 198.18.0.0/15 address moat never gave out in DNS.
-    UnknownSyntheticAddress => "unknown_synthetic_address",
+    UnknownSyntheticAddress,
     /// To a reserved range (loopback, private, link-local, metadata, ...) no rule names,
     /// however the guest spelled it (IP literal, `127.1`, `0x7f000001`, `localhost`, ...).
-    ReservedDestination => "reserved_destination",
+    ReservedDestination,
     /// A destination name from the guest's bytes (SNI, Host, explicit-proxy request) that
     /// is neither a DNS name nor an IPv4 address: an IPv6 literal, stray characters, ...
-    BadDestination => "bad_destination",
+    BadDestination,
     /// An upstream resolver's A record in a reserved range no rule names (DNS rebinding):
     /// left out of the guest's answer.
-    DnsAnswerReserved => "dns_answer_reserved",
+    DnsAnswerReserved,
     /// A datagram on the upstream resolver socket that is not the resolver's response to a
     /// question moat asked (wrong source, unknown id, another question): not relayed.
-    DnsUpstreamMismatch => "dns_upstream_mismatch",
+    DnsUpstreamMismatch,
     /// A request on the explicit-proxy port that is not `CONNECT host:port` or an
     /// absolute-form `http://` request: answered 400.
-    ExplicitProxyMalformed => "explicit_proxy_malformed",
+    ExplicitProxyMalformed,
     /// The rule's proxy kind is not supported yet.
-    EgressUnsupported => "egress_unsupported",
+    EgressUnsupported,
     /// No socket could be opened to the proxy.
-    ProxyUnreachable => "proxy_unreachable",
+    ProxyUnreachable,
     /// The stack's inbound queue is full.
-    StackQueueFull => "stack_queue_full",
+    StackQueueFull,
     /// A frame of a flow owned by another queue pair could not be handed to it (its inbox
     /// was full, or the flow moved again meanwhile).
-    HandoffFailed => "handoff_failed",
+    HandoffFailed,
     /// An answer for the guest found no RX buffer and the pending queue was full.
-    RxQueueFull => "rx_queue_full",
+    RxQueueFull,
     /// An answer for the guest did not fit the RX buffers it posted.
-    RxBufferTooSmall => "rx_buffer_too_small",
+    RxBufferTooSmall,
     /// A frame for the guest larger than a whole RX ring of the buffers it posted (with
     /// mergeable RX buffers): it can never be delivered; the buffers go back to the guest.
-    RxRingTooSmall => "rx_ring_too_small",
+    RxRingTooSmall,
 }
 
 /// Which of the gateway's own services answered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Service {
     Arp,
     Dhcp,
@@ -148,22 +153,9 @@ pub enum Service {
     Dns,
 }
 
-impl Service {
-    pub const ALL: &'static [Service] =
-        &[Service::Arp, Service::Dhcp, Service::IcmpEcho, Service::Dns];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Service::Arp => "arp",
-            Service::Dhcp => "dhcp",
-            Service::IcmpEcho => "icmp_echo",
-            Service::Dns => "dns",
-        }
-    }
-}
-
 /// What happened to flows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum FlowEvent {
     Opened,
     Closed,
@@ -173,28 +165,9 @@ pub enum FlowEvent {
     ForwardRefused,
 }
 
-impl FlowEvent {
-    pub const ALL: &'static [FlowEvent] = &[
-        FlowEvent::Opened,
-        FlowEvent::Closed,
-        FlowEvent::Reset,
-        FlowEvent::ProxyFailed,
-        FlowEvent::ForwardRefused,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FlowEvent::Opened => "opened",
-            FlowEvent::Closed => "closed",
-            FlowEvent::Reset => "reset",
-            FlowEvent::ProxyFailed => "proxy_failed",
-            FlowEvent::ForwardRefused => "forward_refused",
-        }
-    }
-}
-
 /// Traffic counters other than drops.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Traffic {
     /// Frames the guest sent (TX queue).
     TxFrames,
@@ -211,31 +184,7 @@ pub enum Traffic {
     HandedOff,
 }
 
-impl Traffic {
-    pub const ALL: &'static [Traffic] = &[
-        Traffic::TxFrames,
-        Traffic::TxBytes,
-        Traffic::RxFrames,
-        Traffic::RxBytes,
-        Traffic::TxKicks,
-        Traffic::RxKicks,
-        Traffic::Notifications,
-        Traffic::HandedOff,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Traffic::TxFrames => "tx_frames",
-            Traffic::TxBytes => "tx_bytes",
-            Traffic::RxFrames => "rx_frames",
-            Traffic::RxBytes => "rx_bytes",
-            Traffic::TxKicks => "tx_kicks",
-            Traffic::RxKicks => "rx_kicks",
-            Traffic::Notifications => "notifications",
-            Traffic::HandedOff => "handed_off",
-        }
-    }
-}
+labels!(DropReason, Service, FlowEvent, Traffic);
 
 /// All counters of one VM. Shared (behind an `Arc`) by the queue worker and whoever reads them.
 #[derive(Debug)]
