@@ -9,11 +9,9 @@ use etherparse::{ArpOperation, PacketBuilder};
 use smoltcp::socket::tcp::State;
 
 use super::{Expect, Outcome, Witness};
-use crate::frame::{self, craft, Network, Transport};
+use crate::frame::{self, craft, MacAddr, Network, Transport, GATEWAY_MAC};
 use crate::guest::{GuestNet, SimGuest};
-use crate::policy::{
-    Destination, DnsMode, MacAddr, NamePattern, OutboundRule, Policy, Protocol, GATEWAY_MAC,
-};
+use crate::policy::{Destination, DnsMode, NamePattern, OutboundRule, Policy, Protocol};
 use crate::telemetry::DropReason;
 
 const QUIET: Duration = Duration::from_millis(600);

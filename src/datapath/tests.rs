@@ -7,7 +7,6 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::frame::craft;
-use crate::policy::{MacAddr, GATEWAY_MAC};
 use crate::telemetry::Service;
 
 const POLICY: &str = r#"

@@ -8,6 +8,7 @@
 
 pub mod checksum;
 pub mod craft;
+mod mac;
 pub mod virtio_hdr;
 
 use std::net::Ipv4Addr;
@@ -17,10 +18,10 @@ use etherparse::{
     Ipv4HeaderSlice, TcpSlice, UdpSlice,
 };
 
-use crate::policy::MacAddr;
 use crate::telemetry::DropReason;
 
 pub use checksum::{internet_checksum, udp_checksum_ok};
+pub use mac::{MacAddr, ParseMacError, GATEWAY_MAC};
 pub use virtio_hdr::VirtioNetHdr;
 
 /// Ethernet II header length.

@@ -9,8 +9,8 @@ use dhcproto::v4::{DhcpOption, HType, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
 use etherparse::PacketBuilder;
 
-use crate::frame::{udp_checksum_ok, Frame, Network, Transport};
-use crate::policy::{MacAddr, Vm, GATEWAY_MAC};
+use crate::frame::{udp_checksum_ok, Frame, MacAddr, Network, Transport, GATEWAY_MAC};
+use crate::policy::Vm;
 use crate::services::icmp::GATEWAY_TTL;
 use crate::telemetry::DropReason;
 

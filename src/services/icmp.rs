@@ -2,8 +2,8 @@
 
 use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
 
-use crate::frame::{internet_checksum, Frame, Network, Transport, ICMP_ECHO_REPLY};
-use crate::policy::{Vm, GATEWAY_MAC};
+use crate::frame::{internet_checksum, Frame, Network, Transport, GATEWAY_MAC, ICMP_ECHO_REPLY};
+use crate::policy::Vm;
 use crate::telemetry::DropReason;
 
 /// TTL of packets the gateway originates.

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use etherparse::PacketBuilder;
 
-use crate::frame::{udp_checksum_ok, Frame, Network, Transport};
-use crate::policy::{Policy, Vm, GATEWAY_MAC};
+use crate::frame::{udp_checksum_ok, Frame, Network, Transport, GATEWAY_MAC};
+use crate::policy::{Policy, Vm};
 use crate::telemetry::{Counters, DropReason, Service};
 use dns::NamePool;
 

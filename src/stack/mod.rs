@@ -565,7 +565,7 @@ impl Stack {
 mod tests {
     use super::*;
     use crate::frame::craft;
-    use crate::policy::MacAddr;
+    use crate::frame::MacAddr;
 
     const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
     const DST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
@@ -585,7 +585,7 @@ mod tests {
     fn syn(guest_port: u16) -> Vec<u8> {
         let frame = craft::tcp_syn(
             MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
-            crate::policy::GATEWAY_MAC,
+            crate::frame::GATEWAY_MAC,
             (GUEST, guest_port),
             (DST, 80),
         );
