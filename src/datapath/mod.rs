@@ -208,7 +208,8 @@ impl Datapath {
             })?;
         }
         complete_checksum(bytes, offload).map_err(no_summary)?;
-        let frame = frame::parse(bytes).map_err(no_summary)?;
+        let frame =
+            frame::parse_completed(bytes, offload != TxOffload::None).map_err(no_summary)?;
         match self.firewall.verdict_after_link(&frame) {
             Verdict::Drop(reason) => Err((reason, summarize(&frame))),
             Verdict::Flow => {
@@ -216,13 +217,10 @@ impl Datapath {
                     return Err((DropReason::NotAllowed, summarize(&frame)));
                 };
                 let carried = match &ip.transport {
-                    // The stack trusts what reaches it: check the sum here, once (a partial
-                    // one was just computed from the frame, so it holds by construction).
-                    Transport::Tcp(_)
-                        if offload == TxOffload::None && !checksum::verify(ip.packet) =>
-                    {
-                        Err(DropReason::L4BadChecksum)
-                    }
+                    // The stack trusts what reaches it, and a UDP association relays the
+                    // payload as it is: a packet with a wrong sum goes no further.
+                    Transport::Tcp(tcp) if !tcp.checksum.ok() => Err(DropReason::L4BadChecksum),
+                    Transport::Udp(udp) if !udp.checksum.ok() => Err(DropReason::L4BadChecksum),
                     Transport::Tcp(tcp) => self.flows.guest_tcp(ip, tcp),
                     Transport::Udp(udp) => self.flows.guest_udp(ip, udp),
                     Transport::Icmp(_) => Err(DropReason::NotAllowed),

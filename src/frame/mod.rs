@@ -20,7 +20,7 @@ use etherparse::{
 
 use crate::telemetry::DropReason;
 
-pub use checksum::{internet_checksum, udp_checksum_ok};
+pub use checksum::{internet_checksum, udp_checksum_ok, L4Checksum};
 pub use mac::{MacAddr, ParseMacError, GATEWAY_MAC};
 pub use virtio_hdr::VirtioNetHdr;
 
@@ -91,9 +91,10 @@ pub enum Transport<'a> {
 pub struct Udp<'a> {
     pub src_port: u16,
     pub dst_port: u16,
-    /// The whole UDP datagram (header included), for checksum checks.
+    /// The whole UDP datagram (header included), as long as its length field says.
     pub datagram: &'a [u8],
     pub payload: &'a [u8],
+    pub checksum: L4Checksum,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +105,7 @@ pub struct Tcp<'a> {
     pub ack: u32,
     pub flags: TcpFlags,
     pub payload: &'a [u8],
+    pub checksum: L4Checksum,
 }
 
 /// The TCP flags moat cares about.
@@ -119,8 +121,9 @@ pub struct TcpFlags {
 pub struct Icmp<'a> {
     pub icmp_type: u8,
     pub code: u8,
-    /// The whole ICMP message (header included), for checksum checks and echo replies.
+    /// The whole ICMP message (header included), for echo replies.
     pub message: &'a [u8],
+    pub checksum: L4Checksum,
 }
 
 /// ICMP echo request type.
@@ -150,13 +153,25 @@ pub fn udp_packet(
     Some(packet)
 }
 
-/// Parse one Ethernet frame (without the virtio-net header).
+/// Parse one Ethernet frame (without the virtio-net header), summing its TCP/UDP/ICMP
+/// checksum (the state is in the transport's `checksum`; a wrong one is not an error here:
+/// whoever would use the packet drops it, after the firewall had its say).
 pub fn parse(bytes: &[u8]) -> Result<Frame<'_>, DropReason> {
+    parse_with(bytes, false)
+}
+
+/// Parse a frame whose TCP/UDP checksum moat has just `completed` (a guest's NEEDS_CSUM):
+/// its state is then [`L4Checksum::Completed`], without summing the packet a second time.
+pub fn parse_completed(bytes: &[u8], completed: bool) -> Result<Frame<'_>, DropReason> {
+    parse_with(bytes, completed)
+}
+
+fn parse_with(bytes: &[u8], completed: bool) -> Result<Frame<'_>, DropReason> {
     let eth_view = parse_ethernet(bytes)?;
     let payload = &bytes[ETH_HDR_LEN..];
     let net = match EtherType(eth_view.ethertype) {
         EtherType::ARP => Network::Arp(parse_arp(payload)?),
-        EtherType::IPV4 => Network::Ipv4(parse_ipv4(payload)?),
+        EtherType::IPV4 => Network::Ipv4(parse_ipv4(payload, completed)?),
         EtherType::IPV6 => return Err(DropReason::Ipv6),
         t if ETHERTYPE_VLAN_TAGS.contains(&t.0) => return Err(DropReason::Vlan),
         _ => return Err(DropReason::UnsupportedEthertype),
@@ -205,7 +220,7 @@ fn parse_arp(payload: &[u8]) -> Result<Arp, DropReason> {
     })
 }
 
-fn parse_ipv4(payload: &[u8]) -> Result<Ipv4<'_>, DropReason> {
+fn parse_ipv4(payload: &[u8], completed: bool) -> Result<Ipv4<'_>, DropReason> {
     let header = Ipv4HeaderSlice::from_slice(payload).map_err(|_| DropReason::Ipv4Malformed)?;
     let header_len = header.slice().len();
     let total_len = usize::from(header.total_len());
@@ -226,6 +241,7 @@ fn parse_ipv4(payload: &[u8]) -> Result<Ipv4<'_>, DropReason> {
         return Err(DropReason::TtlExpired);
     }
     let l4 = &payload[header_len..total_len];
+    let (src, dst) = (header.source_addr(), header.destination_addr());
     let transport = match header.protocol() {
         IpNumber::UDP => {
             let udp = UdpSlice::from_slice(l4).map_err(|_| DropReason::L4Malformed)?;
@@ -233,11 +249,20 @@ fn parse_ipv4(payload: &[u8]) -> Result<Ipv4<'_>, DropReason> {
             if len < 8 || len > l4.len() {
                 return Err(DropReason::L4Malformed);
             }
+            let datagram = &l4[..len];
+            // A completed sum covers the whole IP payload: it is the datagram's only when
+            // the two lengths agree (otherwise the datagram is summed like any other).
+            let checksum = if completed && len == l4.len() {
+                L4Checksum::Completed
+            } else {
+                checksum::udp_checksum(src, dst, datagram)
+            };
             Transport::Udp(Udp {
                 src_port: udp.source_port(),
                 dst_port: udp.destination_port(),
-                datagram: &l4[..len],
+                datagram,
                 payload: &l4[8..len],
+                checksum,
             })
         }
         IpNumber::TCP => {
@@ -254,6 +279,11 @@ fn parse_ipv4(payload: &[u8]) -> Result<Ipv4<'_>, DropReason> {
                     rst: tcp.rst(),
                 },
                 payload: tcp.payload(),
+                checksum: if completed {
+                    L4Checksum::Completed
+                } else {
+                    checksum::tcp_checksum(src, dst, l4)
+                },
             })
         }
         IpNumber::ICMP => {
@@ -262,14 +292,16 @@ fn parse_ipv4(payload: &[u8]) -> Result<Ipv4<'_>, DropReason> {
                 icmp_type: icmp.type_u8(),
                 code: icmp.code_u8(),
                 message: l4,
+                // Offloads complete TCP and UDP sums only: an ICMP message is always summed.
+                checksum: checksum::icmp_checksum(l4),
             })
         }
         _ => return Err(DropReason::UnsupportedProtocol),
     };
     Ok(Ipv4 {
         packet: &payload[..total_len],
-        src: header.source_addr(),
-        dst: header.destination_addr(),
+        src,
+        dst,
         ttl: header.ttl(),
         identification: header.identification(),
         transport,

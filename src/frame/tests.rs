@@ -131,6 +131,44 @@ fn udp_checksum_checks() {
     );
 }
 
+/// The checksum state every parsed transport carries, summed once by `parse`.
+#[test]
+fn parsed_packets_carry_their_checksum_state() {
+    fn state(bytes: &[u8], completed: bool) -> L4Checksum {
+        let frame = parse_completed(bytes, completed).expect("parses");
+        let Network::Ipv4(ip) = frame.net else {
+            panic!("not ipv4")
+        };
+        match ip.transport {
+            Transport::Udp(u) => u.checksum,
+            Transport::Tcp(t) => t.checksum,
+            Transport::Icmp(i) => i.checksum,
+        }
+    }
+    let udp = craft::udp(GUEST_MAC, GATEWAY_MAC, (GUEST, 1000), (GW, 53), b"question");
+    let tcp = craft::tcp_syn(GUEST_MAC, GATEWAY_MAC, (GUEST, 40000), (GW, 80));
+    for good in [&udp, &tcp, &echo()] {
+        assert_eq!(state(good, false), L4Checksum::Verified);
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x5a;
+        assert_eq!(state(&bad, false), L4Checksum::Bad);
+        assert!(!L4Checksum::Bad.ok());
+    }
+    let mut unsummed = udp.clone();
+    unsummed[40..42].copy_from_slice(&[0, 0]);
+    assert_eq!(state(&unsummed, false), L4Checksum::None);
+    assert!(L4Checksum::None.ok());
+    // What moat completed itself is not summed again; ICMP is never completed.
+    assert_eq!(state(&tcp, true), L4Checksum::Completed);
+    assert_eq!(state(&udp, true), L4Checksum::Completed);
+    assert_eq!(state(&echo(), true), L4Checksum::Verified);
+    // A completed sum covers the IP payload: a UDP length short of it is summed as usual.
+    let mut short = craft::udp(GUEST_MAC, GATEWAY_MAC, (GUEST, 1000), (GW, 53), b"question");
+    short[38..40].copy_from_slice(&12u16.to_be_bytes());
+    assert_eq!(state(&short, true), L4Checksum::Bad);
+}
+
 #[test]
 fn virtio_header_offloads_only_as_negotiated() {
     use crate::frame::virtio_hdr::{Offloads, TxOffload};

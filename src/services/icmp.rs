@@ -17,7 +17,7 @@ pub fn answer(vm: &Vm, frame: &Frame<'_>) -> Result<Vec<u8>, DropReason> {
     let Transport::Icmp(icmp) = &ip.transport else {
         return Err(DropReason::L4Malformed);
     };
-    if internet_checksum(icmp.message) != 0 {
+    if !icmp.checksum.ok() {
         return Err(DropReason::L4BadChecksum);
     }
     let mut reply = icmp.message.to_vec();
