@@ -7,6 +7,7 @@
 use std::net::Ipv4Addr;
 
 use etherparse::checksum::Sum16BitWords;
+use smoltcp::wire::{IpProtocol, Ipv4Packet};
 
 use crate::telemetry::DropReason;
 
@@ -126,29 +127,24 @@ impl L4Layout {
     /// The layout of a TCP or UDP packet whose lengths are consistent with `ip`; `None`
     /// otherwise (never trusting a length the guest wrote without checking it).
     pub fn of(ip: &[u8]) -> Option<L4Layout> {
-        let vihl = *ip.first()?;
-        if vihl >> 4 != 4 {
+        // smoltcp's checked view: the header and total lengths fit the buffer and each other.
+        let packet = Ipv4Packet::new_checked(ip).ok()?;
+        if packet.version() != 4 {
             return None;
         }
-        let start = usize::from(vihl & 0xf) * 4;
-        let end = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-        if start < 20 || end > ip.len() {
-            return None;
-        }
-        let protocol = *ip.get(9)?;
-        let (field, min_len) = match protocol {
-            TCP => (TCP_CSUM_OFFSET, 20),
-            UDP => (UDP_CSUM_OFFSET, 8),
+        let (field, min_len) = match packet.next_header() {
+            IpProtocol::Tcp => (TCP_CSUM_OFFSET, 20),
+            IpProtocol::Udp => (UDP_CSUM_OFFSET, 8),
             _ => return None,
         };
-        if end < start + min_len {
+        if packet.payload().len() < min_len {
             return None;
         }
         Some(L4Layout {
-            start,
+            start: usize::from(packet.header_len()),
             field,
-            end,
-            protocol,
+            end: usize::from(packet.total_len()),
+            protocol: packet.next_header().into(),
         })
     }
 
@@ -158,10 +154,10 @@ impl L4Layout {
 
     /// The pseudo-header sum of `ip`, the packet this layout was read from.
     fn pseudo(&self, ip: &[u8]) -> Sum16BitWords {
-        let addr = |at: usize| [ip[at], ip[at + 1], ip[at + 2], ip[at + 3]];
+        let packet = Ipv4Packet::new_unchecked(ip);
         pseudo_header(
-            addr(12),
-            addr(16),
+            packet.src_addr().octets(),
+            packet.dst_addr().octets(),
             self.protocol,
             (self.end - self.start) as u16,
         )

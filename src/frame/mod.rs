@@ -9,6 +9,7 @@
 pub mod checksum;
 pub mod craft;
 mod mac;
+pub mod tcp;
 pub mod virtio_hdr;
 
 use std::net::Ipv4Addr;

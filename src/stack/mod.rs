@@ -127,45 +127,6 @@ impl Device for SlotDevice<'_> {
     }
 }
 
-/// In a TCP SYN, raise the MSS option to `mss`: the guest takes segments that large
-/// (GUEST_TSO4) and moat's stack then sends them. Anything else, or a SYN without a
-/// well-formed MSS option, is left as it is. The checksum is not redone: the data path
-/// verified it before, and the stack does not verify again.
-fn raise_syn_mss(ip: &mut [u8], mss: u16) {
-    use crate::frame::checksum::L4Layout;
-    let Some(l4) = L4Layout::of(ip) else { return };
-    let tcp = l4.start;
-    let (Some(&flags), Some(&offset)) = (ip.get(tcp + 13), ip.get(tcp + 12)) else {
-        return;
-    };
-    if l4.protocol != 6 || flags & 0x02 == 0 {
-        return;
-    }
-    let options_end = (tcp + usize::from(offset >> 4) * 4).min(l4.end);
-    let mut at = tcp + 20;
-    while at < options_end {
-        match ip[at] {
-            0 => return,
-            1 => at += 1,
-            kind => {
-                let Some(&len) = ip.get(at + 1) else { return };
-                let len = usize::from(len);
-                if len < 2 || at + len > options_end {
-                    return;
-                }
-                if kind == 2 && len == 4 {
-                    let announced = u16::from_be_bytes([ip[at + 2], ip[at + 3]]);
-                    if announced < mss {
-                        ip[at + 2..at + 4].copy_from_slice(&mss.to_be_bytes());
-                    }
-                    return;
-                }
-                at += len;
-            }
-        }
-    }
-}
-
 /// One guest connection in the stack. Handles are reused after `remove`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SocketHandle(usize);
@@ -344,7 +305,7 @@ impl Stack {
         }
         let mut packet = packet.to_vec();
         if self.raise_mss {
-            raise_syn_mss(&mut packet, LARGE_SEGMENT_MSS);
+            crate::frame::tcp::raise_syn_mss(&mut packet, LARGE_SEGMENT_MSS);
         }
         self.queued += 1;
         self.queued_bytes += packet.len();
