@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::frame::craft;
+use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use crate::telemetry::Service;
 
 const POLICY: &str = r#"

@@ -9,6 +9,7 @@
 pub mod checksum;
 pub mod craft;
 mod mac;
+pub mod offload;
 pub mod tcp;
 pub mod virtio_hdr;
 
@@ -34,6 +35,14 @@ pub struct Ethernet {
     pub dst: MacAddr,
     pub src: MacAddr,
     pub ethertype: u16,
+}
+
+impl Ethernet {
+    /// Whether the frame carries what moat parses further (IPv4, ARP); [`parse`] refuses
+    /// every other ethertype.
+    pub fn is_ipv4_or_arp(&self) -> bool {
+        matches!(EtherType(self.ethertype), EtherType::IPV4 | EtherType::ARP)
+    }
 }
 
 /// A parsed frame: the Ethernet header and what it carries.
@@ -156,18 +165,15 @@ pub fn udp_packet(
 
 /// Parse one Ethernet frame (without the virtio-net header), summing its TCP/UDP/ICMP
 /// checksum (the state is in the transport's `checksum`; a wrong one is not an error here:
-/// whoever would use the packet drops it, after the firewall had its say).
+/// whoever would use the packet drops it, after the firewall had its say). A guest's TX
+/// buffer goes through [`offload::TxFrame`] instead, which completes partial sums first.
 pub fn parse(bytes: &[u8]) -> Result<Frame<'_>, DropReason> {
-    parse_with(bytes, false)
+    parse_completed(bytes, false)
 }
 
 /// Parse a frame whose TCP/UDP checksum moat has just `completed` (a guest's NEEDS_CSUM):
 /// its state is then [`L4Checksum::Completed`], without summing the packet a second time.
-pub fn parse_completed(bytes: &[u8], completed: bool) -> Result<Frame<'_>, DropReason> {
-    parse_with(bytes, completed)
-}
-
-fn parse_with(bytes: &[u8], completed: bool) -> Result<Frame<'_>, DropReason> {
+fn parse_completed(bytes: &[u8], completed: bool) -> Result<Frame<'_>, DropReason> {
     let eth_view = parse_ethernet(bytes)?;
     let payload = &bytes[ETH_HDR_LEN..];
     let net = match EtherType(eth_view.ethertype) {
