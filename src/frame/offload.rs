@@ -6,12 +6,12 @@
 //! frame, so the firewall, the services and smoltcp all see an ordinary frame; the parsed
 //! view says the sum was [`L4Checksum::Completed`] rather than summing it again.
 
-use etherparse::{EtherType, Ethernet2Header};
+use etherparse::EtherType;
 
 use super::checksum::{self, L4Layout};
 use super::tcp;
 use super::virtio_hdr::{Offloads, OutHdr, TxOffload, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
-use super::{Frame, MacAddr, VirtioNetHdr, ETH_HDR_LEN, GATEWAY_MAC, PACKET_HEADROOM};
+use super::{Ethernet, Frame, MacAddr, VirtioNetHdr, ETH_HDR_LEN, GATEWAY_MAC, PACKET_HEADROOM};
 use crate::telemetry::DropReason;
 
 #[cfg(doc)]
@@ -121,10 +121,10 @@ pub fn to_guest(
     let Some((head, packet)) = buf.split_at_mut_checked(PACKET_HEADROOM) else {
         return Err(RxRefused::NoHeadroom);
     };
-    let eth = Ethernet2Header {
-        source: GATEWAY_MAC.0,
-        destination: guest.0,
-        ether_type: EtherType::IPV4,
+    let eth = Ethernet {
+        dst: guest,
+        src: GATEWAY_MAC,
+        ethertype: EtherType::IPV4.0,
     };
     head[VIRTIO_NET_HDR_LEN..].copy_from_slice(&eth.to_bytes());
     let len = packet.len();

@@ -1,7 +1,64 @@
-//! Edits moat makes in a guest's TCP segments, through smoltcp's checked views
+//! TCP over IPv4: the segments the guest sends (parsed by etherparse, their checksum state
+//! found once), and the edits moat makes in them, through smoltcp's checked views
 //! (`smoltcp::wire`): no option is walked and no offset is counted by hand here.
 
+use std::net::Ipv4Addr;
+
+use etherparse::TcpSlice;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpOption, TcpPacket};
+
+use super::checksum::{self, L4Checksum};
+use crate::telemetry::DropReason;
+
+/// A TCP segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tcp<'a> {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: TcpFlags,
+    pub payload: &'a [u8],
+    pub checksum: L4Checksum,
+}
+
+/// The TCP flags moat cares about.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpFlags {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+
+/// The TCP segment that is an IPv4 packet's payload `l4`, from `src` to `dst`.
+/// `completed`: moat has just computed its checksum (a guest's NEEDS_CSUM).
+pub(super) fn parse(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    l4: &[u8],
+    completed: bool,
+) -> Result<Tcp<'_>, DropReason> {
+    let tcp = TcpSlice::from_slice(l4).map_err(|_| DropReason::L4Malformed)?;
+    Ok(Tcp {
+        src_port: tcp.source_port(),
+        dst_port: tcp.destination_port(),
+        seq: tcp.sequence_number(),
+        ack: tcp.acknowledgment_number(),
+        flags: TcpFlags {
+            syn: tcp.syn(),
+            ack: tcp.ack(),
+            fin: tcp.fin(),
+            rst: tcp.rst(),
+        },
+        payload: tcp.payload(),
+        checksum: if completed {
+            L4Checksum::Completed
+        } else {
+            checksum::tcp_checksum(src, dst, l4)
+        },
+    })
+}
 
 /// In a TCP SYN (an IPv4 packet), raise the MSS option to `mss`: the guest takes segments
 /// that large (GUEST_TSO4) and moat's stack then sends them. Anything else, or a SYN
