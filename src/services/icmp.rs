@@ -2,7 +2,7 @@
 
 use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
 
-use crate::frame::{internet_checksum, Frame, Network, Transport, GATEWAY_MAC, ICMP_ECHO_REPLY};
+use crate::frame::{Frame, Network, Transport, GATEWAY_MAC};
 use crate::policy::Vm;
 use crate::telemetry::DropReason;
 
@@ -20,11 +20,7 @@ pub fn answer(vm: &Vm, frame: &Frame<'_>) -> Result<Vec<u8>, DropReason> {
     if !icmp.checksum.ok() {
         return Err(DropReason::L4BadChecksum);
     }
-    let mut reply = icmp.message.to_vec();
-    reply[0] = ICMP_ECHO_REPLY;
-    reply[2..4].copy_from_slice(&[0, 0]);
-    let checksum = internet_checksum(&reply);
-    reply[2..4].copy_from_slice(&checksum.to_be_bytes());
+    let reply = icmp.echo_reply().ok_or(DropReason::L4Malformed)?;
 
     let len = u16::try_from(reply.len()).map_err(|_| DropReason::L4Malformed)?;
     let mut header = Ipv4Header::new(
