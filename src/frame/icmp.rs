@@ -25,7 +25,7 @@ pub struct Icmp<'a> {
 impl Icmp<'_> {
     /// The echo reply to this message: the rest of it (identifier, sequence number, data)
     /// as it came, the type made "echo reply" and the checksum redone. `None` if it is
-    /// shorter than an echo header (never: [`parse`] refuses those).
+    /// shorter than an echo header (never: parsing refuses those).
     pub fn echo_reply(&self) -> Option<Vec<u8>> {
         let mut reply = self.message.to_vec();
         let mut packet = Icmpv4Packet::new_checked(&mut reply[..]).ok()?;
