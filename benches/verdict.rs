@@ -37,8 +37,9 @@ use moat::firewall::gate::{self, Requested};
 use moat::firewall::{Firewall, Verdict};
 use moat::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use moat::frame::{self, craft, Network, Transport};
+use moat::frame::{MacAddr, GATEWAY_MAC};
+use moat::policy::Policy;
 use moat::policy::Protocol;
-use moat::policy::{MacAddr, Policy, GATEWAY_MAC};
 use moat::services::dns::pool::NamePool;
 use moat::telemetry::{Counters, DropReason};
 

@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 
 use dhcproto::v4::{Message, MessageType};
 use dhcproto::{Decodable, Decoder};
+use moat::frame::MacAddr;
 use moat::frame::{self, craft, ArpOp, Network, Transport};
-use moat::policy::MacAddr;
 use moat::telemetry::{DropReason, Service, Traffic};
 use support::*;
 

@@ -154,7 +154,7 @@ fn json_logs_name_the_drop_reason_and_the_frame() {
         })
     };
     let mut guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let spoofed = moat::policy::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
+    let spoofed = moat::frame::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
     guest
         .send_frame(&craft::icmp_echo(spoofed, GW_MAC, GUEST, GW, 1, 1, b""))
         .unwrap();
@@ -480,7 +480,7 @@ fn drop_logs_are_rate_limited_and_say_how_many() {
         })
     };
     let mut guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let spoofed = moat::policy::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
+    let spoofed = moat::frame::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
     let frame = craft::icmp_echo(spoofed, GW_MAC, GUEST, GW, 1, 1, b"");
     const SENT: u64 = 1000;
     for _ in 0..SENT {

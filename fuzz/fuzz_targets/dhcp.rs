@@ -9,7 +9,7 @@
 //! if anything.
 use libfuzzer_sys::fuzz_target;
 use moat::frame::{self, craft, Network, Transport};
-use moat::policy::{MacAddr, GATEWAY_MAC};
+use moat::frame::{MacAddr, GATEWAY_MAC};
 use moat::telemetry::Service;
 use std::net::Ipv4Addr;
 mod common;

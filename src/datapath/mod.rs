@@ -6,14 +6,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use etherparse::EtherType;
-
 use crate::egress::{Carried, Flows};
 use crate::firewall::{Firewall, Verdict};
-use crate::frame::checksum::{self, L4Layout};
-use crate::frame::virtio_hdr::{Offloads, OutHdr, TxOffload, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
-use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN, PACKET_HEADROOM};
-use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
+use crate::frame::offload::{self, RxRefused, TxFrame};
+use crate::frame::virtio_hdr::{Offloads, OutHdr};
+use crate::frame::{self, Frame, MacAddr, Network, Transport, ETH_HDR_LEN, GATEWAY_MAC};
+use crate::policy::Policy;
 use crate::services::dns::NamePool;
 use crate::services::Gateway;
 use crate::telemetry::{Counters, DropReason, Service, Traffic};
@@ -92,36 +90,17 @@ impl Datapath {
     /// virtio-net header, with what that header must say.
     pub fn pump(&mut self, mut out: impl FnMut(Vec<u8>, OutHdr)) {
         let mtu = self.max_frame_len - ETH_HDR_LEN;
-        const L2: usize = PACKET_HEADROOM;
         for mut frame in self.flows.pump() {
-            if frame.len() < L2 {
-                continue; // not built behind the room (never: every producer builds so)
-            }
-            let eth = &mut frame[VIRTIO_NET_HDR_LEN..L2];
-            eth[..6].copy_from_slice(&self.guest_mac.0);
-            eth[6..12].copy_from_slice(&GATEWAY_MAC.0);
-            eth[12..].copy_from_slice(&EtherType::IPV4.0.to_be_bytes());
-            let packet_len = frame.len() - L2;
-            let hdr = if packet_len > mtu {
-                // Only smoltcp's TCP makes packets over the MTU, and only for a guest that
-                // takes 64 KiB segments (GUEST_TSO4): hand it one with a partial checksum.
-                match tso_header(&mut frame[L2..], mtu) {
-                    Some(hdr) => hdr,
-                    None => {
-                        self.counters.drop_frame(
-                            DropReason::Oversized,
-                            format_args!("stack packet of {packet_len} bytes"),
-                        );
-                        continue;
-                    }
+            match offload::to_guest(&mut frame, self.guest_mac, mtu, self.offloads) {
+                Ok(hdr) => out(frame, hdr),
+                Err(RxRefused::NoHeadroom) => {}
+                Err(RxRefused::Oversized { len }) => {
+                    self.counters.drop_frame(
+                        DropReason::Oversized,
+                        format_args!("stack packet of {len} bytes"),
+                    );
                 }
-            } else if self.offloads.guest_csum {
-                // smoltcp computed every checksum: the guest need not verify them again.
-                OutHdr::DataValid
-            } else {
-                OutHdr::Plain
-            };
-            out(frame, hdr);
+            }
         }
     }
 
@@ -132,12 +111,7 @@ impl Datapath {
     /// The largest TX buffer (header + frame) worth reading; anything longer is dropped
     /// as oversized without being copied.
     pub fn max_tx_len(&self) -> usize {
-        VIRTIO_NET_HDR_LEN
-            + if self.offloads.host_tso4 {
-                MAX_GSO_FRAME
-            } else {
-                self.max_frame_len
-            }
+        self.offloads.max_tx_len(self.max_frame_len)
     }
 
     /// Count the drop of a TX buffer that never made it to parsing (bad descriptors, too
@@ -182,21 +156,12 @@ impl Datapath {
     fn decide(&mut self, buf: &mut [u8]) -> Result<Outcome, (DropReason, Summary)> {
         let len = buf.len();
         let no_summary = |reason| (reason, Summary::Bytes(len));
-        let hdr = VirtioNetHdr::parse(buf).map_err(no_summary)?;
-        let offload = hdr.check_tx(self.offloads).map_err(no_summary)?;
-        let bytes = &mut buf[VIRTIO_NET_HDR_LEN..];
-        let max = match offload {
-            TxOffload::Tso { .. } => MAX_GSO_FRAME,
-            _ => self.max_frame_len,
-        };
-        if bytes.len() > max {
-            return Err(no_summary(DropReason::Oversized));
-        }
+        let tx = TxFrame::read(buf, self.offloads, self.max_frame_len).map_err(no_summary)?;
         // The link rules first, so a frame to another MAC costs no IPv4 parse. Only for what
         // moat parses further (IPv4, ARP): other ethertypes keep their own drop reason, and
         // `frame::parse` refuses them, so every parsed frame passed the link rules here.
-        let eth = frame::parse_ethernet(bytes).map_err(no_summary)?;
-        if matches!(EtherType(eth.ethertype), EtherType::IPV4 | EtherType::ARP) {
+        let eth = frame::parse_ethernet(tx.bytes()).map_err(no_summary)?;
+        if eth.is_ipv4_or_arp() {
             self.firewall.link(&eth).map_err(|reason| {
                 let summary = Summary::Eth {
                     src: eth.src,
@@ -206,8 +171,7 @@ impl Datapath {
                 (reason, summary)
             })?;
         }
-        complete_checksum(bytes, offload).map_err(no_summary)?;
-        let frame = frame::parse(bytes).map_err(no_summary)?;
+        let frame = tx.parse().map_err(no_summary)?;
         match self.firewall.verdict_after_link(&frame) {
             Verdict::Drop(reason) => Err((reason, summarize(&frame))),
             Verdict::Flow => {
@@ -215,13 +179,10 @@ impl Datapath {
                     return Err((DropReason::NotAllowed, summarize(&frame)));
                 };
                 let carried = match &ip.transport {
-                    // The stack trusts what reaches it: check the sum here, once (a partial
-                    // one was just computed from the frame, so it holds by construction).
-                    Transport::Tcp(_)
-                        if offload == TxOffload::None && !checksum::verify(ip.packet) =>
-                    {
-                        Err(DropReason::L4BadChecksum)
-                    }
+                    // The stack trusts what reaches it, and a UDP association relays the
+                    // payload as it is: a packet with a wrong sum goes no further.
+                    Transport::Tcp(tcp) if !tcp.checksum.ok() => Err(DropReason::L4BadChecksum),
+                    Transport::Udp(udp) if !udp.checksum.ok() => Err(DropReason::L4BadChecksum),
                     Transport::Tcp(tcp) => self.flows.guest_tcp(ip, tcp),
                     Transport::Udp(udp) => self.flows.guest_udp(ip, udp),
                     Transport::Icmp(_) => Err(DropReason::NotAllowed),
@@ -281,28 +242,6 @@ impl Datapath {
     }
 }
 
-/// A guest's partial checksum (NEEDS_CSUM), completed in moat's copy before anything looks
-/// at the frame, so the firewall, the services and smoltcp all see an ordinary frame and
-/// verify it as such. The offsets the guest gave must be where the frame's own IPv4 and
-/// TCP/UDP headers put the field; the checksum is computed from the frame alone.
-fn complete_checksum(frame: &mut [u8], offload: TxOffload) -> Result<(), DropReason> {
-    let (start, offset, tso) = match offload {
-        TxOffload::None => return Ok(()),
-        TxOffload::Csum { start, offset } => (start, offset, false),
-        TxOffload::Tso { start, offset, .. } => (start, offset, true),
-    };
-    if frame.get(12..14) != Some(&[0x08, 0x00][..]) {
-        return Err(DropReason::BadVirtioHeader);
-    }
-    let ip = &mut frame[ETH_HDR_LEN..];
-    let l4 = L4Layout::of(ip).ok_or(DropReason::BadVirtioHeader)?;
-    if usize::from(start) != ETH_HDR_LEN + l4.start || offset != l4.field || tso && l4.protocol != 6
-    {
-        return Err(DropReason::BadVirtioHeader);
-    }
-    checksum::fill(ip)
-}
-
 /// The RST (with ACK) that refuses a guest's TCP SYN, as if from its destination.
 fn refusal(frame: &Frame<'_>) -> Option<Vec<u8>> {
     let Network::Ipv4(ip) = &frame.net else {
@@ -326,23 +265,6 @@ fn refusal(frame: &Frame<'_>) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(builder.size(0));
     builder.write(&mut out, &[]).ok()?;
     Some(out)
-}
-
-/// The RX header of a TCP segment over the MTU, its checksum left partial; `None` if the
-/// packet is not TCP over IPv4 (smoltcp makes no other large packets).
-fn tso_header(ip: &mut [u8], mtu: usize) -> Option<OutHdr> {
-    let l4 = checksum::leave_partial(ip)?;
-    if l4.protocol != 6 {
-        return None;
-    }
-    let tcp_hdr_len = usize::from(ip.get(l4.start + 12)? >> 4) * 4;
-    let headers = l4.start + tcp_hdr_len;
-    Some(OutHdr::Tso {
-        hdr_len: (ETH_HDR_LEN + headers) as u16,
-        mss: mtu.checked_sub(headers).filter(|&m| m > 0)? as u16,
-        csum_start: (ETH_HDR_LEN + l4.start) as u16,
-        csum_offset: l4.field,
-    })
 }
 
 /// What a drop log line says about a frame: built without allocating (drops are the hot

@@ -10,7 +10,8 @@ pub mod gate;
 use std::net::Ipv4Addr;
 
 use crate::frame::{ArpOp, Ethernet, Frame, Network, Transport, ICMP_ECHO_REQUEST};
-use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
+use crate::frame::{MacAddr, GATEWAY_MAC};
+use crate::policy::Policy;
 use crate::telemetry::{DropReason, Service};
 
 /// What happens to one frame.

@@ -7,6 +7,7 @@
 use std::net::Ipv4Addr;
 
 use etherparse::checksum::Sum16BitWords;
+use smoltcp::wire::{IpProtocol, Ipv4Packet};
 
 use crate::telemetry::DropReason;
 
@@ -21,21 +22,76 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     )
 }
 
-/// Whether a UDP datagram's checksum is right (a zero checksum means "none" in IPv4).
-pub fn udp_checksum_ok(src: Ipv4Addr, dst: Ipv4Addr, datagram: &[u8]) -> bool {
+/// The state of a parsed packet's TCP, UDP or ICMP checksum, found once by
+/// [`crate::frame::parse`]: whoever uses the packet reads it instead of summing again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Checksum {
+    /// Summed over the packet and found right.
+    Verified,
+    /// The guest left it partial (NEEDS_CSUM) and moat computed it from the packet, in its
+    /// own copy: right by construction, so not summed a second time.
+    Completed,
+    /// A UDP datagram without a checksum (0, which IPv4 allows).
+    None,
+    /// Wrong: the packet was damaged or forged. Dropped by whoever would use it.
+    Bad,
+}
+
+impl L4Checksum {
+    /// Whether the packet may be used (its checksum is right, or there is none).
+    pub fn ok(self) -> bool {
+        self != L4Checksum::Bad
+    }
+
+    fn verified_if(right: bool) -> L4Checksum {
+        if right {
+            L4Checksum::Verified
+        } else {
+            L4Checksum::Bad
+        }
+    }
+}
+
+/// The checksum state of a UDP datagram (header included, as long as its length field says).
+pub fn udp_checksum(src: Ipv4Addr, dst: Ipv4Addr, datagram: &[u8]) -> L4Checksum {
     let Some(field) = datagram.get(6..8) else {
-        return false;
+        return L4Checksum::Bad;
     };
     if field == [0, 0] {
-        return true;
+        return L4Checksum::None;
     }
     let Ok(len) = u16::try_from(datagram.len()) else {
-        return false;
+        return L4Checksum::Bad;
     };
-    pseudo_header(src.octets(), dst.octets(), UDP, len)
-        .add_slice(datagram)
-        .ones_complement()
-        == 0
+    L4Checksum::verified_if(
+        pseudo_header(src.octets(), dst.octets(), UDP, len)
+            .add_slice(datagram)
+            .ones_complement()
+            == 0,
+    )
+}
+
+/// The checksum state of a TCP segment (header included).
+pub fn tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> L4Checksum {
+    let Ok(len) = u16::try_from(segment.len()) else {
+        return L4Checksum::Bad;
+    };
+    L4Checksum::verified_if(
+        pseudo_header(src.octets(), dst.octets(), TCP, len)
+            .add_slice(segment)
+            .ones_complement()
+            == 0,
+    )
+}
+
+/// The checksum state of an ICMP message (header included; no pseudo-header in IPv4).
+pub fn icmp_checksum(message: &[u8]) -> L4Checksum {
+    L4Checksum::verified_if(internet_checksum(message) == 0)
+}
+
+/// Whether a UDP datagram's checksum is right (a zero checksum means "none" in IPv4).
+pub fn udp_checksum_ok(src: Ipv4Addr, dst: Ipv4Addr, datagram: &[u8]) -> bool {
+    udp_checksum(src, dst, datagram).ok()
 }
 
 /// The sum of the IPv4 pseudo-header: addresses, protocol, L4 length.
@@ -71,29 +127,24 @@ impl L4Layout {
     /// The layout of a TCP or UDP packet whose lengths are consistent with `ip`; `None`
     /// otherwise (never trusting a length the guest wrote without checking it).
     pub fn of(ip: &[u8]) -> Option<L4Layout> {
-        let vihl = *ip.first()?;
-        if vihl >> 4 != 4 {
+        // smoltcp's checked view: the header and total lengths fit the buffer and each other.
+        let packet = Ipv4Packet::new_checked(ip).ok()?;
+        if packet.version() != 4 {
             return None;
         }
-        let start = usize::from(vihl & 0xf) * 4;
-        let end = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-        if start < 20 || end > ip.len() {
-            return None;
-        }
-        let protocol = *ip.get(9)?;
-        let (field, min_len) = match protocol {
-            TCP => (TCP_CSUM_OFFSET, 20),
-            UDP => (UDP_CSUM_OFFSET, 8),
+        let (field, min_len) = match packet.next_header() {
+            IpProtocol::Tcp => (TCP_CSUM_OFFSET, 20),
+            IpProtocol::Udp => (UDP_CSUM_OFFSET, 8),
             _ => return None,
         };
-        if end < start + min_len {
+        if packet.payload().len() < min_len {
             return None;
         }
         Some(L4Layout {
-            start,
+            start: usize::from(packet.header_len()),
             field,
-            end,
-            protocol,
+            end: usize::from(packet.total_len()),
+            protocol: packet.next_header().into(),
         })
     }
 
@@ -103,10 +154,10 @@ impl L4Layout {
 
     /// The pseudo-header sum of `ip`, the packet this layout was read from.
     fn pseudo(&self, ip: &[u8]) -> Sum16BitWords {
-        let addr = |at: usize| [ip[at], ip[at + 1], ip[at + 2], ip[at + 3]];
+        let packet = Ipv4Packet::new_unchecked(ip);
         pseudo_header(
-            addr(12),
-            addr(16),
+            packet.src_addr().octets(),
+            packet.dst_addr().octets(),
             self.protocol,
             (self.end - self.start) as u16,
         )

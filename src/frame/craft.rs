@@ -7,7 +7,7 @@ use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, OptionCode};
 use dhcproto::Encodable;
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder};
 
-use crate::policy::MacAddr;
+use crate::frame::MacAddr;
 
 pub const BROADCAST_MAC: MacAddr = MacAddr([0xff; 6]);
 

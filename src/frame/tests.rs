@@ -1,7 +1,6 @@
 use std::net::Ipv4Addr;
 
 use super::*;
-use crate::policy::GATEWAY_MAC;
 
 const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -132,56 +131,40 @@ fn udp_checksum_checks() {
     );
 }
 
+/// The checksum state every parsed transport carries, summed once by `parse`.
 #[test]
-fn virtio_header_offloads_only_as_negotiated() {
-    use crate::frame::virtio_hdr::{Offloads, TxOffload};
-    let none = Offloads::default();
-    let all = Offloads {
-        csum: true,
-        host_tso4: true,
-        guest_csum: true,
-        guest_tso4: true,
-    };
-    let check = |hdr: &[u8; 12], o| VirtioNetHdr::parse(hdr).unwrap().check_tx(o);
-    let mut hdr = [0u8; 12];
-    assert_eq!(check(&hdr, none), Ok(TxOffload::None));
-    hdr[0] = 1; // NEEDS_CSUM
-    hdr[6] = 34; // csum_start
-    hdr[8] = 16; // csum_offset
-    assert_eq!(check(&hdr, none), Err(DropReason::BadVirtioHeader));
-    assert_eq!(
-        check(&hdr, all),
-        Ok(TxOffload::Csum {
-            start: 34,
-            offset: 16
-        })
-    );
-    hdr[1] = 1; // GSO_TCPV4
-    assert_eq!(
-        check(&hdr, all),
-        Err(DropReason::BadVirtioHeader),
-        "gso_size 0"
-    );
-    hdr[4] = 0xb4;
-    hdr[5] = 0x05; // gso_size 1460
-    assert_eq!(
-        check(&hdr, all),
-        Ok(TxOffload::Tso {
-            start: 34,
-            offset: 16,
-            mss: 1460
-        })
-    );
-    let csum_only = Offloads { csum: true, ..none };
-    assert_eq!(check(&hdr, csum_only), Err(DropReason::BadVirtioHeader));
-    hdr[1] = 0x81; // TCPV4 | ECN: not offered
-    assert_eq!(check(&hdr, all), Err(DropReason::BadVirtioHeader));
-    hdr[1] = 3; // UDP
-    assert_eq!(check(&hdr, all), Err(DropReason::BadVirtioHeader));
-    hdr[1] = 1;
-    hdr[0] = 0; // GSO without NEEDS_CSUM
-    assert_eq!(check(&hdr, all), Err(DropReason::BadVirtioHeader));
-    hdr[0] = 2; // DATA_VALID is for RX only
-    assert_eq!(check(&hdr, all), Err(DropReason::BadVirtioHeader));
-    assert_eq!(VirtioNetHdr::parse(&hdr[..5]), Err(DropReason::Truncated));
+fn parsed_packets_carry_their_checksum_state() {
+    fn state(bytes: &[u8], completed: bool) -> L4Checksum {
+        let frame = parse_completed(bytes, completed).expect("parses");
+        let Network::Ipv4(ip) = frame.net else {
+            panic!("not ipv4")
+        };
+        match ip.transport {
+            Transport::Udp(u) => u.checksum,
+            Transport::Tcp(t) => t.checksum,
+            Transport::Icmp(i) => i.checksum,
+        }
+    }
+    let udp = craft::udp(GUEST_MAC, GATEWAY_MAC, (GUEST, 1000), (GW, 53), b"question");
+    let tcp = craft::tcp_syn(GUEST_MAC, GATEWAY_MAC, (GUEST, 40000), (GW, 80));
+    for good in [&udp, &tcp, &echo()] {
+        assert_eq!(state(good, false), L4Checksum::Verified);
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x5a;
+        assert_eq!(state(&bad, false), L4Checksum::Bad);
+        assert!(!L4Checksum::Bad.ok());
+    }
+    let mut unsummed = udp.clone();
+    unsummed[40..42].copy_from_slice(&[0, 0]);
+    assert_eq!(state(&unsummed, false), L4Checksum::None);
+    assert!(L4Checksum::None.ok());
+    // What moat completed itself is not summed again; ICMP is never completed.
+    assert_eq!(state(&tcp, true), L4Checksum::Completed);
+    assert_eq!(state(&udp, true), L4Checksum::Completed);
+    assert_eq!(state(&echo(), true), L4Checksum::Verified);
+    // A completed sum covers the IP payload: a UDP length short of it is summed as usual.
+    let mut short = craft::udp(GUEST_MAC, GATEWAY_MAC, (GUEST, 1000), (GW, 53), b"question");
+    short[38..40].copy_from_slice(&12u16.to_be_bytes());
+    assert_eq!(state(&short, true), L4Checksum::Bad);
 }

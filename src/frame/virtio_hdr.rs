@@ -161,3 +161,61 @@ impl OutHdr {
         b
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_header_offloads_only_as_negotiated() {
+        let none = Offloads::default();
+        let all = Offloads {
+            csum: true,
+            host_tso4: true,
+            guest_csum: true,
+            guest_tso4: true,
+        };
+        let check = |hdr: &[u8; 12], o| VirtioNetHdr::parse(hdr).unwrap().check_tx(o);
+        let mut hdr = [0u8; 12];
+        assert_eq!(check(&hdr, none), Ok(TxOffload::None));
+        hdr[0] = 1; // NEEDS_CSUM
+        hdr[6] = 34; // csum_start
+        hdr[8] = 16; // csum_offset
+        assert_eq!(check(&hdr, none), Err(DropReason::BadVirtioHeader));
+        assert_eq!(
+            check(&hdr, all),
+            Ok(TxOffload::Csum {
+                start: 34,
+                offset: 16
+            })
+        );
+        hdr[1] = 1; // GSO_TCPV4
+        assert_eq!(
+            check(&hdr, all),
+            Err(DropReason::BadVirtioHeader),
+            "gso_size 0"
+        );
+        hdr[4] = 0xb4;
+        hdr[5] = 0x05; // gso_size 1460
+        assert_eq!(
+            check(&hdr, all),
+            Ok(TxOffload::Tso {
+                start: 34,
+                offset: 16,
+                mss: 1460
+            })
+        );
+        let csum_only = Offloads { csum: true, ..none };
+        assert_eq!(check(&hdr, csum_only), Err(DropReason::BadVirtioHeader));
+        hdr[1] = 0x81; // TCPV4 | ECN: not offered
+        assert_eq!(check(&hdr, all), Err(DropReason::BadVirtioHeader));
+        hdr[1] = 3; // UDP
+        assert_eq!(check(&hdr, all), Err(DropReason::BadVirtioHeader));
+        hdr[1] = 1;
+        hdr[0] = 0; // GSO without NEEDS_CSUM
+        assert_eq!(check(&hdr, all), Err(DropReason::BadVirtioHeader));
+        hdr[0] = 2; // DATA_VALID is for RX only
+        assert_eq!(check(&hdr, all), Err(DropReason::BadVirtioHeader));
+        assert_eq!(VirtioNetHdr::parse(&hdr[..5]), Err(DropReason::Truncated));
+    }
+}

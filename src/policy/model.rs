@@ -4,63 +4,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use ipnet::{IpNet, Ipv4Net};
 
-/// A 48-bit Ethernet address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    pub fn is_multicast(&self) -> bool {
-        self.0[0] & 1 == 1
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-/// Text that is not six two-digit hex bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ParseMacError;
-
-impl fmt::Display for ParseMacError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("not a MAC address (six hex bytes such as 52:54:00:12:34:56)")
-    }
-}
-
-impl std::error::Error for ParseMacError {}
-
-impl FromStr for MacAddr {
-    type Err = ParseMacError;
-    /// Six two-digit hex groups separated by `:` (or all by `-`).
-    fn from_str(s: &str) -> Result<MacAddr, ParseMacError> {
-        let sep = if s.contains('-') { '-' } else { ':' };
-        let mut out = [0u8; 6];
-        let mut parts = s.split(sep);
-        for byte in &mut out {
-            let part = parts.next().ok_or(ParseMacError)?;
-            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(ParseMacError);
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| ParseMacError)?;
-        }
-        if parts.next().is_some() {
-            return Err(ParseMacError);
-        }
-        Ok(MacAddr(out))
-    }
-}
+use crate::frame::MacAddr;
 
 /// The whole policy of one VM.
 #[derive(Clone, Debug)]

@@ -2,8 +2,9 @@
 
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder};
 
+use crate::frame::GATEWAY_MAC;
 use crate::frame::{Frame, Network};
-use crate::policy::{Vm, GATEWAY_MAC};
+use crate::policy::Vm;
 use crate::telemetry::DropReason;
 
 /// Reply "gateway is at GATEWAY_MAC" to the guest.

@@ -9,8 +9,8 @@ use dhcproto::v4::{DhcpOption, HType, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
 use etherparse::PacketBuilder;
 
-use crate::frame::{udp_checksum_ok, Frame, Network, Transport};
-use crate::policy::{MacAddr, Vm, GATEWAY_MAC};
+use crate::frame::{Frame, MacAddr, Network, Transport, GATEWAY_MAC};
+use crate::policy::Vm;
 use crate::services::icmp::GATEWAY_TTL;
 use crate::telemetry::DropReason;
 
@@ -28,7 +28,7 @@ pub fn answer(vm: &Vm, frame: &Frame<'_>) -> Result<Option<Vec<u8>>, DropReason>
     let Transport::Udp(udp) = &ip.transport else {
         return Err(DropReason::DhcpMalformed);
     };
-    if !udp_checksum_ok(ip.src, ip.dst, udp.datagram) {
+    if !udp.checksum.ok() {
         return Err(DropReason::L4BadChecksum);
     }
     let request =

@@ -2,8 +2,8 @@
 
 use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
 
-use crate::frame::{internet_checksum, Frame, Network, Transport, ICMP_ECHO_REPLY};
-use crate::policy::{Vm, GATEWAY_MAC};
+use crate::frame::{Frame, Network, Transport, GATEWAY_MAC};
+use crate::policy::Vm;
 use crate::telemetry::DropReason;
 
 /// TTL of packets the gateway originates.
@@ -17,14 +17,10 @@ pub fn answer(vm: &Vm, frame: &Frame<'_>) -> Result<Vec<u8>, DropReason> {
     let Transport::Icmp(icmp) = &ip.transport else {
         return Err(DropReason::L4Malformed);
     };
-    if internet_checksum(icmp.message) != 0 {
+    if !icmp.checksum.ok() {
         return Err(DropReason::L4BadChecksum);
     }
-    let mut reply = icmp.message.to_vec();
-    reply[0] = ICMP_ECHO_REPLY;
-    reply[2..4].copy_from_slice(&[0, 0]);
-    let checksum = internet_checksum(&reply);
-    reply[2..4].copy_from_slice(&checksum.to_be_bytes());
+    let reply = icmp.echo_reply().ok_or(DropReason::L4Malformed)?;
 
     let len = u16::try_from(reply.len()).map_err(|_| DropReason::L4Malformed)?;
     let mut header = Ipv4Header::new(

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use etherparse::PacketBuilder;
 
-use crate::frame::{udp_checksum_ok, Frame, Network, Transport};
-use crate::policy::{Policy, Vm, GATEWAY_MAC};
+use crate::frame::{Frame, Network, Transport, GATEWAY_MAC};
+use crate::policy::{Policy, Vm};
 use crate::telemetry::{Counters, DropReason, Service};
 use dns::NamePool;
 
@@ -69,7 +69,7 @@ impl Gateway {
         let Transport::Udp(udp) = &ip.transport else {
             return None;
         };
-        if !udp_checksum_ok(ip.src, ip.dst, udp.datagram) {
+        if !udp.checksum.ok() {
             return None;
         }
         dns::upstream_name(&self.dns, udp.payload)
@@ -82,7 +82,7 @@ impl Gateway {
         let Transport::Udp(udp) = &ip.transport else {
             return Err(DropReason::L4Malformed);
         };
-        if !udp_checksum_ok(ip.src, ip.dst, udp.datagram) {
+        if !udp.checksum.ok() {
             return Err(DropReason::L4BadChecksum);
         }
         let (reply, outcome) = {

@@ -5,22 +5,22 @@
 //! The smoltcp `Device` is a pair of packet queues: the data path pushes guest packets in
 //! and takes the stack's packets out (to be framed for the guest's RX queue).
 
+mod device;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
-use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::iface::{Interface, PollResult, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
-use smoltcp::wire::{
-    HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet,
-    TcpPacket,
-};
+use smoltcp::wire::{IpAddress, IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket};
 
-use crate::frame::PACKET_HEADROOM;
 use crate::policy::Vm;
+use device::{interface, SlotDevice};
+
+pub use device::Rx;
 
 /// The stack's MTU when the guest sends or takes large TCP segments (TSO offloads): half a
 /// flow's window of payload, so two segments are in flight. (Segments as large as the whole
@@ -58,113 +58,6 @@ pub const MAX_QUEUED_BYTES: usize = 1 << 20;
 /// the sockets keep their data, and ask for a poll, until the packets are taken): 32
 /// segments of 64 KiB.
 pub const MAX_EGRESS_BYTES: usize = 2 << 20;
-
-/// One guest connection's device: the packets the guest sent on it, and the packets the
-/// stack makes (for every connection) on the way out.
-struct SlotDevice<'a> {
-    inbox: &'a mut VecDeque<Vec<u8>>,
-    out: &'a mut Vec<Vec<u8>>,
-    /// Bytes in `out`.
-    out_bytes: &'a mut usize,
-    mtu: usize,
-}
-
-/// A received packet as a smoltcp RX token (also used by the simulated guest's stack).
-pub struct Rx(pub Vec<u8>);
-struct Tx<'a>(&'a mut Vec<Vec<u8>>, &'a mut usize);
-
-impl RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl TxToken for Tx<'_> {
-    /// The packet is built behind PACKET_HEADROOM, where the data path writes the
-    /// virtio-net and Ethernet headers without copying the packet.
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; PACKET_HEADROOM + len];
-        let r = f(&mut buf[PACKET_HEADROOM..]);
-        *self.1 += buf.len();
-        self.0.push(buf);
-        r
-    }
-}
-
-impl Device for SlotDevice<'_> {
-    type RxToken<'a>
-        = Rx
-    where
-        Self: 'a;
-    type TxToken<'a>
-        = Tx<'a>
-    where
-        Self: 'a;
-
-    fn receive(&mut self, _now: SmolInstant) -> Option<(Rx, Tx<'_>)> {
-        let packet = self.inbox.pop_front()?;
-        // Answers to a received packet (ACKs, RSTs) always go: at most one per packet.
-        Some((Rx(packet), Tx(self.out, self.out_bytes)))
-    }
-
-    fn transmit(&mut self, _now: SmolInstant) -> Option<Tx<'_>> {
-        if *self.out_bytes >= MAX_EGRESS_BYTES {
-            return None; // the socket keeps its data until the packets are taken
-        }
-        Some(Tx(self.out, self.out_bytes))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
-        // The data path already checked the IPv4 header (frame::parse) and the TCP sum (or
-        // computed a guest's partial one) of every packet it hands over: compute sums on
-        // the way out, do not verify them a second time on the way in.
-        caps.checksum.ipv4 = Checksum::Tx;
-        caps.checksum.tcp = Checksum::Tx;
-        caps
-    }
-}
-
-/// In a TCP SYN, raise the MSS option to `mss`: the guest takes segments that large
-/// (GUEST_TSO4) and moat's stack then sends them. Anything else, or a SYN without a
-/// well-formed MSS option, is left as it is. The checksum is not redone: the data path
-/// verified it before, and the stack does not verify again.
-fn raise_syn_mss(ip: &mut [u8], mss: u16) {
-    use crate::frame::checksum::L4Layout;
-    let Some(l4) = L4Layout::of(ip) else { return };
-    let tcp = l4.start;
-    let (Some(&flags), Some(&offset)) = (ip.get(tcp + 13), ip.get(tcp + 12)) else {
-        return;
-    };
-    if l4.protocol != 6 || flags & 0x02 == 0 {
-        return;
-    }
-    let options_end = (tcp + usize::from(offset >> 4) * 4).min(l4.end);
-    let mut at = tcp + 20;
-    while at < options_end {
-        match ip[at] {
-            0 => return,
-            1 => at += 1,
-            kind => {
-                let Some(&len) = ip.get(at + 1) else { return };
-                let len = usize::from(len);
-                if len < 2 || at + len > options_end {
-                    return;
-                }
-                if kind == 2 && len == 4 {
-                    let announced = u16::from_be_bytes([ip[at + 2], ip[at + 3]]);
-                    if announced < mss {
-                        ip[at + 2..at + 4].copy_from_slice(&mss.to_be_bytes());
-                    }
-                    return;
-                }
-                at += len;
-            }
-        }
-    }
-}
 
 /// One guest connection in the stack. Handles are reused after `remove`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -224,31 +117,6 @@ pub struct Stack {
     gateway: (Ipv4Addr, u8),
     /// GUEST_TSO4: guest SYNs announce a 64 KiB MSS to the stack, so it sends large segments.
     raise_mss: bool,
-}
-
-/// The interface: the gateway's address, any-IP (it answers for every destination the
-/// data path hands it), a default route.
-fn interface(mtu: usize, gateway: Ipv4Addr, prefix_len: u8) -> Interface {
-    let (mut inbox, mut out, mut out_bytes) = (VecDeque::new(), Vec::new(), 0);
-    let mut device = SlotDevice {
-        inbox: &mut inbox,
-        out: &mut out,
-        out_bytes: &mut out_bytes,
-        mtu,
-    };
-    let mut iface = Interface::new(
-        Config::new(HardwareAddress::Ip),
-        &mut device,
-        SmolInstant::ZERO,
-    );
-    iface.update_ip_addrs(|addrs| {
-        let cidr = IpCidr::new(IpAddress::Ipv4(gateway), prefix_len);
-        // One address: cannot overflow the fixed-size list.
-        let _ = addrs.push(cidr);
-    });
-    let _ = iface.routes_mut().add_default_ipv4_route(gateway);
-    iface.set_any_ip(true);
-    iface
 }
 
 /// Bytes of the packets in an inbox.
@@ -344,7 +212,7 @@ impl Stack {
         }
         let mut packet = packet.to_vec();
         if self.raise_mss {
-            raise_syn_mss(&mut packet, LARGE_SEGMENT_MSS);
+            crate::frame::tcp::raise_syn_mss(&mut packet, LARGE_SEGMENT_MSS);
         }
         self.queued += 1;
         self.queued_bytes += packet.len();
@@ -562,121 +430,4 @@ impl Stack {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::frame::craft;
-    use crate::policy::MacAddr;
-
-    const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
-    const DST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
-
-    fn stack() -> Stack {
-        Stack::new(&Vm {
-            name: "t".into(),
-            mac: MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
-            address: GUEST,
-            prefix_len: 24,
-            gateway: Ipv4Addr::new(10, 0, 0, 1),
-            mtu: 1500,
-        })
-    }
-
-    /// The IP packet of a guest SYN from `guest_port` to DST:80.
-    fn syn(guest_port: u16) -> Vec<u8> {
-        let frame = craft::tcp_syn(
-            MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
-            crate::policy::GATEWAY_MAC,
-            (GUEST, guest_port),
-            (DST, 80),
-        );
-        frame[14..].to_vec()
-    }
-
-    /// A packet for one connection costs a poll of that connection's socket alone, however
-    /// many others are open; idle sockets are not polled at all.
-    #[test]
-    fn a_poll_visits_only_the_sockets_with_news() {
-        let mut s = stack();
-        let handles: Vec<SocketHandle> = (0..1000u16)
-            .map(|i| s.listen(DST, 80, 40000 + i, false).expect("listen"))
-            .collect();
-        s.poll();
-        s.take_touched();
-        s.take_egress();
-        assert!(s.dirty.is_empty(), "nothing left to poll");
-        assert!(s.ingress(&syn(40007)));
-        assert_eq!(s.dirty, vec![7], "only the socket the packet is for");
-        s.poll();
-        assert_eq!(s.take_touched(), vec![handles[7]]);
-        let out = s.take_egress();
-        assert_eq!(out.len(), 1, "one SYN-ACK");
-        assert_eq!(s.socket(handles[7]).state(), tcp::State::SynReceived);
-        assert_eq!(s.socket(handles[8]).state(), tcp::State::Listen);
-        // Nothing due: no timer wakes a socket that has nothing to do.
-        s.poll();
-        s.take_touched();
-        assert!(s.poll_delay().is_some(), "the SYN-ACK's retransmit timer");
-        let waiting = s.timers.iter().filter(|t| t.0 .1 != 7).count();
-        assert_eq!(waiting, 0, "no timer for the idle sockets");
-    }
-
-    /// A packet no socket takes is answered (a RST from the empty set), not lost or queued.
-    #[test]
-    fn a_packet_for_no_socket_is_reset() {
-        let mut s = stack();
-        assert!(s.ingress(&syn(40001)));
-        s.poll();
-        let out = s.take_egress();
-        assert_eq!(out.len(), 1);
-        let ip = Ipv4Packet::new_checked(&out[0][PACKET_HEADROOM..]).unwrap();
-        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
-        assert!(tcp.rst());
-        assert_eq!(s.queued, 0);
-    }
-
-    /// Handles are reused after removal, and a removed socket's queued packets are freed.
-    #[test]
-    fn removal_frees_the_slot_and_its_queue() {
-        let mut s = stack();
-        let a = s.listen(DST, 80, 40001, false).unwrap();
-        assert!(s.ingress(&syn(40001)));
-        assert_eq!(s.queued, 1);
-        s.remove(a);
-        assert_eq!((s.queued, s.len()), (0, 0));
-        let b = s.listen(DST, 80, 40002, false).unwrap();
-        assert_eq!(a, b, "slot reused");
-        assert!(
-            s.listen(DST, 80, 40002, false).is_none(),
-            "one socket per endpoint"
-        );
-    }
-
-    /// A guest flooding 64 KiB segments the stack has no socket for: what waits for the
-    /// stack stays within its byte bound (by count alone it was 4096 x 64 KiB = 256 MiB).
-    #[test]
-    fn inbound_queue_is_bounded_in_bytes() {
-        let policy = crate::policy::Policy::parse(
-            "[vm]\nname = \"t\"\nmac = \"52:54:00:12:34:56\"\naddress = \"10.0.0.2/24\"\ngateway = \"10.0.0.1\"\n",
-            std::path::Path::new("t.toml"),
-        )
-        .expect("valid policy");
-        let mut stack = Stack::new(&policy.vm);
-        stack.set_large_segments(true, true);
-        // An IPv4 header claiming TCP, then 64 KiB of zeros: parsed (and dropped) by the
-        // stack only when it polls.
-        let mut packet = vec![0u8; 65_000];
-        packet[0] = 0x45;
-        packet[9] = 6;
-        let mut taken = 0;
-        for _ in 0..4096 {
-            taken += usize::from(stack.ingress(&packet));
-            assert!(stack.queued_bytes <= MAX_QUEUED_BYTES);
-            assert!(stack.queued * packet.len() <= MAX_QUEUED_BYTES);
-            let _ = stack.take_egress();
-        }
-        assert_eq!(
-            taken, 4096,
-            "a full queue is handed to the stack, not dropped"
-        );
-    }
-}
+mod tests;

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use moat::device::server::{self, ServeOptions};
 use moat::device::Tuning;
+use moat::frame::{MacAddr, GATEWAY_MAC};
 use moat::guest::{GuestOptions, SimGuest};
-use moat::policy::{MacAddr, Policy, GATEWAY_MAC};
+use moat::policy::Policy;
 use moat::telemetry::Counters;
 
 pub const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);

@@ -10,9 +10,9 @@ use etherparse::{ArpOperation, PacketBuilder};
 
 use super::{closed_port, internet_address, neighbour, outcome, QUIET};
 use crate::canary::{Expect, Outcome, Witness};
-use crate::frame::{self, craft, Network, Transport};
+use crate::frame::{self, craft, MacAddr, Network, Transport, GATEWAY_MAC};
 use crate::guest::SimGuest;
-use crate::policy::{MacAddr, Policy, Protocol, GATEWAY_MAC};
+use crate::policy::{Policy, Protocol};
 use crate::telemetry::DropReason;
 
 /// A source MAC that is not the VM's.

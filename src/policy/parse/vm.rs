@@ -6,9 +6,10 @@ use ipnet::Ipv4Net;
 use toml::Spanned;
 
 use super::super::model::*;
-use super::super::{Located, GATEWAY_MAC, SYNTHETIC_NET};
+use super::super::{Located, SYNTHETIC_NET};
 use super::diagnostics::Ctx;
 use super::raw::RawVm;
+use crate::frame::{MacAddr, GATEWAY_MAC};
 
 pub(super) fn vm(ctx: &Ctx<'_>, raw: &RawVm) -> Option<Vm> {
     let name = ctx.keep(vm_name(ctx, &raw.name));

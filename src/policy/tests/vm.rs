@@ -1,6 +1,7 @@
 //! `[vm]`.
 
 use super::*;
+use crate::frame::{MacAddr, ParseMacError, GATEWAY_MAC};
 
 #[test]
 fn vm_name_must_be_a_label() {
