@@ -25,7 +25,7 @@ use moat::egress::Registrar;
 use moat::frame::virtio_hdr::{Offloads, OutHdr, VIRTIO_NET_HDR_LEN};
 use moat::frame::{self, Network};
 use moat::policy::{MacAddr, Policy, Protocol, GATEWAY_MAC};
-use moat::services::dns::NamePool;
+use moat::dns::NamePool;
 use moat::telemetry::{Counters, Service};
 use vmm_sys_util::epoll::EventSet;
 

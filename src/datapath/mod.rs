@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 
 use etherparse::EtherType;
 
+use crate::dns::udp::UdpDns;
+use crate::dns::NamePool;
 use crate::egress::{Carried, Flows};
 use crate::firewall::{Firewall, Verdict};
 use crate::frame::checksum::{self, L4Layout};
 use crate::frame::virtio_hdr::{Offloads, OutHdr, TxOffload, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
 use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN, PACKET_HEADROOM};
 use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
-use crate::services::dns::NamePool;
 use crate::services::Gateway;
 use crate::telemetry::{Counters, DropReason, Service, Traffic};
 
@@ -43,6 +44,7 @@ pub enum Outcome {
 pub struct Datapath {
     firewall: Firewall,
     gateway: Gateway,
+    dns: UdpDns,
     flows: Flows,
     counters: Arc<Counters>,
     max_frame_len: usize,
@@ -59,7 +61,8 @@ impl Datapath {
     ) -> Datapath {
         Datapath {
             firewall: Firewall::new(&policy),
-            gateway: Gateway::new(&policy, Arc::clone(&names), Arc::clone(&counters)),
+            gateway: Gateway::new(&policy),
+            dns: UdpDns::new(&policy, Arc::clone(&names), Arc::clone(&counters)),
             max_frame_len: ETH_HDR_LEN + usize::from(policy.vm.mtu),
             guest_mac: policy.vm.mac,
             offloads: Offloads::default(),
@@ -72,7 +75,7 @@ impl Datapath {
     /// are reset. Returns how many were.
     pub fn reload(&mut self, policy: Arc<Policy>) -> usize {
         self.firewall = Firewall::new(&policy);
-        self.gateway.reload(&policy);
+        self.dns.reload(&policy);
         self.flows.reload(policy)
     }
 
@@ -239,7 +242,7 @@ impl Datapath {
                     Err(reason) => Err((reason, summarize(&frame))),
                 }
             }
-            Verdict::Answer(Service::Dns) => match self.gateway.upstream_query(&frame) {
+            Verdict::Answer(Service::Dns) => match self.dns.upstream_query(&frame) {
                 // mode = "upstream": allowed names are asked of the resolver, asynchronously.
                 Some(name) => self.forward_dns(&frame, name),
                 None => self.answer(Service::Dns, &frame),
@@ -271,7 +274,11 @@ impl Datapath {
         service: Service,
         frame: &Frame<'_>,
     ) -> Result<Outcome, (DropReason, Summary)> {
-        match self.gateway.answer(service, frame) {
+        let answered = match service {
+            Service::Dns => self.dns.answer(frame).map(Some),
+            _ => self.gateway.answer(service, frame),
+        };
+        match answered {
             Ok(answer) => {
                 self.counters.answered(service);
                 Ok(answer.map_or(Outcome::Consumed, Outcome::Answer))

@@ -27,10 +27,10 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::datapath::Datapath;
+use crate::dns::NamePool;
 use crate::egress::steering::{FlowOwners, Steering};
 use crate::egress::Registrar;
 use crate::policy::Policy;
-use crate::services::dns::NamePool;
 use crate::telemetry::Counters;
 use pacer::SharedPacer;
 use pair::{Inbox, PairSetup, QueuePair, Tokens};

@@ -13,7 +13,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::control::VmState;
 use crate::device::{self, NetDevice, Tuning};
-use crate::services::dns::NamePool;
+use crate::dns::NamePool;
 
 /// How long `--client` waits between attempts to reach the VMM's socket.
 const CLIENT_RETRY: Duration = Duration::from_millis(200);

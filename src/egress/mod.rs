@@ -6,8 +6,6 @@
 //! and takes back the IP packets for the guest ([`Flows::pump`]).
 
 pub mod connect;
-pub mod dns_tcp;
-pub mod dns_upstream;
 pub mod explicit;
 pub mod flow;
 pub mod sniff;
@@ -26,10 +24,12 @@ use smoltcp::socket::tcp::State;
 
 use vmm_sys_util::epoll::EventSet;
 
+use crate::dns::tcp::DnsConn;
+use crate::dns::upstream::{self as dns_upstream, Upstream};
+use crate::dns::{NamePool, DNS_PORT};
 use crate::firewall::gate::{self, Admitted, NameSource, Requested};
 use crate::frame::{Ipv4, Tcp, Udp};
 use crate::policy::{Forward, Policy, Protocol, Via};
-use crate::services::dns::{NamePool, DNS_PORT};
 use crate::stack::Stack;
 use crate::telemetry::{Counters, DropReason, FlowEvent};
 use explicit::Front;
@@ -121,6 +121,14 @@ const MAX_ROUNDS: usize = 64;
 /// Every open flow is looked at this often (idle, handshake and sniffing timeouts), at most.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
+/// A guest connection to the gateway's DNS over TCP: its socket, and what answers it.
+#[derive(Debug)]
+struct DnsTcp {
+    key: FlowKey,
+    handle: SocketHandle,
+    answers: DnsConn,
+}
+
 /// Where a guest packet of a flow went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Carried {
@@ -142,7 +150,7 @@ pub struct Flows {
     /// Open flows with no traffic for this long are reset.
     idle: Duration,
     /// The upstream resolver (`dns.mode = "upstream"`), opened on first use.
-    upstream: Option<dns_upstream::Upstream>,
+    upstream: Option<Upstream>,
     /// UDP associations through the SOCKS5 proxy.
     udp: HashMap<udp::UdpKey, udp::Assoc>,
     /// Where associations read a datagram from their relay.
@@ -150,7 +158,7 @@ pub struct Flows {
     /// Forwards added at run time (`moat forward add`), on top of the policy's.
     runtime_forwards: Vec<Forward>,
     /// Guest connections to the gateway's DNS over TCP, by id, and their ids by flow key.
-    dns_conns: HashMap<u64, dns_tcp::DnsConn>,
+    dns_conns: HashMap<u64, DnsTcp>,
     dns_by_key: HashMap<FlowKey, u64>,
     /// Who each stack socket belongs to.
     by_socket: HashMap<SocketHandle, SocketOwner>,
@@ -590,8 +598,12 @@ impl Flows {
                 .ok_or(DropReason::TcpNoFlow)?;
             self.next_dns_conn += 1;
             let id = self.next_dns_conn;
-            self.dns_conns
-                .insert(id, dns_tcp::DnsConn::new(id, key, handle));
+            let conn = DnsTcp {
+                key,
+                handle,
+                answers: DnsConn::new(),
+            };
+            self.dns_conns.insert(id, conn);
             self.dns_by_key.insert(key, id);
             self.by_socket.insert(handle, SocketOwner::Dns(id));
             self.steering.claim(SteerKey::Tcp(key));
@@ -816,11 +828,10 @@ impl Flows {
     }
 
     /// The upstream resolver's socket, opened (and registered) on first use.
-    fn upstream(&mut self) -> Result<&mut dns_upstream::Upstream, DropReason> {
+    fn upstream(&mut self) -> Result<&mut Upstream, DropReason> {
         if self.upstream.is_none() {
             let server = self.policy.dns.upstream.ok_or(DropReason::DnsMalformed)?;
-            let upstream =
-                dns_upstream::Upstream::new(server).map_err(|_| DropReason::ProxyUnreachable)?;
+            let upstream = Upstream::new(server).map_err(|_| DropReason::ProxyUnreachable)?;
             let token = self.alloc_token().ok_or(DropReason::FlowLimit)?;
             let registered = self
                 .registrar
@@ -889,8 +900,9 @@ impl Flows {
             let Some(conn) = self.dns_conns.get_mut(&id) else {
                 continue;
             };
-            if !conn.step(
-                &mut self.stack,
+            let answers = &mut conn.answers;
+            if !answers.step(
+                self.stack.socket(conn.handle),
                 &self.policy.dns,
                 &self.names,
                 &self.counters,
@@ -899,8 +911,8 @@ impl Flows {
                 continue;
             }
             // mode = "upstream": what the connection could not answer goes to the resolver.
-            conn.awaiting += conn.to_upstream.len();
-            queued.extend(conn.to_upstream.drain(..).map(|(q, n)| (id, q, n)));
+            answers.awaiting += answers.to_upstream.len();
+            queued.extend(answers.to_upstream.drain(..).map(|(q, n)| (id, q, n)));
         }
         for id in finished {
             let Some(conn) = self.dns_conns.remove(&id) else {
@@ -1151,7 +1163,7 @@ impl Flows {
                 // Answers for DNS-over-TCP connections: into their streams, out at once.
                 for (id, reply) in tcp {
                     if let Some(conn) = self.dns_conns.get_mut(&id) {
-                        conn.reply(&reply);
+                        conn.answers.reply(&reply);
                         self.pending.dns.insert(id);
                     }
                 }

@@ -10,7 +10,7 @@ pub mod gate;
 use std::net::Ipv4Addr;
 
 use crate::frame::{ArpOp, Ethernet, Frame, Network, Transport, ICMP_ECHO_REQUEST};
-use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
+use crate::policy::{MacAddr, Policy, DNS_PORT, GATEWAY_MAC};
 use crate::telemetry::{DropReason, Service};
 
 /// What happens to one frame.
@@ -24,7 +24,6 @@ pub enum Verdict {
 }
 
 const DHCP_SERVER_PORT: u16 = 67;
-const DNS_PORT: u16 = 53;
 const DHCP_CLIENT_PORT: u16 = 68;
 const BROADCAST_MAC: MacAddr = MacAddr([0xff; 6]);
 

@@ -14,6 +14,9 @@ use std::path::Path;
 /// moat's own MAC address, the gateway's, as the guest sees it (locally administered).
 pub const GATEWAY_MAC: MacAddr = MacAddr([0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01]);
 
+/// The gateway answers DNS on this port (UDP and TCP): the explicit proxy cannot have it.
+pub const DNS_PORT: u16 = 53;
+
 /// Where proxy-mode DNS answers come from (DESIGN "Flow naming"): the benchmarking range of
 /// RFC 2544, never routed, so safe as a private naming space. Part of the policy contract:
 /// a VM's subnet may not overlap it.

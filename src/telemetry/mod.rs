@@ -6,8 +6,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::services::dns::DnsOutcome;
-
 pub mod metrics;
 
 /// How many drops of one reason are logged before logging thins out to powers of two.
@@ -137,6 +135,49 @@ reasons! {
     /// A frame for the guest larger than a whole RX ring of the buffers it posted (with
     /// mergeable RX buffers): it can never be delivered; the buffers go back to the guest.
     RxRingTooSmall => "rx_ring_too_small",
+}
+
+/// What a DNS query got, for counters and logs (a label here; `crate::dns` decides it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DnsOutcome {
+    /// A record from the synthetic pool.
+    Synthetic,
+    /// A static record from `dns.records`.
+    Static,
+    /// Allowed name, but no record of that type (AAAA, MX, ...): empty NOERROR.
+    NoData,
+    /// Not allowlisted.
+    NxDomain,
+    /// Malformed query: FORMERR.
+    FormErr,
+    /// `mode = "upstream"` over TCP: not forwarded (upstream forwarding is UDP only).
+    NotImplemented,
+    /// `mode = "upstream"`: forwarded to the upstream resolver and relayed back.
+    Forwarded,
+}
+
+impl DnsOutcome {
+    pub const ALL: &'static [DnsOutcome] = &[
+        DnsOutcome::Synthetic,
+        DnsOutcome::Static,
+        DnsOutcome::NoData,
+        DnsOutcome::NxDomain,
+        DnsOutcome::FormErr,
+        DnsOutcome::NotImplemented,
+        DnsOutcome::Forwarded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsOutcome::Synthetic => "synthetic",
+            DnsOutcome::Static => "static",
+            DnsOutcome::NoData => "nodata",
+            DnsOutcome::NxDomain => "nxdomain",
+            DnsOutcome::FormErr => "formerr",
+            DnsOutcome::NotImplemented => "notimp",
+            DnsOutcome::Forwarded => "forwarded",
+        }
+    }
 }
 
 /// Which of the gateway's own services answered.
