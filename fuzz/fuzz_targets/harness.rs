@@ -149,8 +149,8 @@ impl Harness {
             guest_tso4: true,
         });
         let reg = Reg::default();
-        dp.flows().place(FIRST_TOKEN, Steering::default());
-        dp.flows().attach(Box::new(reg.clone()));
+        dp.place(FIRST_TOKEN, Steering::default(), 0);
+        dp.attach(Box::new(reg.clone()));
         let listeners = listeners();
         // Connections left from an input that ended before they were accepted.
         for l in listeners {
@@ -468,7 +468,7 @@ impl Harness {
                 .copied()
                 .collect();
             for t in tokens {
-                self.dp.flows().host_event(t, EventSet::IN | EventSet::OUT);
+                self.dp.host_event(t, EventSet::IN | EventSet::OUT);
             }
             let registered = self.reg.0.lock().unwrap_or_else(|e| e.into_inner()).len();
             let mut out = Vec::new();

@@ -10,12 +10,13 @@ use etherparse::EtherType;
 
 use crate::dns::udp::UdpDns;
 use crate::dns::NamePool;
-use crate::egress::{Carried, Flows};
+use crate::egress::steering::Steering;
+use crate::egress::{Carried, FlowSnapshot, Flows, Registrar};
 use crate::firewall::{Firewall, Verdict};
 use crate::frame::checksum::{self, L4Layout};
 use crate::frame::virtio_hdr::{Offloads, OutHdr, TxOffload, MAX_GSO_FRAME, VIRTIO_NET_HDR_LEN};
 use crate::frame::{self, Frame, Network, Transport, VirtioNetHdr, ETH_HDR_LEN, PACKET_HEADROOM};
-use crate::policy::{MacAddr, Policy, GATEWAY_MAC};
+use crate::policy::{Forward, MacAddr, Policy, GATEWAY_MAC};
 use crate::services::Gateway;
 use crate::telemetry::{Counters, DropReason, Service, Traffic};
 
@@ -79,8 +80,48 @@ impl Datapath {
         self.flows.reload(policy)
     }
 
-    pub fn flows(&mut self) -> &mut Flows {
-        &mut self.flows
+    /// Where this pair's flow table sits: the first event token it may hand out (those
+    /// below belong to its event loop), its part in steering, its slot in the descriptor
+    /// budget.
+    pub fn place(&mut self, first_token: u64, steering: Steering, fd_slot: usize) {
+        self.flows.place(first_token, steering);
+        self.flows.set_fd_slot(fd_slot);
+    }
+
+    /// Hook the flows into the event loop that watches their host sockets (and open the
+    /// `[[forward]]` listeners).
+    pub fn attach(&mut self, registrar: Box<dyn Registrar>) {
+        self.flows.attach(registrar);
+    }
+
+    /// The event loop is gone (its connection ended): close every flow.
+    pub fn detach(&mut self) {
+        self.flows.detach();
+    }
+
+    /// Forwards added at run time, on top of the policy's.
+    pub fn set_forwards(&mut self, forwards: Vec<Forward>) {
+        self.flows.set_runtime_forwards(forwards);
+    }
+
+    /// The flow table as it is now, for `moat stats`.
+    pub fn snapshot(&self) -> Vec<FlowSnapshot> {
+        self.flows.table()
+    }
+
+    /// A host socket of a flow (by its event token) is ready.
+    pub fn host_event(&mut self, token: u64, events: vmm_sys_util::epoll::EventSet) {
+        self.flows.host_event(token, events);
+    }
+
+    /// When the flows next need a pump of their own (see `Flows::poll_delay`).
+    pub fn poll_delay(&mut self) -> Option<std::time::Duration> {
+        self.flows.poll_delay()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Arc<Policy> {
+        self.flows.policy()
     }
 
     /// The driver acked its features: from now on, frames may use these offloads.

@@ -7,7 +7,9 @@
 
 pub mod connect;
 pub mod explicit;
+pub mod fd_budget;
 pub mod flow;
+pub mod snapshot;
 pub mod sniff;
 pub mod socks5;
 pub mod steering;
@@ -34,6 +36,7 @@ use crate::stack::Stack;
 use crate::telemetry::{Counters, DropReason, FlowEvent};
 use explicit::Front;
 use flow::{End, Flow, FlowKey, FlowRoute, Negotiation, Phase};
+pub use snapshot::FlowSnapshot;
 use steering::{SteerKey, Steering};
 
 /// How the flow table asks the event loop to watch proxy sockets.
@@ -179,7 +182,7 @@ pub struct Flows {
     free_tokens: Vec<u64>,
     /// With several queue pairs: which pair this is, and the VM's flow owners.
     steering: Steering,
-    /// This pair's slot in the descriptor budget (crate::device::fd_budget).
+    /// This pair's slot in the descriptor budget ([`fd_budget`]).
     fd_slot: usize,
 }
 
@@ -237,7 +240,7 @@ impl Flows {
         if self.steering.open_flows(open) >= self.policy.limits.max_flows {
             return Err(DropReason::FlowLimit);
         }
-        crate::device::fd_budget::check(self.fd_slot, self.host_fds(), fds)
+        fd_budget::check(self.fd_slot, self.host_fds(), fds)
     }
 
     /// Descriptors the flows hold or are about to (registered sockets, and connections
@@ -378,11 +381,11 @@ impl Flows {
     }
 
     /// The flow table, for `moat stats`.
-    pub fn table(&self) -> Vec<crate::control::FlowRow> {
-        let mut rows: Vec<crate::control::FlowRow> = self
+    pub fn table(&self) -> Vec<FlowSnapshot> {
+        let mut rows: Vec<FlowSnapshot> = self
             .flows
             .values()
-            .map(|f| crate::control::FlowRow {
+            .map(|f| FlowSnapshot {
                 flow: format!("tcp {}", f.key),
                 target: f.route.describe(),
                 state: f.state().to_string(),
@@ -391,7 +394,7 @@ impl Flows {
                 unit: "bytes",
             })
             .collect();
-        rows.extend(self.udp.values().map(|a| crate::control::FlowRow {
+        rows.extend(self.udp.values().map(|a| FlowSnapshot {
             flow: a.key.to_string(),
             target: format!("{}:{}", a.route.target(), a.route.port()),
             state: if a.is_done() { "done" } else { "open" }.to_string(),
@@ -434,7 +437,7 @@ impl Flows {
             let held =
                 self.flows.len() + self.waiting.len() + self.dns_conns.len() + self.udp.len();
             if self.steering.open_flows(held) >= self.policy.limits.max_flows
-                || crate::device::fd_budget::check(self.fd_slot, self.host_fds(), 0).is_err()
+                || fd_budget::check(self.fd_slot, self.host_fds(), 0).is_err()
             {
                 self.counters.flow(FlowEvent::ForwardRefused);
                 continue;
@@ -541,6 +544,7 @@ impl Flows {
         self.free_tokens.clear();
         self.next_token = self.first_token;
         self.registrar = None;
+        fd_budget::note(self.fd_slot, 0);
     }
 
     pub fn len(&self) -> usize {
@@ -1153,6 +1157,8 @@ impl Flows {
         self.counters
             .flows_open
             .store(open as u64, std::sync::atomic::Ordering::Relaxed);
+        // What the descriptor budget counts for this pair (read by the other pairs).
+        fd_budget::note(self.fd_slot, self.host_fds());
         if let Some(upstream) = self.upstream.as_mut() {
             let mut tcp = Vec::new();
             {

@@ -17,6 +17,10 @@ use std::sync::Arc;
 use super::flow::FlowKey;
 use super::udp::UdpKey;
 
+/// The most queue pairs a VM's flows are steered between (one flow table and one thread
+/// each): what the device offers at most, and the slots of the descriptor budget.
+pub const MAX_QUEUE_PAIRS: usize = 16;
+
 /// A flow as the guest sees it: protocol and the guest-side 3-tuple.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SteerKey {
