@@ -14,8 +14,7 @@ use std::sync::Mutex;
 
 use std::sync::Arc;
 
-use super::flow::FlowKey;
-use super::udp::UdpKey;
+use super::key::FlowKey;
 
 /// The most queue pairs a VM's flows are steered between (one flow table and one thread
 /// each): what the device offers at most, and the slots of the descriptor budget.
@@ -25,7 +24,7 @@ pub const MAX_QUEUE_PAIRS: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SteerKey {
     Tcp(FlowKey),
-    Udp(UdpKey),
+    Udp(FlowKey),
 }
 
 /// The owner pair of every open flow of one VM, shared by its pairs.
@@ -146,7 +145,7 @@ mod tests {
         p1.release(key(1000));
         assert!(owners.is_empty());
         assert_eq!(
-            p0.elsewhere(SteerKey::Udp(UdpKey {
+            p0.elsewhere(SteerKey::Udp(FlowKey {
                 guest_port: 1000,
                 dst: Ipv4Addr::new(192, 0, 2, 1),
                 dst_port: 443
