@@ -1,4 +1,4 @@
-//! DNS at the gateway, in one place: the answer to a query ([`answer`]), the synthetic
+//! DNS at the gateway, in one place: the answer to a query ([`mod@answer`]), the synthetic
 //! addresses of allowed names ([`pool`]), queries over UDP ([`udp`]) and over TCP ([`tcp`]),
 //! and `mode = "upstream"`'s resolver ([`upstream`]).
 //!

@@ -179,7 +179,7 @@ impl Upstream {
 
 /// With `mode = "upstream"`: the name a query is for, if it should go to the upstream
 /// resolver (a well-formed question for an allowed name that no static record answers).
-/// `None`: answer it locally with [`answer`] (NXDOMAIN, FORMERR, static record).
+/// `None`: answer it locally with [`super::answer::answer`] (NXDOMAIN, FORMERR, static record).
 pub fn upstream_name(dns: &Dns, query: &[u8]) -> Option<String> {
     if dns.mode != DnsMode::Upstream {
         return None;

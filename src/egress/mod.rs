@@ -6,14 +6,14 @@
 //! routes each to the kind of flow it concerns, and pumps them all ([`Flows::pump`]) for the
 //! IP packets of the guest. Each kind of flow has its own table:
 //!
-//! - [`tcp`]: TCP flows (one guest connection and its proxy connection each, [`flow`]);
-//! - [`waiting`]: accepted connections whose first bytes decide ([`sniff`], [`explicit`]);
-//! - [`associations`]: UDP associations through the SOCKS5 proxy ([`udp`]);
-//! - [`forwards`]: `[[forward]]` listeners, whose peers become TCP flows into the guest;
-//! - [`dns_flows`]: DNS over TCP at the gateway and the upstream resolver's socket.
+//! - `tcp.rs`: TCP flows (one guest connection and its proxy connection each, [`flow`]);
+//! - `waiting.rs`: accepted connections whose first bytes decide ([`sniff`], [`explicit`]);
+//! - `associations.rs`: UDP associations through the SOCKS5 proxy ([`udp`]);
+//! - `forwards.rs`: `[[forward]]` listeners, whose peers become TCP flows into the guest;
+//! - `dns_flows.rs`: DNS over TCP at the gateway and the upstream resolver's socket.
 //!
-//! What they share (the stack, the policy, event [`tokens`], steering, the flows with news)
-//! is in [`shared`].
+//! What they share (the stack, the policy, event [`tokens`], [`steering`], the flows with
+//! news) is in `shared.rs`.
 
 pub mod associations;
 pub mod connect;
