@@ -33,6 +33,7 @@ use etherparse::{PacketBuilder, SlicedPacket};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 use moat::datapath::Datapath;
+use moat::dns::pool::NamePool;
 use moat::firewall::gate::{self, Requested};
 use moat::firewall::{Firewall, Verdict};
 use moat::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
@@ -40,7 +41,6 @@ use moat::frame::{self, craft, Network, Transport};
 use moat::frame::{MacAddr, GATEWAY_MAC};
 use moat::policy::Policy;
 use moat::policy::Protocol;
-use moat::services::dns::pool::NamePool;
 use moat::telemetry::{Counters, DropReason};
 
 const POLICY: &str = r#"

@@ -9,6 +9,7 @@ pub mod canary;
 pub mod control;
 pub mod datapath;
 pub mod device;
+pub mod dns;
 pub mod egress;
 pub mod firewall;
 pub mod frame;

@@ -7,8 +7,9 @@ use std::net::Ipv4Addr;
 
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
+use moat::dns::{decode, pool::SYNTHETIC_NET};
 use moat::frame::{self, craft, Network, Transport};
-use moat::services::dns::{decode, pool::SYNTHETIC_NET, DnsOutcome};
+use moat::telemetry::DnsOutcome;
 use moat::telemetry::DropReason;
 use support::*;
 

@@ -437,9 +437,7 @@ fn upstream_mode_resolves_allowed_names_and_names_their_flows() {
     assert!(net.run_until(T, |_| !proxy.requests().is_empty()).unwrap());
     assert_eq!(proxy.requests(), vec!["www.example.com:443".to_string()]);
     assert_eq!(
-        served
-            .counters
-            .dns(moat::services::dns::DnsOutcome::Forwarded),
+        served.counters.dns(moat::telemetry::DnsOutcome::Forwarded),
         1
     );
 }

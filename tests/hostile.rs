@@ -313,7 +313,7 @@ fn tcp_without_handshake_syn_fin_and_a_syn_flood_past_max_flows() {
         ));
         let reply = recv_matching(&mut s.guest, "dns answer", |_| true);
         let payload = &reply[14 + 20 + 8..];
-        moat::services::dns::a_records(payload)[0]
+        moat::dns::a_records(payload)[0]
     };
     // A bare ACK and a data segment for no connection; a SYN+FIN.
     let mut ack = Vec::new();
@@ -410,15 +410,11 @@ fn udp_flood_and_dns_tunnelling_shapes() {
         "one NXDOMAIN/FORMERR per query, nothing for the flood"
     );
     assert_eq!(
-        s.served
-            .counters
-            .dns(moat::services::dns::DnsOutcome::NxDomain),
+        s.served.counters.dns(moat::telemetry::DnsOutcome::NxDomain),
         3
     );
     assert_eq!(
-        s.served
-            .counters
-            .dns(moat::services::dns::DnsOutcome::FormErr),
+        s.served.counters.dns(moat::telemetry::DnsOutcome::FormErr),
         1
     );
     s.assert_contained("udp flood", &[(DropReason::NotAllowed, 2000)]);

@@ -8,7 +8,7 @@ use hickory_proto::op::{MessageType, OpCode};
 use hickory_proto::rr::{RData, RecordType};
 use moat::datapath::Datapath;
 use moat::policy::{Policy, SYNTHETIC_NET};
-use moat::services::dns::{decode, NamePool};
+use moat::dns::{decode, NamePool};
 use moat::telemetry::Counters;
 
 pub const POLICY: &str = include_str!("../policy.toml");

@@ -1,12 +1,13 @@
 #![no_main]
-//! DNS query bytes -> moat::services::dns::answer.
+//! DNS query bytes -> moat::dns::answer.
 //!
 //! Oracle: every answer is a DNS response that carries the query's id and, when the query
 //! had one well-formed question, exactly that question; answer records are A records for
 //! the question's name, given only to names the policy lets the guest resolve, with an
 //! address from the synthetic pool or the name's static record (invariant 4).
 use libfuzzer_sys::fuzz_target;
-use moat::services::dns::{answer, decode, DnsOutcome, NamePool};
+use moat::dns::{answer, decode, NamePool};
+use moat::telemetry::DnsOutcome;
 mod common;
 
 thread_local! {

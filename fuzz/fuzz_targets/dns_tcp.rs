@@ -1,5 +1,5 @@
 #![no_main]
-//! DNS over TCP at the gateway (`egress::dns_tcp`), driven the way a guest does it: TCP
+//! DNS over TCP at the gateway (`dns::tcp`), driven the way a guest does it: TCP
 //! connections to gateway:53 through the Datapath, the minimal guest TCP of harness.rs
 //! following moat's sequence numbers, `pump` after each step. (`DnsConn::step` needs the
 //! stack's socket, so the Datapath is the entry point.)

@@ -1,6 +1,6 @@
 #![no_main]
-//! An upstream resolver's reply -> `services::dns::read_upstream_reply` + the gate's
-//! `admit_resolved` + `relay_answer`, as `egress::dns_upstream::Upstream::receive` chains them.
+//! An upstream resolver's reply -> `dns::read_upstream_reply` + the gate's
+//! `admit_resolved` + `relay_answer`, as `dns::upstream::Upstream::receive` chains them.
 //!
 //! Input: bytes 0-1: the id moat asked under; byte 2: length L of the guest's query; then
 //! the guest's query (L bytes) and the resolver's reply (the rest). The name moat asked for
@@ -18,7 +18,7 @@ use hickory_proto::rr::{RData, RecordType};
 use libfuzzer_sys::fuzz_target;
 use moat::firewall::gate;
 use moat::policy::Policy;
-use moat::services::dns::{self, decode};
+use moat::dns::{self, decode};
 mod common;
 
 const POLICY: &str = r#"

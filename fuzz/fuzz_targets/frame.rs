@@ -25,7 +25,7 @@
 use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
-use moat::services::dns::decode;
+use moat::dns::decode;
 mod common;
 mod harness;
 use harness::{Harness, GW};

@@ -24,9 +24,9 @@ use moat::egress::steering::Steering;
 use moat::egress::Registrar;
 use moat::frame::virtio_hdr::{Offloads, OutHdr, VIRTIO_NET_HDR_LEN};
 use moat::frame::{self, Network};
+use moat::dns::NamePool;
 use moat::frame::{MacAddr, GATEWAY_MAC};
 use moat::policy::{Policy, Protocol};
-use moat::services::dns::NamePool;
 use moat::telemetry::{Counters, Service};
 use vmm_sys_util::epoll::EventSet;
 
@@ -150,8 +150,8 @@ impl Harness {
             guest_tso4: true,
         });
         let reg = Reg::default();
-        dp.flows().place(FIRST_TOKEN, Steering::default());
-        dp.flows().attach(Box::new(reg.clone()));
+        dp.place(FIRST_TOKEN, Steering::default(), 0);
+        dp.attach(Box::new(reg.clone()));
         let listeners = listeners();
         // Connections left from an input that ended before they were accepted.
         for l in listeners {
@@ -469,7 +469,7 @@ impl Harness {
                 .copied()
                 .collect();
             for t in tokens {
-                self.dp.flows().host_event(t, EventSet::IN | EventSet::OUT);
+                self.dp.host_event(t, EventSet::IN | EventSet::OUT);
             }
             let registered = self.reg.0.lock().unwrap_or_else(|e| e.into_inner()).len();
             let mut out = Vec::new();

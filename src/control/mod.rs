@@ -7,13 +7,13 @@ pub mod socket;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::device::NetDevice;
+pub use crate::device::VmState;
+use crate::egress::FlowSnapshot;
 use crate::policy::{Forward, Policy, PolicyError};
-use crate::telemetry::Counters;
 
 #[derive(Debug, Error)]
 pub enum ReloadError {
@@ -47,55 +47,9 @@ pub struct Reloaded {
     pub pairs_pending: usize,
 }
 
-/// Process-wide state of the one VM this moat serves.
-pub struct VmState {
-    pub path: PathBuf,
-    policy: RwLock<Arc<Policy>>,
-    pub counters: Arc<Counters>,
-    device: Mutex<Weak<NetDevice>>,
-    forwards: Mutex<Vec<Forward>>,
-    /// TCP ports the sandbox still lets moat connect to (None: no sandbox).
-    connect_ports: Mutex<Option<Vec<u16>>>,
-    /// One reload at a time (SIGHUP and `moat reload` may come together).
-    reloading: Mutex<()>,
-}
-
+// `VmState` is defined in `device` (whose server needs the policy in force and hands it
+// each new device); what operators do with it (reload, forwards, stats) is here.
 impl VmState {
-    pub fn new(path: PathBuf, policy: Policy, counters: Arc<Counters>) -> VmState {
-        VmState {
-            path,
-            policy: RwLock::new(Arc::new(policy)),
-            counters,
-            device: Mutex::new(Weak::new()),
-            forwards: Mutex::new(Vec::new()),
-            connect_ports: Mutex::new(None),
-            reloading: Mutex::new(()),
-        }
-    }
-
-    /// The sandbox now allows TCP connects only to these ports: reloads that need others
-    /// are refused rather than left to fail flow by flow.
-    pub fn pin_connect_ports(&self, ports: Vec<u16>) {
-        *self.connect_ports.lock().unwrap_or_else(|e| e.into_inner()) = Some(ports);
-    }
-
-    /// The policy in force.
-    pub fn policy(&self) -> Arc<Policy> {
-        Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// The device of the frontend connection now being served (reloads reach its flows).
-    pub fn set_device(&self, device: &Arc<NetDevice>) {
-        *self.device.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(device);
-    }
-
-    pub fn device(&self) -> Option<Arc<NetDevice>> {
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .upgrade()
-    }
-
     /// Re-read the policy file. A bad file, or one that changes the VM's identity, changes
     /// nothing. A good one is swapped in: new flows follow it at once, and existing flows it
     /// no longer allows are reset.
@@ -118,7 +72,7 @@ impl VmState {
     fn try_reload(&self) -> Result<Reloaded, ReloadError> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let mut new = Policy::load(&self.path)?;
-        crate::device::fd_budget::clamp_max_flows(&mut new);
+        crate::egress::fd_budget::clamp_max_flows(&mut new);
         let old = self.policy();
         let identity: [(&'static str, String, String); 5] = [
             ("name", old.vm.name.clone(), new.vm.name.clone()),
@@ -178,14 +132,6 @@ impl VmState {
             flows_reset: applied.flows_reset,
             pairs_pending: applied.pairs_pending,
         })
-    }
-
-    /// Forwards added at run time (`moat forward add`).
-    pub fn runtime_forwards(&self) -> Vec<Forward> {
-        self.forwards
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 
     /// `moat forward add LISTEN GUEST_PORT`: like a `[[forward]]` with the default `from`
@@ -288,7 +234,7 @@ impl VmState {
                 .into_iter()
                 .map(|(g, n, v)| (format!("{g}.{n}"), v.into()))
                 .collect();
-            let flows: Vec<serde_json::Value> = flows.iter().map(FlowRow::to_json).collect();
+            let flows: Vec<serde_json::Value> = flows.iter().map(flow_json).collect();
             let policy = self.policy();
             serde_json::json!({
                 "vm": policy.vm.name,
@@ -321,37 +267,21 @@ impl VmState {
     }
 }
 
-/// One row of the flow table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FlowRow {
-    pub flow: String,
-    pub target: String,
-    pub state: String,
-    /// Guest -> proxy and proxy -> guest, counted in `unit`.
-    pub up: u64,
-    pub down: u64,
-    /// "bytes" (a TCP flow) or "datagrams" (a UDP association).
-    pub unit: &'static str,
-}
-
-impl FlowRow {
-    /// The row in `stats --json`: `bytes_up`/`bytes_down` for a TCP flow,
-    /// `datagrams_up`/`datagrams_down` for a UDP association (named for what they count).
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut row =
-            serde_json::json!({"flow": self.flow, "target": self.target, "state": self.state});
-        row[format!("{}_up", self.unit)] = self.up.into();
-        row[format!("{}_down", self.unit)] = self.down.into();
-        row
-    }
+/// A row of the flow table in `stats --json`: `bytes_up`/`bytes_down` for a TCP flow,
+/// `datagrams_up`/`datagrams_down` for a UDP association (named for what they count).
+pub fn flow_json(row: &FlowSnapshot) -> serde_json::Value {
+    let mut json = serde_json::json!({"flow": row.flow, "target": row.target, "state": row.state});
+    json[format!("{}_up", row.unit)] = row.up.into();
+    json[format!("{}_down", row.unit)] = row.down.into();
+    json
 }
 
 #[cfg(test)]
 mod flow_row_tests {
-    use super::FlowRow;
+    use super::{flow_json, FlowSnapshot};
 
-    fn row(flow: &str, unit: &'static str) -> FlowRow {
-        FlowRow {
+    fn row(flow: &str, unit: &'static str) -> FlowSnapshot {
+        FlowSnapshot {
             flow: flow.into(),
             target: "example.com:443".into(),
             state: "open".into(),
@@ -365,11 +295,13 @@ mod flow_row_tests {
     /// them (the UDP bench once read datagrams out of a field called bytes_up).
     #[test]
     fn udp_rows_name_datagrams_and_tcp_rows_bytes() {
-        let udp = row("udp 10.0.0.2:40000 -> 127.0.0.1:9999", "datagrams").to_json();
+        let udp = row("udp 10.0.0.2:40000 -> 127.0.0.1:9999", "datagrams");
+        let udp = flow_json(&udp);
         assert_eq!(udp["datagrams_up"], 7);
         assert_eq!(udp["datagrams_down"], 3);
         assert!(udp.get("bytes_up").is_none() && udp.get("bytes_down").is_none());
-        let tcp = row("tcp 10.0.0.2:40001 -> 203.0.113.7:443", "bytes").to_json();
+        let tcp = row("tcp 10.0.0.2:40001 -> 203.0.113.7:443", "bytes");
+        let tcp = flow_json(&tcp);
         assert_eq!(tcp["bytes_up"], 7);
         assert_eq!(tcp["bytes_down"], 3);
         assert!(tcp.get("datagrams_up").is_none());

@@ -6,13 +6,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::egress::{Carried, Flows};
+use crate::dns::udp::UdpDns;
+use crate::dns::NamePool;
+use crate::egress::steering::Steering;
+use crate::egress::{Carried, FlowSnapshot, Flows, Registrar};
 use crate::firewall::{Firewall, Verdict};
 use crate::frame::offload::{self, RxRefused, TxFrame};
 use crate::frame::virtio_hdr::{Offloads, OutHdr};
 use crate::frame::{self, Frame, MacAddr, Network, Transport, ETH_HDR_LEN, GATEWAY_MAC};
-use crate::policy::Policy;
-use crate::services::dns::NamePool;
+use crate::policy::{Forward, Policy};
 use crate::services::Gateway;
 use crate::telemetry::{Counters, DropReason, Service, Traffic};
 
@@ -41,6 +43,7 @@ pub enum Outcome {
 pub struct Datapath {
     firewall: Firewall,
     gateway: Gateway,
+    dns: UdpDns,
     flows: Flows,
     counters: Arc<Counters>,
     max_frame_len: usize,
@@ -57,7 +60,8 @@ impl Datapath {
     ) -> Datapath {
         Datapath {
             firewall: Firewall::new(&policy),
-            gateway: Gateway::new(&policy, Arc::clone(&names), Arc::clone(&counters)),
+            gateway: Gateway::new(&policy),
+            dns: UdpDns::new(&policy, Arc::clone(&names), Arc::clone(&counters)),
             max_frame_len: ETH_HDR_LEN + usize::from(policy.vm.mtu),
             guest_mac: policy.vm.mac,
             offloads: Offloads::default(),
@@ -70,12 +74,52 @@ impl Datapath {
     /// are reset. Returns how many were.
     pub fn reload(&mut self, policy: Arc<Policy>) -> usize {
         self.firewall = Firewall::new(&policy);
-        self.gateway.reload(&policy);
+        self.dns.reload(&policy);
         self.flows.reload(policy)
     }
 
-    pub fn flows(&mut self) -> &mut Flows {
-        &mut self.flows
+    /// Where this pair's flow table sits: the first event token it may hand out (those
+    /// below belong to its event loop), its part in steering, its slot in the descriptor
+    /// budget.
+    pub fn place(&mut self, first_token: u64, steering: Steering, fd_slot: usize) {
+        self.flows.place(first_token, steering);
+        self.flows.set_fd_slot(fd_slot);
+    }
+
+    /// Hook the flows into the event loop that watches their host sockets (and open the
+    /// `[[forward]]` listeners).
+    pub fn attach(&mut self, registrar: Box<dyn Registrar>) {
+        self.flows.attach(registrar);
+    }
+
+    /// The event loop is gone (its connection ended): close every flow.
+    pub fn detach(&mut self) {
+        self.flows.detach();
+    }
+
+    /// Forwards added at run time, on top of the policy's.
+    pub fn set_forwards(&mut self, forwards: Vec<Forward>) {
+        self.flows.set_runtime_forwards(forwards);
+    }
+
+    /// The flow table as it is now, for `moat stats`.
+    pub fn snapshot(&self) -> Vec<FlowSnapshot> {
+        self.flows.table()
+    }
+
+    /// A host socket of a flow (by its event token) is ready.
+    pub fn host_event(&mut self, token: u64, events: vmm_sys_util::epoll::EventSet) {
+        self.flows.host_event(token, events);
+    }
+
+    /// When the flows next need a pump of their own (see `Flows::poll_delay`).
+    pub fn poll_delay(&mut self) -> Option<std::time::Duration> {
+        self.flows.poll_delay()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Arc<Policy> {
+        self.flows.policy()
     }
 
     /// The driver acked its features: from now on, frames may use these offloads.
@@ -200,7 +244,7 @@ impl Datapath {
                     Err(reason) => Err((reason, summarize(&frame))),
                 }
             }
-            Verdict::Answer(Service::Dns) => match self.gateway.upstream_query(&frame) {
+            Verdict::Answer(Service::Dns) => match self.dns.upstream_query(&frame) {
                 // mode = "upstream": allowed names are asked of the resolver, asynchronously.
                 Some(name) => self.forward_dns(&frame, name),
                 None => self.answer(Service::Dns, &frame),
@@ -232,7 +276,11 @@ impl Datapath {
         service: Service,
         frame: &Frame<'_>,
     ) -> Result<Outcome, (DropReason, Summary)> {
-        match self.gateway.answer(service, frame) {
+        let answered = match service {
+            Service::Dns => self.dns.answer(frame).map(Some),
+            _ => self.gateway.answer(service, frame),
+        };
+        match answered {
             Ok(answer) => {
                 self.counters.answered(service);
                 Ok(answer.map_or(Outcome::Consumed, Outcome::Answer))

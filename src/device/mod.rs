@@ -5,12 +5,12 @@
 //! each queue pair ([`pair::QueuePair`], one worker thread each) its events.
 
 pub mod config;
-pub mod fd_budget;
 pub mod pacer;
 pub mod pair;
 pub mod published;
 pub mod queues;
 pub mod server;
+pub mod vm;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -27,14 +27,15 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::datapath::Datapath;
+use crate::dns::NamePool;
 use crate::egress::steering::{FlowOwners, Steering};
-use crate::egress::Registrar;
+use crate::egress::{FlowSnapshot, Registrar};
 use crate::policy::Policy;
-use crate::services::dns::NamePool;
 use crate::telemetry::Counters;
 use pacer::SharedPacer;
 use pair::{Inbox, PairSetup, QueuePair, Tokens};
 use published::{Control, Published, APPLY_WAIT, TABLE_WAIT};
+pub use vm::VmState;
 
 /// How the device is laid out and driven (`moat serve --queues`, `--busy-poll-us`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,8 +55,8 @@ impl Default for Tuning {
     }
 }
 
-/// The most queue pairs moat offers (one thread each).
-pub const MAX_QUEUE_PAIRS: usize = 16;
+/// The most queue pairs moat offers (one thread each): the flow tables' limit.
+pub use crate::egress::steering::MAX_QUEUE_PAIRS;
 
 /// The device of one frontend connection: its queue pairs, each with its own data path and
 /// thread. A new one is made for every connection, so a reconnecting VMM always starts from
@@ -129,19 +130,16 @@ pub fn attach(
         let mut pair = lock(pair);
         pair.timer = Some(timer);
         pair.loop_fd = Some(handler.as_raw_fd());
-        pair.datapath
-            .flows()
-            .attach(Box::new(EpollRegistrar(handler)));
+        pair.datapath.attach(Box::new(EpollRegistrar(handler)));
     }
     Ok(())
 }
 
 /// Undo [`attach`] when the connection ends (breaks the device <-> loop reference cycle).
 pub fn detach(device: &Arc<NetDevice>) {
-    for (index, pair) in device.pairs.iter().enumerate() {
+    for pair in &device.pairs {
         let mut pair = lock(pair);
-        pair.datapath.flows().detach();
-        fd_budget::note(index, 0);
+        pair.datapath.detach();
         pair.timer = None;
         pair.loop_fd = None;
     }
@@ -190,8 +188,7 @@ impl NetDevice {
                 let steering = owners
                     .as_ref()
                     .map_or_else(Steering::default, |o| Steering::pair(Arc::clone(o), index));
-                datapath.flows().place(tokens.first_flow, steering);
-                datapath.flows().set_fd_slot(index);
+                datapath.place(tokens.first_flow, steering, index);
                 let setup = PairSetup {
                     index,
                     tokens,
@@ -289,14 +286,14 @@ impl NetDevice {
     /// The flows of this connection (every pair's), for `moat stats`, and how many pairs
     /// were too busy to copy theirs in time (their last copy is shown). Never waits on a
     /// pair's lock.
-    pub fn flow_table(&self) -> (Vec<crate::control::FlowRow>, usize) {
+    pub fn flow_table(&self) -> (Vec<FlowSnapshot>, usize) {
         let mut rows = Vec::new();
         let mut asked = Vec::new();
         for (index, pair) in self.pairs.iter().enumerate() {
             match pair.try_lock() {
-                Ok(mut pair) => rows.extend(pair.datapath.flows().table()),
+                Ok(pair) => rows.extend(pair.datapath.snapshot()),
                 Err(std::sync::TryLockError::Poisoned(e)) => {
-                    rows.extend(e.into_inner().datapath.flows().table())
+                    rows.extend(e.into_inner().datapath.snapshot())
                 }
                 Err(std::sync::TryLockError::WouldBlock) => {
                     asked.push((index, self.published.want_table(index)));
@@ -439,22 +436,14 @@ mod tests {
         assert!(rows.is_empty());
         assert_eq!(stale, 1, "pair 0's table is its last copy");
         assert!(started.elapsed() < TABLE_WAIT + Duration::from_secs(5));
-        assert_eq!(
-            lock(&device.pairs[1])
-                .datapath
-                .flows()
-                .policy()
-                .limits
-                .max_flows,
-            7
-        );
+        assert_eq!(lock(&device.pairs[1]).datapath.policy().limits.max_flows, 7);
 
         release.send(()).expect("holder alive");
         holder.join().expect("holder");
         // Its next event (here: the control plane finding it idle) applies the reload.
         let mut pair = lock(&device.pairs[0]);
-        assert_ne!(pair.datapath.flows().policy().limits.max_flows, 7);
+        assert_ne!(pair.datapath.policy().limits.max_flows, 7);
         pair.sync();
-        assert_eq!(pair.datapath.flows().policy().limits.max_flows, 7);
+        assert_eq!(pair.datapath.policy().limits.max_flows, 7);
     }
 }

@@ -173,7 +173,7 @@ impl QueuePair {
     pub fn sync(&mut self) {
         self.sync_policy();
         if self.published.table_wanted(self.index) {
-            let rows = self.datapath.flows().table();
+            let rows = self.datapath.snapshot();
             self.published.put_table(self.index, rows);
         }
     }
@@ -196,9 +196,7 @@ impl QueuePair {
             self.pacers_gen = control.pacers_gen;
         }
         if control.forwards_gen != self.forwards_gen {
-            self.datapath
-                .flows()
-                .set_runtime_forwards(control.forwards.clone());
+            self.datapath.set_forwards(control.forwards.clone());
             self.forwards_gen = control.forwards_gen;
         }
         self.applied = control.generation;
@@ -280,7 +278,7 @@ impl QueuePair {
                 }
             }
             t if t == self.tokens.handoff => self.take_handoffs(),
-            token => self.datapath.flows().host_event(u64::from(token), evset),
+            token => self.datapath.host_event(u64::from(token), evset),
         }
         self.deliver(rx_vring, &mem)?;
         if self.linger(tx_vring, &mem) {
@@ -302,13 +300,12 @@ impl QueuePair {
         let mrg = config::has_feature(self.acked_features, VIRTIO_NET_F_MRG_RXBUF);
         let flushed = self.rx.flush(rx_vring, mem, mrg, &counters);
         self.arm_timer();
-        super::fd_budget::note(self.index, self.datapath.flows().host_fds());
         flushed
     }
 
     /// Wake up when the stack next needs attention (retransmits, handshake deadlines).
     fn arm_timer(&mut self) {
-        let mut delay = self.datapath.flows().poll_delay();
+        let mut delay = self.datapath.poll_delay();
         let egress = self
             .egress
             .as_ref()

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::control::FlowRow;
+use crate::egress::FlowSnapshot;
 use crate::policy::{Forward, Policy};
 
 use super::pacer::SharedPacer;
@@ -53,7 +53,7 @@ struct Ack {
 struct Board {
     acks: Vec<Ack>,
     /// The last flow table each pair copied, and how many it has copied.
-    tables: Vec<(u64, Vec<FlowRow>)>,
+    tables: Vec<(u64, Vec<FlowSnapshot>)>,
 }
 
 /// Shared by the control plane and every pair of one device.
@@ -171,7 +171,7 @@ impl Published {
     }
 
     /// Pair `index`'s copy of its flow table.
-    pub fn put_table(&self, index: usize, rows: Vec<FlowRow>) {
+    pub fn put_table(&self, index: usize, rows: Vec<FlowSnapshot>) {
         let mut board = self.board();
         if let Some(t) = board.tables.get_mut(index) {
             t.0 += 1;
@@ -183,7 +183,7 @@ impl Published {
 
     /// Pair `index`'s flow table: a copy newer than `seq` if one comes by `deadline`, else
     /// the last one it made (then `true`: stale).
-    pub fn table(&self, index: usize, seq: u64, deadline: Instant) -> (Vec<FlowRow>, bool) {
+    pub fn table(&self, index: usize, seq: u64, deadline: Instant) -> (Vec<FlowSnapshot>, bool) {
         let mut board = self.board();
         loop {
             let Some((made, rows)) = board.tables.get(index) else {

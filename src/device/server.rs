@@ -11,9 +11,8 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::control::VmState;
-use crate::device::{self, NetDevice, Tuning};
-use crate::services::dns::NamePool;
+use crate::device::{self, NetDevice, Tuning, VmState};
+use crate::dns::NamePool;
 
 /// How long `--client` waits between attempts to reach the VMM's socket.
 const CLIENT_RETRY: Duration = Duration::from_millis(200);

@@ -15,7 +15,9 @@ use smoltcp::socket::tcp::State;
 
 use super::connect;
 use super::explicit::Front;
+use super::key::FlowKey;
 use super::socks5;
+use super::tokens::Registration;
 use crate::firewall::gate::{Admitted, Target};
 use crate::stack::Stack;
 
@@ -24,24 +26,6 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
 
 /// How long the proxy gets to accept a CONNECT.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Identifies a guest connection: guest port, destination address and port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub guest_port: u16,
-    pub dst: std::net::Ipv4Addr,
-    pub dst_port: u16,
-}
-
-impl std::fmt::Display for FlowKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "guest:{} -> {}:{}",
-            self.guest_port, self.dst, self.dst_port
-        )
-    }
-}
 
 /// Why a flow ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,8 +174,10 @@ pub struct Flow {
     /// Bytes for the proxy before the guest's own (an explicit-proxy request, rewritten).
     pending_up: Vec<u8>,
     pub handle: SocketHandle,
+    /// The proxy socket's place in the event loop: declared before the socket, so it
+    /// leaves the loop (and gives its token back) before the socket closes.
+    pub registration: Registration,
     pub stream: TcpStream,
-    pub token: u64,
     pub phase: Phase,
     negotiation: Negotiation,
     request: Vec<u8>,
@@ -219,7 +205,7 @@ impl Flow {
         negotiation: Negotiation,
         handle: SocketHandle,
         stream: TcpStream,
-        token: u64,
+        registration: Registration,
     ) -> Flow {
         let request = match &route {
             FlowRoute::Egress(a) => negotiation.first(a.target(), a.port()),
@@ -231,8 +217,8 @@ impl Flow {
             front: None,
             pending_up: Vec::new(),
             handle,
+            registration,
             stream,
-            token,
             phase: Phase::Connecting,
             negotiation,
             request,

@@ -14,14 +14,17 @@ use std::sync::Mutex;
 
 use std::sync::Arc;
 
-use super::flow::FlowKey;
-use super::udp::UdpKey;
+use super::key::FlowKey;
+
+/// The most queue pairs a VM's flows are steered between (one flow table and one thread
+/// each): what the device offers at most, and the slots of the descriptor budget.
+pub const MAX_QUEUE_PAIRS: usize = 16;
 
 /// A flow as the guest sees it: protocol and the guest-side 3-tuple.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SteerKey {
     Tcp(FlowKey),
-    Udp(UdpKey),
+    Udp(FlowKey),
 }
 
 /// The owner pair of every open flow of one VM, shared by its pairs.
@@ -142,7 +145,7 @@ mod tests {
         p1.release(key(1000));
         assert!(owners.is_empty());
         assert_eq!(
-            p0.elsewhere(SteerKey::Udp(UdpKey {
+            p0.elsewhere(SteerKey::Udp(FlowKey {
                 guest_port: 1000,
                 dst: Ipv4Addr::new(192, 0, 2, 1),
                 dst_port: 443

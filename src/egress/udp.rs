@@ -7,7 +7,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+use super::key::FlowKey;
 use super::socks5;
+use super::tokens::Registration;
 use crate::firewall::gate::Admitted;
 
 /// An association idle this long is closed.
@@ -26,23 +28,6 @@ const GSO_MAX_BYTES: usize = 65_000;
 /// How long the proxy gets to set up an association.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct UdpKey {
-    pub guest_port: u16,
-    pub dst: Ipv4Addr,
-    pub dst_port: u16,
-}
-
-impl std::fmt::Display for UdpKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "udp guest:{} -> {}:{}",
-            self.guest_port, self.dst, self.dst_port
-        )
-    }
-}
-
 #[derive(Debug, PartialEq, Eq)]
 enum Phase {
     Connecting,
@@ -55,12 +40,13 @@ enum Phase {
 /// One UDP association.
 #[derive(Debug)]
 pub struct Assoc {
-    pub key: UdpKey,
+    pub key: FlowKey,
     pub route: Admitted,
+    /// The sockets' places in the event loop, declared before the sockets so that they
+    /// leave the loop (and give their tokens back) before the sockets close.
+    _registrations: [Registration; 2],
     pub control: TcpStream,
     pub relay: UdpSocket,
-    pub control_token: u64,
-    pub relay_token: u64,
     phase: Phase,
     /// The SOCKS5 UDP request header every datagram to the relay starts with (None: the
     /// target name is too long for SOCKS5).
@@ -83,12 +69,12 @@ pub struct Assoc {
 
 impl Assoc {
     pub fn new(
-        key: UdpKey,
+        key: FlowKey,
         route: Admitted,
         control: TcpStream,
         relay: UdpSocket,
-        control_token: u64,
-        relay_token: u64,
+        // The control connection's and the relay's, in that order.
+        registrations: [Registration; 2],
     ) -> Assoc {
         let header = socks5::udp_header(route.target(), route.port());
         Assoc {
@@ -98,10 +84,9 @@ impl Assoc {
             batch_lens: Vec::new(),
             gso: true,
             route,
+            _registrations: registrations,
             control,
             relay,
-            control_token,
-            relay_token,
             phase: Phase::Connecting,
             request: socks5::greeting(),
             sent: 0,
@@ -125,7 +110,7 @@ impl Assoc {
     }
 
     fn fail(&mut self, why: &str) {
-        tracing::info!(flow = %self.key, proxy = %self.route.proxy(), why, "udp association failed");
+        tracing::info!(flow = %self.key.udp(), proxy = %self.route.proxy(), why, "udp association failed");
         self.failed = true;
         self.phase = Phase::Done;
     }
@@ -285,7 +270,7 @@ impl Assoc {
                     }
                     self.reply.drain(..n);
                     self.phase = Phase::Open(relay);
-                    tracing::info!(flow = %self.key, target = %self.route.target(), %relay, "udp association open");
+                    tracing::info!(flow = %self.key.udp(), target = %self.route.target(), %relay, "udp association open");
                     for payload in std::mem::take(&mut self.queued) {
                         self.relay_out(relay, &payload);
                     }

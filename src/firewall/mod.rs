@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use crate::frame::{ArpOp, Ethernet, Frame, Network, Transport, ICMP_ECHO_REQUEST};
 use crate::frame::{MacAddr, GATEWAY_MAC};
-use crate::policy::Policy;
+use crate::policy::{Policy, DNS_PORT};
 use crate::telemetry::{DropReason, Service};
 
 /// What happens to one frame.
@@ -25,7 +25,6 @@ pub enum Verdict {
 }
 
 const DHCP_SERVER_PORT: u16 = 67;
-const DNS_PORT: u16 = 53;
 const DHCP_CLIENT_PORT: u16 = 68;
 const BROADCAST_MAC: MacAddr = MacAddr([0xff; 6]);
 

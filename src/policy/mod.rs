@@ -11,6 +11,9 @@ pub use model::*;
 
 use std::path::Path;
 
+/// The gateway answers DNS on this port (UDP and TCP): the explicit proxy cannot have it.
+pub const DNS_PORT: u16 = 53;
+
 /// Where proxy-mode DNS answers come from (DESIGN "Flow naming"): the benchmarking range of
 /// RFC 2544, never routed, so safe as a private naming space. Part of the policy contract:
 /// a VM's subnet may not overlap it.

@@ -11,8 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use thiserror::Error;
 
-use super::{Counters, DropReason, FlowEvent, Service, Traffic};
-use crate::services::dns::DnsOutcome;
+use super::{Counters, DnsOutcome, DropReason, FlowEvent, Service, Traffic};
 
 type Labels = Vec<(&'static str, String)>;
 

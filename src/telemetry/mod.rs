@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use strum::{IntoStaticStr, VariantArray};
 
-use crate::services::dns::DnsOutcome;
-
 pub mod metrics;
 
 /// How many drops of one reason are logged before logging thins out to powers of two.
@@ -184,7 +182,33 @@ pub enum Traffic {
     HandedOff,
 }
 
-labels!(DropReason, Service, FlowEvent, Traffic);
+/// What a DNS query got, for counters and logs (a label here; `crate::dns` decides it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, VariantArray)]
+pub enum DnsOutcome {
+    /// A record from the synthetic pool.
+    #[strum(serialize = "synthetic")]
+    Synthetic,
+    /// A static record from `dns.records`.
+    #[strum(serialize = "static")]
+    Static,
+    /// Allowed name, but no record of that type (AAAA, MX, ...): empty NOERROR.
+    #[strum(serialize = "nodata")]
+    NoData,
+    /// Not allowlisted.
+    #[strum(serialize = "nxdomain")]
+    NxDomain,
+    /// Malformed query: FORMERR.
+    #[strum(serialize = "formerr")]
+    FormErr,
+    /// `mode = "upstream"` over TCP: not forwarded (upstream forwarding is UDP only).
+    #[strum(serialize = "notimp")]
+    NotImplemented,
+    /// `mode = "upstream"`: forwarded to the upstream resolver and relayed back.
+    #[strum(serialize = "forwarded")]
+    Forwarded,
+}
+
+labels!(DropReason, Service, FlowEvent, Traffic, DnsOutcome);
 
 /// All counters of one VM. Shared (behind an `Arc`) by the queue worker and whoever reads them.
 #[derive(Debug)]

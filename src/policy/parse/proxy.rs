@@ -3,13 +3,10 @@
 use toml::Spanned;
 
 use super::super::model::*;
-use super::super::Located;
+use super::super::{Located, DNS_PORT};
 use super::diagnostics::Ctx;
 use super::raw::RawProxy;
 use super::values::{port, socket_addr};
-
-/// The gateway answers DNS on this port (UDP and TCP): the explicit proxy cannot have it.
-const DNS_PORT: u16 = 53;
 
 pub(super) fn proxy(ctx: &Ctx<'_>, raw: &RawProxy) -> Option<Proxy> {
     let address = |v: &Option<Spanned<String>>, key: &str| {

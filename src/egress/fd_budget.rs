@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::policy::Policy;
 use crate::telemetry::DropReason;
 
-use super::MAX_QUEUE_PAIRS;
+use super::steering::MAX_QUEUE_PAIRS;
 
 /// Descriptors kept free for the operator: control requests (up to 4 at once), metrics
 /// scrapes, a reconnecting VMM and its eventfds and memory regions, log files.

@@ -1,10 +1,13 @@
 use std::path::Path;
 
-use hickory_proto::op::{Message, Query};
-use hickory_proto::rr::Name;
+use std::net::Ipv4Addr;
+
+use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
 
 use super::*;
-use crate::policy::Policy;
+use crate::policy::{Dns, Policy};
+use crate::telemetry::DnsOutcome;
 
 fn dns(extra: &str) -> Dns {
     let text = format!(

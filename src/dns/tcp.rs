@@ -1,15 +1,18 @@
 //! DNS over TCP at the gateway (RFC 1035 4.2.2, RFC 7766): the same answers as UDP port 53,
 //! each message behind a two-byte length. Terminated in the stack; nothing leaves the host.
+//!
+//! A [`DnsConn`] works on the guest's smoltcp socket it is handed: which socket that is, and
+//! which guest connection, is the flow table's business (`egress`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::stack::SocketHandle;
-use smoltcp::socket::tcp::State;
+use smoltcp::socket::tcp::{Socket, State};
 
+use super::answer::answer;
+use super::pool::NamePool;
+use super::upstream::upstream_name;
 use crate::policy::Dns;
-use crate::services::dns::{self, NamePool};
-use crate::stack::Stack;
 use crate::telemetry::Counters;
 
 /// A DNS connection idle this long is closed.
@@ -28,10 +31,6 @@ pub const MAX_AWAITING: usize = 4;
 /// One guest connection to gateway:53.
 #[derive(Debug)]
 pub struct DnsConn {
-    pub id: u64,
-    /// The guest's connection (to the gateway's port 53).
-    pub key: super::flow::FlowKey,
-    pub handle: SocketHandle,
     /// `mode = "upstream"`: queries to send to the resolver (message, name).
     pub to_upstream: Vec<(Vec<u8>, String)>,
     /// Queries sent to the resolver and not answered yet.
@@ -41,29 +40,32 @@ pub struct DnsConn {
     last: Instant,
 }
 
+impl Default for DnsConn {
+    fn default() -> Self {
+        DnsConn::new()
+    }
+}
+
 impl DnsConn {
-    pub fn new(id: u64, key: super::flow::FlowKey, handle: SocketHandle) -> DnsConn {
+    pub fn new() -> DnsConn {
         DnsConn {
-            id,
-            key,
             to_upstream: Vec::new(),
             awaiting: 0,
-            handle,
             inbox: Vec::new(),
             outbox: Vec::new(),
             last: Instant::now(),
         }
     }
 
-    /// Answer what has arrived. Returns false once the connection is finished.
+    /// Answer what has arrived on the guest's `socket`. Returns false once the connection
+    /// is finished.
     pub fn step(
         &mut self,
-        stack: &mut Stack,
+        socket: &mut Socket<'_>,
         policy: &Dns,
         names: &Arc<Mutex<NamePool>>,
         counters: &Counters,
     ) -> bool {
-        let socket = stack.socket(self.handle);
         if matches!(socket.state(), State::Closed | State::TimeWait) {
             return false;
         }
@@ -88,13 +90,13 @@ impl DnsConn {
                 break;
             }
             let query: Vec<u8> = self.inbox.drain(..2 + len).skip(2).collect();
-            if let Some(name) = dns::upstream_name(policy, &query) {
+            if let Some(name) = upstream_name(policy, &query) {
                 self.to_upstream.push((query, name));
                 continue;
             }
             let answer = {
                 let mut names = names.lock().unwrap_or_else(|e| e.into_inner());
-                dns::answer(policy, &mut names, &query)
+                answer(policy, &mut names, &query)
             };
             match answer {
                 Some((reply, outcome)) => {
@@ -111,7 +113,7 @@ impl DnsConn {
                 }
             }
         }
-        self.send_pending(stack)
+        self.send_pending(socket)
     }
 
     /// Whether answers wait for the guest (or the resolver) beyond the caps: take no more
@@ -129,8 +131,7 @@ impl DnsConn {
         self.awaiting = self.awaiting.saturating_sub(1);
     }
 
-    fn send_pending(&mut self, stack: &mut Stack) -> bool {
-        let socket = stack.socket(self.handle);
+    fn send_pending(&mut self, socket: &mut Socket<'_>) -> bool {
         if !self.outbox.is_empty() {
             if let Ok(n) = socket.send_slice(&self.outbox) {
                 self.outbox.drain(..n);
