@@ -559,7 +559,13 @@ fn control_socket_is_bound_owner_only() {
     let _ = child.kill();
     let _ = child.wait();
     let text = std::fs::read_to_string(&trace).unwrap();
-    let control = control.to_string_lossy().into_owned();
+    // moat binds under a staging name beside it (`.control.sock.PID.tmp`), then renames it
+    // into place once listening: the bind to look at is the one whose path names it.
+    let control = control
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let mut umask = None;
     let mut at_bind = None;
     for line in text.lines() {
