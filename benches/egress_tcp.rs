@@ -15,21 +15,15 @@
 //! Run: `cargo bench --bench egress_tcp` (MOAT_BENCH_MB=256 by default). Prints a table and
 //! writes the raw numbers to target/bench/egress_tcp.txt.
 
-#[path = "common/mod.rs"]
-mod common;
-
-#[path = "../tests/support/proxy.rs"]
-#[allow(dead_code)]
-mod proxy;
-
 use std::io::{BufRead, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::bench::*;
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::proxy;
 use smoltcp::iface::SocketHandle;
 
 const T: Duration = Duration::from_secs(120);

@@ -1,7 +1,7 @@
 //! moat's footprint: memory and CPU of idle moat processes, and memory with many open flows.
 //!
 //! moat is the real release binary (a child process, so its RSS and CPU are its own); the
-//! guest is the simulated guest (`moat::guest::GuestNet`, smoltcp, in this process). Figures:
+//! guest is the simulated guest (`moat_sim::guest::GuestNet`, smoltcp, in this process). Figures:
 //! - RSS of one idle moat with a guest attached (VmRSS; also anonymous/shared split and Pss);
 //! - CPU of that idle moat over MOAT_IDLE_SECS (default 30 s; schedstat, all threads);
 //! - RSS with MOAT_FLOWS (default 10000) open TCP flows guest -> moat -> proxy;
@@ -12,13 +12,6 @@
 //! target/bench/footprint.txt. Run: `cargo bench --bench footprint` (MOAT_BENCH_QUICK=1:
 //! 3 s idle, 1000 flows, 10 moats).
 
-#[path = "common/mod.rs"]
-mod common;
-
-#[path = "../tests/support/proxy.rs"]
-#[allow(dead_code)]
-mod proxy;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -26,8 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::bench::*;
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::proxy;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 

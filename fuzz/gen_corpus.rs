@@ -7,7 +7,7 @@ use std::path::Path;
 use dhcproto::v4::MessageType;
 use moat::egress::socks5;
 use moat::firewall::gate::Target;
-use moat::frame::craft;
+use moat_sim::craft;
 use moat::policy::{MacAddr, GATEWAY_MAC};
 
 fn put(target: &str, name: &str, bytes: &[u8]) {

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, pattern, Fnv, ProxyMode, TestProxy, BULK_WRITTEN, SLOW_RELEASE};

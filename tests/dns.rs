@@ -7,9 +7,10 @@ use std::net::Ipv4Addr;
 
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
-use moat::frame::{self, craft, Network, Transport};
+use moat::frame::{self, Network, Transport};
 use moat::services::dns::{decode, pool::SYNTHETIC_NET, DnsOutcome};
 use moat::telemetry::DropReason;
+use moat_sim::craft;
 use support::*;
 
 const DNS_POLICY: &str = r#"
@@ -31,7 +32,12 @@ fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
     m.to_vec().unwrap()
 }
 
-fn resolve(guest: &mut moat::guest::SimGuest, id: u16, name: &str, qtype: RecordType) -> Message {
+fn resolve(
+    guest: &mut moat_sim::guest::SimGuest,
+    id: u16,
+    name: &str,
+    qtype: RecordType,
+) -> Message {
     guest
         .send_frame(&craft::udp(
             GUEST_MAC,
@@ -177,7 +183,7 @@ fn tunnelling_shapes_get_formerr_or_nxdomain() {
 #[test]
 fn dns_over_tcp_answers_the_same_and_pipelines() {
     let served = Served::start(DNS_POLICY, true);
-    let mut net = moat::guest::GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = moat_sim::guest::GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
     let h = net.tcp_connect(GW, 53);
     let t = std::time::Duration::from_secs(5);
     assert!(net

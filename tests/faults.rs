@@ -9,9 +9,9 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat::frame::craft;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use moat::telemetry::FlowEvent;
+use moat_sim::craft;
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, pattern, Fnv, ProxyMode, TestProxy};
 use support::*;

@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use moat::guest::GuestNet;
 use moat::telemetry::FlowEvent;
+use moat_sim::guest::GuestNet;
 use smoltcp::socket::tcp::State;
 use smoltcp::wire::IpAddress;
 use support::*;

@@ -8,9 +8,9 @@ use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat::frame::craft;
-use moat::guest::{GuestOptions, RawDesc, SimGuest};
 use moat::telemetry::{DropReason, Service};
+use moat_sim::craft;
+use moat_sim::guest::{GuestOptions, RawDesc, SimGuest};
 use support::*;
 
 fn ping_ok(guest: &mut SimGuest, seq: u16) {
@@ -246,7 +246,7 @@ fn wait_with_timeout(
 /// queue, indirect inside indirect. Each is rejected or cut short; moat keeps serving.
 #[test]
 fn looping_long_and_nested_indirect_chains_do_not_hang_or_crash_moat() {
-    use moat::guest::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT};
+    use moat_sim::guest::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT};
     let served = Served::start(POLICY, true);
     let mut guest = served.guest();
     let buf = guest.scratch_gpa();

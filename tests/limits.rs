@@ -8,8 +8,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use moat::telemetry::Traffic;
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, pattern, ProxyMode, TestProxy};
 use support::*;

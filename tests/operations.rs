@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use moat::frame::craft;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::craft;
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;

@@ -7,8 +7,8 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use moat::guest::GuestNet;
 use moat::telemetry::FlowEvent;
+use moat_sim::guest::GuestNet;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use support::peers::{available, dante, tinyproxy};
@@ -387,7 +387,7 @@ fn tinyproxy_never_sees_what_the_policy_forbids() {
         (
             Ipv4Addr::new(198, 51, 100, 8),
             port,
-            moat::frame::craft::tls_client_hello("evil.test"),
+            moat_sim::craft::tls_client_hello("evil.test"),
         ),
         (
             Ipv4Addr::new(198, 51, 100, 9),
@@ -575,7 +575,7 @@ fn tinyproxy_sees_flows_named_by_host_and_sni_and_its_refusals_reset_the_guest()
         ),
         (
             Ipv4Addr::new(198, 51, 100, 21),
-            moat::frame::craft::tls_client_hello("api.example.com"),
+            moat_sim::craft::tls_client_hello("api.example.com"),
             format!("CONNECT api.example.com:{port} HTTP/1.1"),
         ),
     ] {

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat::guest::{GuestOptions, SimGuest};
+use moat_sim::guest::{GuestOptions, SimGuest};
 use support::*;
 
 /// The control-socket probes and the exit watch these tests use on a running moat.
@@ -81,7 +81,7 @@ fn port(l: &TcpListener) -> u16 {
 fn serves_a_guest(socket: &Path) {
     let mut guest = SimGuest::connect(socket, GuestOptions::default()).unwrap();
     guest
-        .send_frame(&moat::frame::craft::arp_request(GUEST_MAC, GUEST, GW))
+        .send_frame(&moat_sim::craft::arp_request(GUEST_MAC, GUEST, GW))
         .unwrap();
     recv_matching(&mut guest, "ARP reply under the sandbox", |f| {
         f.len() >= 42 && f[12..14] == [0x08, 0x06]
@@ -232,7 +232,11 @@ fn a_control_request_at_start_up_waits_for_the_sandbox() {
         let status = m
             .exit_within(Duration::from_secs(10))
             .unwrap_or_else(|| panic!("round {round}: a raw socket at start-up ({answer})"));
-        assert_eq!(status.signal(), Some(libc::SIGSYS), "round {round}: {status:?}");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGSYS),
+            "round {round}: {status:?}"
+        );
     }
 }
 

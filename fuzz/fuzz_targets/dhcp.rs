@@ -8,7 +8,8 @@
 //! the request's transaction id and client hardware address, offering the policy's address
 //! if anything.
 use libfuzzer_sys::fuzz_target;
-use moat::frame::{self, craft, Network, Transport};
+use moat::frame::{self, Network, Transport};
+use moat_sim::craft;
 use moat::policy::{MacAddr, GATEWAY_MAC};
 use moat::telemetry::Service;
 use std::net::Ipv4Addr;

@@ -9,12 +9,13 @@ use etherparse::{ArpOperation, PacketBuilder};
 use smoltcp::socket::tcp::State;
 
 use super::{Expect, Outcome, Witness};
-use crate::frame::{self, craft, Network, Transport};
-use crate::guest::{GuestNet, SimGuest};
+use crate::frame::{self, Network, Transport};
 use crate::policy::{
     Destination, DnsMode, MacAddr, NamePattern, OutboundRule, Policy, Protocol, GATEWAY_MAC,
 };
 use crate::telemetry::DropReason;
+use moat_sim::craft;
+use moat_sim::guest::{GuestNet, SimGuest};
 
 const QUIET: Duration = Duration::from_millis(600);
 const TCP_WAIT: Duration = Duration::from_millis(1500);
@@ -487,7 +488,7 @@ pub fn payload_attempts(policy: &Policy) -> Vec<PayloadAttempt> {
             name: format!("tls sni smuggling {text}"),
             dst: internet,
             port: open_port,
-            payload: crate::frame::craft::tls_client_hello(text),
+            payload: craft::tls_client_hello(text),
             detail: format!("{internet}:{open_port}, SNI {text}"),
         });
     }

@@ -6,9 +6,9 @@ use dhcproto::{Decodable, Decoder};
 use proptest::prelude::*;
 
 use super::*;
-use crate::frame::craft;
 use crate::policy::{MacAddr, GATEWAY_MAC};
 use crate::telemetry::Service;
+use moat_sim::craft;
 
 const POLICY: &str = r#"
 [vm]

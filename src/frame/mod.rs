@@ -7,7 +7,6 @@
 //! only the checks moat needs on top of it (checksums, lengths, fragments) are written here.
 
 pub mod checksum;
-pub mod craft;
 pub mod virtio_hdr;
 
 use std::net::Ipv4Addr;

@@ -564,8 +564,8 @@ impl Stack {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::craft;
     use crate::policy::MacAddr;
+    use moat_sim::craft;
 
     const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
     const DST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);

@@ -3,9 +3,10 @@
 //! It connects to a vhost-user-net backend (moat's socket, or accepts moat's connection in
 //! `--client` mode), hands over memfd-backed guest memory, drives the RX and TX split
 //! virtqueues as a guest kernel would (EVENT_IDX and MRG_RXBUF aware), and exposes
-//! `send_frame` / `recv_frame`. It can also post malformed descriptor chains, for the
-//! security tests. It lives in the library because integration tests, the canary and the
-//! benchmarks all drive moat with it, so it depends on nothing dev-only.
+//! `send_frame` / `recv_frame` (and [`SimGuest::recv_until`], receiving until a frame
+//! matches). It can also post malformed descriptor chains, for the security tests.
+//! Integration tests, the canary and the benchmarks all drive moat with it, so it depends
+//! on nothing dev-only.
 //!
 //! With [`GuestOptions::queue_pairs`] above 1 it negotiates VIRTIO_NET_F_MQ and drives one
 //! RX/TX pair per queue pair (vring `2i` is RX of pair `i`, `2i + 1` its TX): sends go out on
@@ -42,7 +43,7 @@ use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
+pub use crate::wire::VIRTIO_NET_HDR_LEN;
 use frontend::{Negotiated, Watchdog};
 pub use memory::GuestMemWriter;
 use memory::GuestMemory;
@@ -588,6 +589,27 @@ impl SimGuest {
     /// Receive one frame (virtio-net header stripped), waiting up to `timeout`.
     pub fn recv_frame(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, GuestError> {
         Ok(self.recv_frame_with_hdr(timeout)?.map(|(_, f)| f))
+    }
+
+    /// Receive frames until one satisfies `pred` (frames that do not are passed over), for
+    /// up to `within`: that frame, or `Ok(None)` when the time ran out first. The one
+    /// receive loop of the kit: tests, benchmarks and the canary wait for answers with it.
+    pub fn recv_until(
+        &mut self,
+        within: Duration,
+        mut pred: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Option<Vec<u8>>, GuestError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match self.recv_frame(left)? {
+                Some(frame) if pred(&frame) => return Ok(Some(frame)),
+                _ => {}
+            }
+        }
     }
 
     /// Receive one frame and its virtio-net header, assembling MRG_RXBUF buffers
