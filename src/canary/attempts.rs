@@ -2,7 +2,7 @@
 //! the guest-side stack.
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dhcproto::v4::MessageType;
 use etherparse::{ArpOperation, PacketBuilder};
@@ -38,21 +38,8 @@ fn outcome(
 
 /// Whether any frame matching `pred` arrives within `wait`.
 fn reply(sim: &mut SimGuest, wait: Duration, pred: impl Fn(&frame::Frame<'_>) -> bool) -> bool {
-    let deadline = Instant::now() + wait;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        match sim.recv_frame(left) {
-            Ok(Some(bytes)) => {
-                if frame::parse(&bytes).is_ok_and(|f| pred(&f)) {
-                    return true;
-                }
-            }
-            Ok(None) | Err(_) => return false,
-        }
-    }
+    sim.recv_until(wait, |bytes| frame::parse(bytes).is_ok_and(|f| pred(&f)))
+        .is_ok_and(|got| got.is_some())
 }
 
 /// Another address in the guest's /24 that is neither the guest, the gateway nor broadcast.
