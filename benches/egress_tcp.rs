@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use moat_sim::bench::*;
-use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
 use moat_sim::proxy;
 use smoltcp::iface::SocketHandle;
 
@@ -222,12 +222,9 @@ fn bulk(
     let mut reply = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                reply.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            reply.extend_from_slice(d);
+        });
         reply.len() >= 16
     })
     .unwrap();
@@ -259,12 +256,9 @@ fn bulk(
     net.run_until(T, |n| {
         let s = n.tcp(h);
         let before = got;
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got += d.len() as u64;
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got += d.len() as u64;
+        });
         if got > before {
             last = (Instant::now(), meter.read());
         }

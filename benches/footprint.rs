@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moat_sim::bench::*;
-use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
 use moat_sim::proxy;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
@@ -173,12 +173,9 @@ fn main() {
     let mut echoed = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                echoed.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            echoed.extend_from_slice(d);
+        });
         echoed.len() >= 4
     })
     .unwrap();

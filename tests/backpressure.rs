@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, pattern, Fnv, ProxyMode, TestProxy, BULK_WRITTEN, SLOW_RELEASE};
@@ -84,12 +84,9 @@ fn slow_peers_push_back_and_nothing_is_lost() {
     let mut reply = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                reply.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            reply.extend_from_slice(d);
+        });
         reply.len() >= 16
     })
     .unwrap();
@@ -116,13 +113,10 @@ fn slow_peers_push_back_and_nothing_is_lost() {
     assert!(net
         .run_until(T, |n| {
             let s = n.tcp(d);
-            while s.can_recv() {
-                let _ = s.recv(|data| {
-                    hash.update(data);
-                    got += data.len() as u64;
-                    (data.len(), ())
-                });
-            }
+            tcp_drain(s, |data| {
+                hash.update(data);
+                got += data.len() as u64;
+            });
             got >= TOTAL
         })
         .unwrap());

@@ -11,6 +11,7 @@ use moat::frame::{self, Network, Transport};
 use moat::services::dns::{decode, pool::SYNTHETIC_NET, DnsOutcome};
 use moat::telemetry::DropReason;
 use moat_sim::craft;
+use moat_sim::guest::tcp_drain;
 use support::*;
 
 const DNS_POLICY: &str = r#"
@@ -201,12 +202,9 @@ fn dns_over_tcp_answers_the_same_and_pipelines() {
     let mut replies = Vec::new();
     net.run_until(t, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got.extend_from_slice(d);
+        });
         while got.len() >= 2 {
             let len = usize::from(u16::from_be_bytes([got[0], got[1]]));
             if got.len() < 2 + len {

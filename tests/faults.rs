@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use moat::telemetry::FlowEvent;
 use moat_sim::craft;
-use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, pattern, Fnv, ProxyMode, TestProxy};
 use support::*;
@@ -38,13 +38,10 @@ fn download(net: &mut GuestNet, len: u64, stop_after: Option<u64>) -> (u64, u64)
     let (mut got, mut hash) = (0u64, Fnv::default());
     net.run_until(Duration::from_secs(120), |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got += d.len() as u64;
-                hash.update(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got += d.len() as u64;
+            hash.update(d);
+        });
         got >= stop_after.unwrap_or(len)
     })
     .unwrap();
@@ -158,12 +155,9 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
     let mut got = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(e);
-        while s.can_recv() {
-            let _ = s.recv(|x| {
-                got.extend_from_slice(x);
-                (x.len(), ())
-            });
-        }
+        tcp_drain(s, |x| {
+            got.extend_from_slice(x);
+        });
         got.len() >= 4
     })
     .unwrap();
@@ -270,13 +264,10 @@ fn a_flood_next_to_a_legitimate_stream() {
                 req.extend_from_slice(&len.to_be_bytes());
                 requested = s.send_slice(&req).is_ok();
             }
-            while s.can_recv() {
-                let _ = s.recv(|d| {
-                    got += d.len() as u64;
-                    hash.update(d);
-                    (d.len(), ())
-                });
-            }
+            tcp_drain(s, |d| {
+                got += d.len() as u64;
+                hash.update(d);
+            });
             peak = peak.max(rss_kib(child.id()));
             if got < len {
                 return false;

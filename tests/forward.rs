@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use moat::telemetry::FlowEvent;
-use moat_sim::guest::GuestNet;
+use moat_sim::guest::{tcp_drain, GuestNet};
 use smoltcp::socket::tcp::State;
 use smoltcp::wire::IpAddress;
 use support::*;
@@ -56,12 +56,9 @@ fn a_host_peer_reaches_the_guest_port_from_the_gateway() {
     let mut got = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got.extend_from_slice(d);
+        });
         got.len() >= 18
     })
     .unwrap();

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use moat_sim::craft;
-use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;
@@ -255,12 +255,9 @@ fn reload_swaps_good_policies_refuses_bad_ones_and_resets_what_is_no_longer_allo
     let mut got = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(ha);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got.extend_from_slice(d);
+        });
         got.len() >= 10
     })
     .unwrap();
@@ -445,12 +442,9 @@ fn busy_polling_carries_traffic() {
             if let Ok(k) = s.send_slice(&data[sent..]) {
                 sent += k;
             }
-            while s.can_recv() {
-                let _ = s.recv(|d| {
-                    got.extend_from_slice(d);
-                    (d.len(), ())
-                });
-            }
+            tcp_drain(s, |d| {
+                got.extend_from_slice(d);
+            });
             got.len() == data.len()
         })
         .unwrap());

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use moat::telemetry::FlowEvent;
-use moat_sim::guest::GuestNet;
+use moat_sim::guest::{tcp_drain, GuestNet};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use support::peers::{available, dante, tinyproxy};
@@ -74,13 +74,10 @@ fn echo_and_check(net: &mut GuestNet, h: SocketHandle) {
                     sent += k;
                 }
             }
-            while s.can_recv() {
-                let _ = s.recv(|d| {
-                    got.update(d);
-                    received += d.len();
-                    (d.len(), ())
-                });
-            }
+            tcp_drain(s, |d| {
+                got.update(d);
+                received += d.len();
+            });
             received == data.len()
         })
         .unwrap(),
@@ -316,12 +313,9 @@ fn refused(net: &mut GuestNet, dst: Ipv4Addr, port: u16, first: &[u8]) -> &'stat
             assert!(
                 net.run_until(T, |n| {
                     let s = n.tcp(h);
-                    while s.can_recv() {
-                        let _ = s.recv(|d| {
-                            back.extend_from_slice(d);
-                            (d.len(), ())
-                        });
-                    }
+                    tcp_drain(s, |d| {
+                        back.extend_from_slice(d);
+                    });
                     s.state() == State::Closed
                 })
                 .unwrap(),

@@ -48,7 +48,7 @@ use frontend::{Negotiated, Watchdog};
 pub use memory::GuestMemWriter;
 use memory::GuestMemory;
 pub use memory::GPA_BASE;
-pub use net::{DnsReply, GuestNet, ResponseCode};
+pub use net::{tcp_drain, DnsReply, GuestNet, ResponseCode};
 use ring::SplitRing;
 pub use ring::{RawDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 

@@ -124,6 +124,17 @@ impl DnsReply {
     }
 }
 
+/// Hand everything `socket` has received so far to `sink`, without waiting: the drain step
+/// of a [`GuestNet::run_until`] loop that also sends, counts or checks as it goes.
+pub fn tcp_drain(socket: &mut tcp::Socket<'_>, mut sink: impl FnMut(&[u8])) {
+    while socket.can_recv() {
+        let _ = socket.recv(|d| {
+            sink(d);
+            (d.len(), ())
+        });
+    }
+}
+
 /// The simulated guest with an IP address, a default route and sockets.
 pub struct GuestNet {
     guest: SimGuest,
