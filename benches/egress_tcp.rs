@@ -1,7 +1,7 @@
 //! TCP through moat, guest <-> proxy: bulk throughput both ways, connection setup rate, and
 //! CPU per gigabit. The load generator is the simulated guest with a smoltcp stack (in this
 //! process); moat is the real binary (its own process, so its CPU is its own); the proxy is a
-//! minimal CONNECT endpoint (tests/support/proxy.rs) run as a separate process (this bench
+//! minimal CONNECT endpoint (moat-sim/src/proxy.rs) run as a separate process (this bench
 //! binary re-run with MOAT_BENCH_PROXY_TO=origin) in front of a loopback sink/source that
 //! stays in this process.
 //!

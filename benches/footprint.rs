@@ -78,7 +78,7 @@ fn guest(socket: &Path) -> GuestNet {
 
 /// A CONNECT proxy that answers 200 and then only holds the connection: one thread and one
 /// socket per flow here, so the flow count is bounded by moat, not by this process. (The
-/// test proxy of tests/support spends two threads and about five descriptors per flow on
+/// test proxy of moat-sim spends two threads and about five descriptors per flow on
 /// its origin splice: fine for one flow, too much for ten thousand.)
 fn holding_proxy() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
