@@ -58,7 +58,7 @@ pub fn wait_counter(control: &Path, name: &str, value: u64) {
 /// A spawned process that is killed (SIGKILL) and reaped when dropped, also when the test
 /// panics. It leads its own process group, and the whole group goes with it (peers that
 /// fork workers). Derefs to the `Child` for everything else.
-pub struct Reaped(pub std::process::Child);
+pub struct Reaped(std::process::Child);
 
 impl Reaped {
     pub fn spawn(cmd: &mut std::process::Command) -> Reaped {
