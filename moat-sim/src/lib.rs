@@ -4,11 +4,11 @@
 //!   ([`guest::SimGuest`]) and a smoltcp stack on top of it ([`guest::GuestNet`]). The
 //!   canary drives moat with it too, which is why the product depends on this crate.
 //! - [`craft`]: guest-side frames (ARP, ICMP echo, UDP, TCP SYN, DHCP, a TLS ClientHello).
-//! - With the `kit` feature, what tests and benchmarks share: [`fixtures`] (the test VM's
-//!   addresses, waiting for a condition, receiving until a frame matches), [`process`]
-//!   (spawning the moat binary under test, [`process::Reaped`]), loopback [`peers`] and a
-//!   CONNECT [`proxy`] with an origin server, [`bench`] helpers, and [`backend`] (reading
-//!   descriptor chains in a stand-in vhost-user backend).
+//! - With the `kit` feature, what tests and benchmarks share: `fixtures` (the test VM's
+//!   addresses and policies, waiting for a condition, receiving until a frame matches),
+//!   `process` (spawning the moat binary under test, `Reaped`), loopback `peers` and a
+//!   CONNECT `proxy` with an origin server, `bench` helpers, and `backend` (reading
+//!   descriptor chains in a stand-in vhost-user backend). The product builds without it.
 //!
 //! Nothing here depends on moat (moat depends on this crate): what moat's contract fixes
 //! on the wire (the gateway's MAC, the virtio-net header layout) is restated here from the
