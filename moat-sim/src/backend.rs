@@ -12,7 +12,7 @@ use crate::guest::VIRTIO_NET_HDR_LEN;
 const MAX_TX: usize = 65536 + VIRTIO_NET_HDR_LEN;
 
 /// A TX chain's bytes (header and frame), or `None` if it is malformed: a device-writable
-/// descriptor, an address outside guest memory, longer than [`MAX_TX`], a chain cut short
+/// descriptor, an address outside guest memory, longer than 64 KiB plus the header, a chain cut short
 /// (bad `next`, a loop, a bad indirect table: the last descriptor read still says NEXT),
 /// or too short to be a frame (header plus an Ethernet header).
 pub fn read_tx_chain<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Option<Vec<u8>>
