@@ -151,7 +151,7 @@ fn guest(socket: &Path, offloads: bool) -> GuestNet {
         ..GuestOptions::default()
     };
     let sim = SimGuest::connect(socket, opts).expect("attach the simulated guest");
-    GuestNet::new(sim, MAC, GUEST, 24, GW, 1500)
+    vm_net(sim)
 }
 
 fn connect(net: &mut GuestNet, addr: (Ipv4Addr, u16)) -> SocketHandle {

@@ -73,7 +73,7 @@ fn open_fds(pid: u32) -> usize {
 fn guest(socket: &Path) -> GuestNet {
     let sim =
         SimGuest::connect(socket, GuestOptions::default()).expect("attach the simulated guest");
-    GuestNet::new(sim, MAC, GUEST, 24, GW, 1500)
+    vm_net(sim)
 }
 
 /// A CONNECT proxy that answers 200 and then only holds the connection: one thread and one

@@ -122,7 +122,7 @@ fn guest(socket: &std::path::Path) -> GuestNet {
         ..GuestOptions::default()
     };
     let sim = SimGuest::connect(socket, opts).expect("attach the simulated guest");
-    GuestNet::new(sim, MAC, GUEST, 24, GW, 1500)
+    vm_net(sim)
 }
 
 /// 1-byte round trips on `h`, each in microseconds.

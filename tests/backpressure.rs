@@ -39,7 +39,7 @@ fn connect(net: &mut GuestNet) -> SocketHandle {
 fn slow_peers_push_back_and_nothing_is_lost() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&policy(proxy.addr), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
 
     // Upload to a proxy side that reads nothing for a while.
     let h = connect(&mut net);
@@ -144,7 +144,7 @@ fn an_idle_flow_is_reset() {
             .stderr(Stdio::null()),
     );
     let sim = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let h = connect(&mut net);
     // 'W': the origin waits and records how its connection ends (through the test proxy,
     // which passes a reset on as a reset).

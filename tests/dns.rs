@@ -184,7 +184,7 @@ fn tunnelling_shapes_get_formerr_or_nxdomain() {
 #[test]
 fn dns_over_tcp_answers_the_same_and_pipelines() {
     let served = Served::start(DNS_POLICY, true);
-    let mut net = moat_sim::guest::GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let h = net.tcp_connect(GW, 53);
     let t = std::time::Duration::from_secs(5);
     assert!(net

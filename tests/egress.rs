@@ -15,10 +15,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(10);
 
-fn guest_net(served: &Served) -> GuestNet {
-    GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500)
-}
-
 /// The connection never opens: it is reset (proxy failure) or left unanswered (dropped).
 fn never_established(net: &mut GuestNet, dst: Ipv4Addr, port: u16, within: Duration) -> State {
     let h = net.tcp_connect(dst, port);
@@ -346,7 +342,7 @@ fn sequential_connections_never_stall_the_queue() {
         ..Default::default()
     };
     let sim = moat_sim::guest::SimGuest::connect(&served.socket, opts).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let addr = net.resolve_a("www.example.com", T).unwrap();
     let start = std::time::Instant::now();
     for _ in 0..50 {

@@ -65,7 +65,7 @@ fn the_vmm_vanishing_mid_transfer_resets_and_the_next_connection_works() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&policy(proxy.addr), false);
     {
-        let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+        let mut net = guest_net(&served);
         let (got, _) = download(&mut net, 64 << 20, Some(1 << 20));
         assert!(got >= 1 << 20);
         // The VMM goes away with the transfer in flight.
@@ -77,7 +77,7 @@ fn the_vmm_vanishing_mid_transfer_resets_and_the_next_connection_works() {
             .load(std::sync::atomic::Ordering::Relaxed)
             == 0
     });
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let (got, hash) = download(&mut net, 4 << 20, None);
     assert_eq!(
         (got, hash),
@@ -102,7 +102,7 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
         .replace("allow = [\"data.example\"]", "allow = [\"localhost\"]")
         .replace("ports = [80]", &format!("ports = [{}]", origin.port()));
     let served = Served::start(&text, true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let dst = net.resolve_a("localhost", T).unwrap();
     // An open flow when the proxy dies: reset, never left hanging.
     let h = net.tcp_connect(dst, origin.port());
@@ -341,7 +341,7 @@ fn fin_then_reset_proxy() -> std::net::SocketAddr {
 #[test]
 fn a_reset_after_the_proxys_fin_reaches_the_guest() {
     let served = Served::start(&policy(fin_then_reset_proxy()), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let addr = net.resolve_a("data.example", T).unwrap();
     let h = net.tcp_connect(addr, 80);
     assert!(

@@ -47,7 +47,7 @@ fn site(net: &mut GuestNet) -> Ipv4Addr {
 fn proxied_scene(max_flows: usize) -> (TestProxy, Served, GuestNet, Ipv4Addr) {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start_tuned(&proxied_policy(proxy.addr, max_flows), true, two_pairs());
-    let mut net = GuestNet::new(mq_guest(&served), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(mq_guest(&served));
     let site = site(&mut net);
     (proxy, served, net, site)
 }

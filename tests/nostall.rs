@@ -314,7 +314,7 @@ fn dns_over_tcp_without_reading_keeps_moat_bounded() {
     );
     let pid = m.child.id();
     let guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = moat_sim::guest::GuestNet::new(guest, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(guest);
     let h = established(&mut net, GW, 53);
     // One query, framed (two-byte length), repeated into a 64 KiB chunk.
     let mut q = Message::query();
@@ -431,7 +431,7 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
     eventually("control socket", || control.exists());
     let socket = dir.path().join("moat.sock");
     let guest = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
-    let mut net = moat_sim::guest::GuestNet::new(guest, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(guest);
     let site = net
         .resolve_a("example.com", Duration::from_secs(10))
         .expect("example.com resolves");

@@ -38,7 +38,7 @@ fn options(offloads: bool) -> GuestOptions {
 
 fn guest_net(served: &Served, offloads: bool) -> GuestNet {
     let guest = SimGuest::connect(&served.socket, options(offloads)).unwrap();
-    GuestNet::new(guest, GUEST_MAC.0, GUEST, 24, GW, 1500)
+    vm_net(guest)
 }
 
 fn bulk(net: &mut GuestNet) -> smoltcp::iface::SocketHandle {

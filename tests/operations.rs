@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use moat_sim::craft;
-use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
+use moat_sim::guest::{tcp_drain, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;
@@ -204,7 +204,7 @@ fn reload_swaps_good_policies_refuses_bad_ones_and_resets_what_is_no_longer_allo
     let m = start(&allow("\"a.example\", \"b.example\""), &[], Stdio::null());
     let control = m.path("control.sock");
     let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let a = net.resolve_a("a.example", T).unwrap();
     let b = net.resolve_a("b.example", T).unwrap();
     let ha = net.tcp_connect(a, 80);
@@ -310,7 +310,7 @@ fn runtime_forwards_can_be_added_listed_and_removed() {
     let m = start(&policy(""), &[], Stdio::null());
     let control = m.path("control.sock");
     let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let h = net.tcp_listen(3000);
     net.poll(Duration::from_millis(20)).unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
@@ -362,7 +362,7 @@ fn sighup_with_a_bad_file_changes_nothing_and_counts_the_refusal() {
         Stdio::null(),
     );
     let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let a = net.resolve_a("a.example", T).unwrap();
     let h = established(&mut net, a, 80);
     assert!(net.tcp_send_all(h, b"E", T).unwrap());
@@ -429,7 +429,7 @@ fn busy_polling_carries_traffic() {
     ));
     let m = start(&text, &["--busy-poll-us", "50"], Stdio::null());
     let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let a = net.resolve_a("a.example", T).unwrap();
     assert!(net.resolve("b.example", T).unwrap().is_nxdomain());
     let h = established(&mut net, a, 80);

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-pub use crate::fixtures::{GUEST, GW};
+pub use crate::fixtures::{vm_net, GUEST, GW};
 /// The benchmark VM's MAC (the test VM's).
 pub const MAC: crate::Mac = crate::fixtures::GUEST_MAC;
 

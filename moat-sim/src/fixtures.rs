@@ -115,8 +115,9 @@ upstream = "{resolver}"
     )
 }
 
-/// The simulated guest's network stack with the test VM's address, /24, via [`GW`].
-pub fn guest_net(guest: SimGuest) -> GuestNet {
+/// The test VM's network stack on `guest`: [`GUEST_MAC`], [`GUEST`]/24 via [`GW`], MTU 1500
+/// (what every policy here says).
+pub fn vm_net(guest: SimGuest) -> GuestNet {
     GuestNet::new(guest, GUEST_MAC, GUEST, 24, GW, 1500)
 }
 

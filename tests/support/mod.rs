@@ -98,5 +98,5 @@ impl Served {
 /// The simulated guest's network stack on `served` (the policies' usual address and
 /// gateway, /24).
 pub fn guest_net(served: &Served) -> GuestNet {
-    moat_sim::fixtures::guest_net(served.guest())
+    vm_net(served.guest())
 }
