@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use moat_sim::backend::{read_tx_chain, rx_capacity};
+use moat_sim::fixtures::wait_for;
 use moat_sim::guest::{
     GuestError, GuestOptions, RawDesc, SimGuest, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
@@ -385,12 +386,9 @@ fn echo(guest: &mut SimGuest, f: &[u8]) {
     assert!(got == f, "echoed frame differs ({} bytes)", f.len());
 }
 
+/// The kit's wait, with this suite's shorter deadline (the echo backend answers at once).
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(what, T, || cond().then_some(()))
 }
 
 fn num_buffers(hdr: &[u8; HDR]) -> u16 {
