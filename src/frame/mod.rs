@@ -274,5 +274,13 @@ fn parse_ipv4(payload: &[u8]) -> Result<Ipv4<'_>, DropReason> {
     })
 }
 
+/// The octets, for moat-sim's frame crafting (which takes `impl Into<[u8; 6]>`: the test kit
+/// cannot know moat's type), so tests and the canary pass a `MacAddr` as they hold it.
+impl From<MacAddr> for [u8; 6] {
+    fn from(mac: MacAddr) -> [u8; 6] {
+        mac.0
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -18,14 +18,6 @@ impl MacAddr {
     }
 }
 
-/// The octets, for moat-sim's frame crafting (which takes `impl Into<[u8; 6]>` because it
-/// cannot know moat's type): tests and the canary pass a `MacAddr` as they hold it.
-impl From<MacAddr> for [u8; 6] {
-    fn from(mac: MacAddr) -> [u8; 6] {
-        mac.0
-    }
-}
-
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
