@@ -182,3 +182,82 @@ pub fn tls_client_hello(name: &str) -> Vec<u8> {
     record.extend_from_slice(&handshake);
     record
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+    const GUEST_MAC: Mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+    const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+
+    #[test]
+    fn arp_request_is_broadcast_and_asks_for_the_target() {
+        let f = arp_request(GUEST_MAC, GUEST, GW);
+        assert_eq!(f[..6], BROADCAST_MAC);
+        assert_eq!(f[6..12], GUEST_MAC);
+        let p = SlicedPacket::from_ethernet(&f).unwrap();
+        let Some(NetSlice::Arp(arp)) = p.net else {
+            panic!("not ARP: {p:?}");
+        };
+        assert_eq!(arp.operation(), ArpOperation::REQUEST);
+        assert_eq!(arp.sender_protocol_addr(), GUEST.octets());
+        assert_eq!(arp.target_protocol_addr(), GW.octets());
+        assert_eq!(arp.target_hw_addr(), [0; 6]);
+    }
+
+    #[test]
+    fn udp_and_syn_parse_with_their_ports_and_checksums() {
+        let f = udp(GUEST_MAC, crate::GATEWAY_MAC, (GUEST, 5000), (GW, 53), b"q");
+        let p = SlicedPacket::from_ethernet(&f).unwrap();
+        let Some(TransportSlice::Udp(u)) = p.transport else {
+            panic!("not UDP");
+        };
+        assert_eq!((u.source_port(), u.destination_port()), (5000, 53));
+        assert_ne!(u.checksum(), 0, "a computed checksum");
+        let f = tcp_syn(GUEST_MAC, crate::GATEWAY_MAC, (GUEST, 40000), (GW, 22));
+        let p = SlicedPacket::from_ethernet(&f).unwrap();
+        let Some(TransportSlice::Tcp(t)) = p.transport else {
+            panic!("not TCP");
+        };
+        assert!(t.syn() && !t.ack());
+        assert_eq!(t.destination_port(), 22);
+    }
+
+    #[test]
+    fn dhcp_broadcasts_unless_renewing() {
+        let discover = dhcp(
+            GUEST_MAC,
+            MessageType::Discover,
+            7,
+            Ipv4Addr::UNSPECIFIED,
+            None,
+            None,
+            crate::GATEWAY_MAC,
+        );
+        assert_eq!(discover[..6], BROADCAST_MAC);
+        assert_eq!(discover[30..34], Ipv4Addr::BROADCAST.octets());
+        let renew = dhcp(
+            GUEST_MAC,
+            MessageType::Request,
+            8,
+            GUEST,
+            None,
+            Some(GW),
+            crate::GATEWAY_MAC,
+        );
+        assert_eq!(renew[..6], crate::GATEWAY_MAC, "unicast to the server");
+        assert_eq!(renew[26..30], GUEST.octets());
+        assert_eq!(renew[30..34], GW.octets());
+    }
+
+    #[test]
+    fn client_hello_carries_the_name() {
+        let hello = tls_client_hello("api.example.com");
+        assert_eq!(hello[0], 0x16, "a handshake record");
+        let len = usize::from(u16::from_be_bytes([hello[3], hello[4]]));
+        assert_eq!(hello.len(), 5 + len);
+        assert!(hello.ends_with(b"api.example.com"));
+    }
+}
