@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moat_sim::process::Reaped;
+use moat_sim::process::{wait_exit, Reaped};
 
 fn testpmd_available() -> bool {
     let found = Command::new("sh")
@@ -59,19 +59,6 @@ fn drop_lines(table: &str) -> Vec<&str> {
 
 fn signal(child: &Child, sig: i32) {
     unsafe { libc::kill(child.id() as i32, sig) };
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

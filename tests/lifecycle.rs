@@ -6,7 +6,7 @@ mod support;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moat::telemetry::{DropReason, Service};
 use moat_sim::craft;
@@ -229,17 +229,10 @@ fn wait_with_timeout(
     child: &mut std::process::Child,
     within: Duration,
 ) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("moat did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_exit(child, within).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("moat did not exit within {within:?}");
+    })
 }
 
 /// Descriptor-chain attacks beyond single bad descriptors: loops, chains longer than the

@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -13,18 +13,11 @@ use std::time::Duration;
 use moat_sim::craft;
 use moat_sim::guest::{tcp_drain, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
+use support::peers::free_port;
 use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn start(policy: &str, extra: &[&str], stderr: Stdio) -> MoatProcess {
     MoatProcess::start(policy, extra, stderr)

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::fixtures::{eventually, wait_for, DEADLINE};
 
@@ -53,6 +54,24 @@ pub fn wait_counter(control: &Path, name: &str, value: u64) {
         last = stats_json(control).and_then(|v| v["counters"][name].as_u64());
         (last == Some(value)).then_some(())
     });
+}
+
+/// Wait up to `within` for `child` to exit (polled every 20 ms): its status, or `None` if
+/// it is still running.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A spawned process that is killed (SIGKILL) and reaped when dropped, also when the test
