@@ -1,7 +1,7 @@
 //! TCP through moat, guest <-> proxy: bulk throughput both ways, connection setup rate, and
 //! CPU per gigabit. The load generator is the simulated guest with a smoltcp stack (in this
 //! process); moat is the real binary (its own process, so its CPU is its own); the proxy is a
-//! minimal CONNECT endpoint (tests/support/proxy.rs) run as a separate process (this bench
+//! minimal CONNECT endpoint (moat-sim/src/proxy.rs) run as a separate process (this bench
 //! binary re-run with MOAT_BENCH_PROXY_TO=origin) in front of a loopback sink/source that
 //! stays in this process.
 //!
@@ -15,21 +15,15 @@
 //! Run: `cargo bench --bench egress_tcp` (MOAT_BENCH_MB=256 by default). Prints a table and
 //! writes the raw numbers to target/bench/egress_tcp.txt.
 
-#[path = "common/mod.rs"]
-mod common;
-
-#[path = "../tests/support/proxy.rs"]
-#[allow(dead_code)]
-mod proxy;
-
 use std::io::{BufRead, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::bench::*;
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
+use moat_sim::proxy;
 use smoltcp::iface::SocketHandle;
 
 const T: Duration = Duration::from_secs(120);
@@ -157,7 +151,7 @@ fn guest(socket: &Path, offloads: bool) -> GuestNet {
         ..GuestOptions::default()
     };
     let sim = SimGuest::connect(socket, opts).expect("attach the simulated guest");
-    GuestNet::new(sim, MAC, GUEST, 24, GW, 1500)
+    vm_net(sim)
 }
 
 fn connect(net: &mut GuestNet, addr: (Ipv4Addr, u16)) -> SocketHandle {
@@ -228,12 +222,9 @@ fn bulk(
     let mut reply = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                reply.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            reply.extend_from_slice(d);
+        });
         reply.len() >= 16
     })
     .unwrap();
@@ -265,12 +256,9 @@ fn bulk(
     net.run_until(T, |n| {
         let s = n.tcp(h);
         let before = got;
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got += d.len() as u64;
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got += d.len() as u64;
+        });
         if got > before {
             last = (Instant::now(), meter.read());
         }

@@ -1,7 +1,7 @@
 //! moat's footprint: memory and CPU of idle moat processes, and memory with many open flows.
 //!
 //! moat is the real release binary (a child process, so its RSS and CPU are its own); the
-//! guest is the simulated guest (`moat::guest::GuestNet`, smoltcp, in this process). Figures:
+//! guest is the simulated guest (`moat_sim::guest::GuestNet`, smoltcp, in this process). Figures:
 //! - RSS of one idle moat with a guest attached (VmRSS; also anonymous/shared split and Pss);
 //! - CPU of that idle moat over MOAT_IDLE_SECS (default 30 s; schedstat, all threads);
 //! - RSS with MOAT_FLOWS (default 10000) open TCP flows guest -> moat -> proxy;
@@ -12,13 +12,6 @@
 //! target/bench/footprint.txt. Run: `cargo bench --bench footprint` (MOAT_BENCH_QUICK=1:
 //! 3 s idle, 1000 flows, 10 moats).
 
-#[path = "common/mod.rs"]
-mod common;
-
-#[path = "../tests/support/proxy.rs"]
-#[allow(dead_code)]
-mod proxy;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -26,8 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::bench::*;
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
+use moat_sim::proxy;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 
@@ -79,12 +73,12 @@ fn open_fds(pid: u32) -> usize {
 fn guest(socket: &Path) -> GuestNet {
     let sim =
         SimGuest::connect(socket, GuestOptions::default()).expect("attach the simulated guest");
-    GuestNet::new(sim, MAC, GUEST, 24, GW, 1500)
+    vm_net(sim)
 }
 
 /// A CONNECT proxy that answers 200 and then only holds the connection: one thread and one
 /// socket per flow here, so the flow count is bounded by moat, not by this process. (The
-/// test proxy of tests/support spends two threads and about five descriptors per flow on
+/// test proxy of moat-sim spends two threads and about five descriptors per flow on
 /// its origin splice: fine for one flow, too much for ten thousand.)
 fn holding_proxy() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -179,12 +173,9 @@ fn main() {
     let mut echoed = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                echoed.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            echoed.extend_from_slice(d);
+        });
         echoed.len() >= 4
     })
     .unwrap();

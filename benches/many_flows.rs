@@ -15,17 +15,14 @@
 //! Prints a table and writes target/bench/many_flows.txt. Targets: issue 11 (4096 idle and
 //! 4096 sniffing: p50 within 1.5x of none), issue 14 (10 000 idle, 1 000 busy: within 1.2x).
 
-#[path = "common/mod.rs"]
-mod common;
-
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use common::*;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::bench::*;
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -125,7 +122,7 @@ fn guest(socket: &std::path::Path) -> GuestNet {
         ..GuestOptions::default()
     };
     let sim = SimGuest::connect(socket, opts).expect("attach the simulated guest");
-    GuestNet::new(sim, MAC, GUEST, 24, GW, 1500)
+    vm_net(sim)
 }
 
 /// 1-byte round trips on `h`, each in microseconds.

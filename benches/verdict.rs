@@ -37,11 +37,11 @@ use moat::dns::pool::NamePool;
 use moat::firewall::gate::{self, Requested};
 use moat::firewall::{Firewall, Verdict};
 use moat::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
-use moat::frame::{self, craft, Network, Transport};
-use moat::frame::{MacAddr, GATEWAY_MAC};
+use moat::frame::{self, MacAddr, Network, Transport, GATEWAY_MAC};
 use moat::policy::Policy;
 use moat::policy::Protocol;
 use moat::telemetry::{Counters, DropReason};
+use moat_sim::craft;
 
 const POLICY: &str = r#"
 [vm]

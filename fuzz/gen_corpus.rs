@@ -7,8 +7,8 @@ use std::path::Path;
 use dhcproto::v4::MessageType;
 use moat::egress::socks5;
 use moat::firewall::gate::Target;
-use moat::frame::craft;
 use moat::frame::{MacAddr, GATEWAY_MAC};
+use moat_sim::craft;
 
 fn put(target: &str, name: &str, bytes: &[u8]) {
     let dir = Path::new("fuzz/corpus").join(target);

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, pattern, Fnv, ProxyMode, TestProxy, BULK_WRITTEN, SLOW_RELEASE};
@@ -39,7 +39,7 @@ fn connect(net: &mut GuestNet) -> SocketHandle {
 fn slow_peers_push_back_and_nothing_is_lost() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&policy(proxy.addr), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
 
     // Upload to a proxy side that reads nothing for a while.
     let h = connect(&mut net);
@@ -84,12 +84,9 @@ fn slow_peers_push_back_and_nothing_is_lost() {
     let mut reply = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                reply.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            reply.extend_from_slice(d);
+        });
         reply.len() >= 16
     })
     .unwrap();
@@ -116,13 +113,10 @@ fn slow_peers_push_back_and_nothing_is_lost() {
     assert!(net
         .run_until(T, |n| {
             let s = n.tcp(d);
-            while s.can_recv() {
-                let _ = s.recv(|data| {
-                    hash.update(data);
-                    got += data.len() as u64;
-                    (data.len(), ())
-                });
-            }
+            tcp_drain(s, |data| {
+                hash.update(data);
+                got += data.len() as u64;
+            });
             got >= TOTAL
         })
         .unwrap());
@@ -150,7 +144,7 @@ fn an_idle_flow_is_reset() {
             .stderr(Stdio::null()),
     );
     let sim = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let h = connect(&mut net);
     // 'W': the origin waits and records how its connection ends (through the test proxy,
     // which passes a reset on as a reset).

@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{moat_bin, peers::available};
+use support::{moat_bin, peers::available, Reaped};
 
 const SHIPPED: &str = include_str!("../contrib/squid-moat.conf");
 
@@ -408,15 +408,6 @@ fn next_round(rx: &mpsc::Receiver<Value>) -> (Vec<Value>, Value) {
     }
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn scrape(addr: &str) -> String {
     let mut conn = TcpStream::connect(addr).unwrap();
     conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
@@ -449,13 +440,10 @@ fn a_policy_edited_between_rounds_is_tested_as_edited() {
         .local_addr()
         .unwrap()
         .to_string();
-    let mut child = Killed(
-        canary(&file, &["--every", "1s", "--metrics", &metrics])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let mut child = Reaped::spawn(
+        canary(&file, &["--every", "1s", "--metrics", &metrics]).stdout(Stdio::piped()),
     );
-    let rx = lines_of(&mut child.0);
+    let rx = lines_of(&mut child);
     let (events, first) = next_round(&rx);
     assert_eq!(first["result"], "pass", "{events:?}");
     let hash = |t: &str| format!("sha256:{}", moat::canary::digest::sha256_hex(t.as_bytes()));

@@ -7,7 +7,7 @@ mod support;
 
 use std::process::{Command, Stdio};
 
-use moat::guest::{GuestOptions, SimGuest};
+use moat_sim::guest::{GuestOptions, SimGuest};
 use support::*;
 
 const UNIT: &str = include_str!("../contrib/moat@.service");

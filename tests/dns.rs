@@ -8,9 +8,11 @@ use std::net::Ipv4Addr;
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use moat::dns::{decode, pool::SYNTHETIC_NET};
-use moat::frame::{self, craft, Network, Transport};
+use moat::frame::{self, Network, Transport};
 use moat::telemetry::DnsOutcome;
 use moat::telemetry::DropReason;
+use moat_sim::craft;
+use moat_sim::guest::tcp_drain;
 use support::*;
 
 const DNS_POLICY: &str = r#"
@@ -32,7 +34,12 @@ fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
     m.to_vec().unwrap()
 }
 
-fn resolve(guest: &mut moat::guest::SimGuest, id: u16, name: &str, qtype: RecordType) -> Message {
+fn resolve(
+    guest: &mut moat_sim::guest::SimGuest,
+    id: u16,
+    name: &str,
+    qtype: RecordType,
+) -> Message {
     guest
         .send_frame(&craft::udp(
             GUEST_MAC,
@@ -178,7 +185,7 @@ fn tunnelling_shapes_get_formerr_or_nxdomain() {
 #[test]
 fn dns_over_tcp_answers_the_same_and_pipelines() {
     let served = Served::start(DNS_POLICY, true);
-    let mut net = moat::guest::GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let h = net.tcp_connect(GW, 53);
     let t = std::time::Duration::from_secs(5);
     assert!(net
@@ -196,12 +203,9 @@ fn dns_over_tcp_answers_the_same_and_pipelines() {
     let mut replies = Vec::new();
     net.run_until(t, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got.extend_from_slice(d);
+        });
         while got.len() >= 2 {
             let len = usize::from(u16::from_be_bytes([got[0], got[1]]));
             if got.len() < 2 + len {

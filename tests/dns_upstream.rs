@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType};
 use hickory_proto::rr::{rdata::A, Name, RData, Record};
-use moat::guest::{GuestError, GuestNet, ResponseCode};
+use moat_sim::guest::{GuestError, GuestNet, ResponseCode};
 use support::peers::{available, dnsmasq, dnsmasq_on, dnsmasq_queries};
 use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;
@@ -180,7 +180,7 @@ fn a_silent_resolver_times_out_and_moat_keeps_serving() {
             ));
             m.to_vec().unwrap()
         };
-        let frame = moat::frame::craft::udp(GUEST_MAC, GW_MAC, (GUEST, 20000), (GW, 53), &q);
+        let frame = moat_sim::craft::udp(GUEST_MAC, GW_MAC, (GUEST, 20000), (GW, 53), &q);
         net.sim().send_frame(&frame).unwrap();
     }
     assert!(net.resolve("evil.test", T).unwrap().is_nxdomain());

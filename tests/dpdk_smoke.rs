@@ -13,17 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Kills (and reaps) a child process if the test panics before stopping it.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
+use moat_sim::process::{wait_exit, Reaped};
 
 fn testpmd_available() -> bool {
     let found = Command::new("sh")
@@ -72,19 +62,6 @@ fn signal(child: &Child, sig: i32) {
     unsafe { libc::kill(child.id() as i32, sig) };
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn testpmd_txonly_frames_are_all_counted_and_dropped() {
     if !testpmd_available() {
@@ -96,7 +73,7 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
     let moat_log = dir.path().join("moat.log");
     let read_moat_log = || std::fs::read_to_string(&moat_log).unwrap_or_default();
     // stderr to a file, not a pipe: moat must be able to print its table whatever happens here.
-    let mut moat = Reaped(
+    let mut moat = Reaped::spawn(
         Command::new(env!("CARGO_BIN_EXE_moat"))
             .args(["serve", "--socket"])
             .arg(&sock)
@@ -105,13 +82,11 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
             .env("MOAT_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&moat_log).unwrap())
-            .spawn()
-            .unwrap(),
+            .stderr(std::fs::File::create(&moat_log).unwrap()),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
-        if let Ok(Some(status)) = moat.0.try_wait() {
+        if let Ok(Some(status)) = moat.try_wait() {
             panic!(
                 "moat exited ({status}) before creating its socket\n{}",
                 read_moat_log()
@@ -126,7 +101,7 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
     }
 
     let testpmd_err = dir.path().join("testpmd.err");
-    let mut testpmd = Reaped(
+    let mut testpmd = Reaped::spawn(
         Command::new("dpdk-testpmd")
             .args(["--no-huge", "-m", "1024", "--no-shconf"])
             .arg(format!("--file-prefix=moat-smoke-{}", std::process::id()))
@@ -144,14 +119,12 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&testpmd_err).unwrap())
-            .spawn()
-            .expect("run dpdk-testpmd"),
+            .stderr(std::fs::File::create(&testpmd_err).unwrap()),
     );
     let output = Arc::new(Mutex::new(String::new()));
     let reader = {
         let output = Arc::clone(&output);
-        let stdout = testpmd.0.stdout.take().unwrap();
+        let stdout = testpmd.stdout.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let mut out = output.lock().unwrap();
@@ -180,7 +153,7 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
         if sending {
             break;
         }
-        if let Ok(Some(status)) = testpmd.0.try_wait() {
+        if let Ok(Some(status)) = testpmd.try_wait() {
             panic!("testpmd exited ({status}) before sending\n{}", tp_output());
         }
         assert!(
@@ -192,8 +165,8 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));
-    signal(&testpmd.0, libc::SIGINT);
-    let status = wait_exit(&mut testpmd.0, Duration::from_secs(20))
+    signal(&testpmd, libc::SIGINT);
+    let status = wait_exit(&mut testpmd, Duration::from_secs(20))
         .unwrap_or_else(|| panic!("testpmd ignored SIGINT\n{}", tp_output()));
     reader.join().unwrap();
     let tp = tp_output();
@@ -209,14 +182,14 @@ fn testpmd_txonly_frames_are_all_counted_and_dropped() {
 
     // moat outlived its frontend, and stops cleanly on SIGTERM with its counters.
     std::thread::sleep(Duration::from_millis(300));
-    if let Ok(Some(status)) = moat.0.try_wait() {
+    if let Ok(Some(status)) = moat.try_wait() {
         panic!(
             "moat did not survive testpmd ({status})\n{}",
             read_moat_log()
         );
     }
-    signal(&moat.0, libc::SIGTERM);
-    let status = wait_exit(&mut moat.0, Duration::from_secs(10))
+    signal(&moat, libc::SIGTERM);
+    let status = wait_exit(&mut moat, Duration::from_secs(10))
         .unwrap_or_else(|| panic!("moat ignored SIGTERM\n{}", read_moat_log()));
     let table = read_moat_log();
     assert!(status.success(), "moat exit {status}\n{table}");

@@ -7,17 +7,13 @@ mod support;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use moat::guest::GuestNet;
 use moat::telemetry::{DropReason, FlowEvent};
+use moat_sim::guest::GuestNet;
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, pattern, Fnv, ProxyMode, TestProxy, DOWNLOAD_LEN};
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
-
-fn guest_net(served: &Served) -> GuestNet {
-    GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500)
-}
 
 /// The connection never opens: it is reset (proxy failure) or left unanswered (dropped).
 fn never_established(net: &mut GuestNet, dst: Ipv4Addr, port: u16, within: Duration) -> State {
@@ -295,7 +291,7 @@ fn ip_literal_flows_are_named_by_http_host_or_tls_sni() {
     send_all(
         &mut net,
         t,
-        &moat::frame::craft::tls_client_hello("api.example.com"),
+        &moat_sim::craft::tls_client_hello("api.example.com"),
     );
     assert!(net.run_until(T, |_| proxy.requests().len() == 2).unwrap());
     assert_eq!(
@@ -314,7 +310,7 @@ fn ip_literal_flows_with_a_disallowed_or_missing_name_are_reset() {
     let mut net = guest_net(&served);
     for first in [
         b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec(),
-        moat::frame::craft::tls_client_hello("evil.test"),
+        moat_sim::craft::tls_client_hello("evil.test"),
         b"\x00\x01 not a protocol with a name".to_vec(),
     ] {
         let h = established(&mut net, Ipv4Addr::new(198, 51, 100, 30), 443);
@@ -340,13 +336,13 @@ fn ip_literal_flows_with_a_disallowed_or_missing_name_are_reset() {
 fn sequential_connections_never_stall_the_queue() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&proxied_policy(proxy.addr, 64), true);
-    let opts = moat::guest::GuestOptions {
+    let opts = moat_sim::guest::GuestOptions {
         queue_size: 512,
         mem_size: 32 << 20,
         ..Default::default()
     };
-    let sim = moat::guest::SimGuest::connect(&served.socket, opts).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let sim = moat_sim::guest::SimGuest::connect(&served.socket, opts).unwrap();
+    let mut net = vm_net(sim);
     let addr = net.resolve_a("www.example.com", T).unwrap();
     let start = std::time::Instant::now();
     for _ in 0..50 {

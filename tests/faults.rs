@@ -9,9 +9,9 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat::frame::craft;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use moat::telemetry::FlowEvent;
+use moat_sim::craft;
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, pattern, Fnv, ProxyMode, TestProxy};
 use support::*;
@@ -38,13 +38,10 @@ fn download(net: &mut GuestNet, len: u64, stop_after: Option<u64>) -> (u64, u64)
     let (mut got, mut hash) = (0u64, Fnv::default());
     net.run_until(Duration::from_secs(120), |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got += d.len() as u64;
-                hash.update(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got += d.len() as u64;
+            hash.update(d);
+        });
         got >= stop_after.unwrap_or(len)
     })
     .unwrap();
@@ -68,7 +65,7 @@ fn the_vmm_vanishing_mid_transfer_resets_and_the_next_connection_works() {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start(&policy(proxy.addr), false);
     {
-        let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+        let mut net = guest_net(&served);
         let (got, _) = download(&mut net, 64 << 20, Some(1 << 20));
         assert!(got >= 1 << 20);
         // The VMM goes away with the transfer in flight.
@@ -80,7 +77,7 @@ fn the_vmm_vanishing_mid_transfer_resets_and_the_next_connection_works() {
             .load(std::sync::atomic::Ordering::Relaxed)
             == 0
     });
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let (got, hash) = download(&mut net, 4 << 20, None);
     assert_eq!(
         (got, hash),
@@ -105,7 +102,7 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
         .replace("allow = [\"data.example\"]", "allow = [\"localhost\"]")
         .replace("ports = [80]", &format!("ports = [{}]", origin.port()));
     let served = Served::start(&text, true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let dst = net.resolve_a("localhost", T).unwrap();
     // An open flow when the proxy dies: reset, never left hanging.
     let h = net.tcp_connect(dst, origin.port());
@@ -158,12 +155,9 @@ fn the_proxy_dying_resets_flows_and_new_flows_work_when_it_returns() {
     let mut got = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(e);
-        while s.can_recv() {
-            let _ = s.recv(|x| {
-                got.extend_from_slice(x);
-                (x.len(), ())
-            });
-        }
+        tcp_drain(s, |x| {
+            got.extend_from_slice(x);
+        });
         got.len() >= 4
     })
     .unwrap();
@@ -270,13 +264,10 @@ fn a_flood_next_to_a_legitimate_stream() {
                 req.extend_from_slice(&len.to_be_bytes());
                 requested = s.send_slice(&req).is_ok();
             }
-            while s.can_recv() {
-                let _ = s.recv(|d| {
-                    got += d.len() as u64;
-                    hash.update(d);
-                    (d.len(), ())
-                });
-            }
+            tcp_drain(s, |d| {
+                got += d.len() as u64;
+                hash.update(d);
+            });
             peak = peak.max(rss_kib(child.id()));
             if got < len {
                 return false;
@@ -351,7 +342,7 @@ fn fin_then_reset_proxy() -> std::net::SocketAddr {
 #[test]
 fn a_reset_after_the_proxys_fin_reaches_the_guest() {
     let served = Served::start(&policy(fin_then_reset_proxy()), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let addr = net.resolve_a("data.example", T).unwrap();
     let h = net.tcp_connect(addr, 80);
     assert!(

@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use moat::guest::GuestNet;
 use moat::telemetry::FlowEvent;
+use moat_sim::guest::tcp_drain;
 use smoltcp::socket::tcp::State;
 use smoltcp::wire::IpAddress;
 use support::*;
@@ -33,7 +33,7 @@ fn policy(listen: SocketAddr, from: &str) -> String {
 fn a_host_peer_reaches_the_guest_port_from_the_gateway() {
     let listen = free_addr();
     let served = Served::start(&policy(listen, ""), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let h = net.tcp_listen(3000);
     net.poll(Duration::from_millis(50)).unwrap();
     let client = std::thread::spawn(move || {
@@ -56,12 +56,9 @@ fn a_host_peer_reaches_the_guest_port_from_the_gateway() {
     let mut got = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got.extend_from_slice(d);
+        });
         got.len() >= 18
     })
     .unwrap();
@@ -85,7 +82,7 @@ fn a_host_peer_reaches_the_guest_port_from_the_gateway() {
 fn peers_outside_from_are_closed_and_counted() {
     let listen = free_addr();
     let served = Served::start(&policy(listen, "from = [\"192.0.2.0/24\"]"), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let h = net.tcp_listen(3000);
     net.poll(Duration::from_millis(50)).unwrap();
     let mut c = TcpStream::connect(listen).expect("accepted, then closed");

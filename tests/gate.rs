@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, Query};
 use hickory_proto::rr::{rdata::A, Name, RData, Record, RecordType};
-use moat::guest::GuestNet;
 use moat::telemetry::{DropReason, FlowEvent};
+use moat_sim::guest::GuestNet;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use smoltcp::wire::{IpAddress, IpEndpoint};
@@ -147,7 +147,7 @@ fn names_smuggled_in_host_and_sni_never_reach_the_proxy() {
             &format!("Host: {host}"),
         );
         let port = if i % 2 == 0 { 443 } else { 80 };
-        let hello = moat::frame::craft::tls_client_hello(host);
+        let hello = moat_sim::craft::tls_client_hello(host);
         reset_after(&mut net, public, port, &hello, &format!("SNI {host}"));
     }
     assert!(

@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 
 use dhcproto::v4::{Message, MessageType};
 use dhcproto::{Decodable, Decoder};
-use moat::frame::MacAddr;
-use moat::frame::{self, craft, ArpOp, Network, Transport};
+use moat::frame::{self, ArpOp, MacAddr, Network, Transport};
 use moat::telemetry::{DropReason, Service, Traffic};
+use moat_sim::craft;
 use support::*;
 
 #[test]

@@ -1,4 +1,4 @@
-//! Self-test of the simulated guest (`moat::guest`) against a tiny echo backend built here
+//! Self-test of the simulated guest (`moat_sim::guest`) against a tiny echo backend built here
 //! with vhost-user-backend: every frame the guest sends on TX comes back on RX, header and
 //! all (`num_buffers` rewritten). This proves the frontend and the split-ring driver on
 //! their own, without moat's device: send/recv, MRG_RXBUF, EVENT_IDX (and its absence),
@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use moat::guest::{
+use moat_sim::backend::{read_tx_chain, rx_capacity};
+use moat_sim::fixtures::wait_for;
+use moat_sim::guest::{
     GuestError, GuestOptions, RawDesc, SimGuest, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 };
@@ -32,11 +34,8 @@ use virtio_bindings::bindings::virtio_net::{
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{
-    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
-};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -88,8 +87,6 @@ impl Stats {
     }
 }
 
-type Mem = GuestMemoryLoadGuard<GuestMemoryMmap>;
-
 struct Echo {
     features: u64,
     stats: Arc<Stats>,
@@ -101,32 +98,6 @@ struct Echo {
 
 fn io_err(e: impl std::fmt::Debug) -> std::io::Error {
     std::io::Error::other(format!("{e:?}"))
-}
-
-/// A TX chain's bytes, or `None` if it is malformed: a device-writable descriptor, an
-/// address outside guest memory, a chain cut short (bad `next`, a loop, a bad indirect
-/// table: the last descriptor read still says NEXT), or too short to be a frame.
-fn read_tx_chain(chain: DescriptorChain<Mem>, mem: &GuestMemoryMmap) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut cut = false;
-    for desc in chain {
-        if desc.is_write_only() || out.len() + desc.len() as usize > 65536 + HDR {
-            return None;
-        }
-        let start = out.len();
-        out.resize(start + desc.len() as usize, 0);
-        mem.read_slice(&mut out[start..], desc.addr()).ok()?;
-        cut = desc.has_next();
-    }
-    (!cut && out.len() >= HDR + 14).then_some(out)
-}
-
-fn rx_capacity(chain: &DescriptorChain<Mem>) -> usize {
-    chain
-        .clone()
-        .filter(|d| d.is_write_only())
-        .map(|d| d.len() as usize)
-        .sum()
 }
 
 impl Echo {
@@ -415,12 +386,9 @@ fn echo(guest: &mut SimGuest, f: &[u8]) {
     assert!(got == f, "echoed frame differs ({} bytes)", f.len());
 }
 
+/// The kit's wait, with this suite's shorter deadline (the echo backend answers at once).
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(what, T, || cond().then_some(()))
 }
 
 fn num_buffers(hdr: &[u8; HDR]) -> u16 {
@@ -516,7 +484,7 @@ fn mrg_rxbuf_frames_span_many_rx_buffers_and_large_frames_many_tx_descriptors() 
     assert!(got == big, "40000-byte frame differs");
     assert_eq!(Stats::get(&server.stats.max_buffers), 157);
     // A frame longer than the whole TX queue is refused up front.
-    let huge = vec![0u8; 256 * moat::guest::TX_SLOT];
+    let huge = vec![0u8; 256 * moat_sim::guest::TX_SLOT];
     assert!(matches!(
         guest.send_frame(&huge),
         Err(GuestError::FrameTooLong(_))

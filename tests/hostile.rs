@@ -8,10 +8,10 @@ use std::net::Ipv4Addr;
 use etherparse::PacketBuilder;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
-use moat::frame::MacAddr;
-use moat::frame::{craft, internet_checksum};
-use moat::guest::SimGuest;
+use moat::frame::{internet_checksum, MacAddr};
 use moat::telemetry::DropReason;
+use moat_sim::craft;
+use moat_sim::guest::SimGuest;
 use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;
 

@@ -6,11 +6,11 @@ mod support;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use moat::frame::craft;
-use moat::guest::{GuestOptions, RawDesc, SimGuest};
 use moat::telemetry::{DropReason, Service};
+use moat_sim::craft;
+use moat_sim::guest::{GuestOptions, RawDesc, SimGuest};
 use support::*;
 
 fn ping_ok(guest: &mut SimGuest, seq: u16) {
@@ -230,24 +230,17 @@ fn wait_with_timeout(
     child: &mut std::process::Child,
     within: Duration,
 ) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("moat did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_exit(child, within).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("moat did not exit within {within:?}");
+    })
 }
 
 /// Descriptor-chain attacks beyond single bad descriptors: loops, chains longer than the
 /// queue, indirect inside indirect. Each is rejected or cut short; moat keeps serving.
 #[test]
 fn looping_long_and_nested_indirect_chains_do_not_hang_or_crash_moat() {
-    use moat::guest::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT};
+    use moat_sim::guest::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT};
     let served = Served::start(POLICY, true);
     let mut guest = served.guest();
     let buf = guest.scratch_gpa();

@@ -8,8 +8,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use moat::telemetry::Traffic;
+use moat_sim::guest::{tcp_drain, GuestNet, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
 use support::proxy::{origin, pattern, ProxyMode, TestProxy};
 use support::*;
@@ -169,9 +169,7 @@ fn ingress_limit_paces_the_host_to_100_mbit() {
     net.tcp(h).send_slice(&req).unwrap();
     let drain = |n: &mut GuestNet| {
         let s = n.tcp(h);
-        while s.can_recv() {
-            let _ = s.recv(|d| (d.len(), ()));
-        }
+        tcp_drain(s, |_| {});
     };
     let rate = measure(&mut net, &served, Traffic::RxBytes, drain);
     assert_within(&rate, LIMIT, "proxy -> guest with ingress_bps = 100 Mbit/s");
@@ -257,9 +255,7 @@ fn a_limit_is_shared_by_every_queue_pair() {
         }
         for h in downs {
             let s = n.tcp(h);
-            while s.can_recv() {
-                let _ = s.recv(|d| (d.len(), ()));
-            }
+            tcp_drain(s, |_| {});
         }
     };
     let up = measure_over(&mut net, &served, Traffic::TxBytes, WIN, &mut drive);

@@ -9,8 +9,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use moat::device::Tuning;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use moat::telemetry::{DropReason, FlowEvent, Traffic};
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
 use smoltcp::iface::SocketHandle;
 use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;
@@ -47,7 +47,7 @@ fn site(net: &mut GuestNet) -> Ipv4Addr {
 fn proxied_scene(max_flows: usize) -> (TestProxy, Served, GuestNet, Ipv4Addr) {
     let proxy = TestProxy::start(ProxyMode::Accept, origin());
     let served = Served::start_tuned(&proxied_policy(proxy.addr, max_flows), true, two_pairs());
-    let mut net = GuestNet::new(mq_guest(&served), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(mq_guest(&served));
     let site = site(&mut net);
     (proxy, served, net, site)
 }
@@ -111,7 +111,7 @@ fn every_pair_answers_on_its_own_rx_queue() {
         guest.set_tx_pair(pair);
         let before = guest.rx_frames_per_pair();
         guest
-            .send_frame(&moat::frame::craft::arp_request(GUEST_MAC, GUEST, GW))
+            .send_frame(&moat_sim::craft::arp_request(GUEST_MAC, GUEST, GW))
             .unwrap();
         recv_matching(&mut guest, "the gateway's ARP reply", |f| {
             f.len() >= 14 && f[12..14] == [0x08, 0x06]
@@ -192,7 +192,7 @@ fn a_single_queue_guest_works_with_a_multiqueue_moat() {
     let mut guest = served.guest();
     assert_eq!(guest.negotiated_features() & (1 << VIRTIO_NET_F_MQ), 0);
     guest
-        .send_frame(&moat::frame::craft::arp_request(GUEST_MAC, GUEST, GW))
+        .send_frame(&moat_sim::craft::arp_request(GUEST_MAC, GUEST, GW))
         .unwrap();
     recv_matching(&mut guest, "the gateway's ARP reply", |f| {
         f.len() >= 14 && f[12..14] == [0x08, 0x06]

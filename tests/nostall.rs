@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat::frame::craft;
-use moat::guest::{GuestOptions, SimGuest};
+use moat_sim::craft;
+use moat_sim::guest::{GuestOptions, SimGuest};
 use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;
 
@@ -314,7 +314,7 @@ fn dns_over_tcp_without_reading_keeps_moat_bounded() {
     );
     let pid = m.child.id();
     let guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = moat::guest::GuestNet::new(guest, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(guest);
     let h = established(&mut net, GW, 53);
     // One query, framed (two-byte length), repeated into a 64 KiB chunk.
     let mut q = Message::query();
@@ -431,7 +431,7 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
     eventually("control socket", || control.exists());
     let socket = dir.path().join("moat.sock");
     let guest = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
-    let mut net = moat::guest::GuestNet::new(guest, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(guest);
     let site = net
         .resolve_a("example.com", Duration::from_secs(10))
         .expect("example.com resolves");
@@ -457,13 +457,15 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while answered.len() < usize::from(SYNS) && Instant::now() < deadline {
-        if let Some(frame) = guest.recv_frame(Duration::from_millis(100)).unwrap() {
-            if let Some((port, flags)) = tcp_flags_to(&frame) {
-                answered.entry(port).or_insert(flags);
-            }
-        }
+    if answered.len() < usize::from(SYNS) {
+        guest
+            .recv_until(Duration::from_secs(20), |frame| {
+                if let Some((port, flags)) = tcp_flags_to(frame) {
+                    answered.entry(port).or_insert(flags);
+                }
+                answered.len() >= usize::from(SYNS)
+            })
+            .unwrap();
     }
     let fds = std::fs::read_dir(format!("/proc/{}/fd", child.0.id()))
         .map(|d| d.count())
@@ -561,11 +563,7 @@ fn control_socket_is_bound_owner_only() {
     let text = std::fs::read_to_string(&trace).unwrap();
     // moat binds under a staging name beside it (`.control.sock.PID.tmp`), then renames it
     // into place once listening: the bind to look at is the one whose path names it.
-    let control = control
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let control = control.file_name().unwrap().to_string_lossy().into_owned();
     let mut umask = None;
     let mut at_bind = None;
     for line in text.lines() {

@@ -8,9 +8,9 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use moat::frame::craft;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
 use moat::telemetry::{DropReason, Traffic};
+use moat_sim::craft;
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
 use support::proxy::{origin, pattern, Fnv, ProxyMode, TestProxy, DOWNLOAD_LEN};
 use support::*;
 use virtio_bindings::bindings::virtio_net::{
@@ -38,7 +38,7 @@ fn options(offloads: bool) -> GuestOptions {
 
 fn guest_net(served: &Served, offloads: bool) -> GuestNet {
     let guest = SimGuest::connect(&served.socket, options(offloads)).unwrap();
-    GuestNet::new(guest, GUEST_MAC.0, GUEST, 24, GW, 1500)
+    vm_net(guest)
 }
 
 fn bulk(net: &mut GuestNet) -> smoltcp::iface::SocketHandle {
@@ -267,22 +267,22 @@ fn an_oversized_tso_frame_is_dropped_without_reading_it_all() {
         .map(|&(gpa, len)| gpa + len as u64)
         .max()
         .unwrap();
-    let next = moat::guest::VIRTQ_DESC_F_NEXT;
-    let mut chain = vec![moat::guest::RawDesc {
+    let next = moat_sim::guest::VIRTQ_DESC_F_NEXT;
+    let mut chain = vec![moat_sim::guest::RawDesc {
         addr: scratch,
         len: head.len() as u32,
         flags: next,
         next: 1,
     }];
     for i in 1..64u16 {
-        chain.push(moat::guest::RawDesc {
+        chain.push(moat_sim::guest::RawDesc {
             addr: scratch,
             len: 64 * 1024,
             flags: next,
             next: i + 1,
         });
     }
-    chain.push(moat::guest::RawDesc {
+    chain.push(moat_sim::guest::RawDesc {
         addr: end + (1 << 30),
         len: 64 * 1024,
         flags: 0,

@@ -5,26 +5,19 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use moat::frame::craft;
-use moat::guest::{GuestNet, GuestOptions, SimGuest};
+use moat_sim::craft;
+use moat_sim::guest::{tcp_drain, GuestOptions, SimGuest};
 use smoltcp::socket::tcp::State;
+use support::peers::free_port;
 use support::proxy::{origin, ProxyMode, TestProxy};
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn start(policy: &str, extra: &[&str], stderr: Stdio) -> MoatProcess {
     MoatProcess::start(policy, extra, stderr)
@@ -204,7 +197,7 @@ fn reload_swaps_good_policies_refuses_bad_ones_and_resets_what_is_no_longer_allo
     let m = start(&allow("\"a.example\", \"b.example\""), &[], Stdio::null());
     let control = m.path("control.sock");
     let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let a = net.resolve_a("a.example", T).unwrap();
     let b = net.resolve_a("b.example", T).unwrap();
     let ha = net.tcp_connect(a, 80);
@@ -255,12 +248,9 @@ fn reload_swaps_good_policies_refuses_bad_ones_and_resets_what_is_no_longer_allo
     let mut got = Vec::new();
     net.run_until(T, |n| {
         let s = n.tcp(ha);
-        while s.can_recv() {
-            let _ = s.recv(|d| {
-                got.extend_from_slice(d);
-                (d.len(), ())
-            });
-        }
+        tcp_drain(s, |d| {
+            got.extend_from_slice(d);
+        });
         got.len() >= 10
     })
     .unwrap();
@@ -314,7 +304,7 @@ fn runtime_forwards_can_be_added_listed_and_removed() {
     let m = start(&policy(""), &[], Stdio::null());
     let control = m.path("control.sock");
     let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let h = net.tcp_listen(3000);
     net.poll(Duration::from_millis(20)).unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
@@ -366,7 +356,7 @@ fn sighup_with_a_bad_file_changes_nothing_and_counts_the_refusal() {
         Stdio::null(),
     );
     let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let a = net.resolve_a("a.example", T).unwrap();
     let h = established(&mut net, a, 80);
     assert!(net.tcp_send_all(h, b"E", T).unwrap());
@@ -433,7 +423,7 @@ fn busy_polling_carries_traffic() {
     ));
     let m = start(&text, &["--busy-poll-us", "50"], Stdio::null());
     let sim = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
-    let mut net = GuestNet::new(sim, GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = vm_net(sim);
     let a = net.resolve_a("a.example", T).unwrap();
     assert!(net.resolve("b.example", T).unwrap().is_nxdomain());
     let h = established(&mut net, a, 80);
@@ -446,12 +436,9 @@ fn busy_polling_carries_traffic() {
             if let Ok(k) = s.send_slice(&data[sent..]) {
                 sent += k;
             }
-            while s.can_recv() {
-                let _ = s.recv(|d| {
-                    got.extend_from_slice(d);
-                    (d.len(), ())
-                });
-            }
+            tcp_drain(s, |d| {
+                got.extend_from_slice(d);
+            });
             got.len() == data.len()
         })
         .unwrap());

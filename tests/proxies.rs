@@ -7,8 +7,8 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use moat::guest::GuestNet;
 use moat::telemetry::FlowEvent;
+use moat_sim::guest::{tcp_drain, GuestNet};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use support::peers::{available, dante, tinyproxy};
@@ -74,13 +74,10 @@ fn echo_and_check(net: &mut GuestNet, h: SocketHandle) {
                     sent += k;
                 }
             }
-            while s.can_recv() {
-                let _ = s.recv(|d| {
-                    got.update(d);
-                    received += d.len();
-                    (d.len(), ())
-                });
-            }
+            tcp_drain(s, |d| {
+                got.update(d);
+                received += d.len();
+            });
             received == data.len()
         })
         .unwrap(),
@@ -116,7 +113,7 @@ fn tinyproxy_connect_by_name_is_byte_exact() {
     let origin = origin();
     let proxy = tinyproxy();
     let served = Served::start(&policy(proxy.addr, proxy.addr, origin.port(), "http"), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let addr = net.resolve_a("localhost", T).expect("allowed name");
     let h = established(&mut net, addr, origin.port());
     // tinyproxy tears a tunnel down when either side half-closes, so no half-close here.
@@ -135,7 +132,7 @@ fn tinyproxy_connect_to_an_ip_literal_named_by_cidr() {
     let origin = origin();
     let proxy = tinyproxy();
     let served = Served::start(&policy(proxy.addr, proxy.addr, origin.port(), "http"), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let h = established(&mut net, Ipv4Addr::LOCALHOST, origin.port());
     send_all(&mut net, h, b"Eliteral");
     assert_eq!(recv_exact(&mut net, h, 7), b"literal");
@@ -149,7 +146,7 @@ fn explicit_proxy_port_tunnels_through_tinyproxy() {
     let origin = origin();
     let proxy = tinyproxy();
     let served = Served::start(&policy(proxy.addr, proxy.addr, origin.port(), "http"), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     // The guest talks to the gateway's proxy port and speaks HTTP proxy protocol itself.
     let h = established(&mut net, GW, 3128);
     let port = origin.port();
@@ -191,7 +188,7 @@ fn dante_socks5_connect_by_name_is_byte_exact() {
         &policy(socks.addr, socks.addr, origin.port(), "socks5"),
         true,
     );
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let addr = net.resolve_a("localhost", T).expect("allowed name");
     let h = established(&mut net, addr, origin.port());
     upload_and_check(&mut net, h);
@@ -211,7 +208,7 @@ fn dante_refusing_a_destination_resets_the_guest() {
     let text = policy(socks.addr, socks.addr, 80, "socks5")
         .replace("\"127.0.0.1/32\"", "\"203.0.113.0/24\"");
     let served = Served::start(&text, true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let h = net.tcp_connect(Ipv4Addr::new(203, 0, 113, 80), 80);
     let mut opened = false;
     net.run_until(T, |n| {
@@ -254,7 +251,7 @@ fn dante_udp_associate_carries_datagrams_both_ways() {
         echo.port()
     );
     let served = Served::start(&text, true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let dst = net.resolve_a("localhost", T).expect("allowed name");
     let h = net.udp_bind(40123);
     let endpoint = smoltcp::wire::IpEndpoint::new(smoltcp::wire::IpAddress::Ipv4(dst), echo.port());
@@ -316,12 +313,9 @@ fn refused(net: &mut GuestNet, dst: Ipv4Addr, port: u16, first: &[u8]) -> &'stat
             assert!(
                 net.run_until(T, |n| {
                     let s = n.tcp(h);
-                    while s.can_recv() {
-                        let _ = s.recv(|d| {
-                            back.extend_from_slice(d);
-                            (d.len(), ())
-                        });
-                    }
+                    tcp_drain(s, |d| {
+                        back.extend_from_slice(d);
+                    });
                     s.state() == State::Closed
                 })
                 .unwrap(),
@@ -373,7 +367,7 @@ fn tinyproxy_never_sees_what_the_policy_forbids() {
     let proxy = tinyproxy();
     let port = origin.port();
     let served = Served::start(&policy(proxy.addr, proxy.addr, port, "http"), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let local = net.resolve_a("localhost", T).expect("allowed name");
     let evil = net.resolve("evil.test", T).unwrap();
     assert!(evil.is_nxdomain(), "{evil:?}");
@@ -387,7 +381,7 @@ fn tinyproxy_never_sees_what_the_policy_forbids() {
         (
             Ipv4Addr::new(198, 51, 100, 8),
             port,
-            moat::frame::craft::tls_client_hello("evil.test"),
+            moat_sim::craft::tls_client_hello("evil.test"),
         ),
         (
             Ipv4Addr::new(198, 51, 100, 9),
@@ -461,7 +455,7 @@ fn dante_never_sees_what_the_policy_forbids() {
         u = echo.port()
     );
     let served = Served::start(&text, true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     for (dst, p, first) in [
         (
             Ipv4Addr::new(198, 51, 100, 7),
@@ -566,7 +560,7 @@ fn tinyproxy_sees_flows_named_by_host_and_sni_and_its_refusals_reset_the_guest()
     };
     let proxy = tinyproxy();
     let served = Served::start(&text(proxy.addr), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     for (dst, first, want) in [
         (
             Ipv4Addr::new(198, 51, 100, 20),
@@ -575,7 +569,7 @@ fn tinyproxy_sees_flows_named_by_host_and_sni_and_its_refusals_reset_the_guest()
         ),
         (
             Ipv4Addr::new(198, 51, 100, 21),
-            moat::frame::craft::tls_client_hello("api.example.com"),
+            moat_sim::craft::tls_client_hello("api.example.com"),
             format!("CONNECT api.example.com:{port} HTTP/1.1"),
         ),
     ] {
@@ -595,7 +589,7 @@ fn tinyproxy_sees_flows_named_by_host_and_sni_and_its_refusals_reset_the_guest()
     // ConnectPort 443: tinyproxy refuses CONNECT to the origin's port with 403.
     let strict = support::peers::tinyproxy_with(support::peers::free_port(), "ConnectPort 443");
     let served = Served::start(&text(strict.addr), true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let h = net.tcp_connect(Ipv4Addr::LOCALHOST, port);
     let mut opened = false;
     assert!(net
@@ -641,7 +635,7 @@ fn max_flows_counts_dns_over_tcp_connections_and_udp_associations() {
         u = echo.port()
     );
     let served = Served::start(&text, true);
-    let mut net = GuestNet::new(served.guest(), GUEST_MAC.0, GUEST, 24, GW, 1500);
+    let mut net = guest_net(&served);
     let refused_syn = |net: &mut GuestNet, dst: Ipv4Addr, port: u16| {
         let h = net.tcp_connect(dst, port);
         net.run_until(Duration::from_millis(1500), |n| {

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moat::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
-use moat::frame::{self, craft, internet_checksum, Network, Transport};
-use moat::guest::{RawDesc, SimGuest};
+use moat::frame::{self, internet_checksum, Network, Transport};
 use moat::telemetry::{DropReason, Service};
+use moat_sim::craft;
+use moat_sim::guest::{RawDesc, SimGuest};
 use support::*;
 
 /// Posts at least this many, and more until every outcome was seen (pure A, pure B, pure C

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat::guest::{GuestOptions, SimGuest};
+use moat_sim::guest::{GuestOptions, SimGuest};
 use support::*;
 
 /// The control-socket probes and the exit watch these tests use on a running moat.
@@ -81,7 +81,7 @@ fn port(l: &TcpListener) -> u16 {
 fn serves_a_guest(socket: &Path) {
     let mut guest = SimGuest::connect(socket, GuestOptions::default()).unwrap();
     guest
-        .send_frame(&moat::frame::craft::arp_request(GUEST_MAC, GUEST, GW))
+        .send_frame(&moat_sim::craft::arp_request(GUEST_MAC, GUEST, GW))
         .unwrap();
     recv_matching(&mut guest, "ARP reply under the sandbox", |f| {
         f.len() >= 42 && f[12..14] == [0x08, 0x06]

@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use dhcproto::v4::MessageType;
-use moat::frame::craft;
-use moat::guest::{GuestOptions, SimGuest};
+use moat_sim::craft;
+use moat_sim::guest::{GuestOptions, SimGuest};
 use support::*;
 
 #[test]

@@ -8,8 +8,8 @@
 //! the request's transaction id and client hardware address, offering the policy's address
 //! if anything.
 use libfuzzer_sys::fuzz_target;
-use moat::frame::{self, craft, Network, Transport};
-use moat::frame::{MacAddr, GATEWAY_MAC};
+use moat::frame::{self, MacAddr, Network, Transport, GATEWAY_MAC};
+use moat_sim::craft;
 use moat::telemetry::Service;
 use std::net::Ipv4Addr;
 mod common;

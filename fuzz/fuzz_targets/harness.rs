@@ -30,9 +30,9 @@ use moat::policy::{Policy, Protocol};
 use moat::telemetry::{Counters, Service};
 use vmm_sys_util::epoll::EventSet;
 
-pub const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
-pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
-pub const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+// The test VM's addresses, from the test kit (its MAC as moat's type).
+pub use moat_sim::fixtures::{GUEST, GW};
+pub const GUEST_MAC: MacAddr = MacAddr(moat_sim::fixtures::GUEST_MAC);
 const MTU: usize = 1500;
 /// Pump rounds per step at most (a step that keeps moving is cut off, not looped on).
 const ROUNDS: usize = 8;
@@ -283,7 +283,7 @@ impl Harness {
 
     /// A guest UDP datagram.
     pub fn udp(&mut self, dst: (Ipv4Addr, u16), payload: &[u8]) -> Option<Vec<u8>> {
-        let f = frame::craft::udp(GUEST_MAC, GATEWAY_MAC, (GUEST, 5353), dst, payload);
+        let f = moat_sim::craft::udp(GUEST_MAC, GATEWAY_MAC, (GUEST, 5353), dst, payload);
         self.send(f, false)
     }
 

@@ -20,8 +20,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use super::{Expect, Outcome, Witness};
-use crate::guest::GuestNet;
 use crate::policy::{NamePattern, Policy, Protocol};
+use moat_sim::guest::GuestNet;
 
 /// How long to wait for an answer that must not come (or, times 2-4, for one that must).
 const QUIET: Duration = Duration::from_millis(600);

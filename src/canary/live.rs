@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use super::report::{PolicyRef, RoundResult};
 use super::{attempts, digest, probe, CanaryError, ControlUrl, Mode, Witness};
-use crate::guest::{GuestNet, GuestOptions, SimGuest};
 use crate::policy::Policy;
 use crate::telemetry::DropReason;
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
 
 /// How `--live` runs.
 #[derive(Debug, Clone)]

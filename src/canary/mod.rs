@@ -22,9 +22,9 @@ use thiserror::Error;
 
 use crate::control::VmState;
 use crate::device::server::{self, ServeOptions};
-use crate::guest::{GuestNet, GuestOptions, SimGuest};
 use crate::policy::{DnsMode, Policy};
 use crate::telemetry::Counters;
+use moat_sim::guest::{GuestNet, GuestOptions, SimGuest};
 
 #[derive(Debug, Error)]
 pub enum CanaryError {

@@ -6,9 +6,9 @@ use dhcproto::{Decodable, Decoder};
 use proptest::prelude::*;
 
 use super::*;
-use crate::frame::craft;
 use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
 use crate::telemetry::Service;
+use moat_sim::craft;
 
 const POLICY: &str = r#"
 [vm]

@@ -410,6 +410,9 @@ fn no_buffers(queue: &mut virtio_queue::Queue, mem: &Mem, popped: usize) -> Plac
 }
 
 #[cfg(test)]
+mod chain_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -109,7 +109,7 @@ mod tests {
 
     #[test]
     fn sni_from_a_client_hello() {
-        let hello = crate::frame::craft::tls_client_hello("API.Example.com");
+        let hello = moat_sim::craft::tls_client_hello("API.Example.com");
         assert_eq!(
             sniff(&hello),
             Sniffed::Name("API.Example.com".into(), NameSource::Sni)

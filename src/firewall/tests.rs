@@ -5,8 +5,9 @@ use dhcproto::v4::MessageType;
 use etherparse::{ArpOperation, PacketBuilder};
 
 use super::*;
-use crate::frame::{craft, parse};
+use crate::frame::parse;
 use crate::policy::{Policy, Vm};
+use moat_sim::craft;
 
 const POLICY: &str = r#"
 [vm]

@@ -59,3 +59,11 @@ impl FromStr for MacAddr {
 
 /// moat's own MAC address, the gateway's, as the guest sees it (locally administered).
 pub const GATEWAY_MAC: MacAddr = MacAddr([0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01]);
+
+/// The octets, for moat-sim's frame crafting (which takes `impl Into<[u8; 6]>`: the test kit
+/// cannot know moat's type), so tests and the canary pass a `MacAddr` as they hold it.
+impl From<MacAddr> for [u8; 6] {
+    fn from(mac: MacAddr) -> [u8; 6] {
+        mac.0
+    }
+}

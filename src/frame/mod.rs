@@ -15,7 +15,6 @@
 
 mod arp;
 pub mod checksum;
-pub mod craft;
 mod ethernet;
 mod icmp;
 mod ipv4;

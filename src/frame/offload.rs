@@ -159,7 +159,8 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::frame::{craft, L4Checksum, Network, Transport};
+    use crate::frame::{L4Checksum, Network, Transport};
+    use moat_sim::craft;
 
     const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
     const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);

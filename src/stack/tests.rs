@@ -1,5 +1,6 @@
 use super::*;
-use crate::frame::{craft, MacAddr, PACKET_HEADROOM};
+use crate::frame::{MacAddr, PACKET_HEADROOM};
+use moat_sim::craft;
 
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const DST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);

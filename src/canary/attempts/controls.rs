@@ -10,8 +10,8 @@ use smoltcp::socket::tcp::State;
 use super::stack::exchange;
 use super::{outcome, resolvable, QUIET};
 use crate::canary::{Expect, Outcome};
-use crate::guest::GuestNet;
 use crate::policy::{Destination, NamePattern, OutboundRule, Policy, Protocol};
+use moat_sim::guest::GuestNet;
 
 /// Today's control: an allowed flow through a loopback stand-in that echoes.
 pub(super) fn stub_control(net: &mut GuestNet, policy: &Policy) -> Vec<Outcome> {

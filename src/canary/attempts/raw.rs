@@ -3,17 +3,18 @@
 //! UDP elsewhere). Nothing here goes through the guest's TCP/IP stack.
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dhcproto::v4::MessageType;
 use etherparse::{ArpOperation, PacketBuilder};
 
 use super::{closed_port, internet_address, neighbour, outcome, QUIET};
 use crate::canary::{Expect, Outcome, Witness};
-use crate::frame::{self, craft, MacAddr, Network, Transport, GATEWAY_MAC};
-use crate::guest::SimGuest;
+use crate::frame::{self, MacAddr, Network, Transport, GATEWAY_MAC};
 use crate::policy::{Policy, Protocol};
 use crate::telemetry::DropReason;
+use moat_sim::craft;
+use moat_sim::guest::SimGuest;
 
 /// A source MAC that is not the VM's.
 const STRANGER_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0xde, 0xad, 0x01]);
@@ -249,21 +250,8 @@ pub(super) fn raw(sim: &mut SimGuest, policy: &Policy, counters: &dyn Witness) -
 
 /// Whether any frame matching `pred` arrives within `wait`.
 fn reply(sim: &mut SimGuest, wait: Duration, pred: impl Fn(&frame::Frame<'_>) -> bool) -> bool {
-    let deadline = Instant::now() + wait;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        match sim.recv_frame(left) {
-            Ok(Some(bytes)) => {
-                if frame::parse(&bytes).is_ok_and(|f| pred(&f)) {
-                    return true;
-                }
-            }
-            Ok(None) | Err(_) => return false,
-        }
-    }
+    sim.recv_until(wait, |bytes| frame::parse(bytes).is_ok_and(|f| pred(&f)))
+        .is_ok_and(|got| got.is_some())
 }
 
 fn dns_query(name: &str) -> Vec<u8> {

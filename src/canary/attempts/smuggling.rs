@@ -62,7 +62,7 @@ pub fn payload_attempts(policy: &Policy) -> Vec<PayloadAttempt> {
             name: format!("tls sni smuggling {text}"),
             dst: internet,
             port: open_port,
-            payload: crate::frame::craft::tls_client_hello(text),
+            payload: moat_sim::craft::tls_client_hello(text),
             detail: format!("{internet}:{open_port}, SNI {text}"),
         });
     }

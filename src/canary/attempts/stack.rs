@@ -10,8 +10,8 @@ use smoltcp::socket::tcp::State;
 use super::smuggling::payload_attempts;
 use super::{closed_port, internet_address, neighbour, outcome, resolvable, Mode, QUIET, TCP_WAIT};
 use crate::canary::{Expect, Outcome, Witness};
-use crate::guest::GuestNet;
 use crate::policy::{DnsMode, Policy, Protocol};
+use moat_sim::guest::GuestNet;
 
 /// Connect, send a line, and see whether it comes back (the stand-in proxies echo).
 pub(super) fn exchange(net: &mut GuestNet, dst: Ipv4Addr, port: u16) -> (bool, bool) {

@@ -138,3 +138,86 @@ impl SplitRing {
         Some(((id % u32::from(self.size)) as u16, len))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::GPA_BASE;
+
+    #[test]
+    fn layout_is_aligned_and_fits_the_footprint() {
+        for size in [1u16, 2, 256, 1024, 32768] {
+            let ring = SplitRing::new(GPA_BASE, size, true);
+            assert_eq!(ring.desc % 16, 0);
+            assert_eq!(ring.avail % 2, 0);
+            assert_eq!(ring.used % 4, 0);
+            let end = ring.used + 6 + 8 * u64::from(size);
+            assert!(end <= GPA_BASE + SplitRing::footprint(size), "size {size}");
+            assert_eq!(SplitRing::footprint(size) % 4096, 0);
+        }
+    }
+
+    #[test]
+    fn publish_kicks_as_event_idx_says_and_pop_used_follows_the_device() {
+        let mem = GuestMemory::new(SplitRing::footprint(8) as usize, 1).unwrap();
+        let mut ring = SplitRing::new(GPA_BASE, 8, true);
+        // The device asks to be kicked when avail.idx passes 0 (avail_event = 0).
+        assert!(ring.publish(&mem, 3), "first chain: kick");
+        assert!(!ring.publish(&mem, 4), "avail_event still 0: no kick");
+        // The device moves avail_event to 2: the next publish (idx 2 -> 3) crosses it.
+        mem.write_u16(ring.avail_event(), 2);
+        assert!(ring.publish(&mem, 5));
+        assert_eq!(mem.read_u16(ring.avail + 2), 3);
+        assert_eq!(
+            mem.read_u16(ring.avail + 4 + 2 * 2),
+            5,
+            "third entry: head 5"
+        );
+
+        // The device uses chain 3 (12 bytes) and then chain 4.
+        assert_eq!(ring.pop_used(&mem), None);
+        for (i, (id, len)) in [(3u32, 12u32), (4, 0)].into_iter().enumerate() {
+            let elem = ring.used + 4 + 8 * i as u64;
+            mem.write(elem, &id.to_le_bytes());
+            mem.write(elem + 4, &len.to_le_bytes());
+        }
+        mem.write_u16(ring.used + 2, 2);
+        assert_eq!(ring.pending_used(&mem), 2);
+        assert_eq!(ring.pop_used(&mem), Some((3, 12)));
+        assert_eq!(
+            mem.read_u16(ring.used_event()),
+            1,
+            "interrupt at the next one"
+        );
+        assert_eq!(ring.pop_used(&mem), Some((4, 0)));
+        assert_eq!(ring.pop_used(&mem), None);
+    }
+
+    #[test]
+    fn without_event_idx_no_notify_suppresses_kicks() {
+        let mem = GuestMemory::new(SplitRing::footprint(4) as usize, 1).unwrap();
+        let mut ring = SplitRing::new(GPA_BASE, 4, false);
+        assert!(ring.publish(&mem, 0));
+        mem.write_u16(ring.used, VIRTQ_USED_F_NO_NOTIFY);
+        assert!(!ring.publish(&mem, 1));
+    }
+
+    #[test]
+    fn descriptors_are_written_little_endian_at_their_index() {
+        let mem = GuestMemory::new(SplitRing::footprint(4) as usize, 1).unwrap();
+        let ring = SplitRing::new(GPA_BASE, 4, false);
+        let d = RawDesc {
+            addr: 0x1122_3344_5566_7788,
+            len: 0x99aa_bbcc,
+            flags: VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+            next: 3,
+        };
+        // Index 6 is slot 2 (modulo the size).
+        ring.write_desc(&mem, 6, d);
+        let mut b = [0u8; 16];
+        mem.read(ring.desc + 32, &mut b);
+        assert_eq!(b, d.to_bytes());
+        assert_eq!(b[..8], 0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(b[12..14], 3u16.to_le_bytes());
+    }
+}

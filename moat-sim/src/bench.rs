@@ -1,15 +1,13 @@
 //! What the benchmarks share: the simulated guest's addresses, the moat child process, and
-//! CPU time read from schedstat. Included with `#[path = "common/mod.rs"] mod common;`.
+//! CPU time read from schedstat.
 
-#![allow(dead_code)]
-
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
-pub const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-pub const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+pub use crate::fixtures::{vm_net, GUEST, GW};
+/// The benchmark VM's MAC (the test VM's).
+pub const MAC: crate::Mac = crate::fixtures::GUEST_MAC;
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -97,7 +95,7 @@ pub fn start_moat_policy(policy_text: &str, options: &[&str]) -> Moat {
     let policy = dir.path().join("bench.toml");
     std::fs::write(&policy, policy_text).unwrap();
     // MOAT_BENCH_BIN: another moat binary (an older build, for a before/after run).
-    let bin = std::env::var("MOAT_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moat").into());
+    let bin = std::env::var("MOAT_BENCH_BIN").unwrap_or_else(|_| crate::process::moat_bin().into());
     let child = Command::new(bin)
         .args(["serve", "--socket"])
         .arg(&socket)

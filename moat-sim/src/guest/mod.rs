@@ -3,9 +3,10 @@
 //! It connects to a vhost-user-net backend (moat's socket, or accepts moat's connection in
 //! `--client` mode), hands over memfd-backed guest memory, drives the RX and TX split
 //! virtqueues as a guest kernel would (EVENT_IDX and MRG_RXBUF aware), and exposes
-//! `send_frame` / `recv_frame`. It can also post malformed descriptor chains, for the
-//! security tests. It lives in the library because integration tests, the canary and the
-//! benchmarks all drive moat with it, so it depends on nothing dev-only.
+//! `send_frame` / `recv_frame` (and [`SimGuest::recv_until`], receiving until a frame
+//! matches). It can also post malformed descriptor chains, for the security tests.
+//! Integration tests, the canary and the benchmarks all drive moat with it, so it depends
+//! on nothing dev-only.
 //!
 //! With [`GuestOptions::queue_pairs`] above 1 it negotiates VIRTIO_NET_F_MQ and drives one
 //! RX/TX pair per queue pair (vring `2i` is RX of pair `i`, `2i + 1` its TX): sends go out on
@@ -28,26 +29,27 @@ mod frontend;
 mod memory;
 mod net;
 mod ring;
+mod rx;
+mod tx;
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::frame::virtio_hdr::VIRTIO_NET_HDR_LEN;
+pub use crate::wire::VIRTIO_NET_HDR_LEN;
 use frontend::{Negotiated, Watchdog};
 pub use memory::GuestMemWriter;
 use memory::GuestMemory;
 pub use memory::GPA_BASE;
-pub use net::{DnsReply, GuestNet, ResponseCode};
+pub use net::{tcp_drain, DnsReply, GuestNet, ResponseCode};
 use ring::SplitRing;
 pub use ring::{RawDesc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 
@@ -408,269 +410,6 @@ impl SimGuest {
 
     fn has_feature(&self, bit: u32) -> bool {
         self.negotiated.features & (1 << bit) != 0
-    }
-
-    /// Post RX buffer `i` (descriptor `i`) of queue pair `p`; returns whether the device
-    /// wants a kick.
-    fn post_rx(&mut self, p: usize, i: u16) -> bool {
-        let pair = &mut self.pairs[p];
-        let desc = RawDesc {
-            addr: pair.rx_base + u64::from(i) * u64::from(self.rx_buffer_size),
-            len: pair.rx_post_len,
-            flags: VIRTQ_DESC_F_WRITE,
-            next: 0,
-        };
-        pair.rings[RX].write_desc(&self.mem, i, desc);
-        pair.rings[RX].publish(&self.mem, i)
-    }
-
-    /// As a hostile driver: from now on post every RX buffer of queue pair `pair` `len`
-    /// bytes long (zero included; at most the buffers' real size), and rewrite the
-    /// descriptors of its RX buffers already posted to that length (the device reads a
-    /// descriptor only when it takes the chain).
-    ///
-    /// # Panics
-    /// If `pair` is not below [`SimGuest::queue_pairs`] (a bug in the caller).
-    pub fn set_rx_buffer_len(&mut self, pair: usize, len: u32) {
-        let size = self.rx_buffer_size;
-        let pair = &mut self.pairs[pair];
-        pair.rx_post_len = len.min(size);
-        for i in 0..pair.rings[RX].size {
-            let desc = RawDesc {
-                addr: pair.rx_base + u64::from(i) * u64::from(size),
-                len: pair.rx_post_len,
-                flags: VIRTQ_DESC_F_WRITE,
-                next: 0,
-            };
-            pair.rings[RX].write_desc(&self.mem, i, desc);
-        }
-    }
-
-    /// Send a frame behind an all-zero virtio-net header.
-    pub fn send_frame(&mut self, frame: &[u8]) -> Result<(), GuestError> {
-        self.send_frame_with_hdr(&[0u8; VIRTIO_NET_HDR_LEN], frame)
-    }
-
-    /// Send a frame behind the given virtio-net header: one descriptor holding both, or a
-    /// chain of 16 KiB descriptors when the frame is longer.
-    pub fn send_frame_with_hdr(
-        &mut self,
-        hdr: &[u8; VIRTIO_NET_HDR_LEN],
-        frame: &[u8],
-    ) -> Result<(), GuestError> {
-        let mut data = Vec::with_capacity(VIRTIO_NET_HDR_LEN + frame.len());
-        data.extend_from_slice(hdr);
-        data.extend_from_slice(frame);
-        let pieces: Vec<&[u8]> = data.chunks(TX_SLOT).collect();
-        self.post_tx(&pieces, frame.len())
-    }
-
-    /// Send a frame as a scatter-gather chain, as a guest kernel often does: the header in
-    /// its own descriptor, then one descriptor per non-empty segment (segments longer than
-    /// 16 KiB take several).
-    pub fn send_frame_sg(
-        &mut self,
-        hdr: &[u8; VIRTIO_NET_HDR_LEN],
-        segments: &[&[u8]],
-    ) -> Result<(), GuestError> {
-        let mut pieces: Vec<&[u8]> = vec![hdr];
-        for s in segments {
-            pieces.extend(s.chunks(TX_SLOT));
-        }
-        let len = segments.iter().map(|s| s.len()).sum();
-        self.post_tx(&pieces, len)
-    }
-
-    /// Post `pieces` (each at most one TX slot) as one device-readable chain on the
-    /// active TX pair.
-    fn post_tx(&mut self, pieces: &[&[u8]], frame_len: usize) -> Result<(), GuestError> {
-        if pieces.len() > usize::from(self.pairs[self.active_tx].rings[TX].size) {
-            return Err(GuestError::FrameTooLong(frame_len));
-        }
-        let ids = self.take_tx_descs(pieces.len())?;
-        let pair = &mut self.pairs[self.active_tx];
-        for (i, (&id, piece)) in ids.iter().zip(pieces).enumerate() {
-            let addr = pair.tx_base + u64::from(id) * TX_SLOT as u64;
-            self.mem.write(addr, piece);
-            let last = i + 1 == ids.len();
-            let desc = RawDesc {
-                addr,
-                len: piece.len() as u32,
-                flags: if last { 0 } else { VIRTQ_DESC_F_NEXT },
-                next: if last { 0 } else { ids[i + 1] },
-            };
-            pair.rings[TX].write_desc(&self.mem, id, desc);
-        }
-        let head = ids[0];
-        pair.tx_inflight.insert(head, ids);
-        pair.tx_posted += 1;
-        if pair.rings[TX].publish(&self.mem, head) {
-            pair.kick(TX);
-        }
-        Ok(())
-    }
-
-    /// Post an arbitrary, possibly malformed, chain on the active TX queue and kick. Descriptors go into
-    /// free descriptor slots in order, the first one is the head. A `next` below
-    /// `chain.len()` names an element of this chain (its slot is filled in); any other
-    /// `next` is written verbatim (out of range, or into someone else's slot, on purpose).
-    /// Addresses, lengths and flags are written as given. A chain longer than the queue
-    /// cannot be posted (use a loop or an indirect table for that).
-    pub fn send_raw_chain(&mut self, chain: &[RawDesc]) -> Result<(), GuestError> {
-        let queue_size = self.pairs[self.active_tx].rings[TX].size;
-        if chain.is_empty() || chain.len() > usize::from(queue_size) {
-            return Err(GuestError::ChainLength {
-                len: chain.len(),
-                queue_size,
-            });
-        }
-        let ids = self.take_tx_descs(chain.len())?;
-        let pair = &mut self.pairs[self.active_tx];
-        for (d, &id) in chain.iter().zip(&ids) {
-            let next = ids.get(usize::from(d.next)).copied().unwrap_or(d.next);
-            pair.rings[TX].write_desc(&self.mem, id, RawDesc { next, ..*d });
-        }
-        let head = ids[0];
-        pair.tx_inflight.insert(head, ids);
-        pair.tx_posted += 1;
-        pair.rings[TX].publish(&self.mem, head);
-        pair.kick(TX);
-        Ok(())
-    }
-
-    /// Take `n` free descriptors of the active TX queue, reclaiming used ones (and waiting
-    /// a little) if needed.
-    fn take_tx_descs(&mut self, n: usize) -> Result<Vec<u16>, GuestError> {
-        let deadline = Instant::now() + TX_PATIENCE;
-        loop {
-            self.reclaim_tx();
-            let pair = &mut self.pairs[self.active_tx];
-            if pair.tx_free.len() >= n {
-                let at = pair.tx_free.len() - n;
-                let mut ids = pair.tx_free.split_off(at);
-                ids.reverse();
-                return Ok(ids);
-            }
-            if Instant::now() > deadline {
-                return Err(GuestError::TxStalled);
-            }
-            pair.kick(TX);
-            wait_any(&[&pair.calls[TX]], Duration::from_millis(10));
-        }
-    }
-
-    /// Return the descriptors of every chain the device has used on the active TX queue to
-    /// its free list.
-    fn reclaim_tx(&mut self) {
-        let pair = &mut self.pairs[self.active_tx];
-        let _ = pair.calls[TX].read();
-        while let Some((head, _)) = pair.rings[TX].pop_used(&self.mem) {
-            if let Some(ids) = pair.tx_inflight.remove(&head) {
-                pair.tx_free.extend(ids);
-            }
-            pair.tx_completed += 1;
-        }
-    }
-
-    /// TX chains (used elements) the device has returned so far, over all pairs.
-    pub fn tx_completed(&self) -> u64 {
-        self.pairs.iter().map(|p| p.tx_completed(&self.mem)).sum()
-    }
-
-    /// TX chains posted and not returned yet, over all pairs.
-    pub fn tx_in_flight(&self) -> u64 {
-        self.pairs
-            .iter()
-            .map(|p| p.tx_posted.saturating_sub(p.tx_completed(&self.mem)))
-            .sum()
-    }
-
-    /// Receive one frame (virtio-net header stripped), waiting up to `timeout`.
-    pub fn recv_frame(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, GuestError> {
-        Ok(self.recv_frame_with_hdr(timeout)?.map(|(_, f)| f))
-    }
-
-    /// Receive one frame and its virtio-net header, assembling MRG_RXBUF buffers
-    /// (`num_buffers` in the header). `Ok(None)` when nothing complete arrived in `timeout`;
-    /// a frame whose buffers are still coming is kept and finished by the next call.
-    /// With several queue pairs, frames are taken from every pair's RX queue, round-robin
-    /// (each pair assembles its own frames).
-    pub fn recv_frame_with_hdr(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Option<RxFrame>, GuestError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let n = self.pairs.len();
-            for k in 0..n {
-                let p = (self.rx_next + k) % n;
-                while let Some(used) = self.pairs[p].rings[RX].pop_used(&self.mem) {
-                    let buf = self.take_rx(p, used);
-                    if let Some(frame) = self.assemble(p, buf) {
-                        self.rx_next = (p + 1) % n;
-                        self.largest_rx = self.largest_rx.max(frame.1.len());
-                        return Ok(Some(frame));
-                    }
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            // Re-check the rings at least every 50 ms even if a notification goes missing.
-            let calls: Vec<&EventFd> = self.pairs.iter().map(|p| &p.calls[RX]).collect();
-            wait_any(&calls, left.min(Duration::from_millis(50)));
-            for call in calls {
-                let _ = call.read();
-            }
-        }
-    }
-
-    /// Add one used RX buffer of pair `p` to the frame being assembled there; the frame
-    /// once complete.
-    fn assemble(&mut self, p: usize, buf: Vec<u8>) -> Option<RxFrame> {
-        let mrg_rxbuf = self.has_feature(VIRTIO_NET_F_MRG_RXBUF);
-        let pair = &mut self.pairs[p];
-        let mut partial = match pair.rx_partial.take() {
-            Some(mut p) => {
-                p.data.extend_from_slice(&buf);
-                p.buffers_left -= 1;
-                p
-            }
-            None => {
-                let buffers = if mrg_rxbuf && buf.len() >= 12 {
-                    u16::from_le_bytes([buf[10], buf[11]]).max(1)
-                } else {
-                    1
-                };
-                PartialRx {
-                    data: buf,
-                    buffers_left: buffers - 1,
-                }
-            }
-        };
-        if partial.buffers_left > 0 && partial.data.len() < MAX_RX_FRAME {
-            pair.rx_partial = Some(partial);
-            return None;
-        }
-        pair.rx_frames += 1;
-        let mut hdr = [0u8; VIRTIO_NET_HDR_LEN];
-        let n = partial.data.len().min(VIRTIO_NET_HDR_LEN);
-        hdr[..n].copy_from_slice(&partial.data[..n]);
-        partial.data.drain(..n);
-        Some((hdr, partial.data))
-    }
-
-    /// Copy one used RX buffer of pair `p` out and give it back to the device.
-    fn take_rx(&mut self, p: usize, (id, len): (u16, u32)) -> Vec<u8> {
-        let len = len.min(self.rx_buffer_size) as usize;
-        let mut buf = vec![0u8; len];
-        let addr = self.pairs[p].rx_base + u64::from(id) * u64::from(self.rx_buffer_size);
-        self.mem.read(addr, &mut buf);
-        if self.post_rx(p, id) {
-            self.pairs[p].kick(RX);
-        }
-        buf
     }
 
     /// Write into guest memory (to build raw chains or indirect tables).

@@ -6,9 +6,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium, TxToken};
-
-use crate::stack::Rx;
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
@@ -27,6 +25,15 @@ struct Link<'a> {
     wire_mtu: usize,
 }
 
+/// A received frame, handed to the stack.
+struct Rx(Vec<u8>);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
 struct Tx<'a> {
     guest: &'a mut SimGuest,
     wire_mtu: usize,
@@ -41,14 +48,12 @@ impl TxToken for Tx<'_> {
             // hand them to the device as a TSO segment of MSS-sized pieces, as Linux does.
             let ihl = usize::from(buf.get(14).map_or(5, |b| b & 0xf)) * 4;
             let thl = usize::from(buf.get(14 + ihl + 12).map_or(5, |b| b >> 4)) * 4;
-            let hdr = crate::frame::virtio_hdr::OutHdr::Tso {
-                hdr_len: (14 + ihl + thl) as u16,
-                mss: self.wire_mtu.saturating_sub(14 + ihl + thl).max(1) as u16,
-                csum_start: (14 + ihl) as u16,
-                csum_offset: crate::frame::checksum::TCP_CSUM_OFFSET,
-            }
             // The stack computed the full sum where a partial one belongs: moat recomputes.
-            .bytes(1);
+            let hdr = crate::wire::tso_hdr(
+                (14 + ihl + thl) as u16,
+                self.wire_mtu.saturating_sub(14 + ihl + thl).max(1) as u16,
+                (14 + ihl) as u16,
+            );
             self.guest.send_frame_with_hdr(&hdr, &buf)
         } else {
             self.guest.send_frame(&buf)
@@ -116,6 +121,17 @@ impl DnsReply {
     /// NXDOMAIN with no address in it.
     pub fn is_nxdomain(&self) -> bool {
         self.rcode == ResponseCode::NXDomain && self.addrs.is_empty()
+    }
+}
+
+/// Hand everything `socket` has received so far to `sink`, without waiting: the drain step
+/// of a [`GuestNet::run_until`] loop that also sends, counts or checks as it goes.
+pub fn tcp_drain(socket: &mut tcp::Socket<'_>, mut sink: impl FnMut(&[u8])) {
+    while socket.can_recv() {
+        let _ = socket.recv(|d| {
+            sink(d);
+            (d.len(), ())
+        });
     }
 }
 
@@ -205,12 +221,12 @@ impl GuestNet {
                 // GUEST_CSUM); a frame that cannot be completed is left to fail.
                 let ipv4 = frame.get(12..14) == Some(&[0x08, 0x00][..]);
                 if let Some(ip) = frame.get_mut(14..).filter(|ip| ipv4 && ip.len() >= 20) {
-                    let _ = crate::frame::checksum::fill(ip);
+                    let _ = crate::wire::fill_l4_checksum(ip);
                     if hdr[0] & 2 != 0 {
                         let ihl = usize::from(ip[0] & 0xf) * 4;
                         if let Some(h) = ip.get_mut(..ihl).filter(|h| h.len() >= 20) {
                             h[10..12].copy_from_slice(&[0, 0]);
-                            let c = crate::frame::internet_checksum(h);
+                            let c = crate::wire::internet_checksum(h);
                             h[10..12].copy_from_slice(&c.to_be_bytes());
                         }
                     }

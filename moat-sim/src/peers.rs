@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::Reaped;
+use crate::process::Reaped;
 
 /// A running peer with its config and log in a temp dir; on drop (also when the test
 /// panics) its process group is killed, then the directory removed.
