@@ -100,12 +100,27 @@ struct Squid {
     addr: SocketAddr,
     child: Child,
     dir: tempfile::TempDir,
+    /// squid's service name (`-n`): it names the shared-memory segments, so squids started
+    /// at once (tests run in parallel) or after one was killed do not share them.
+    service: String,
 }
 
 impl Drop for Squid {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Killed, squid leaves its segments behind.
+        if let Ok(entries) = std::fs::read_dir("/dev/shm") {
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{}-", self.service))
+                {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 }
 
@@ -157,8 +172,15 @@ impl Squid {
             .output()
             .unwrap();
         assert!(out.status.success(), "chown proxy: {out:?}");
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let service = format!(
+            "moattest{}x{}",
+            std::process::id(),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let child = Command::new("squid")
             .arg("-N")
+            .args(["-n", &service])
             .arg("-f")
             .arg(dir.path().join("squid.conf"))
             .stdin(Stdio::null())
@@ -168,7 +190,12 @@ impl Squid {
             .expect("start squid");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         // From here a panic drops the guard, which kills squid.
-        let mut squid = Squid { addr, child, dir };
+        let mut squid = Squid {
+            addr,
+            child,
+            dir,
+            service,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(addr).is_err() {
             if let Ok(Some(status)) = squid.child.try_wait() {
