@@ -289,13 +289,17 @@ impl Job {
 
 // ---- The host's side: kernel sockets through the proxy -------------------------------------
 
-fn host_connect(proxy: SocketAddr) -> (BufReader<TcpStream>, TcpStream) {
-    let c = TcpStream::connect(proxy).unwrap();
+/// A connection from the host: through the proxy (CONNECT first) or straight to the origin.
+fn host_connect(to: SocketAddr, via_proxy: bool) -> (BufReader<TcpStream>, TcpStream) {
+    let c = TcpStream::connect(to).unwrap();
     c.set_nodelay(true).unwrap();
     let mut w = c.try_clone().unwrap();
+    let mut r = BufReader::new(c);
+    if !via_proxy {
+        return (r, w);
+    }
     w.write_all(b"CONNECT bench.example:80 HTTP/1.1\r\nHost: bench.example:80\r\n\r\n")
         .unwrap();
-    let mut r = BufReader::new(c);
     let mut line = String::new();
     while line != "\r\n" {
         line.clear();
@@ -316,13 +320,13 @@ fn host_fetch(r: &mut BufReader<TcpStream>, w: &mut TcpStream, size: usize, clos
     assert_eq!(resp.body_got, size);
 }
 
-fn host_job(proxy: SocketAddr, sizes: &[usize], burst: usize) -> Job {
+fn host_job(to: SocketAddr, via_proxy: bool, sizes: &[usize], burst: usize) -> Job {
     let t0 = Instant::now();
     let threads: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let mine: Vec<usize> = sizes.iter().skip(i).step_by(CLIENTS).copied().collect();
             std::thread::spawn(move || {
-                let (mut r, mut w) = host_connect(proxy);
+                let (mut r, mut w) = host_connect(to, via_proxy);
                 for s in mine {
                     host_fetch(&mut r, &mut w, s, false);
                 }
@@ -340,7 +344,7 @@ fn host_job(proxy: SocketAddr, sizes: &[usize], burst: usize) -> Job {
             let go = Arc::clone(&go);
             std::thread::spawn(move || {
                 go.wait();
-                let (mut r, mut w) = host_connect(proxy);
+                let (mut r, mut w) = host_connect(to, via_proxy);
                 host_fetch(&mut r, &mut w, SHORT_OBJ, true);
                 // The server closes after the answer: read to its FIN, then close.
                 let mut rest = Vec::new();
@@ -462,11 +466,11 @@ impl Client {
 }
 
 /// Run clients (one socket each, all in one stack) until all are done.
-fn run_clients(net: &mut GuestNet, addr: Ipv4Addr, work: Vec<(Vec<usize>, bool)>) {
+fn run_clients(net: &mut GuestNet, to: (Ipv4Addr, u16), work: Vec<(Vec<usize>, bool)>) {
     let mut clients: Vec<Client> = work
         .into_iter()
         .map(|(sizes, close)| Client {
-            h: net.tcp_connect(addr, 80),
+            h: net.tcp_connect(to.0, to.1),
             todo: sizes.into_iter(),
             close,
             phase: Phase::Connecting,
@@ -487,7 +491,7 @@ fn run_clients(net: &mut GuestNet, addr: Ipv4Addr, work: Vec<(Vec<usize>, bool)>
     }
 }
 
-fn guest_job(net: &mut GuestNet, addr: Ipv4Addr, sizes: &[usize], burst: usize) -> Job {
+fn guest_job(net: &mut GuestNet, to: (Ipv4Addr, u16), sizes: &[usize], burst: usize) -> Job {
     let t0 = Instant::now();
     let work = (0..CLIENTS)
         .map(|i| {
@@ -495,10 +499,10 @@ fn guest_job(net: &mut GuestNet, addr: Ipv4Addr, sizes: &[usize], burst: usize) 
             (mine, false)
         })
         .collect();
-    run_clients(net, addr, work);
+    run_clients(net, to, work);
     let keepalive = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    run_clients(net, addr, vec![(vec![SHORT_OBJ], true); burst]);
+    run_clients(net, to, vec![(vec![SHORT_OBJ], true); burst]);
     Job {
         keepalive,
         burst: t1.elapsed().as_secs_f64(),
@@ -522,6 +526,91 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
+/// passt in vhost-user mode (as in egress_tcp): the gateway address maps to the host's
+/// loopback, so the guest reaches the origin at (GW, its port) with no proxy hop.
+fn start_passt(passt: &Path) -> Moat {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("passt.sock");
+    let child = Command::new(passt)
+        .args(["--vhost-user", "-f", "-q", "-s"])
+        .arg(&socket)
+        .args(["-a", "10.0.0.2", "-n", "24", "-g", "10.0.0.1"])
+        .args([
+            "--map-host-loopback",
+            "10.0.0.1",
+            "-t",
+            "none",
+            "-u",
+            "none",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start passt");
+    let end = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Moat {
+        child,
+        _dir: dir,
+        socket,
+    }
+}
+
+fn attach(socket: &Path) -> GuestNet {
+    let opts = GuestOptions {
+        offloads: true,
+        queue_size: 1024,
+        mem_size: 64 << 20,
+        ..GuestOptions::default()
+    };
+    let sim = SimGuest::connect(socket, opts).expect("attach the simulated guest");
+    GuestNet::new(sim, MAC, GUEST, 24, GW, 1500)
+}
+
+/// One way of running the job and its timings over the runs.
+struct Side {
+    name: &'static str,
+    jobs: Vec<Job>,
+    /// The backend's CPU per job (s), and the simulated guest's stack's (this thread).
+    cpu: Vec<f64>,
+    guest_cpu: Vec<f64>,
+}
+
+impl Side {
+    fn new(name: &'static str) -> Side {
+        Side {
+            name,
+            jobs: Vec::new(),
+            cpu: Vec::new(),
+            guest_cpu: Vec::new(),
+        }
+    }
+}
+
+/// A guest-side run: the job through `backend` (pid), its CPU and the guest stack's.
+fn guest_run(
+    side: &mut Side,
+    net: &mut GuestNet,
+    to: (Ipv4Addr, u16),
+    pid: u32,
+    work: (&[usize], usize),
+) {
+    let (c0, g0) = (cpu_ns(pid), thread_cpu_ns());
+    let j = guest_job(net, to, work.0, work.1);
+    side.cpu.push(cpu_ns(pid).saturating_sub(c0) as f64 / 1e9);
+    side.guest_cpu
+        .push(thread_cpu_ns().saturating_sub(g0) as f64 / 1e9);
+    side.jobs.push(j);
+}
+
+/// One timed part of the job.
+type Part = fn(&Job) -> f64;
+
+fn fmt3(s: (f64, f64, f64)) -> String {
+    format!("{:.3} / {:.3} / {:.3}", s.0, s.1, s.2)
+}
+
 fn main() {
     if let Ok(origin) = std::env::var("MOAT_BENCH_PROXY_TO") {
         return proxy_process_main(&origin);
@@ -532,88 +621,114 @@ fn main() {
     raise_nofile(8192);
     let sizes = object_sizes(objects);
     let total_bytes: usize = sizes.iter().sum::<usize>() + burst * SHORT_OBJ;
+    let warm = (&sizes[..sizes.len().min(40)], burst.min(20));
+    let work = (&sizes[..], burst);
 
     let origin = http_origin();
     let tp = ProxyProcess::start(origin);
     let moat = start_moat(tp.addr, 8192);
-    let opts = GuestOptions {
-        offloads: true,
-        queue_size: 1024,
-        mem_size: 64 << 20,
-        ..GuestOptions::default()
-    };
-    let sim = SimGuest::connect(&moat.socket, opts).expect("attach the simulated guest");
-    let mut net = GuestNet::new(sim, MAC, GUEST, 24, GW, 1500);
+    let mut net = attach(&moat.socket);
     let addr = net.resolve_a("bench.example", T).expect("resolves");
+    // The reference: passt (PASST=/path/to/passt, built from its public source), the same
+    // simulated guest straight to the origin through passt's NAT, against the host straight
+    // to the origin.
+    let passt = std::env::var_os("PASST").map(|p| start_passt(Path::new(&p)));
+    let mut pnet = passt.as_ref().map(|p| attach(&p.socket));
 
-    // One warm-up job each (page cache, proxy threads, moat's allocations), not counted.
-    host_job(tp.addr, &sizes[..sizes.len().min(40)], burst.min(20));
-    guest_job(&mut net, addr, &sizes[..sizes.len().min(40)], burst.min(20));
-
-    let (mut host, mut guest, mut cpu, mut gcpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for run in 0..runs {
-        let h = host_job(tp.addr, &sizes, burst);
-        let (c0, g0) = (cpu_ns(moat.pid()), thread_cpu_ns());
-        let g = guest_job(&mut net, addr, &sizes, burst);
-        let moat_cpu = cpu_ns(moat.pid()).saturating_sub(c0) as f64 / 1e9;
-        let guest_cpu = thread_cpu_ns().saturating_sub(g0) as f64 / 1e9;
-        eprintln!(
-            "run {run}: host {:.3} s ({:.3} + {:.3}), moat {:.3} s ({:.3} + {:.3}), moat CPU {:.3} s, guest stack CPU {:.3} s",
-            h.total(),
-            h.keepalive,
-            h.burst,
-            g.total(),
-            g.keepalive,
-            g.burst,
-            moat_cpu,
-            guest_cpu
-        );
-        host.push(h);
-        guest.push(g);
-        cpu.push(moat_cpu);
-        gcpu.push(guest_cpu);
+    // One warm-up job each (page cache, proxy threads, allocations), not counted.
+    host_job(tp.addr, true, warm.0, warm.1);
+    guest_job(&mut net, (addr, 80), warm.0, warm.1);
+    if let Some(pn) = pnet.as_mut() {
+        host_job(origin, false, warm.0, warm.1);
+        guest_job(pn, (GW, origin.port()), warm.0, warm.1);
     }
 
-    let mut table = format!(
-        "{:<44} {:>24} {:>24} {:>24}\n",
-        "figure (min / median / max)", "moat", "host", "moat/host"
+    let mut host = Side::new("host -> proxy -> origin");
+    let mut through = Side::new("guest -> moat -> proxy -> origin");
+    let mut direct = Side::new("host -> origin");
+    let mut via_passt = Side::new("guest -> passt -> origin");
+    for run in 0..runs {
+        host.jobs.push(host_job(tp.addr, true, work.0, work.1));
+        guest_run(&mut through, &mut net, (addr, 80), moat.pid(), work);
+        if let (Some(pn), Some(p)) = (pnet.as_mut(), passt.as_ref()) {
+            direct.jobs.push(host_job(origin, false, work.0, work.1));
+            guest_run(&mut via_passt, pn, (GW, origin.port()), p.pid(), work);
+        }
+        let last = |s: &Side| s.jobs.last().map_or(0.0, Job::total);
+        eprintln!(
+            "run {run}: host via proxy {:.3} s, moat {:.3} s (its CPU {:.3} s, guest stack {:.3} s){}",
+            last(&host),
+            last(&through),
+            through.cpu.last().copied().unwrap_or(0.0),
+            through.guest_cpu.last().copied().unwrap_or(0.0),
+            if passt.is_some() {
+                format!(", host direct {:.3} s, passt {:.3} s", last(&direct), last(&via_passt))
+            } else {
+                String::new()
+            }
+        );
+    }
+
+    // "figure | path | s | peer path | peer s | ratio", each "min / median / max" over the
+    // runs, the ratio taken run by run (both sides of a run saw the same moment's noise).
+    let mut table = String::from(
+        "figure | path | s, min / median / max | peer | peer s | ratio per run, min / median / max\n",
     );
-    let mut row = |name: &str, f: fn(&Job) -> f64| {
-        let fmt = |s: (f64, f64, f64)| format!("{:.3} / {:.3} / {:.3}", s.0, s.1, s.2);
-        let m = stats(guest.iter().map(f).collect());
-        let h = stats(host.iter().map(f).collect());
-        let r = stats(guest.iter().zip(&host).map(|(g, h)| f(g) / f(h)).collect());
+    let parts: [(&str, Part); 3] = [
+        ("job total", Job::total),
+        ("8 keep-alive clients, 400 objects", |j| j.keepalive),
+        ("200 short connections at once", |j| j.burst),
+    ];
+    // moat against passt too: the same simulated guest on both, so its stack's cost (which
+    // the host paths do not carry) is on both sides; passt's path has no proxy hop.
+    let mut pairs = vec![(&through, &host, true)];
+    if passt.is_some() {
+        pairs.push((&via_passt, &direct, true));
+        pairs.push((&through, &via_passt, false));
+    }
+    for (side, peer, cpu_rows) in pairs {
+        for (name, f) in parts {
+            let r = stats(
+                side.jobs
+                    .iter()
+                    .zip(&peer.jobs)
+                    .map(|(a, b)| f(a) / f(b))
+                    .collect(),
+            );
+            table.push_str(&format!(
+                "{name} | {} | {} | {} | {} | {}\n",
+                side.name,
+                fmt3(stats(side.jobs.iter().map(f).collect())),
+                peer.name,
+                fmt3(stats(peer.jobs.iter().map(f).collect())),
+                fmt3(r)
+            ));
+        }
+        if !cpu_rows {
+            continue;
+        }
         table.push_str(&format!(
-            "{:<44} {:>24} {:>24} {:>24}\n",
-            name,
-            fmt(m),
-            fmt(h),
-            fmt(r)
+            "backend CPU per job | {} | {} | - | - | -\n",
+            side.name,
+            fmt3(stats(side.cpu.clone()))
         ));
-    };
-    row("job total, s", Job::total);
-    row("8 keep-alive clients, 400 objects, s", |j| j.keepalive);
-    row("200 short connections at once, s", |j| j.burst);
-    for (name, v) in [
-        ("moat CPU per job, s", cpu),
-        ("simulated guest's stack CPU per job, s", gcpu),
-    ] {
-        let c = stats(v);
         table.push_str(&format!(
-            "{:<44} {:>24} {:>24} {:>24}\n",
-            name,
-            format!("{:.3} / {:.3} / {:.3}", c.0, c.1, c.2),
-            "-",
-            "-"
+            "simulated guest stack CPU per job | {} | {} | - | - | -\n",
+            side.name,
+            fmt3(stats(side.guest_cpu.clone()))
         ));
     }
     print!("{table}");
     println!(
-        "({runs} runs, host then moat each; {objects} objects {:.1} MiB + {burst} x {SHORT_OBJ} B; \
-         moat: simulated guest (smoltcp, this process) -> moat -> CONNECT proxy process -> \
-         origin; host: kernel sockets -> the same proxy -> origin; ratio per run, then min / \
-         median / max)",
-        total_bytes as f64 / (1 << 20) as f64
+        "({runs} runs, the paths interleaved in each; {objects} objects {:.1} MiB + {burst} x \
+         {SHORT_OBJ} B; guest = the simulated guest (smoltcp, this process's main thread); the \
+         proxy is a process of its own; passt: {})",
+        total_bytes as f64 / (1 << 20) as f64,
+        if passt.is_some() {
+            "PASST"
+        } else {
+            "not run (set PASST=/path/to/passt)"
+        }
     );
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     let _ = std::fs::create_dir_all(&out);
