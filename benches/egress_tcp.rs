@@ -14,7 +14,8 @@
 //!
 //! Run: `cargo bench --bench egress_tcp` (MOAT_BENCH_MB=256 by default; MOAT_RR_RUNS=5 and
 //! MOAT_CONN_RUNS=5 runs of the latency and connection loops, each against its host floor;
-//! MOAT_BENCH_ONLY=bulk|rr|conn for one part). Prints a table and
+//! MOAT_BENCH_ONLY=bulk|rr|conn for one part; MOAT_BENCH_VERIFY=1 checks every download
+//! against the origin's pattern, at the first and last byte of each chunk). Prints a table and
 //! writes the raw numbers to target/bench/egress_tcp.txt.
 
 #[path = "common/mod.rs"]
@@ -262,6 +263,14 @@ fn bulk(
     send(net, h, &req);
     let (cpu0, t0) = (meter.read(), Instant::now());
     let (mut got, mut last) = (0u64, (t0, cpu0));
+    // MOAT_BENCH_VERIFY=1 (off by default: it costs the guest time): check the stream
+    // against the origin's pattern, and count the frames the guest took off its RX ring
+    // at the last progress, to tell after a stall whether frames still arrived (dropped by
+    // the guest's stack) or none did (the backend stopped sending).
+    let verify = std::env::var("MOAT_BENCH_VERIFY").is_ok();
+    let mut frames_at_last = 0u64;
+    let block = proxy::pattern(0, 65536);
+    let mut first_bad: Option<u64> = None;
     // Stop when everything arrived, or after 5 s without progress (a stalled peer is
     // reported as such, its rate taken up to its last byte).
     net.run_until(T, |n| {
@@ -269,12 +278,29 @@ fn bulk(
         let before = got;
         while s.can_recv() {
             let _ = s.recv(|d| {
+                // MOAT_BENCH_VERIFY=1: where the stream first differs from what the origin
+                // sent (its 64 KiB pattern block, repeated), to tell bytes lost in the middle
+                // from a stream cut short.
+                // Only each chunk's first and last byte: checking every byte slows the guest
+                // enough to hide the stall.
+                if verify && first_bad.is_none() && !d.is_empty() {
+                    let expect = |i: usize| block[((got + i as u64) % 65536) as usize];
+                    let last = d.len() - 1;
+                    if d[0] != expect(0) {
+                        first_bad = Some(got);
+                    } else if d[last] != expect(last) {
+                        first_bad = Some(got + last as u64);
+                    }
+                }
                 got += d.len() as u64;
                 (d.len(), ())
             });
         }
         if got > before {
             last = (Instant::now(), meter.read());
+            if verify {
+                frames_at_last = n.sim().rx_frames_per_pair().iter().sum();
+            }
         }
         got >= bytes || last.0.elapsed() > Duration::from_secs(5)
     })
@@ -283,13 +309,32 @@ fn bulk(
         last.0.duration_since(t0).as_secs_f64(),
         meter.since(cpu0, last.1),
     );
+    let frames_after: u64 = net.sim().rx_frames_per_pair().iter().sum();
+    let state = net.tcp(h).state();
     net.tcp(h).abort();
     let gbit = got as f64 * 8.0 / secs / 1e9;
     let mut name = format!("tcp proxy->guest, {label}");
+    if verify {
+        eprintln!(
+            "{label}: proxy -> guest, {got} of {bytes} bytes, {}",
+            first_bad.map_or(
+                "the first and last byte of every chunk match".into(),
+                |at| { format!("a wrong byte at offset {at} (chunk ends)") }
+            )
+        );
+    }
     if got < bytes {
         eprintln!(
-            "{label}: proxy -> guest stalled {} bytes short",
-            bytes - got
+            "{label}: proxy -> guest stalled {} bytes short (guest socket {state}{})",
+            bytes - got,
+            if verify {
+                format!(
+                    "; {} frames arrived in the 5 s after the last byte",
+                    frames_after - frames_at_last
+                )
+            } else {
+                String::new()
+            }
         );
         name.push_str(" (stalled)");
     }
