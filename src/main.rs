@@ -599,10 +599,7 @@ fn serve(policy_path: &Path, opts: &ServeOptions, ep: &Endpoints) -> ExitCode {
         Some(path) => match control::socket::bind(path) {
             Ok(listener) => Some(listener),
             Err(e) => {
-                eprintln!(
-                    "moat: cannot create the control socket {}: {e}",
-                    path.display()
-                );
+                eprintln!("moat: cannot create the control socket {}: {e}", path.display());
                 return ExitCode::from(EXIT_RUNTIME);
             }
         },

@@ -232,11 +232,7 @@ fn a_control_request_at_start_up_waits_for_the_sandbox() {
         let status = m
             .exit_within(Duration::from_secs(10))
             .unwrap_or_else(|| panic!("round {round}: a raw socket at start-up ({answer})"));
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGSYS),
-            "round {round}: {status:?}"
-        );
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "round {round}: {status:?}");
     }
 }
 
