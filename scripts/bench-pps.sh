@@ -43,7 +43,7 @@ quick=${MOAT_BENCH_QUICK:-0}
 [ "$quick" = 0 ] && quick=""
 secs=${MOAT_PPS_SECS:-$([ -n "$quick" ] && echo 3 || echo 10)}
 sizes=${MOAT_PPS_SIZES:-"64 1518"}
-moat=target/release/moat
+moat=${MOAT_BENCH_BIN:-target/release/moat} # MOAT_BENCH_BIN: another moat (bench.sh MOAT_BENCH_BEFORE)
 out=target/bench
 mkdir -p "$out"
 raw="$out/pps.txt"
@@ -65,6 +65,8 @@ cleanup() {
   sleep 0.5
   for p in "${pids[@]}"; do
     kill -KILL "$p" 2>/dev/null || true
+    # Reap it here, so that bash's "Killed" notice goes nowhere instead of to the terminal.
+    wait "$p" 2>/dev/null || true
   done
   if [ -n "${MOAT_PPS_KEEP:-}" ]; then
     echo "bench-pps: logs kept in $work" >&2
