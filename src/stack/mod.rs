@@ -48,6 +48,12 @@ pub fn map_flow_buffers() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, FLOW_BUFFER as libc::c_int);
     }
 }
+/// Closed sockets kept for reuse, at most. A socket's two buffers are two mappings of their
+/// own (see `map_flow_buffers`): a new flow that takes a spare socket saves two mmaps, two
+/// munmaps and the first-touch page faults, which were about 12% of moat's CPU per short
+/// connection (`perf record` on benches/egress_tcp.rs's connection loop). The price is
+/// bounded: at most 32 x 128 KiB of touched buffer pages kept while no flow needs them.
+const MAX_SPARE_SOCKETS: usize = 32;
 /// Guest packets waiting for the stack, at most (bounded: the guest cannot grow it).
 const MAX_QUEUED: usize = 4096;
 /// Bytes of guest packets waiting for the stack, at most: 16 segments of 64 KiB. A full
@@ -117,6 +123,8 @@ pub struct Stack {
     gateway: (Ipv4Addr, u8),
     /// GUEST_TSO4: guest SYNs announce a 64 KiB MSS to the stack, so it sends large segments.
     raise_mss: bool,
+    /// Closed sockets whose buffers a new flow may take (`MAX_SPARE_SOCKETS` at most).
+    spare: Vec<tcp::Socket<'static>>,
 }
 
 /// Bytes of the packets in an inbox.
@@ -165,6 +173,7 @@ impl Stack {
             vm_mtu: mtu,
             gateway: (vm.gateway, vm.prefix_len),
             raise_mss: false,
+            spare: Vec::new(),
         }
     }
 
@@ -353,11 +362,8 @@ impl Stack {
         guest_port: u16,
         hold_synack: bool,
     ) -> Option<SocketHandle> {
-        let rx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
-        let tx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
-        let mut socket = tcp::Socket::new(rx, tx);
+        let mut socket = self.closed_socket();
         socket.pause_synack(hold_synack);
-        socket.set_nagle_enabled(false);
         let endpoint = IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(dst)),
             port,
@@ -374,10 +380,8 @@ impl Stack {
         guest: Ipv4Addr,
         port: u16,
     ) -> Option<SocketHandle> {
-        let rx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
-        let tx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
-        let mut socket = tcp::Socket::new(rx, tx);
-        socket.set_nagle_enabled(false);
+        let mut socket = self.closed_socket();
+        socket.pause_synack(false);
         let remote = IpEndpoint::new(IpAddress::Ipv4(guest), port);
         let local_end = IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(local)),
@@ -401,11 +405,32 @@ impl Stack {
         slot.set.get_mut::<tcp::Socket>(slot.socket)
     }
 
+    /// A closed socket for a new flow: a spare one if there is one, else one with new buffers.
+    fn closed_socket(&mut self) -> tcp::Socket<'static> {
+        self.spare.pop().unwrap_or_else(|| {
+            let rx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
+            let tx = tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]);
+            let mut socket = tcp::Socket::new(rx, tx);
+            socket.set_nagle_enabled(false);
+            socket
+        })
+    }
+
     /// Forget a socket (whatever it still had to send is dropped: poll first for that).
     pub fn remove(&mut self, handle: SocketHandle) {
-        let Some(slot) = self.slots.get_mut(handle.0).and_then(Option::take) else {
+        let Some(mut slot) = self.slots.get_mut(handle.0).and_then(Option::take) else {
             return;
         };
+        if self.spare.len() < MAX_SPARE_SOCKETS {
+            // Every socket of a slot is TCP (`listen` and `connect` make them).
+            if let smoltcp::socket::Socket::Tcp(mut socket) = slot.set.remove(slot.socket) {
+                // Closed at once, nothing sent: `listen` and `connect` reset a closed socket
+                // (state, sequence numbers, both buffers emptied), so nothing of this flow
+                // reaches the next one.
+                socket.abort();
+                self.spare.push(socket);
+            }
+        }
         self.queued -= slot.inbox.len();
         self.queued_bytes -= inbox_bytes(&slot.inbox);
         self.by_endpoint.remove(&slot.endpoint);

@@ -86,6 +86,39 @@ fn removal_frees_the_slot_and_its_queue() {
     );
 }
 
+/// A removed socket's buffers serve the next flow (no new mappings per connection), as a
+/// closed socket that the new flow's `listen` resets; the spares are bounded.
+#[test]
+fn removed_sockets_are_reused_reset_and_bounded() {
+    let mut s = stack();
+    let a = s.listen(DST, 80, 40001, false).unwrap();
+    assert!(s.ingress(&syn(40001)));
+    s.poll();
+    let _ = s.take_egress();
+    assert_eq!(s.socket(a).state(), tcp::State::SynReceived);
+    s.remove(a);
+    assert_eq!(s.spare.len(), 1);
+    let b = s.listen(DST, 80, 40002, false).unwrap();
+    assert_eq!(s.spare.len(), 0, "the spare socket was taken");
+    let reused = s.socket(b);
+    assert_eq!(reused.state(), tcp::State::Listen);
+    assert_eq!((reused.recv_queue(), reused.send_queue()), (0, 0));
+    // It serves the new flow as a new socket would: a SYN for it gets a SYN-ACK.
+    assert!(s.ingress(&syn(40002)));
+    s.poll();
+    assert_eq!(s.take_egress().len(), 1);
+    assert_eq!(s.socket(b).state(), tcp::State::SynReceived);
+    s.remove(b);
+    // Many flows closed at once keep at most MAX_SPARE_SOCKETS.
+    let many: Vec<SocketHandle> = (0..100u16)
+        .map(|i| s.listen(DST, 80, 41000 + i, false).unwrap())
+        .collect();
+    for h in many {
+        s.remove(h);
+    }
+    assert_eq!(s.spare.len(), super::MAX_SPARE_SOCKETS);
+}
+
 /// A guest flooding 64 KiB segments the stack has no socket for: what waits for the
 /// stack stays within its byte bound (by count alone it was 4096 x 64 KiB = 256 MiB).
 #[test]
