@@ -111,10 +111,10 @@ pub(super) fn idle_timeout() -> Duration {
 pub(super) fn connect_nonblocking(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
+        // Non-blocking from socket(2) on: no FIONBIO call after it.
+        socket2::Type::STREAM.nonblocking(),
         None,
     )?;
-    socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
