@@ -9,8 +9,8 @@
 # PASST unset: the passt rows are skipped (this script never builds passt). The origin is a
 # python3 HTTP server on 127.0.0.1 sending M MiB (default 16) of 16-byte lines "%015d\n";
 # the guest fetches the file N times (default 3) with busybox wget and prints the byte count
-# and md5 of each, and, when they differ from the origin's, where the first wrong byte is
-# (busybox cmp against the pattern rebuilt in the guest). --mtu: the MTU passt announces by
+# and md5 of each, and, when they differ from the origin's, the byte offsets where the
+# stream leaves the pattern (a line number that jumps, a line that is not a pattern line). --mtu: the MTU passt announces by
 # DHCP (its default is 65520; moat announces 1500). --guest-csum-off: the guest does not
 # offer VIRTIO_NET_F_GUEST_CSUM (QEMU guest_csum=off), so the backend may not mark frames
 # DATA_VALID and the guest's TCP checks every checksum (DL-TCP InCsumErrors).
@@ -68,21 +68,30 @@ i=1
 while [ "$i" -le "$runs" ]; do
   rm -f /tmp/dl
   t0=$(now)
-  timeout 900 wget -q -O /tmp/dl "$url"
-  rc=$?
+  # The md5 of the stream as wget hands it over (stream=), and of the file it wrote, read
+  # back afterwards (md5=): they differ if the guest's memory changed under the file.
+  stream=$({ timeout 900 wget -q -O - "$url"; echo $? >/tmp/rc; } | tee /tmp/dl | md5sum | cut -d' ' -f1)
+  rc=$(cat /tmp/rc)
   t1=$(now)
   n=$(wc -c </tmp/dl 2>/dev/null || echo 0)
   sum=$(md5sum </tmp/dl | cut -d' ' -f1)
   first=-
   if [ "$sum" != "$want" ]; then
-    # Which bytes differ from the pattern (rebuilt here once): how many, the first and
-    # last (1-based offsets), and the 48 bytes the guest got from 16 before the first.
-    [ -s /tmp/want ] || awk -v n=$((size / 16)) 'BEGIN { for (i = 0; i < n; i++) printf "%015d\n", i }' >/tmp/want
-    first=$(cmp -l /tmp/dl /tmp/want 2>&1 | awk '$1 ~ /^[0-9]+$/ { if (!f) f = $1; l = $1; n++ } /EOF/ { e = 1 } END { printf "wrong-bytes=%d first=%d last=%d%s", n, f, l, e ? " +EOF" : "" }')
-    at=$(cmp /tmp/dl /tmp/want 2>/dev/null | sed -n 's/.*char \([0-9]*\).*/\1/p')
-    [ -z "$at" ] || first="$first got[$((at > 17 ? at - 17 : 0))..]=$(dd if=/tmp/dl bs=1 skip=$((at > 17 ? at - 17 : 0)) count=48 2>/dev/null | tr '\n' '|')"
+    # Where the stream leaves the pattern, in one pass: each line should be the previous
+    # line's number plus one; print (up to 12) the byte offsets where a number jumps or a
+    # line is not a whole pattern line, then how many lines were off.
+    first=$(awk '{
+        if (length($0) != 15 || $0 !~ /^[0-9]+$/) {
+          odd++; if (e < 12) { printf "odd@%d:%s ", off, substr($0, 1, 20); e++ }
+        } else {
+          v = $0 + 0
+          if (v != p + 1 && (NR > 1 || v != 0) && e < 12) { printf "jump@%d:%d->%d ", off, p, v; e++ }
+          p = v
+        }
+        off += length($0) + 1
+      } END { printf "odd-lines=%d", odd }' /tmp/dl | tr ' ' ',')
   fi
-  echo "DL-RESULT $i rc=$rc bytes=$n md5=$sum secs=$(awk "BEGIN { print $t1 - $t0 }") first-diff=$first"
+  echo "DL-RESULT $i rc=$rc bytes=$n md5=$sum stream=$([ "$stream" = "$sum" ] \&\& echo same || echo "$stream") secs=$(awk "BEGIN { print $t1 - $t0 }") first-diff=$first"
   i=$((i + 1))
 done
 tcp() { awk -v k="$1" '/^Tcp:/ { if (!h) { for (i = 1; i <= NF; i++) c[$i] = i; h = 1 } else print $c[k] }' /proc/net/snmp; }
