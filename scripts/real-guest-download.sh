@@ -4,7 +4,7 @@
 # vhost-user mode (its NAT: the gateway address mapped to the host's loopback). Issue 14 asks
 # whether passt's short downloads in the bench are passt's or the simulated guest's.
 # Usage: [PASST=/path/to/passt] scripts/real-guest-download.sh [--moat BIN] [--runs N]
-#                                [--mib M] [--mtu BYTES] [--guest-csum-off]
+#                                [--mib M] [--mtu BYTES] [--guest-csum-off] [--guest-tso-off]
 #                                [--only moat|passt] [--workdir DIR]
 # PASST unset: the passt rows are skipped (this script never builds passt). The origin is a
 # python3 HTTP server on 127.0.0.1 sending M MiB (default 16) of 16-byte lines "%015d\n";
@@ -14,13 +14,16 @@
 # DHCP (its default is 65520; moat announces 1500). --guest-csum-off: the guest does not
 # offer VIRTIO_NET_F_GUEST_CSUM (QEMU guest_csum=off), so the backend may not mark frames
 # DATA_VALID and the guest's TCP checks every checksum (DL-TCP InCsumErrors).
+# --guest-tso-off: the guest takes no TSO/ECN/UFO frames (QEMU guest_tso4/6, guest_ecn,
+# guest_ufo=off), so moat too hands it frames of at most its 1500 B MTU, as passt does.
 # Exit 0 iff every download was whole.
+# PASST_OPTS: more passt options (e.g. "--pcap FILE").
 # Network: loopback only; the guest's one NIC is the vhost-user socket.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-csum_off="" moat="$repo/target/release/moat" runs=3 mib=16 mtu="" only="" workdir=""
-usage="usage: [PASST=/path/to/passt] real-guest-download.sh [--moat BIN] [--runs N] [--mib M] [--mtu BYTES] [--guest-csum-off] [--only moat|passt] [--workdir DIR]"
+csum_off="" tso_off="" moat="$repo/target/release/moat" runs=3 mib=16 mtu="" only="" workdir=""
+usage="usage: [PASST=/path/to/passt] real-guest-download.sh [--moat BIN] [--runs N] [--mib M] [--mtu BYTES] [--guest-csum-off] [--guest-tso-off] [--only moat|passt] [--workdir DIR]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --moat) moat=${2:?$usage}; shift 2 ;;
@@ -28,6 +31,7 @@ while [ $# -gt 0 ]; do
     --mib) mib=${2:?$usage}; shift 2 ;;
     --mtu) mtu=${2:?$usage}; shift 2 ;;
     --guest-csum-off) csum_off=1; shift ;;
+    --guest-tso-off) tso_off=1; shift ;;
     --only) only=${2:?$usage}; shift 2 ;;
     --workdir) workdir=${2:?$usage}; shift 2 ;;
     -h|--help) echo "$usage"; exit 0 ;;
@@ -79,17 +83,19 @@ while [ "$i" -le "$runs" ]; do
   if [ "$sum" != "$want" ]; then
     # Where the stream leaves the pattern, in one pass: each line should be the previous
     # line's number plus one; print (up to 12) the byte offsets where a number jumps or a
-    # line is not a whole pattern line, then how many lines were off.
+    # line is not a whole pattern line, then how many of each and where the last jump is.
     first=$(awk '{
         if (length($0) != 15 || $0 !~ /^[0-9]+$/) {
           odd++; if (e < 12) { printf "odd@%d:%s ", off, substr($0, 1, 20); e++ }
         } else {
           v = $0 + 0
-          if (v != p + 1 && (NR > 1 || v != 0) && e < 12) { printf "jump@%d:%d->%d ", off, p, v; e++ }
+          if (v != p + 1 && (NR > 1 || v != 0)) {
+            j++; last = off; if (e < 12) { printf "jump@%d:%d->%d ", off, p, v; e++ }
+          }
           p = v
         }
         off += length($0) + 1
-      } END { printf "odd-lines=%d", odd }' /tmp/dl | tr ' ' ',')
+      } END { printf "odd-lines=%d jumps=%d last-jump@%d", odd, j, last }' /tmp/dl | tr ' ' ',')
   fi
   echo "DL-RESULT $i rc=$rc bytes=$n md5=$sum stream=$([ "$stream" = "$sum" ] \&\& echo same || echo "$stream") secs=$(awk "BEGIN { print $t1 - $t0 }") first-diff=$first"
   i=$((i + 1))
@@ -144,7 +150,7 @@ boot() { # name socket url: one QEMU guest on the vhost-user socket, its results
     -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
     -chardev socket,id=net0,path="$sock" \
     -netdev vhost-user,id=net0,chardev=net0 \
-    -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=${csum_off:+,guest_csum=off} \
+    -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=${csum_off:+,guest_csum=off}${tso_off:+,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off} \
     -kernel "$repo/target/guest/vmlinux" -initrd "$workdir/initramfs.cpio.gz" \
     -append "console=ttyS0 quiet panic=-1 moat.run=/bin/download.sh dl.url=$url dl.runs=$runs dl.size=$size dl.md5=$want" \
     -display none -serial "file:$serial" -monitor none -nodefaults -no-user-config -no-reboot \
@@ -203,7 +209,7 @@ if [ -z "$only" ] || [ "$only" = passt ]; then
     # Foreground, quiet, the guest's address and gateway given (the host's own are not
     # copied), the gateway mapped to the host's loopback, no port forwarding into the guest.
     "$PASST" --vhost-user -f -q -s "$workdir/passt.sock" -a 10.0.0.2 -n 24 -g 10.0.0.1 \
-      --map-host-loopback 10.0.0.1 -t none -u none ${mtu:+-m "$mtu"} >"$workdir/passt.log" 2>&1 &
+      --map-host-loopback 10.0.0.1 -t none -u none ${mtu:+-m "$mtu"} ${PASST_OPTS:-} >"$workdir/passt.log" 2>&1 &
     pp=$!
     pids="$pids $pp"
     for _ in $(seq 200); do [ -S "$workdir/passt.sock" ] && break; sleep 0.05; done
