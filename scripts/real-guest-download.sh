@@ -67,7 +67,7 @@ url=$(arg dl.url) runs=$(arg dl.runs) size=$(arg dl.size) want=$(arg dl.md5)
 now() { cut -d' ' -f1 /proc/uptime; }
 ip link set eth0 up
 udhcpc -i eth0 -n -q -t 5 -T 2 >/dev/null 2>&1 || echo "DL-NOTE dhcp failed"
-echo "DL-NET $(ip -4 addr show eth0 | sed -n 's/.*inet \([^ ]*\).*/\1/p') mtu=$(cat /sys/class/net/eth0/mtu) gw=$(cat /tmp/dhcp-router 2>/dev/null)"
+echo "DL-NET $(ip -4 addr show eth0 | sed -n 's/.*inet \([^ ]*\).*/\1/p') mtu=$(cat /sys/class/net/eth0/mtu) gw=$(cat /tmp/dhcp-router 2>/dev/null) features=$(cat /sys/class/net/eth0/device/features 2>/dev/null | cut -c1-24)"
 i=1
 while [ "$i" -le "$runs" ]; do
   rm -f /tmp/dl
