@@ -21,7 +21,6 @@
 use std::io::{BufRead, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use moat_sim::bench::*;
@@ -30,48 +29,6 @@ use moat_sim::proxy;
 use smoltcp::iface::SocketHandle;
 
 const T: Duration = Duration::from_secs(120);
-
-/// The CONNECT proxy in a process of its own, so that its CPU can be read apart from the
-/// load generator's. Killed when dropped.
-struct ProxyProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ProxyProcess {
-    /// Re-run this bench binary as the proxy for `origin`; it prints its address and serves
-    /// until its stdin closes.
-    fn start(origin: SocketAddr) -> ProxyProcess {
-        let mut child = Command::new(std::env::current_exe().expect("the bench binary"))
-            .env("MOAT_BENCH_PROXY_TO", origin.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the proxy process");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .expect("the proxy's address");
-        let addr = line.trim().parse().expect("the proxy prints its address");
-        ProxyProcess { child, addr }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// CPU of the proxy process so far, every thread it ever ran included.
-    fn cpu_ns(&self) -> u64 {
-        process_cpu_ns(self.pid())
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The proxy process's side: serve CONNECT to `origin` until stdin closes (the bench ended
 /// or died).
@@ -111,37 +68,6 @@ impl Meter<'_> {
         // Saturating: a sum over live threads can shrink when one exits.
         let b = now.backend.saturating_sub(before.backend) as f64 / 1e9;
         (b, b + now.proxy.saturating_sub(before.proxy) as f64 / 1e9)
-    }
-}
-
-/// passt in vhost-user mode, foreground, the guest's address and gateway given (nothing to
-/// copy from a host without a default route), the gateway mapped to the host's loopback.
-fn start_passt(passt: &Path) -> Moat {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("passt.sock");
-    let child = Command::new(passt)
-        .args(["--vhost-user", "-f", "-q", "-s"])
-        .arg(&socket)
-        .args(["-a", "10.0.0.2", "-n", "24", "-g", "10.0.0.1"])
-        .args([
-            "--map-host-loopback",
-            "10.0.0.1",
-            "-t",
-            "none",
-            "-u",
-            "none",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start passt");
-    let end = Instant::now() + T;
-    while !socket.exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Moat {
-        child,
-        _dir: dir,
-        socket,
     }
 }
 
@@ -409,7 +335,7 @@ fn percentiles(mut lat: Vec<f64>) -> (f64, f64) {
 }
 
 fn main() {
-    if let Ok(origin) = std::env::var("MOAT_BENCH_PROXY_TO") {
+    if let Ok(origin) = std::env::var(PROXY_TO_ENV) {
         return proxy_process_main(&origin);
     }
     let mb: u64 = env_or("MOAT_BENCH_MB", 256);

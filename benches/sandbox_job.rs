@@ -21,7 +21,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -35,36 +34,6 @@ const CLIENTS: usize = 8;
 const MIN_OBJ: usize = 2 * 1024;
 const MAX_OBJ: usize = 200 * 1024;
 const SHORT_OBJ: usize = 2 * 1024;
-
-/// The CONNECT proxy in a process of its own (as in egress_tcp), killed when dropped.
-struct ProxyProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ProxyProcess {
-    fn start(origin: SocketAddr) -> ProxyProcess {
-        let mut child = Command::new(std::env::current_exe().expect("the bench binary"))
-            .env("MOAT_BENCH_PROXY_TO", origin.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the proxy process");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .expect("the proxy's address");
-        let addr = line.trim().parse().expect("the proxy prints its address");
-        ProxyProcess { child, addr }
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A loopback listener with a backlog deep enough for the burst: std's default of 128 drops
 /// SYNs of 200 connections opened at once, and each dropped SYN costs a 1 s retransmit,
@@ -523,37 +492,6 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
-/// passt in vhost-user mode (as in egress_tcp): the gateway address maps to the host's
-/// loopback, so the guest reaches the origin at (GW, its port) with no proxy hop.
-fn start_passt(passt: &Path) -> Moat {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("passt.sock");
-    let child = Command::new(passt)
-        .args(["--vhost-user", "-f", "-q", "-s"])
-        .arg(&socket)
-        .args(["-a", "10.0.0.2", "-n", "24", "-g", "10.0.0.1"])
-        .args([
-            "--map-host-loopback",
-            "10.0.0.1",
-            "-t",
-            "none",
-            "-u",
-            "none",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start passt");
-    let end = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Moat {
-        child,
-        _dir: dir,
-        socket,
-    }
-}
-
 fn attach(socket: &Path) -> GuestNet {
     let opts = GuestOptions {
         offloads: true,
@@ -609,7 +547,7 @@ fn fmt3(s: (f64, f64, f64)) -> String {
 }
 
 fn main() {
-    if let Ok(origin) = std::env::var("MOAT_BENCH_PROXY_TO") {
+    if let Ok(origin) = std::env::var(PROXY_TO_ENV) {
         return proxy_process_main(&origin);
     }
     let runs: usize = env_or("MOAT_JOB_RUNS", 11).max(1);

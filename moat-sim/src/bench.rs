@@ -1,9 +1,11 @@
 //! What the benchmarks share: the simulated guest's addresses, the moat child process, and
 //! CPU time read from schedstat.
 
+use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub use crate::fixtures::{vm_net, GUEST, GW};
 /// The benchmark VM's MAC (the test VM's).
@@ -147,4 +149,83 @@ pub fn raise_nofile(want: u64) -> u64 {
     // SAFETY: as the first call.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     lim.rlim_cur
+}
+
+/// The env variable under which a bench binary re-run by [`ProxyProcess::start`] finds its
+/// origin: the bench's `main` serves as the proxy when it is set.
+pub const PROXY_TO_ENV: &str = "MOAT_BENCH_PROXY_TO";
+
+/// The CONNECT proxy in a process of its own (this bench binary, re-run with
+/// [`PROXY_TO_ENV`] set), so that its CPU can be read apart from the load generator's.
+/// Killed when dropped.
+pub struct ProxyProcess {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ProxyProcess {
+    /// Re-run this bench binary as the proxy for `origin`; it prints its address and serves
+    /// until its stdin closes.
+    pub fn start(origin: SocketAddr) -> ProxyProcess {
+        let mut child = Command::new(std::env::current_exe().expect("the bench binary"))
+            .env(PROXY_TO_ENV, origin.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the proxy process");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("the proxy's address");
+        let addr = line.trim().parse().expect("the proxy prints its address");
+        ProxyProcess { child, addr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU of the proxy process so far, every thread it ever ran included.
+    pub fn cpu_ns(&self) -> u64 {
+        process_cpu_ns(self.pid())
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// passt in vhost-user mode, foreground, the guest's address and gateway given (nothing to
+/// copy from a host without a default route), the gateway mapped to the host's loopback: the
+/// guest reaches a loopback origin at (GW, its port) with no proxy hop.
+pub fn start_passt(passt: &Path) -> Moat {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("passt.sock");
+    let child = Command::new(passt)
+        .args(["--vhost-user", "-f", "-q", "-s"])
+        .arg(&socket)
+        .args(["-a", "10.0.0.2", "-n", "24", "-g", "10.0.0.1"])
+        .args([
+            "--map-host-loopback",
+            "10.0.0.1",
+            "-t",
+            "none",
+            "-u",
+            "none",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start passt");
+    let end = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Moat {
+        child,
+        _dir: dir,
+        socket,
+    }
 }
