@@ -400,17 +400,7 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("vm.toml"), &text).unwrap();
     let control = dir.path().join("control.sock");
-    let mut child = Command::new("prlimit")
-        .arg("--nofile=256")
-        .arg("--")
-        .arg(moat_bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(dir.path().join("moat.sock"))
-        .arg("--policy")
-        .arg(dir.path().join("vm.toml"))
-        .arg("--control")
-        .arg(&control)
+    let mut child = serve_in(dir.path(), &["prlimit", "--nofile=256", "--"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -531,17 +521,9 @@ fn control_socket_is_bound_owner_only() {
     std::fs::write(dir.path().join("vm.toml"), policy("")).unwrap();
     let control = dir.path().join("control.sock");
     let trace = dir.path().join("trace");
-    let mut child = Command::new("strace")
-        .args(["-f", "-e", "trace=umask,bind", "-o"])
-        .arg(&trace)
-        .arg(moat_bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(dir.path().join("moat.sock"))
-        .arg("--policy")
-        .arg(dir.path().join("vm.toml"))
-        .arg("--control")
-        .arg(&control)
+    let trace_arg = trace.to_string_lossy().into_owned();
+    let strace = ["strace", "-f", "-e", "trace=umask,bind", "-o", &trace_arg];
+    let mut child = serve_in(dir.path(), &strace)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -170,7 +170,7 @@ fn a_reload_that_needs_another_proxy_port_is_refused_under_the_sandbox() {
             assert!(answer.contains("restart moat"), "{answer}");
         }
         // Same proxy port, other rules: fine either way.
-        let tighter = policy(port(&proxy)).replace("443", "8443");
+        let tighter = policy(port(&proxy)).replace("ports = [443]", "ports = [8443]");
         std::fs::write(m.path("vm.toml"), tighter).unwrap();
         let (ok, answer) = m.ask("reload");
         assert!(ok, "{answer}");
@@ -198,7 +198,7 @@ fn the_sandbox_listing_names_every_call_and_why() {
 fn a_reload_after_an_editors_write_and_rename_works_under_the_sandbox() {
     let (_service, proxy) = listeners();
     let m = start(&[], port(&proxy));
-    let tighter = policy(port(&proxy)).replace("443", "8443");
+    let tighter = policy(port(&proxy)).replace("ports = [443]", "ports = [8443]");
     let tmp = m.path(".vm.toml.swp");
     std::fs::write(&tmp, &tighter).unwrap();
     std::fs::rename(&tmp, m.path("vm.toml")).unwrap();

@@ -117,6 +117,28 @@ impl Drop for Reaped {
     }
 }
 
+/// `moat serve` for the `vm.toml` in `dir`, with `moat.sock` and `control.sock` there too,
+/// run under `wrapper` if it is not empty (`prlimit --nofile=256 --`, `strace ...`).
+pub fn serve_in(dir: &Path, wrapper: &[&str]) -> std::process::Command {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = std::process::Command::new(program);
+            c.args(args).arg(moat_bin());
+            c
+        }
+        None => std::process::Command::new(moat_bin()),
+    };
+    command
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.join("moat.sock"))
+        .arg("--policy")
+        .arg(dir.join("vm.toml"))
+        .arg("--control")
+        .arg(dir.join("control.sock"));
+    command
+}
+
 /// The moat binary serving `vm.toml` in a temp dir, with `moat.sock` and `control.sock`
 /// there too; killed when dropped (before the directory goes).
 pub struct MoatProcess {
@@ -130,18 +152,7 @@ impl MoatProcess {
     pub fn start(policy: &str, extra: &[&str], stderr: std::process::Stdio) -> MoatProcess {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vm.toml"), policy).unwrap();
-        let child = Reaped::spawn(
-            std::process::Command::new(moat_bin())
-                .arg("serve")
-                .arg("--socket")
-                .arg(dir.path().join("moat.sock"))
-                .arg("--policy")
-                .arg(dir.path().join("vm.toml"))
-                .arg("--control")
-                .arg(dir.path().join("control.sock"))
-                .args(extra)
-                .stderr(stderr),
-        );
+        let child = Reaped::spawn(serve_in(dir.path(), &[]).args(extra).stderr(stderr));
         let m = MoatProcess { child, dir };
         eventually("control socket", || m.path("control.sock").exists());
         m

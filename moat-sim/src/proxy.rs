@@ -69,6 +69,25 @@ pub fn origin() -> SocketAddr {
     addr
 }
 
+/// Read `conn` to its end, then answer its length and FNV hash (8 + 8 bytes, big-endian),
+/// so a test can check an upload byte-exact without the origin keeping it.
+fn answer_length_and_hash(conn: &mut TcpStream, buf: &mut [u8]) {
+    let (mut len, mut hash) = (0u64, Fnv::default());
+    loop {
+        match conn.read(buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                len += n as u64;
+                hash.update(&buf[..n]);
+            }
+            Err(_) => return,
+        }
+    }
+    let mut reply = len.to_be_bytes().to_vec();
+    reply.extend_from_slice(&hash.0.to_be_bytes());
+    let _ = conn.write_all(&reply);
+}
+
 fn serve_origin(mut conn: TcpStream) {
     let mut mode = [0u8; 1];
     if conn.read_exact(&mut mode).is_err() {
@@ -87,20 +106,7 @@ fn serve_origin(mut conn: TcpStream) {
             }
         },
         b'U' => {
-            let (mut len, mut hash) = (0u64, Fnv::default());
-            loop {
-                match conn.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        len += n as u64;
-                        hash.update(&buf[..n]);
-                    }
-                    Err(_) => return,
-                }
-            }
-            let mut reply = len.to_be_bytes().to_vec();
-            reply.extend_from_slice(&hash.0.to_be_bytes());
-            let _ = conn.write_all(&reply);
+            answer_length_and_hash(&mut conn, &mut buf);
         }
         b'G' => {
             // An HTTP request: read to the end of its header, answer "ok".
@@ -168,20 +174,7 @@ fn serve_origin(mut conn: TcpStream) {
             while !SLOW_RELEASE.load(std::sync::atomic::Ordering::SeqCst) {
                 thread::sleep(std::time::Duration::from_millis(10));
             }
-            let (mut len, mut hash) = (0u64, Fnv::default());
-            loop {
-                match conn.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        len += n as u64;
-                        hash.update(&buf[..n]);
-                    }
-                    Err(_) => return,
-                }
-            }
-            let mut reply = len.to_be_bytes().to_vec();
-            reply.extend_from_slice(&hash.0.to_be_bytes());
-            let _ = conn.write_all(&reply);
+            answer_length_and_hash(&mut conn, &mut buf);
         }
         b'D' => {
             let mut sent = 0u64;
