@@ -131,30 +131,14 @@ fn metrics_refuse_a_non_loopback_address() {
 fn json_logs_name_the_drop_reason_and_the_frame() {
     let mut m = start(&policy(""), &["--log-format", "json"], Stdio::piped());
     // moat's stderr, line by line, as it comes.
-    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let (stderr, pipe) = (
-            std::sync::Arc::clone(&stderr),
-            m.child.stderr.take().unwrap(),
-        );
-        std::thread::spawn(move || {
-            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok)
-            {
-                let mut s = stderr.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        })
-    };
+    let log = LineLog::collect(m.child.stderr.take().unwrap());
     let mut guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
     let spoofed = moat::frame::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
     guest
         .send_frame(&craft::icmp_echo(spoofed, GW_MAC, GUEST, GW, 1, 1, b""))
         .unwrap();
     let drop_line = wait_for("the JSON drop line", DEADLINE, || {
-        stderr
-            .lock()
-            .unwrap()
+        log.so_far()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .find(|v| v["fields"]["reason"] == "spoofed_src_mac")
@@ -162,8 +146,7 @@ fn json_logs_name_the_drop_reason_and_the_frame() {
     drop(guest);
     let _ = m.child.kill();
     let _ = m.child.wait();
-    reader.join().unwrap();
-    let stderr = stderr.lock().unwrap().clone();
+    let stderr = log.finish();
     // Every line moat wrote is JSON.
     for line in stderr.lines() {
         assert!(
@@ -451,21 +434,7 @@ fn busy_polling_carries_traffic() {
 #[test]
 fn drop_logs_are_rate_limited_and_say_how_many() {
     let mut m = start(&policy(""), &["--log-format", "json"], Stdio::piped());
-    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let (stderr, pipe) = (
-            std::sync::Arc::clone(&stderr),
-            m.child.stderr.take().unwrap(),
-        );
-        std::thread::spawn(move || {
-            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok)
-            {
-                let mut s = stderr.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        })
-    };
+    let log = LineLog::collect(m.child.stderr.take().unwrap());
     let mut guest = SimGuest::connect(&m.path("moat.sock"), GuestOptions::default()).unwrap();
     let spoofed = moat::frame::MacAddr([0x52, 0x54, 0, 9, 9, 9]);
     let frame = craft::icmp_echo(spoofed, GW_MAC, GUEST, GW, 1, 1, b"");
@@ -477,10 +446,8 @@ fn drop_logs_are_rate_limited_and_say_how_many() {
     drop(guest);
     let _ = m.child.kill();
     let _ = m.child.wait();
-    reader.join().unwrap();
-    let counts: Vec<u64> = stderr
-        .lock()
-        .unwrap()
+    let counts: Vec<u64> = log
+        .finish()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["fields"]["reason"] == "spoofed_src_mac")

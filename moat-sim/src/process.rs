@@ -162,3 +162,39 @@ impl MoatProcess {
         self.dir.path().join(name)
     }
 }
+
+/// A child's output (a pipe), collected line by line as it comes, so a test can look at it
+/// while the child runs and read all of it once the child is gone.
+pub struct LineLog {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl LineLog {
+    pub fn collect(pipe: impl std::io::Read + Send + 'static) -> LineLog {
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = std::sync::Arc::clone(&text);
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        LineLog { text, reader }
+    }
+
+    /// What has come so far.
+    pub fn so_far(&self) -> String {
+        self.text.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Everything, once the pipe has closed (the child is gone).
+    pub fn finish(self) -> String {
+        let LineLog { text, reader } = self;
+        let _ = reader.join();
+        let text = text.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        text
+    }
+}
