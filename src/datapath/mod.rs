@@ -225,8 +225,8 @@ impl Datapath {
                 let carried = match &ip.transport {
                     // The stack trusts what reaches it, and a UDP association relays the
                     // payload as it is: a packet with a wrong sum goes no further.
-                    Transport::Tcp(tcp) if !tcp.checksum.ok() => Err(DropReason::L4BadChecksum),
-                    Transport::Udp(udp) if !udp.checksum.ok() => Err(DropReason::L4BadChecksum),
+                    Transport::Tcp(tcp) if !tcp.checksum().ok() => Err(DropReason::L4BadChecksum),
+                    Transport::Udp(udp) if !udp.checksum().ok() => Err(DropReason::L4BadChecksum),
                     Transport::Tcp(tcp) => self.flows.guest_tcp(ip, tcp),
                     Transport::Udp(udp) => self.flows.guest_udp(ip, udp),
                     Transport::Icmp(_) => Err(DropReason::NotAllowed),

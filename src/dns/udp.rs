@@ -49,7 +49,7 @@ impl UdpDns {
         let Transport::Udp(udp) = &ip.transport else {
             return None;
         };
-        if !udp.checksum.ok() {
+        if !udp.checksum().ok() {
             return None;
         }
         upstream_name(&self.dns, udp.payload)
@@ -63,7 +63,7 @@ impl UdpDns {
         let Transport::Udp(udp) = &ip.transport else {
             return Err(DropReason::L4Malformed);
         };
-        if !udp.checksum.ok() {
+        if !udp.checksum().ok() {
             return Err(DropReason::L4BadChecksum);
         }
         let (reply, outcome) = {

@@ -22,8 +22,9 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     )
 }
 
-/// The state of a parsed packet's TCP, UDP or ICMP checksum, found once by
-/// [`crate::frame::parse`]: whoever uses the packet reads it instead of summing again.
+/// The state of a parsed packet's TCP, UDP or ICMP checksum, as the transport's `checksum()`
+/// finds it: only code that would use the packet asks (frames the firewall drops are never
+/// summed), and no caller sums by hand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4Checksum {
     /// Summed over the packet and found right.
@@ -35,6 +36,15 @@ pub enum L4Checksum {
     None,
     /// Wrong: the packet was damaged or forged. Dropped by whoever would use it.
     Bad,
+}
+
+/// What a TCP or UDP checksum covers besides the segment: the pseudo-header's addresses, and
+/// whether moat has just completed the sum itself (a guest's NEEDS_CSUM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Pseudo {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub completed: bool,
 }
 
 impl L4Checksum {

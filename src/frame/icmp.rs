@@ -19,10 +19,15 @@ pub struct Icmp<'a> {
     pub code: u8,
     /// The whole ICMP message (header included), for echo replies.
     pub message: &'a [u8],
-    pub checksum: L4Checksum,
 }
 
 impl Icmp<'_> {
+    /// The message's checksum state, summed when asked (offloads complete TCP and UDP sums
+    /// only: an ICMP message is always summed).
+    pub fn checksum(&self) -> L4Checksum {
+        checksum::icmp_checksum(self.message)
+    }
+
     /// The echo reply to this message: the rest of it (identifier, sequence number, data)
     /// as it came, the type made "echo reply" and the checksum redone. `None` if it is
     /// shorter than an echo header (never: parsing refuses those).
@@ -42,8 +47,6 @@ pub(super) fn parse(l4: &[u8]) -> Result<Icmp<'_>, DropReason> {
         icmp_type: icmp.type_u8(),
         code: icmp.code_u8(),
         message: l4,
-        // Offloads complete TCP and UDP sums only: an ICMP message is always summed.
-        checksum: checksum::icmp_checksum(l4),
     })
 }
 
@@ -59,13 +62,13 @@ mod tests {
         request[2..4].copy_from_slice(&sum.to_be_bytes());
         let icmp = parse(&request).expect("parses");
         assert_eq!(
-            (icmp.icmp_type, icmp.checksum),
+            (icmp.icmp_type, icmp.checksum()),
             (ICMP_ECHO_REQUEST, L4Checksum::Verified)
         );
         let reply = icmp.echo_reply().expect("a reply");
         let parsed = parse(&reply).expect("parses");
         assert_eq!(
-            (parsed.icmp_type, parsed.checksum),
+            (parsed.icmp_type, parsed.checksum()),
             (ICMP_ECHO_REPLY, L4Checksum::Verified)
         );
         assert_eq!(

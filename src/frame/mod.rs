@@ -57,9 +57,9 @@ pub enum Network<'a> {
 /// written in front of each in place, with no copy per delivered packet.
 pub const PACKET_HEADROOM: usize = virtio_hdr::VIRTIO_NET_HDR_LEN + ETH_HDR_LEN;
 
-/// Parse one Ethernet frame (without the virtio-net header), summing its TCP/UDP/ICMP
-/// checksum (the state is in the transport's `checksum`; a wrong one is not an error here:
-/// whoever would use the packet drops it, after the firewall had its say). A guest's TX
+/// Parse one Ethernet frame (without the virtio-net header). Its TCP/UDP/ICMP checksum is
+/// summed when the transport's `checksum()` is asked (a wrong one is not an error here:
+/// whoever would use the packet asks and drops it, after the firewall had its say). A guest's TX
 /// buffer goes through [`offload::TxFrame`] instead, which completes partial sums first.
 pub fn parse(bytes: &[u8]) -> Result<Frame<'_>, DropReason> {
     parse_completed(bytes, false)

@@ -203,7 +203,7 @@ mod tests {
         let Transport::Tcp(tcp) = ip.transport else {
             panic!("not tcp")
         };
-        assert_eq!(tcp.checksum, L4Checksum::Completed);
+        assert_eq!(tcp.checksum(), L4Checksum::Completed);
         assert!(checksum::verify(ip.packet), "the completed sum is right");
     }
 

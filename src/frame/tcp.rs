@@ -1,5 +1,5 @@
 //! TCP over IPv4: the segments the guest sends (parsed by etherparse, their checksum state
-//! found once), and the edits moat makes in them, through smoltcp's checked views
+//! on demand), and the edits moat makes in them, through smoltcp's checked views
 //! (`smoltcp::wire`): no option is walked and no offset is counted by hand here.
 
 use std::net::Ipv4Addr;
@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use etherparse::TcpSlice;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpOption, TcpPacket};
 
-use super::checksum::{self, L4Checksum};
+use super::checksum::{self, L4Checksum, Pseudo};
 use crate::telemetry::DropReason;
 
 /// A TCP segment.
@@ -19,7 +19,22 @@ pub struct Tcp<'a> {
     pub ack: u32,
     pub flags: TcpFlags,
     pub payload: &'a [u8],
-    pub checksum: L4Checksum,
+    /// The whole segment (header included) and what its checksum covers, for
+    /// [`Tcp::checksum`].
+    segment: &'a [u8],
+    sum: Pseudo,
+}
+
+impl Tcp<'_> {
+    /// The segment's checksum state, summed when asked: only whoever would use the segment
+    /// asks, so frames the firewall drops are never summed.
+    pub fn checksum(&self) -> L4Checksum {
+        if self.sum.completed {
+            L4Checksum::Completed
+        } else {
+            checksum::tcp_checksum(self.sum.src, self.sum.dst, self.segment)
+        }
+    }
 }
 
 /// The TCP flags moat cares about.
@@ -52,10 +67,11 @@ pub(super) fn parse(
             rst: tcp.rst(),
         },
         payload: tcp.payload(),
-        checksum: if completed {
-            L4Checksum::Completed
-        } else {
-            checksum::tcp_checksum(src, dst, l4)
+        segment: l4,
+        sum: Pseudo {
+            src,
+            dst,
+            completed,
         },
     })
 }

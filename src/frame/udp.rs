@@ -1,11 +1,11 @@
-//! UDP over IPv4: datagrams the guest sends (parsed, their checksum state found once) and
+//! UDP over IPv4: datagrams the guest sends (parsed, their checksum state on demand) and
 //! the ones moat builds for it. The wire format is etherparse's.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use etherparse::{PacketBuilder, UdpSlice};
 
-use super::checksum::{self, L4Checksum};
+use super::checksum::{self, L4Checksum, Pseudo};
 use super::PACKET_HEADROOM;
 use crate::telemetry::DropReason;
 
@@ -20,7 +20,20 @@ pub struct Udp<'a> {
     /// The whole UDP datagram (header included), as long as its length field says.
     pub datagram: &'a [u8],
     pub payload: &'a [u8],
-    pub checksum: L4Checksum,
+    /// What the checksum covers, for [`Udp::checksum`].
+    sum: Pseudo,
+}
+
+impl Udp<'_> {
+    /// The datagram's checksum state, summed when asked: only whoever would use the
+    /// datagram asks, so frames the firewall drops are never summed.
+    pub fn checksum(&self) -> L4Checksum {
+        if self.sum.completed {
+            L4Checksum::Completed
+        } else {
+            checksum::udp_checksum(self.sum.src, self.sum.dst, self.datagram)
+        }
+    }
 }
 
 /// The UDP datagram in an IPv4 packet's payload `l4`, from `src` to `dst`. `completed`:
@@ -39,17 +52,17 @@ pub(super) fn parse(
     let datagram = &l4[..len];
     // A completed sum covers the whole IP payload: it is the datagram's only when the two
     // lengths agree (otherwise the datagram is summed like any other).
-    let checksum = if completed && len == l4.len() {
-        L4Checksum::Completed
-    } else {
-        checksum::udp_checksum(src, dst, datagram)
+    let sum = Pseudo {
+        src,
+        dst,
+        completed: completed && len == l4.len(),
     };
     Ok(Udp {
         src_port: udp.source_port(),
         dst_port: udp.destination_port(),
         datagram,
         payload: &datagram[UDP_HDR_LEN..],
-        checksum,
+        sum,
     })
 }
 

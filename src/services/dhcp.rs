@@ -28,7 +28,7 @@ pub fn answer(vm: &Vm, frame: &Frame<'_>) -> Result<Option<Vec<u8>>, DropReason>
     let Transport::Udp(udp) = &ip.transport else {
         return Err(DropReason::DhcpMalformed);
     };
-    if !udp.checksum.ok() {
+    if !udp.checksum().ok() {
         return Err(DropReason::L4BadChecksum);
     }
     let request =

@@ -17,7 +17,7 @@ pub fn answer(vm: &Vm, frame: &Frame<'_>) -> Result<Vec<u8>, DropReason> {
     let Transport::Icmp(icmp) = &ip.transport else {
         return Err(DropReason::L4Malformed);
     };
-    if !icmp.checksum.ok() {
+    if !icmp.checksum().ok() {
         return Err(DropReason::L4BadChecksum);
     }
     let reply = icmp.echo_reply().ok_or(DropReason::L4Malformed)?;
