@@ -11,7 +11,13 @@
 //! and the ratio of their p50s is the figure. The guest forgets the other flows' sockets once
 //! they are open, so its own stack costs the same in every phase: what grows is moat's work.
 //!
-//! Run: `cargo bench --bench many_flows` (MOAT_FLOWS=4096, MOAT_BUSY=1000, MOAT_RR=2000).
+//! After the RR phases with no other flow and with the idle flows, one more flow per VM
+//! uploads MOAT_BULK_MIB (64) to a sink behind the proxy, MOAT_BULK_RUNS (5) times, the two
+//! VMs alternating: the loaded VM's median throughput over the baseline's is the bulk figure.
+//!
+//! Run: `cargo bench --bench many_flows` (MOAT_FLOWS=4096, MOAT_SNIFF=min(flows, 4096),
+//! MOAT_BUSY=1000, MOAT_RR=2000). MOAT_FLOWS=10000 needs a hard RLIMIT_NOFILE above about
+//! 11 000 for the bench (its proxy holds one socket a flow) and for each moat.
 //! Prints a table and writes target/bench/many_flows.txt. Targets: issue 11 (4096 idle and
 //! 4096 sniffing: p50 within 1.5x of none), issue 14 (10 000 idle, 1 000 busy: within 1.2x).
 
@@ -29,8 +35,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 const T: Duration = Duration::from_secs(60);
 
-/// A CONNECT proxy that answers 200 to anything, then echoes every byte after the first
-/// (the first is the origin protocol's mode byte). One thread, edge-triggered epoll.
+/// Bytes a sink-mode flow sends per acknowledgment.
+const SINK_CHUNK: usize = 1 << 20;
+
+/// A CONNECT proxy that answers 200 to anything; after that, the first byte is a mode: `E`
+/// echoes every later byte, `S` sinks them and writes one `k` per [`SINK_CHUNK`] taken (the
+/// bulk phase's upload). One thread, edge-triggered epoll.
 fn echo_proxy() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -45,8 +55,9 @@ fn echo_proxy() -> SocketAddr {
                 EpollEvent::new(ev, u64::MAX),
             )
             .unwrap();
-        // fd -> (stream, head done, mode byte seen)
-        let mut conns: HashMap<u64, (TcpStream, Vec<u8>, bool, bool)> = HashMap::new();
+        // fd -> (stream, head, CONNECT answered, mode byte, bytes sunk)
+        type Conn = (TcpStream, Vec<u8>, bool, Option<u8>, usize);
+        let mut conns: HashMap<u64, Conn> = HashMap::new();
         let mut events = vec![EpollEvent::default(); 256];
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -61,11 +72,11 @@ fn echo_proxy() -> SocketAddr {
                         epoll
                             .ctl(ControlOperation::Add, fd as i32, EpollEvent::new(ev, fd))
                             .unwrap();
-                        conns.insert(fd, (s, Vec::new(), false, false));
+                        conns.insert(fd, (s, Vec::new(), false, None, 0));
                     }
                     continue;
                 }
-                let Some((s, head, open, moded)) = conns.get_mut(&id) else {
+                let Some((s, head, open, mode, sunk)) = conns.get_mut(&id) else {
                     continue;
                 };
                 let mut closed = false;
@@ -93,11 +104,19 @@ fn echo_proxy() -> SocketAddr {
                                 buf[..rest.len()].copy_from_slice(&rest);
                                 data = &buf[..rest.len()];
                             }
-                            if !*moded && !data.is_empty() {
-                                *moded = true;
+                            if mode.is_none() && !data.is_empty() {
+                                *mode = Some(data[0]);
                                 data = &data[1..];
                             }
-                            let _ = s.write_all(data);
+                            if *mode == Some(b'S') {
+                                let before = *sunk / SINK_CHUNK;
+                                *sunk += data.len();
+                                for _ in before..*sunk / SINK_CHUNK {
+                                    let _ = s.write_all(b"k");
+                                }
+                            } else {
+                                let _ = s.write_all(data);
+                            }
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         Err(_) => {
@@ -139,6 +158,62 @@ fn round_trips(net: &mut GuestNet, h: SocketHandle, n: usize, lat: &mut Vec<f64>
         assert!(got, "no echo");
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
+}
+
+/// Upload `mib` MiB on a sink-mode flow `h` and wait for the sink's acknowledgments:
+/// Gbit/s, as the guest sees it.
+fn bulk_upload(net: &mut GuestNet, h: SocketHandle, mib: usize) -> f64 {
+    let chunk = vec![0x5a_u8; SINK_CHUNK];
+    let t = Instant::now();
+    let mut acked = 0;
+    for _ in 0..mib {
+        assert!(
+            net.tcp_send_all(h, &chunk, T).unwrap(),
+            "bulk upload stalled"
+        );
+        // Take acknowledgments as they come, without waiting for them.
+        let _ = net.tcp(h).recv(|d| {
+            acked += d.len();
+            (d.len(), ())
+        });
+    }
+    net.tcp_recv(h, T, |d| {
+        acked += d.len();
+        acked >= mib
+    })
+    .unwrap();
+    assert_eq!(acked, mib, "the sink took every byte");
+    (mib * SINK_CHUNK * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+/// A bulk flow on each VM, then `runs` alternating uploads of `mib` MiB: the medians
+/// (loaded, base) in Gbit/s.
+fn bulk_interleaved(base: &mut Vm, loaded: &mut Vm, runs: usize, mib: usize) -> (f64, f64) {
+    let open = |vm: &mut Vm| {
+        let h = vm
+            .net
+            .tcp_established(vm.name, 80, T)
+            .unwrap()
+            .expect("a bulk flow opens");
+        assert!(vm.net.tcp_send_all(h, b"S", T).unwrap());
+        h
+    };
+    let (hb, hl) = (open(base), open(loaded));
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        a.push(bulk_upload(&mut base.net, hb, mib));
+        b.push(bulk_upload(&mut loaded.net, hl, mib));
+    }
+    for (vm, h) in [(base, hb), (loaded, hl)] {
+        vm.net.tcp(h).abort();
+        let _ = vm.net.run_until(Duration::from_millis(50), |_| false);
+        vm.net.remove(h);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(b), median(a))
 }
 
 fn percentiles(mut lat: Vec<f64>) -> (f64, f64) {
@@ -232,6 +307,9 @@ fn open_and_forget(net: &mut GuestNet, dst: Ipv4Addr, port: u16, n: usize, first
 
 fn main() {
     let flows: usize = env_or("MOAT_FLOWS", 4096);
+    let sniff: usize = env_or("MOAT_SNIFF", flows.min(4096));
+    let bulk_mib: usize = env_or("MOAT_BULK_MIB", 64);
+    let bulk_runs: usize = env_or("MOAT_BULK_RUNS", 5);
     let busy: usize = env_or("MOAT_BUSY", 1000);
     let rounds: usize = env_or("MOAT_RR", 2000);
     raise_nofile(65_536);
@@ -242,7 +320,7 @@ fn main() {
          [[outbound]]\nprotocol = \"tcp\"\nports = [80]\nto = [\"bench.example\"]\n\
          [[outbound]]\nprotocol = \"tcp\"\nports = [8080]\n\
          [dns]\nallow = [\"bench.example\"]\n[limits]\nmax_flows = {}\n",
-        3 * flows + busy + 16
+        2 * flows + sniff + busy + 16
     );
     // Two VMs in the same run: the baseline keeps only its active flow; the loaded one gets
     // the other flows. Their round trips alternate, block by block.
@@ -251,6 +329,7 @@ fn main() {
     let mut rows: Vec<Row> = Vec::new();
     let (same, base_rr) = interleaved(&mut base, &mut vm, rounds, |_| {});
     rows.push(("no other flow (two idle VMs)".into(), same, base_rr));
+    let bulk_same = bulk_interleaved(&mut base, &mut vm, bulk_runs, bulk_mib);
 
     let name = vm.name;
     let idle = open_and_forget(&mut vm.net, name, 80, flows, b"E");
@@ -261,6 +340,7 @@ fn main() {
     let idle_cpu = (cpu_ns(vm.moat.pid()) - cpu0) as f64 / 1e6 / t0.elapsed().as_secs_f64();
     let (loaded, base_rr) = interleaved(&mut base, &mut vm, rounds, |_| {});
     rows.push((format!("{idle} idle flows"), loaded, base_rr));
+    let bulk_idle = bulk_interleaved(&mut base, &mut vm, bulk_runs, bulk_mib);
 
     // Half-sent: a request cut before its Host header, to a public address only the any-name
     // rule on 8080 can allow, so moat waits for the rest (up to its 5 s sniffing timeout):
@@ -271,7 +351,7 @@ fn main() {
         &mut vm.net,
         literal,
         8080,
-        flows,
+        sniff,
         b"GET / HTTP/1.1\r\nUser-Agent: a",
     );
     let opened_in = t0.elapsed();
@@ -327,6 +407,20 @@ fn main() {
         out.push_str(&format!(
             "{name:<48} {p50:>10.1} {p99:>10.1} {b50:>12.1} {:>12.2}\n",
             p50 / b50
+        ));
+    }
+    out.push_str(&format!(
+        "\n# bulk upload of {bulk_mib} MiB on one more flow (guest -> moat -> proxy sink), median of {bulk_runs}, alternating\n\
+         {:<48} {:>10} {:>12} {:>12}\n",
+        "other flows open", "Gbit/s", "base Gbit/s", "ratio"
+    ));
+    for (name, (loaded, base)) in [
+        ("no other flow (two idle VMs)".to_string(), bulk_same),
+        (format!("{idle} idle flows"), bulk_idle),
+    ] {
+        out.push_str(&format!(
+            "{name:<48} {loaded:>10.2} {base:>12.2} {:>12.2}\n",
+            loaded / base
         ));
     }
     out.push_str(&format!(

@@ -179,7 +179,15 @@ summary() { # summary DIR: one row per figure, tab-separated: peer, figure, moat
   if [ -f "$d/many_flows.txt" ]; then
     # "other flows open  p50 p99 base-p50 ratio": each phase against a second moat with
     # nothing else open, measured in alternating blocks in the same run.
-    awk '/^#/ || /^other flows/ || /^moat CPU/ || /^\(/ { next }
+    # Then "# bulk upload ...": "other flows open  Gbit/s base-Gbit/s ratio", the same way.
+    awk '/^# bulk/ { bulk = 1; next }
+      /^#/ || /^other flows/ || /^moat CPU/ || /^\(/ || NF == 0 { next }
+      bulk {
+        n = NF; ratio = $n; base = $(n - 1); gbit = $(n - 2); name = $0
+        sub(/ +[0-9.]+ +[0-9.]+ +[0-9.]+$/, "", name)
+        printf "%s\t%s\t%s\t%s\t%s\n", "same flow, no other flow open", "bulk Gbit/s, " substr(name, 1, 30), gbit, base, ratio
+        next
+      }
       {
         n = NF; ratio = $n; base = $(n - 1); p50 = $(n - 3); name = $0
         sub(/ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$/, "", name)

@@ -16,6 +16,9 @@
 # DATA_VALID and the guest's TCP checks every checksum (DL-TCP InCsumErrors).
 # --guest-tso-off: the guest takes no TSO/ECN/UFO frames (QEMU guest_tso4/6, guest_ecn,
 # guest_ufo=off), so moat too hands it frames of at most its 1500 B MTU, as passt does.
+# Each backend's CPU (all its threads, from boot to the guest's power-off)
+# is printed with the bytes its guest received: throughput per backend CPU-second, the issue's
+# download figure, and (moat) the CONNECT proxy's CPU beside it.
 # Exit 0 iff every download was whole.
 # PASST_OPTS: more passt options (e.g. "--pcap FILE").
 # Network: loopback only; the guest's one NIC is the vhost-user socket.
@@ -159,6 +162,18 @@ boot() { # name socket url: one QEMU guest on the vhost-user socket, its results
   grep -q '^MOAT-DONE' "$serial" || echo "$name: the guest did not finish within ${timeout_s}s"
 }
 
+# A process's CPU so far, in seconds: utime + stime of the whole process, in clock ticks
+# (10 ms; exited threads included: moat's vring workers end with the guest, before this is
+# read, so their schedstat is gone).
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat"; }
+# Bytes the guest received in this backend's downloads, from its DL-RESULT lines.
+got_bytes() { grep "^$1: DL-RESULT" "$results" | sed -n 's/.* bytes=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }'; }
+cpu_line() { # name backend-cpu-s [proxy-cpu-s]
+  local b
+  b=$(got_bytes "$1")
+  echo "$1: DL-CPU backend_cpu_s=$2${3:+ proxy_cpu_s=$3} bytes=$b MiB_per_backend_cpu_s=$(awk -v b="$b" -v c="$2" 'BEGIN { if (c > 0) printf "%.1f", b / 1048576 / c; else print "-" }')"
+}
+
 results="$workdir/results.txt"
 : >"$results"
 
@@ -198,6 +213,7 @@ EOF
   pids="$pids $mp"
   for _ in $(seq 200); do [ -S "$workdir/moat.sock" ] && break; sleep 0.05; done
   boot moat "$workdir/moat.sock" "http://localhost:$port/" | tee -a "$results"
+  cpu_line moat "$(cpu_s "$mp")" "$(cpu_s "$tp")" | tee -a "$results"
   kill "$mp" "$tp" 2>/dev/null || true
   wait "$mp" "$tp" 2>/dev/null || true
 fi
@@ -216,11 +232,17 @@ if [ -z "$only" ] || [ "$only" = passt ]; then
     for _ in $(seq 200); do [ -S "$workdir/passt.sock" ] && break; sleep 0.05; done
     [ -S "$workdir/passt.sock" ] || { echo "passt: no socket"; cat "$workdir/passt.log"; }
     boot passt "$workdir/passt.sock" "http://10.0.0.1:$port/" | tee -a "$results"
+    cpu_line passt "$(cpu_s "$pp")" | tee -a "$results"
     kill "$pp" 2>/dev/null || true
     wait "$pp" 2>/dev/null || true
   fi
 fi
 
+mr=$(sed -n 's/^moat: DL-CPU.*MiB_per_backend_cpu_s=\([0-9.]*\).*/\1/p' "$results")
+pr=$(sed -n 's/^passt: DL-CPU.*MiB_per_backend_cpu_s=\([0-9.]*\).*/\1/p' "$results")
+if [ -n "$mr" ] && [ -n "$pr" ]; then
+  echo "download bytes per backend CPU-second, moat / passt: $mr / $pr MiB/s = $(awk -v a="$mr" -v b="$pr" 'BEGIN { printf "%.2f", a / b }')"
+fi
 total=$(grep -c 'DL-RESULT' "$results" || true)
 whole=$(grep 'DL-RESULT' "$results" | grep -c "bytes=$size md5=$want" || true)
 echo "whole downloads: $whole of $total ($size bytes, md5 $want); logs in $workdir"

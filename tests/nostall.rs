@@ -388,7 +388,8 @@ fn tcp_flags_to(frame: &[u8]) -> Option<(u16, u8)> {
 /// moat under `prlimit --nofile=256` with the default max_flows (4096, far more than 256
 /// descriptors hold), a guest opening more connections than fit: every SYN is answered
 /// (SYN-ACK, or a RST for those past the budget: never silence), `moat stats` answers
-/// throughout, and a reconnecting frontend is accepted.
+/// throughout, and a reconnecting frontend is accepted. TCP flows, one descriptor each,
+/// open up to the budget: max_flows is clamped to that, not to the all-UDP worst case.
 #[test]
 fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
     const SYNS: u16 = 300;
@@ -477,7 +478,12 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
         "every SYN is answered ({synack} SYN-ACKs, {rst} RSTs)"
     );
     assert!(rst > 0, "the flows past the budget are refused with a RST");
-    assert!(synack > 0, "flows within the budget open");
+    // 256 descriptors leave about 157 for flows: TCP flows (1 descriptor each) open up to
+    // that, not up to half of it (the all-UDP worst case the clamp once used: 70 opened).
+    assert!(
+        synack > 100,
+        "TCP flows open up to the descriptor budget, not half of it: {synack} SYN-ACKs"
+    );
     let s = stats(&control);
     eprintln!(
         "stats: flow_limit {}, fd_budget {}",

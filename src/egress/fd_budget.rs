@@ -6,10 +6,12 @@
 //! At start `moat serve` raises its soft `RLIMIT_NOFILE` to the hard limit and sets the
 //! budget ([`plan`]). A flow costs one descriptor (its proxy connection; a forwarded
 //! connection), a UDP association two (control connection and relay socket). If
-//! `limits.max_flows` could need more than the budget (all of them UDP), `max_flows` is
-//! clamped to what fits, with a warning. At run time each pair checks the budget before it
-//! opens a flow ([`check`]): past it the flow is refused at once (a TCP SYN gets a RST) and
-//! counted as `fd_budget`.
+//! `limits.max_flows` is more than the budget holds even at one descriptor a flow,
+//! `max_flows` is clamped to that, with a warning; if it only fits when not all flows are
+//! UDP, a warning says so. At run time each pair checks the budget before it opens a flow
+//! ([`check`]): past it the flow is refused at once (a TCP SYN gets a RST) and counted as
+//! `fd_budget`. (The clamp was once the all-UDP worst case, which refused TCP flows the
+//! limit had room for: with the hard limit of 20 000 seen here, 9 950 of them.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -33,7 +35,7 @@ pub const FDS_PER_UDP: usize = 2;
 
 /// Descriptors flows may hold in all (usize::MAX: no budget, e.g. moat in a test process).
 static LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
-/// The largest max_flows the budget holds (usize::MAX: no clamp).
+/// The largest max_flows the budget holds, at one descriptor a flow (usize::MAX: no clamp).
 static MAX_FLOWS: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// Descriptors each pair's flows held at its last look.
 static HELD: [AtomicUsize; MAX_QUEUE_PAIRS] = [const { AtomicUsize::new(0) }; MAX_QUEUE_PAIRS];
@@ -45,7 +47,7 @@ pub struct Plan {
     pub nofile: usize,
     /// Descriptors flows may hold.
     pub flow_fds: usize,
-    /// The largest `limits.max_flows` that fits (every flow a UDP association).
+    /// The largest `limits.max_flows` that fits at one descriptor a flow (TCP).
     pub max_flows: usize,
 }
 
@@ -81,27 +83,35 @@ pub fn plan(queue_pairs: usize, forwards: usize) -> std::io::Result<Plan> {
     let plan = Plan {
         nofile,
         flow_fds,
-        max_flows: (flow_fds / FDS_PER_UDP).max(1),
+        max_flows: flow_fds.max(1),
     };
     LIMIT.store(plan.flow_fds, Ordering::Relaxed);
     MAX_FLOWS.store(plan.max_flows, Ordering::Relaxed);
     Ok(plan)
 }
 
-/// Clamp `policy.limits.max_flows` to what the budget holds (at start and on every
-/// reload); returns the value asked for if it was clamped.
+/// Clamp `policy.limits.max_flows` to what the budget holds at one descriptor a flow (at
+/// start and on every reload), and warn if the flows fit only when not all of them are UDP
+/// associations; returns the value asked for if it was clamped.
 pub fn clamp_max_flows(policy: &mut Policy) -> Option<usize> {
     let cap = MAX_FLOWS.load(Ordering::Relaxed);
     let asked = policy.limits.max_flows;
     if asked <= cap {
+        if asked.saturating_mul(FDS_PER_UDP) > cap {
+            tracing::warn!(
+                max_flows = asked,
+                flow_fds = cap,
+                udp_associations_that_fit = cap / FDS_PER_UDP,
+                "limits.max_flows TCP flows fit in RLIMIT_NOFILE, but not as many UDP associations (2 descriptors each): associations past the budget are refused (fd_budget); raise LimitNOFILE (or ulimit -n) to allow them"
+            );
+        }
         return None;
     }
     policy.limits.max_flows = cap;
     tracing::warn!(
         max_flows = asked,
         clamped_to = cap,
-        nofile = cap.saturating_mul(FDS_PER_UDP),
-        "limits.max_flows needs more descriptors than RLIMIT_NOFILE leaves (2 per flow at worst, plus moat's own and a reserve for the operator): max_flows clamped; raise LimitNOFILE (or ulimit -n) to allow more"
+        "limits.max_flows needs more descriptors than RLIMIT_NOFILE leaves (1 per flow at least, 2 per UDP association, plus moat's own and a reserve for the operator): max_flows clamped; raise LimitNOFILE (or ulimit -n) to allow more"
     );
     Some(asked)
 }
