@@ -471,3 +471,64 @@ fn resets_propagate_both_ways() {
         .unwrap());
     assert_eq!(support::proxy::PEER_END.lock().unwrap()[0], "reset");
 }
+
+/// A proxy whose tunnel ends in the same write as its last bytes: the 200, then (after the
+/// guest's first byte) `body` and FIN together, or the 200, the body and FIN all at once.
+/// moat stops reading a proxy socket after a short read (it is drained; new data raises a
+/// new edge), so an end already queued behind the data must still be seen: the guest gets
+/// every byte, then FIN, not a flow left open until its idle timeout.
+fn ending_proxy(body: Vec<u8>, all_at_once: bool) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut b).is_ok_and(|n| n == 1) {
+                    head.push(b[0]);
+                }
+                let mut out = b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
+                if !all_at_once {
+                    conn.write_all(&out).unwrap();
+                    out.clear();
+                    let _ = conn.read(&mut b); // the guest's first byte
+                }
+                out.extend_from_slice(&body);
+                conn.write_all(&out).unwrap();
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+                // Hold the socket until the guest has closed its side.
+                let _ = conn.read(&mut b);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_tunnel_that_ends_with_its_last_bytes_reaches_the_guest_whole_then_closed() {
+    for (len, all_at_once) in [(3, true), (3, false), (100_000, true), (300_000, false)] {
+        let body = pattern(0, len);
+        let proxy = ending_proxy(body.clone(), all_at_once);
+        let served = Served::start(&proxied_policy(proxy, 64), true);
+        let mut net = guest_net(&served);
+        let addr = net.resolve_a("www.example.com", T).unwrap();
+        let h = established(&mut net, addr, 80);
+        send_all(&mut net, h, b"E");
+        let mut got = Vec::new();
+        recv_until_closed(&mut net, h, |d| got.extend_from_slice(d));
+        assert_eq!(
+            got.len(),
+            len,
+            "{len} bytes (all at once: {all_at_once}) arrive"
+        );
+        assert!(got == body, "byte-exact");
+        let state = net.tcp(h).state();
+        assert!(
+            matches!(state, State::CloseWait | State::Closed),
+            "the proxy's FIN reached the guest: {state:?}"
+        );
+    }
+}

@@ -188,6 +188,10 @@ pub struct Flow {
     /// Edge-triggered readiness of the proxy socket.
     pub readable: bool,
     pub writable: bool,
+    /// An event said the proxy side closed or failed: read until the end, even after a
+    /// short read (which otherwise means the socket is drained: data arriving later raises
+    /// a new edge, but an end that is already queued does not).
+    pub peer_closing: bool,
     upstream_shut: bool,
     upstream_eof: bool,
     started: Instant,
@@ -217,7 +221,8 @@ impl Flow {
             front: None,
             pending_up: Vec::new(),
             handle,
-            registration,
+            // The flow owns the stream's only descriptor and drops it right after.
+            registration: registration.closes_with_socket(),
             stream,
             phase: Phase::Connecting,
             negotiation,
@@ -227,6 +232,7 @@ impl Flow {
             pending_down: Vec::new(),
             readable: false,
             writable: false,
+            peer_closing: false,
             upstream_shut: false,
             upstream_eof: false,
             started: Instant::now(),
@@ -317,11 +323,25 @@ impl Flow {
         }
         if self.phase == Phase::Connecting {
             if !self.writable && !self.readable {
-                return;
-            }
-            match self.stream.take_error() {
-                Ok(None) if self.stream.peer_addr().is_ok() => self.phase = Phase::Handshake,
-                _ => return self.finish(stack, End::ProxyUnreachable),
+                // To a proxy on loopback, connect(2) has usually finished by the time it
+                // returns EINPROGRESS: send the request now, not a wakeup later. A write
+                // that succeeds proves the connection; EAGAIN means it is still being made.
+                if self.request_sent > 0 || self.request.is_empty() {
+                    return;
+                }
+                match self.stream.write(&self.request) {
+                    Ok(n) => {
+                        self.request_sent = n;
+                        self.phase = Phase::Handshake;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                    Err(_) => return self.finish(stack, End::ProxyUnreachable),
+                }
+            } else {
+                match self.stream.take_error() {
+                    Ok(None) if self.stream.peer_addr().is_ok() => self.phase = Phase::Handshake,
+                    _ => return self.finish(stack, End::ProxyUnreachable),
+                }
             }
         }
         while self.request_sent < self.request.len() && self.writable {
@@ -339,6 +359,9 @@ impl Flow {
             match self.stream.read(&mut buf) {
                 Ok(0) => return self.finish(stack, End::ProxyBadReply),
                 Ok(n) => {
+                    if n < buf.len() && !self.peer_closing {
+                        self.readable = false; // drained: no read just to see EAGAIN
+                    }
                     self.reply.extend_from_slice(&buf[..n]);
                     if self.reply.len() > connect::MAX_REPLY {
                         return self.finish(stack, End::ProxyBadReply);
@@ -501,8 +524,9 @@ impl Flow {
             && socket.can_send()
         {
             let stream = &mut self.stream;
-            let mut result = Ok(0);
+            let (mut result, mut offered) = (Ok(0), 0);
             let _ = socket.send(|room| {
+                offered = room.len();
                 result = stream.read(room);
                 (*result.as_ref().unwrap_or(&0), ())
             });
@@ -512,7 +536,12 @@ impl Flow {
                     self.upstream_eof = true;
                     socket.close();
                 }
-                Ok(n) => self.bytes_down += n as u64,
+                Ok(n) => {
+                    self.bytes_down += n as u64;
+                    if n < offered && !self.peer_closing {
+                        self.readable = false; // drained: no read just to see EAGAIN
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,
                 Err(_) => return self.finish(stack, End::ProxyReset),
             }

@@ -165,6 +165,9 @@ impl TcpFlows {
         {
             flow.readable = true;
         }
+        if events.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
+            flow.peer_closing = true;
+        }
         if events.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
             flow.writable = true;
         }

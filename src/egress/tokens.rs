@@ -135,6 +135,7 @@ impl Tokens {
             slot,
             token,
             fd,
+            closes_with_socket: false,
         })
     }
 }
@@ -146,6 +147,9 @@ pub struct Registration {
     slot: usize,
     token: u64,
     fd: RawFd,
+    /// The socket closes right after this is dropped, which takes it out of the epoll set
+    /// by itself: no EPOLL_CTL_DEL ([`Registration::closes_with_socket`]).
+    closes_with_socket: bool,
 }
 
 impl std::fmt::Debug for Registration {
@@ -161,12 +165,25 @@ impl Registration {
     pub fn token(&self) -> u64 {
         self.token
     }
+
+    /// For an owner that holds the socket's only descriptor and closes it right after
+    /// dropping this (a flow's proxy socket, declared after its registration): closing the
+    /// last descriptor of a file takes it out of every epoll set, so dropping this only
+    /// gives the token back. One system call less for every connection.
+    pub fn closes_with_socket(mut self) -> Registration {
+        self.closes_with_socket = true;
+        self
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut table = self.tokens.table();
-        if let Some(r) = &table.registrar {
+        if let Some(r) = table
+            .registrar
+            .as_ref()
+            .filter(|_| !self.closes_with_socket)
+        {
             let _ = r.unregister(self.fd, self.token);
         }
         table.owners.try_remove(self.slot);
@@ -226,6 +243,26 @@ mod tests {
             watched.0.load(Ordering::Relaxed),
             2,
             "a gone loop is not called"
+        );
+    }
+
+    #[test]
+    fn a_registration_that_closes_with_its_socket_only_gives_its_token_back() {
+        let tokens = Tokens::default();
+        tokens.place(10);
+        let watched = Loop::default();
+        tokens.attach(Box::new(watched.clone()));
+        let a = tokens
+            .register(3, Owner::Upstream)
+            .expect("registered")
+            .closes_with_socket();
+        assert_eq!(watched.0.load(Ordering::Relaxed), 1);
+        drop(a);
+        assert_eq!(tokens.held(), 0, "the token is back");
+        assert_eq!(
+            watched.0.load(Ordering::Relaxed),
+            1,
+            "no unregister call: the socket's close takes it out of the loop"
         );
     }
 
