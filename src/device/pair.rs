@@ -324,26 +324,21 @@ impl QueuePair {
 
     /// Wake the loop after `delay` (None: no wake needed). Called after every batch, so the
     /// timer is only re-armed when the wake must come earlier than the one already set: a
-    /// wake that comes early finds nothing due and re-arms.
+    /// wake that comes early finds nothing due and re-arms. With nothing due an armed timer
+    /// is left be: its wake is the only cost, where disarming cost a system call after
+    /// nearly every short flow.
     fn set_timer(&mut self, delay: Option<Duration>) {
-        let Some(timer) = self.timer.as_mut() else {
+        let (Some(timer), Some(d)) = (self.timer.as_mut(), delay) else {
             return;
         };
         let now = Instant::now();
-        match delay {
-            Some(d) => {
-                // A zero duration would disarm the timer: wake as soon as possible instead.
-                let d = d.max(Duration::from_micros(100));
-                if self.armed.is_some_and(|at| at > now && at <= now + d) {
-                    return;
-                }
-                if timer.reset(d, None).is_ok() {
-                    self.armed = Some(now + d);
-                }
-            }
-            // Nothing due: leave an armed timer be. Its wake finds nothing and is the only
-            // cost, where disarming cost a system call after nearly every short flow.
-            None => {}
+        // A zero duration would disarm the timer: wake as soon as possible instead.
+        let d = d.max(Duration::from_micros(100));
+        if self.armed.is_some_and(|at| at > now && at <= now + d) {
+            return;
+        }
+        if timer.reset(d, None).is_ok() {
+            self.armed = Some(now + d);
         }
     }
 
