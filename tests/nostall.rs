@@ -385,6 +385,35 @@ fn tcp_flags_to(frame: &[u8]) -> Option<(u16, u8)> {
     Some((u16::from_be_bytes([tcp[2], tcp[3]]), tcp[13]))
 }
 
+/// A moat process, killed when dropped.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `moat serve` of the policy `text` under `prlimit --nofile=256`, once its control socket
+/// is up: (its directory, the control socket, the process).
+fn serve_with_256_descriptors(
+    text: &str,
+    stderr: Stdio,
+) -> (tempfile::TempDir, std::path::PathBuf, Kill) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vm.toml"), text).unwrap();
+    let control = dir.path().join("control.sock");
+    let child = Kill(
+        serve_in(dir.path(), &["prlimit", "--nofile=256", "--"])
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    );
+    eventually("control socket", || control.exists());
+    (dir, control, child)
+}
+
 /// moat under `prlimit --nofile=256` with the default max_flows (4096, far more than 256
 /// descriptors hold), a guest opening more connections than fit: every SYN is answered
 /// (SYN-ACK, or a RST for those past the budget: never silence), `moat stats` answers
@@ -398,28 +427,13 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
         "[proxy]\nhttp = \"{}\"\n[[outbound]]\nprotocol = \"tcp\"\nports = [443]\nto = [\"example.com\"]\n[dns]\nallow = [\"example.com\"]\n",
         proxy.addr
     ));
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("vm.toml"), &text).unwrap();
-    let control = dir.path().join("control.sock");
-    let mut child = serve_in(dir.path(), &["prlimit", "--nofile=256", "--"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let stderr = child.stderr.take().unwrap();
+    let (dir, control, mut child) = serve_with_256_descriptors(&text, Stdio::piped());
+    let stderr = child.0.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         let mut text = String::new();
         let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
         text
     });
-    let child = Kill(child);
-    eventually("control socket", || control.exists());
     let socket = dir.path().join("moat.sock");
     let guest = SimGuest::connect(&socket, GuestOptions::default()).unwrap();
     let mut net = vm_net(guest);
@@ -566,5 +580,103 @@ fn control_socket_is_bound_owner_only() {
         at_bind,
         Some(Some("0177".to_string())),
         "the umask when the control socket was bound:\n{text}"
+    );
+}
+
+/// UDP associations cost two descriptors each (dante's control connection and the relay
+/// socket), TCP flows one. max_flows is clamped to what the budget holds at one descriptor
+/// a flow, so a guest that opens only associations reaches the descriptor budget before
+/// max_flows: under `prlimit --nofile=256` (141 descriptors for flows), 120 associations
+/// from 120 source ports: those within the budget carry their datagram, the rest are
+/// refused as `fd_budget` (not `flow_limit`), moat keeps the operator's reserve free, and
+/// `moat stats` answers throughout.
+#[test]
+fn udp_associations_past_the_descriptor_budget_are_refused_and_the_operator_stays_in() {
+    use support::peers::{available, dante};
+    if !available("danted", "dante-server") {
+        return;
+    }
+    const ASSOCIATIONS: u16 = 120;
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let socks = dante();
+    let text = policy(&format!(
+        "[proxy]\nsocks5 = \"{}\"\n[[outbound]]\nprotocol = \"udp\"\nports = [{echo_port}]\nto = [\"127.0.0.1/32\"]\n",
+        socks.addr
+    ));
+    let (dir, control, child) = serve_with_256_descriptors(&text, Stdio::null());
+    let guest = SimGuest::connect(&dir.path().join("moat.sock"), GuestOptions::default()).unwrap();
+    let mut net = vm_net(guest);
+    let to = smoltcp::wire::IpEndpoint::new(
+        smoltcp::wire::IpAddress::Ipv4(std::net::Ipv4Addr::LOCALHOST),
+        echo_port,
+    );
+    let sockets: Vec<_> = (0..ASSOCIATIONS)
+        .map(|i| {
+            let h = net.udp_bind(41_000 + i);
+            net.udp(h)
+                .send_slice(format!("a{i}").as_bytes(), to)
+                .unwrap();
+            // A few at a time, so that each association is asked for while moat keeps up.
+            net.run_until(Duration::from_millis(20), |_| false).unwrap();
+            if i % 40 == 39 {
+                stats(&control); // the operator is never locked out meanwhile
+            }
+            h
+        })
+        .collect();
+    let mut echoed = std::collections::HashSet::new();
+    net.run_until(Duration::from_secs(5), |n| {
+        for (i, &h) in sockets.iter().enumerate() {
+            while let Ok((d, _)) = n.udp(h).recv() {
+                assert_eq!(
+                    d,
+                    format!("a{i}").as_bytes(),
+                    "each datagram comes back to its own port"
+                );
+                echoed.insert(i);
+            }
+        }
+        false
+    })
+    .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.0.id()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let s = stats(&control);
+    let (fd_budget, flow_limit) = (
+        counter(&s, "drop.fd_budget"),
+        counter(&s, "drop.flow_limit"),
+    );
+    eprintln!(
+        "{ASSOCIATIONS} associations under nofile=256: {} echoed; moat holds {fds} descriptors; drops fd_budget {fd_budget}, flow_limit {flow_limit}",
+        echoed.len()
+    );
+    assert!(
+        echoed.len() >= 50,
+        "associations within the budget work: {} echoed",
+        echoed.len()
+    );
+    assert!(
+        echoed.len() < usize::from(ASSOCIATIONS),
+        "not every association fits 141 descriptors at 2 each"
+    );
+    assert!(
+        fd_budget > 0,
+        "the ones past the budget are refused as fd_budget"
+    );
+    assert_eq!(
+        flow_limit, 0,
+        "max_flows (clamped at one descriptor a flow) is not what stops them"
+    );
+    assert!(
+        fds + 32 <= 256,
+        "the operator's reserve is left free: moat holds {fds} of 256"
     );
 }
