@@ -280,21 +280,34 @@ fn rr(net: &mut GuestNet, addr: (Ipv4Addr, u16), n: usize) -> (f64, f64) {
     percentiles(lat)
 }
 
+/// A connection from the host through the CONNECT proxy at `proxy`, its 200 read: the
+/// stream, and the reader its answer came through.
+fn through_proxy(
+    proxy: SocketAddr,
+) -> (std::net::TcpStream, std::io::BufReader<std::net::TcpStream>) {
+    let mut c = std::net::TcpStream::connect(proxy).unwrap();
+    c.set_nodelay(true).unwrap();
+    c.write_all(b"CONNECT bench.example:80 HTTP/1.1\r\nHost: bench.example:80\r\n\r\n")
+        .unwrap();
+    let mut reply = std::io::BufReader::new(c.try_clone().unwrap());
+    let mut line = String::new();
+    while line != "\r\n" {
+        line.clear();
+        assert!(reply.read_line(&mut line).unwrap() > 0, "the proxy hung up");
+    }
+    (c, reply)
+}
+
 /// The same round trips from the host over loopback, without moat or passt: straight to the
 /// origin (passt's floor), or through the same CONNECT proxy moat uses (moat's floor).
 fn rr_host(origin: SocketAddr, via_proxy: bool, n: usize) -> (f64, f64) {
-    let mut c = std::net::TcpStream::connect(origin).unwrap();
-    c.set_nodelay(true).unwrap();
-    if via_proxy {
-        c.write_all(b"CONNECT bench.example:80 HTTP/1.1\r\nHost: bench.example:80\r\n\r\n")
-            .unwrap();
-        let mut reply = std::io::BufReader::new(c.try_clone().unwrap());
-        let mut line = String::new();
-        while line != "\r\n" {
-            line.clear();
-            assert!(reply.read_line(&mut line).unwrap() > 0, "the proxy hung up");
-        }
-    }
+    let mut c = if via_proxy {
+        through_proxy(origin).0
+    } else {
+        let c = std::net::TcpStream::connect(origin).unwrap();
+        c.set_nodelay(true).unwrap();
+        c
+    };
     c.write_all(b"E").unwrap();
     let mut b = [0u8; 1];
     let mut lat = Vec::with_capacity(n);
@@ -310,16 +323,7 @@ fn rr_host(origin: SocketAddr, via_proxy: bool, n: usize) -> (f64, f64) {
 /// One connection from the host through the proxy: connect, CONNECT, one echo, close (the
 /// floor of the connection loop).
 fn conn_host(proxy: SocketAddr) {
-    let mut c = std::net::TcpStream::connect(proxy).unwrap();
-    c.set_nodelay(true).unwrap();
-    c.write_all(b"CONNECT bench.example:80 HTTP/1.1\r\nHost: bench.example:80\r\n\r\n")
-        .unwrap();
-    let mut reply = std::io::BufReader::new(c.try_clone().unwrap());
-    let mut line = String::new();
-    while line != "\r\n" {
-        line.clear();
-        assert!(reply.read_line(&mut line).unwrap() > 0, "the proxy hung up");
-    }
+    let (mut c, mut reply) = through_proxy(proxy);
     c.write_all(b"Ex").unwrap();
     let mut b = [0u8; 1];
     reply.read_exact(&mut b).unwrap();

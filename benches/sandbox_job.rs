@@ -67,17 +67,27 @@ fn proxy_process_main(origin: &str) {
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
 
-fn proxy_conn(client: TcpStream, origin: SocketAddr) {
-    let _ = client.set_nodelay(true);
-    let mut rd = BufReader::new(client.try_clone().unwrap());
+/// Read header lines up to the blank one: whether one was `Connection: close`; None if the
+/// peer went before the end of the head.
+fn skip_head(rd: &mut BufReader<TcpStream>) -> Option<bool> {
+    let mut close = false;
     loop {
         let mut h = String::new();
         if rd.read_line(&mut h).unwrap_or(0) == 0 {
-            return;
+            return None;
         }
         if h == "\r\n" {
-            break;
+            return Some(close);
         }
+        close |= h.eq_ignore_ascii_case("connection: close\r\n");
+    }
+}
+
+fn proxy_conn(client: TcpStream, origin: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let mut rd = BufReader::new(client.try_clone().unwrap());
+    if skip_head(&mut rd).is_none() {
+        return;
     }
     let mut client = client;
     let Ok(up) = TcpStream::connect(origin) else {
@@ -141,17 +151,9 @@ fn serve_http(conn: TcpStream, body: &[u8]) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let mut close = false;
-        loop {
-            let mut h = String::new();
-            if rd.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            if h == "\r\n" {
-                break;
-            }
-            close |= h.eq_ignore_ascii_case("connection: close\r\n");
-        }
+        let Some(close) = skip_head(&mut rd) else {
+            return;
+        };
         let n = line
             .split_whitespace()
             .nth(1)

@@ -385,31 +385,17 @@ fn tcp_flags_to(frame: &[u8]) -> Option<(u16, u8)> {
     Some((u16::from_be_bytes([tcp[2], tcp[3]]), tcp[13]))
 }
 
-/// A moat process, killed when dropped.
-struct Kill(std::process::Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `moat serve` of the policy `text` under `prlimit --nofile=256`, once its control socket
 /// is up: (its directory, the control socket, the process).
 fn serve_with_256_descriptors(
     text: &str,
     stderr: Stdio,
-) -> (tempfile::TempDir, std::path::PathBuf, Kill) {
+) -> (tempfile::TempDir, std::path::PathBuf, Reaped) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("vm.toml"), text).unwrap();
     let control = dir.path().join("control.sock");
-    let child = Kill(
-        serve_in(dir.path(), &["prlimit", "--nofile=256", "--"])
-            .stderr(stderr)
-            .spawn()
-            .unwrap(),
-    );
+    let child =
+        Reaped::spawn(serve_in(dir.path(), &["prlimit", "--nofile=256", "--"]).stderr(stderr));
     eventually("control socket", || control.exists());
     (dir, control, child)
 }
@@ -428,7 +414,7 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
         proxy.addr
     ));
     let (dir, control, mut child) = serve_with_256_descriptors(&text, Stdio::piped());
-    let stderr = child.0.stderr.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         let mut text = String::new();
         let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
@@ -472,7 +458,7 @@ fn descriptor_budget_refuses_flows_with_rst_and_keeps_the_operator_in() {
             })
             .unwrap();
     }
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.0.id()))
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
         .map(|d| d.count())
         .unwrap_or(0);
     eprintln!("moat holds {fds} descriptors of 256");
@@ -646,7 +632,7 @@ fn udp_associations_past_the_descriptor_budget_are_refused_and_the_operator_stay
         false
     })
     .unwrap();
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.0.id()))
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
         .map(|d| d.count())
         .unwrap_or(0);
     let s = stats(&control);

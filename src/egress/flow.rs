@@ -189,8 +189,7 @@ pub struct Flow {
     pub readable: bool,
     pub writable: bool,
     /// An event said the proxy side closed or failed: read until the end, even after a
-    /// short read (which otherwise means the socket is drained: data arriving later raises
-    /// a new edge, but an end that is already queued does not).
+    /// short read ([`Flow::note_read`]).
     pub peer_closing: bool,
     upstream_shut: bool,
     upstream_eof: bool,
@@ -359,9 +358,7 @@ impl Flow {
             match self.stream.read(&mut buf) {
                 Ok(0) => return self.finish(stack, End::ProxyBadReply),
                 Ok(n) => {
-                    if n < buf.len() && !self.peer_closing {
-                        self.readable = false; // drained: no read just to see EAGAIN
-                    }
+                    self.note_read(n, buf.len());
                     self.reply.extend_from_slice(&buf[..n]);
                     if self.reply.len() > connect::MAX_REPLY {
                         return self.finish(stack, End::ProxyBadReply);
@@ -418,6 +415,15 @@ impl Flow {
             self.pending_up = front.to_origin.clone();
         }
         tracing::info!(flow = %self.key, target = %self.route.describe(), rule = ?self.route.rule(), "flow open");
+    }
+
+    /// A read from the proxy socket gave `n` of the `offered` bytes: fewer means the socket
+    /// is drained (data arriving later raises a new edge), so no read just to see EAGAIN;
+    /// unless the proxy side is closing, whose end is already queued and raises none.
+    fn note_read(&mut self, n: usize, offered: usize) {
+        if n < offered && !self.peer_closing {
+            self.readable = false;
+        }
     }
 
     /// Reset both sides now (a reloaded policy no longer allows the flow).
@@ -538,9 +544,7 @@ impl Flow {
                 }
                 Ok(n) => {
                     self.bytes_down += n as u64;
-                    if n < offered && !self.peer_closing {
-                        self.readable = false; // drained: no read just to see EAGAIN
-                    }
+                    self.note_read(n, offered);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,
                 Err(_) => return self.finish(stack, End::ProxyReset),
