@@ -572,7 +572,8 @@ fn control_socket_is_bound_owner_only() {
 /// UDP associations cost two descriptors each (dante's control connection and the relay
 /// socket), TCP flows one. max_flows is clamped to what the budget holds at one descriptor
 /// a flow, so a guest that opens only associations reaches the descriptor budget before
-/// max_flows: under `prlimit --nofile=256` (141 descriptors for flows), 120 associations
+/// max_flows (130 here, which a warning says fits only as TCP flows): under
+/// `prlimit --nofile=256` (141 descriptors for flows), 120 associations
 /// from 120 source ports: those within the budget carry their datagram, the rest are
 /// refused as `fd_budget` (not `flow_limit`), moat keeps the operator's reserve free, and
 /// `moat stats` answers throughout.
@@ -593,10 +594,13 @@ fn udp_associations_past_the_descriptor_budget_are_refused_and_the_operator_stay
     });
     let socks = dante();
     let text = policy(&format!(
-        "[proxy]\nsocks5 = \"{}\"\n[[outbound]]\nprotocol = \"udp\"\nports = [{echo_port}]\nto = [\"127.0.0.1/32\"]\n",
+        "[proxy]\nsocks5 = \"{}\"\n[[outbound]]\nprotocol = \"udp\"\nports = [{echo_port}]\nto = [\"127.0.0.1/32\"]\n\
+         [limits]\nmax_flows = 130\n",
         socks.addr
     ));
-    let (dir, control, child) = serve_with_256_descriptors(&text, Stdio::null());
+    // 130 flows fit in 141 descriptors as TCP, not as UDP associations: no clamp, a warning.
+    let (dir, control, mut child) = serve_with_256_descriptors(&text, Stdio::piped());
+    let log = LineLog::collect(child.stderr.take().unwrap());
     let guest = SimGuest::connect(&dir.path().join("moat.sock"), GuestOptions::default()).unwrap();
     let mut net = vm_net(guest);
     let to = smoltcp::wire::IpEndpoint::new(
@@ -664,5 +668,11 @@ fn udp_associations_past_the_descriptor_budget_are_refused_and_the_operator_stay
     assert!(
         fds + 32 <= 256,
         "the operator's reserve is left free: moat holds {fds} of 256"
+    );
+    drop(child);
+    let log = log.finish();
+    assert!(
+        log.contains("not as many UDP associations"),
+        "a warning says max_flows fits only as TCP flows:\n{log}"
     );
 }
